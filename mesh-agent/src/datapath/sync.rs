@@ -1,0 +1,272 @@
+//! Diff-apply a [`Plan`] to the service maps: only changed keys are written, and in an
+//! order that never lets a connect() miss during an update:
+//!
+//! 1. new/changed backends, 2. new/changed slots, 3. new/changed frontends (a growing
+//!    service's slots exist before its count grows), then
+//! 4. stale frontends, 5. stale slots (a shrinking service's count has already shrunk),
+//!    6. stale backends (nothing references them any more).
+//!
+//! Map access goes through [`MapStore`], so the order and the diffing are unit-tested
+//! against an in-memory map without root.
+
+use std::{collections::BTreeMap, fmt::Debug};
+
+use aya::{
+    Pod,
+    maps::{HashMap, MapData, MapError},
+};
+use mesh_common::{Backend, BackendSlotKey, ServiceKey, ServiceValue};
+
+use crate::plan::{Plan, diff};
+
+/// A failed map operation, naming the map and the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {map}[{key}]: {source}")]
+pub struct SyncError {
+    op: &'static str,
+    map: &'static str,
+    key: String,
+    #[source]
+    source: Box<MapError>,
+}
+
+/// A key/value map as the sync logic sees it.
+pub trait MapStore<K, V> {
+    /// Name used in errors.
+    fn name(&self) -> &'static str;
+    /// Every entry the map holds now.
+    fn entries(&self) -> Result<BTreeMap<K, V>, SyncError>;
+    /// Inserts or replaces one entry.
+    fn upsert(&mut self, key: &K, value: &V) -> Result<(), SyncError>;
+    /// Removes one entry (absent is not an error).
+    fn remove(&mut self, key: &K) -> Result<(), SyncError>;
+}
+
+/// A pinned kernel hash map, named for errors.
+pub struct KernelMap<K, V> {
+    name: &'static str,
+    map: HashMap<MapData, K, V>,
+}
+
+impl<K: Pod, V: Pod> KernelMap<K, V> {
+    /// Wraps an open kernel map.
+    pub fn new(name: &'static str, map: HashMap<MapData, K, V>) -> Self {
+        Self { name, map }
+    }
+}
+
+impl<K: Pod + Ord + Debug, V: Pod> MapStore<K, V> for KernelMap<K, V> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn entries(&self) -> Result<BTreeMap<K, V>, SyncError> {
+        self.map
+            .iter()
+            .map(|r| {
+                r.map_err(|e| SyncError {
+                    op: "iterate",
+                    map: self.name,
+                    key: "*".into(),
+                    source: Box::new(e),
+                })
+            })
+            .collect()
+    }
+
+    fn upsert(&mut self, key: &K, value: &V) -> Result<(), SyncError> {
+        self.map.insert(key, value, 0).map_err(|e| SyncError {
+            op: "update",
+            map: self.name,
+            key: format!("{key:?}"),
+            source: Box::new(e),
+        })
+    }
+
+    fn remove(&mut self, key: &K) -> Result<(), SyncError> {
+        match self.map.remove(key) {
+            Ok(()) => Ok(()),
+            Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(SyncError {
+                op: "delete",
+                map: self.name,
+                key: format!("{key:?}"),
+                source: Box::new(e),
+            }),
+        }
+    }
+}
+
+/// The three service load-balancing maps.
+pub struct ServiceMaps<S, L, B> {
+    /// SERVICES: frontends and VIP markers.
+    pub services: S,
+    /// SERVICE_BACKENDS: (service id, slot) → backend id.
+    pub slots: L,
+    /// BACKENDS: backend id → address.
+    pub backends: B,
+}
+
+/// What one apply changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// Entries written (new or changed).
+    pub written: usize,
+    /// Stale entries removed.
+    pub removed: usize,
+}
+
+impl<S, L, B> ServiceMaps<S, L, B>
+where
+    S: MapStore<ServiceKey, ServiceValue>,
+    L: MapStore<BackendSlotKey, u32>,
+    B: MapStore<u32, Backend>,
+{
+    /// Brings the maps to the plan's contents, reading what they hold now first (so a
+    /// datapath left by an earlier agent is reconciled, not trusted).
+    pub fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, SyncError> {
+        let backends = diff(&self.backends.entries()?, &plan.backends);
+        let slots = diff(&self.slots.entries()?, &plan.slots);
+        let services = diff(&self.services.entries()?, &plan.services);
+        let mut stats = ApplyStats::default();
+        for (k, v) in &backends.upserts {
+            self.backends.upsert(k, v)?;
+        }
+        for (k, v) in &slots.upserts {
+            self.slots.upsert(k, v)?;
+        }
+        for (k, v) in &services.upserts {
+            self.services.upsert(k, v)?;
+        }
+        stats.written = backends.upserts.len() + slots.upserts.len() + services.upserts.len();
+        for k in &services.removals {
+            self.services.remove(k)?;
+        }
+        for k in &slots.removals {
+            self.slots.remove(k)?;
+        }
+        for k in &backends.removals {
+            self.backends.remove(k)?;
+        }
+        stats.removed = backends.removals.len() + slots.removals.len() + services.removals.len();
+        Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{cell::RefCell, rc::Rc};
+
+    use super::*;
+
+    /// In-memory map that logs every write into a log shared by all maps.
+    struct FakeMap<K, V> {
+        name: &'static str,
+        data: BTreeMap<K, V>,
+        log: Rc<RefCell<Vec<String>>>,
+    }
+
+    impl<K: Ord + Clone + Debug, V: Clone + Debug> MapStore<K, V> for FakeMap<K, V> {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+        fn entries(&self) -> Result<BTreeMap<K, V>, SyncError> {
+            Ok(self.data.clone())
+        }
+        fn upsert(&mut self, key: &K, value: &V) -> Result<(), SyncError> {
+            self.log.borrow_mut().push(format!("put {} {key:?}={value:?}", self.name));
+            self.data.insert(key.clone(), value.clone());
+            Ok(())
+        }
+        fn remove(&mut self, key: &K) -> Result<(), SyncError> {
+            self.log.borrow_mut().push(format!("del {} {key:?}", self.name));
+            self.data.remove(key);
+            Ok(())
+        }
+    }
+
+    type Fake = ServiceMaps<
+        FakeMap<ServiceKey, ServiceValue>,
+        FakeMap<BackendSlotKey, u32>,
+        FakeMap<u32, Backend>,
+    >;
+
+    fn fake() -> (Fake, Rc<RefCell<Vec<String>>>) {
+        let log = Rc::new(RefCell::new(Vec::new()));
+        let maps = ServiceMaps {
+            services: FakeMap { name: "svc", data: BTreeMap::new(), log: log.clone() },
+            slots: FakeMap { name: "slot", data: BTreeMap::new(), log: log.clone() },
+            backends: FakeMap { name: "be", data: BTreeMap::new(), log: log.clone() },
+        };
+        (maps, log)
+    }
+
+    /// One service 10.96.0.1:80/TCP (id 1) with backends 10.244.1.{1..=n}:8080 (ids 1..=n).
+    fn plan_with(n: u32) -> Plan {
+        let mut plan = Plan::default();
+        plan.services.insert(ServiceKey::vip_marker(0x0a60_0001), ServiceValue { id: 0, count: 0 });
+        plan.services
+            .insert(ServiceKey::new(0x0a60_0001, 80, 6), ServiceValue { id: 1, count: n });
+        for i in 1..=n {
+            plan.backends.insert(i, Backend::new(0x0af4_0100 + i, 8080, 6));
+            plan.slots.insert(BackendSlotKey { service_id: 1, slot: i }, i);
+        }
+        plan
+    }
+
+    fn position(log: &[String], prefix: &str) -> usize {
+        log.iter().position(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix} not in {log:?}"))
+    }
+
+    #[test]
+    fn first_apply_writes_everything_and_second_nothing() {
+        let (mut maps, log) = fake();
+        let plan = plan_with(3);
+        let stats = maps.apply(&plan).unwrap();
+        assert_eq!(stats, ApplyStats { written: 2 + 3 + 3, removed: 0 });
+        assert_eq!(maps.services.data, plan.services);
+        assert_eq!(maps.slots.data, plan.slots);
+        assert_eq!(maps.backends.data, plan.backends);
+        log.borrow_mut().clear();
+        assert_eq!(maps.apply(&plan).unwrap(), ApplyStats::default());
+        assert!(log.borrow().is_empty(), "idempotent apply wrote {:?}", log.borrow());
+    }
+
+    #[test]
+    fn growing_writes_slots_before_count() {
+        let (mut maps, log) = fake();
+        maps.apply(&plan_with(2)).unwrap();
+        log.borrow_mut().clear();
+        maps.apply(&plan_with(3)).unwrap();
+        let log = log.borrow();
+        assert_eq!(log.len(), 3, "{log:?}");
+        assert!(position(&log, "put be 3") < position(&log, "put slot"));
+        assert!(position(&log, "put slot") < position(&log, "put svc"));
+    }
+
+    #[test]
+    fn shrinking_lowers_count_before_removing_slot_and_backend() {
+        let (mut maps, log) = fake();
+        maps.apply(&plan_with(3)).unwrap();
+        log.borrow_mut().clear();
+        let stats = maps.apply(&plan_with(2)).unwrap();
+        assert_eq!(stats, ApplyStats { written: 1, removed: 2 });
+        let log = log.borrow();
+        assert!(position(&log, "put svc") < position(&log, "del slot"));
+        assert!(position(&log, "del slot") < position(&log, "del be 3"));
+        assert_eq!(maps.backends.data.len(), 2);
+    }
+
+    #[test]
+    fn stale_entries_from_an_earlier_agent_are_removed() {
+        let (mut maps, _log) = fake();
+        maps.services.data.insert(ServiceKey::new(0x0a60_0063, 53, 17), ServiceValue { id: 9, count: 1 });
+        maps.slots.data.insert(BackendSlotKey { service_id: 9, slot: 1 }, 9);
+        maps.backends.data.insert(9, Backend::new(0x0af4_0909, 53, 17));
+        let plan = plan_with(1);
+        maps.apply(&plan).unwrap();
+        assert_eq!(maps.services.data, plan.services);
+        assert_eq!(maps.slots.data, plan.slots);
+        assert_eq!(maps.backends.data, plan.backends);
+    }
+}

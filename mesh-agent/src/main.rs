@@ -1,0 +1,32 @@
+//! `mesh-agent`: the node agent of a sidecar-less, kernel-native service mesh.
+//!
+//! Layout: `cli` (commands), `app` (the `run` loop), `state` (cluster objects and their
+//! files), `plan` (state → desired map contents, pure), `datapath` (load, attach, pin,
+//! diff-apply maps, read them back), `watch` (file change notification).
+
+mod app;
+mod cli;
+mod datapath;
+mod plan;
+mod state;
+mod watch;
+
+use clap::Parser as _;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.run() {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

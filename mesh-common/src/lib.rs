@@ -1,0 +1,11 @@
+//! Map layouts shared by the kernel programs (`mesh-ebpf`) and the agent (`mesh-agent`).
+//!
+//! Every type here is a binary interface: `#[repr(C)]`, explicit padding, no `bool`, the
+//! byte order of each field stated, and a compile-time size assertion. When a layout
+//! changes, the map's name gets a new version suffix (see [`maps`]).
+#![no_std]
+
+pub mod maps;
+pub mod service;
+
+pub use service::{Backend, BackendSlotKey, ServiceKey, ServiceValue};

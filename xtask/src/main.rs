@@ -1,0 +1,52 @@
+//! `cargo xtask <task>`: everything needed to go from a fresh machine to a running demo
+//! or a green test run. Each task installs what it needs first (idempotently).
+
+mod bench;
+mod build;
+mod demo;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install the toolchain pieces: nightly rust-src, bpf-linker, bpftool, iproute2.
+    Setup,
+    /// Build the eBPF object and the agent that embeds it (plus the test workload).
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run unit and integration tests (integration tests need root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Start a local cluster in network namespaces, send real traffic, show who answered.
+    Demo(demo::DemoArgs),
+    /// Benchmarks against an in-run baseline.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Build { release } => {
+            setup::run()?;
+            build::run(build::Profile::from_release(release)).map(drop)
+        }
+        Task::Test { args } => test::run(&args),
+        Task::Demo(args) => demo::run(&args),
+        Task::Bench(args) => bench::run(&args),
+    }
+}
