@@ -31,7 +31,10 @@ pub fn watch(path: &Path, changed: mpsc::Sender<()>) -> Result<RecommendedWatche
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let relevant = match (&event, &file_name) {
             // On a watcher error, reload anyway: re-reading is cheap and always safe.
-            (Err(_), _) | (Ok(_), None) => true,
+            (Err(_), _) => true,
+            // Our own reads show up as access events: reacting would reload forever.
+            (Ok(ev), _) if ev.kind.is_access() => false,
+            (Ok(_), None) => true,
             (Ok(ev), Some(name)) => ev.paths.iter().any(|p| p.file_name() == Some(name.as_os_str())),
         };
         if relevant {

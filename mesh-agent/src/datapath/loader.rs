@@ -87,8 +87,10 @@ impl Datapath {
         let link_path = pins::link_pin(&self.node_dir, programs::CONNECT4);
         let stale = PinnedLink::from_pin(&link_path).ok();
         let prog = connect4(&mut self.ebpf)?;
+        // bpf_link attachments to a cgroup always coexist with others (multi semantics);
+        // the kernel rejects any attach flag on them, so the mode must be `Single` (0).
         let link_id = prog
-            .attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+            .attach(&cgroup_file, CgroupAttachMode::Single)
             .map_err(|e| program_error(programs::CONNECT4, e))?;
         let link = prog.take_link(link_id).map_err(|e| program_error(programs::CONNECT4, e))?;
         let link = FdLink::try_from(link).map_err(|e| DatapathError::Link {

@@ -32,8 +32,6 @@ pub struct SyncError {
 
 /// A key/value map as the sync logic sees it.
 pub trait MapStore<K, V> {
-    /// Name used in errors.
-    fn name(&self) -> &'static str;
     /// Every entry the map holds now.
     fn entries(&self) -> Result<BTreeMap<K, V>, SyncError>;
     /// Inserts or replaces one entry.
@@ -56,10 +54,6 @@ impl<K: Pod, V: Pod> KernelMap<K, V> {
 }
 
 impl<K: Pod + Ord + Debug, V: Pod> MapStore<K, V> for KernelMap<K, V> {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
     fn entries(&self) -> Result<BTreeMap<K, V>, SyncError> {
         self.map
             .iter()
@@ -167,9 +161,6 @@ mod tests {
     }
 
     impl<K: Ord + Clone + Debug, V: Clone + Debug> MapStore<K, V> for FakeMap<K, V> {
-        fn name(&self) -> &'static str {
-            self.name
-        }
         fn entries(&self) -> Result<BTreeMap<K, V>, SyncError> {
             Ok(self.data.clone())
         }
