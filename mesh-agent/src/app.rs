@@ -38,7 +38,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow::Result<()> {
     let mut maps = datapath.service_maps()?;
-    let mut ids = Ids::default();
+    // Keep the ids of a datapath an earlier agent left pinned, so adopting it does not
+    // renumber entries that live connections are being translated with.
+    let mut ids = maps.ids()?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     // Watch before the first read, so a change racing startup is not missed.

@@ -30,7 +30,7 @@ enum Command {
     /// Print the load-balancing table the kernel holds (read from the pinned maps).
     Services {
         /// Node whose datapath to read; may be omitted when exactly one is pinned.
-        #[arg(long)]
+        #[arg(long, value_parser = node_name)]
         node: Option<String>,
         /// bpffs mount point.
         #[arg(long, default_value = DEFAULT_BPFFS)]
@@ -42,7 +42,7 @@ enum Command {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// This node's name (pins live under `<bpffs>/mesh/<node>/`).
-    #[arg(long)]
+    #[arg(long, value_parser = node_name)]
     pub node: String,
     /// State file (multi-document YAML) or directory of them; watched for changes.
     #[arg(long)]
@@ -53,6 +53,21 @@ pub struct RunArgs {
     /// bpffs mount point; mounted when missing.
     #[arg(long, default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
+}
+
+/// A node name usable as a bpffs directory: bpffs refuses names containing '.', so
+/// only letters, digits, '-' and '_' are allowed (at most 64).
+fn node_name(name: &str) -> Result<String, String> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if valid {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "{name:?}: use 1-64 letters, digits, '-' or '_' (bpffs refuses '.' in pin names)"
+        ))
+    }
 }
 
 impl Cli {
@@ -103,6 +118,21 @@ fn validate(path: &std::path::Path) -> ExitCode {
         Err(err) => {
             eprintln!("{err}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::node_name;
+
+    #[test]
+    fn node_names_must_be_valid_bpffs_names() {
+        for ok in ["n1", "worker-2", "node_a", "ip-10-0-0-1"] {
+            assert_eq!(node_name(ok).as_deref(), Ok(ok));
+        }
+        for bad in ["", "node.example.com", "a/b", "x y", &"n".repeat(65)] {
+            assert!(node_name(bad).is_err(), "{bad:?} accepted");
         }
     }
 }

@@ -17,7 +17,7 @@ use aya::{
 };
 use mesh_common::{Backend, BackendSlotKey, ServiceKey, ServiceValue};
 
-use crate::plan::{Plan, diff};
+use crate::plan::{Ids, Plan, diff};
 
 /// A failed map operation, naming the map and the key.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +116,11 @@ where
     L: MapStore<BackendSlotKey, u32>,
     B: MapStore<u32, Backend>,
 {
+    /// The ids the maps use now, for planning against an adopted datapath.
+    pub fn ids(&self) -> Result<Ids, SyncError> {
+        Ok(Ids::from_datapath(&self.services.entries()?, &self.backends.entries()?))
+    }
+
     /// Brings the maps to the plan's contents, reading what they hold now first (so a
     /// datapath left by an earlier agent is reconciled, not trusted).
     pub fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, SyncError> {

@@ -1,0 +1,114 @@
+//! Cluster state: typed Kubernetes objects, the files they come from, validation.
+//!
+//! State is read from multi-document YAML (one file, or the `*.yaml`/`*.yml` files of a
+//! directory). Understood kinds: `v1 Service`, `v1 Pod`, `discovery.k8s.io/v1
+//! EndpointSlice`, and `v1 List` of those; other kinds are skipped with a warning.
+//! Parsing is strict like `kubectl --validate=strict`: unknown fields are errors.
+//!
+//! An update is all-or-nothing: every problem of every file is collected and returned
+//! together, and no partial [`State`] is ever produced, so the caller keeps the last
+//! good state in force.
+
+mod model;
+mod source;
+mod validate;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use model::{ObjectKey, SERVICE_NAME_LABEL, State, cluster_ips, protocol, target_port};
+
+/// Why a state update was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A file or directory could not be read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// Some documents are malformed or invalid; one entry per problem, in file order.
+    #[error("{}", Lines(.0))]
+    Invalid(Vec<DocError>),
+}
+
+/// One problem in one document. Displays as one line:
+/// `deploy/x.yaml: document 2 (Service default/web): spec.ports[0].port: 70000 is not a valid port (1-65535)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DocError {
+    /// The file, as given to [`load`] or [`parse_str`].
+    pub file: String,
+    /// 1-based index of the YAML document in the file (the first document is 1).
+    pub document: usize,
+    /// 1-based line, for YAML syntax errors.
+    pub line: Option<usize>,
+    /// `Kind namespace/name`, when the document got far enough to tell.
+    pub object: Option<String>,
+    /// Field path inside the document, e.g. `spec.ports[0].targetPort`.
+    pub field: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for DocError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: document {}", self.file, self.document)?;
+        if let Some(line) = self.line {
+            write!(f, ", line {line}")?;
+        }
+        if let Some(object) = &self.object {
+            write!(f, " ({object})")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Displays problems one per line.
+struct Lines<'a>(&'a [DocError]);
+
+impl fmt::Display for Lines<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Loads the state of a file, or of the YAML files in a directory (not recursive).
+pub fn load(path: &Path) -> Result<State, StateError> {
+    let mut builder = source::Builder::default();
+    for file in source::files(path)? {
+        let text = std::fs::read_to_string(&file).map_err(|source| StateError::Io {
+            path: file.clone(),
+            source,
+        })?;
+        builder.add_file(&file.display().to_string(), &text);
+    }
+    builder.finish()
+}
+
+/// Parses one file's text; `file` names it in error messages.
+#[cfg_attr(
+    not(test),
+    expect(
+        dead_code,
+        reason = "API for single-file callers; only tests use it so far"
+    )
+)]
+pub fn parse_str(file: &str, text: &str) -> Result<State, StateError> {
+    let mut builder = source::Builder::default();
+    builder.add_file(file, text);
+    builder.finish()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,463 @@
+use std::path::PathBuf;
+
+use super::*;
+
+/// The problems of a rejected update, one rendered line each.
+fn problems(file: &str, text: &str) -> Vec<String> {
+    match parse_str(file, text) {
+        Ok(_) => panic!("expected {file} to be rejected"),
+        Err(StateError::Invalid(errors)) => errors.iter().map(ToString::to_string).collect(),
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+fn ok(text: &str) -> State {
+    parse_str("t.yaml", text).unwrap_or_else(|e| panic!("expected success, got:\n{e}"))
+}
+
+/// A Service, Pod and EndpointSlice as `kubectl get -o yaml` prints them: every field
+/// here exists in the schema, so strict parsing must accept all of it.
+const REALISTIC: &str = r#"
+apiVersion: v1
+kind: Service
+metadata:
+  annotations:
+    kubectl.kubernetes.io/last-applied-configuration: |
+      {"apiVersion":"v1","kind":"Service"}
+  creationTimestamp: "2024-05-01T10:00:00Z"
+  labels: {app: web, app.kubernetes.io/name: web}
+  name: web
+  namespace: shop
+  resourceVersion: "12345"
+  uid: 2f1c7a4e-1111-2222-3333-444455556666
+  managedFields:
+  - apiVersion: v1
+    fieldsType: FieldsV1
+    fieldsV1:
+      f:spec:
+        f:ports:
+          .: {}
+          k:{"port":80,"protocol":"TCP"}: {.: {}, f:name: {}}
+    manager: kubectl-client-side-apply
+    operation: Update
+    time: "2024-05-01T10:00:00Z"
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  internalTrafficPolicy: Cluster
+  ipFamilies: [IPv4]
+  ipFamilyPolicy: SingleStack
+  ports:
+  - {name: http, port: 80, protocol: TCP, targetPort: http, appProtocol: http}
+  - {name: metrics, port: 9090, protocol: TCP, targetPort: 9090}
+  selector: {app: web}
+  sessionAffinity: None
+  type: ClusterIP
+status:
+  loadBalancer: {}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  creationTimestamp: "2024-05-01T10:00:00Z"
+  generateName: web-7d4b9c-
+  labels: {app: web, pod-template-hash: 7d4b9c}
+  name: web-7d4b9c-abcde
+  namespace: shop
+  ownerReferences:
+  - {apiVersion: apps/v1, blockOwnerDeletion: true, controller: true, kind: ReplicaSet, name: web-7d4b9c, uid: 0000-1}
+spec:
+  containers:
+  - name: web
+    image: nginx:1.27
+    imagePullPolicy: IfNotPresent
+    args: ["--port", "8080"]
+    env:
+    - {name: MODE, value: prod}
+    - name: POD_IP
+      valueFrom: {fieldRef: {apiVersion: v1, fieldPath: status.podIP}}
+    ports:
+    - {containerPort: 8080, name: http, protocol: TCP}
+    readinessProbe:
+      httpGet: {path: /healthz, port: http, scheme: HTTP}
+      periodSeconds: 5
+      failureThreshold: 3
+    resources:
+      limits: {cpu: 1, memory: 256Mi}
+      requests: {cpu: 100m, memory: 64Mi}
+    securityContext: {runAsNonRoot: true, allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}
+    terminationMessagePath: /dev/termination-log
+    terminationMessagePolicy: File
+    volumeMounts:
+    - {mountPath: /var/run/secrets/kubernetes.io/serviceaccount, name: kube-api-access, readOnly: true}
+  dnsPolicy: ClusterFirst
+  enableServiceLinks: true
+  nodeName: node-1
+  preemptionPolicy: PreemptLowerPriority
+  priority: 0
+  restartPolicy: Always
+  schedulerName: default-scheduler
+  securityContext: {}
+  serviceAccount: web
+  serviceAccountName: web
+  terminationGracePeriodSeconds: 30
+  tolerations:
+  - {effect: NoExecute, key: node.kubernetes.io/not-ready, operator: Exists, tolerationSeconds: 300}
+  volumes:
+  - name: kube-api-access
+    projected:
+      defaultMode: 420
+      sources:
+      - serviceAccountToken: {expirationSeconds: 3607, path: token}
+      - configMap: {name: kube-root-ca.crt, items: [{key: ca.crt, path: ca.crt}]}
+status:
+  conditions:
+  - {lastProbeTime: null, lastTransitionTime: "2024-05-01T10:00:01Z", status: "True", type: Initialized}
+  - {lastProbeTime: null, lastTransitionTime: "2024-05-01T10:00:05Z", status: "True", type: Ready}
+  containerStatuses:
+  - containerID: containerd://abc
+    image: docker.io/library/nginx:1.27
+    imageID: docker.io/library/nginx@sha256:0123
+    lastState: {}
+    name: web
+    ready: true
+    restartCount: 0
+    started: true
+    state: {running: {startedAt: "2024-05-01T10:00:02Z"}}
+  hostIP: 192.168.250.1
+  hostIPs: [{ip: 192.168.250.1}]
+  phase: Running
+  podIP: 10.244.1.5
+  podIPs: [{ip: 10.244.1.5}]
+  qosClass: Burstable
+  startTime: "2024-05-01T10:00:00Z"
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc12
+  namespace: shop
+  labels: {kubernetes.io/service-name: web, endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io}
+addressType: IPv4
+endpoints:
+- addresses: [10.244.1.5]
+  conditions: {ready: true, serving: true, terminating: false}
+  nodeName: node-1
+  targetRef: {kind: Pod, name: web-7d4b9c-abcde, namespace: shop, uid: 0000-2}
+ports:
+- {name: http, port: 8080, protocol: TCP}
+"#;
+
+#[test]
+fn realistic_manifests_have_no_false_unknown_fields() {
+    let state = ok(REALISTIC);
+    assert_eq!(state.services().len(), 1);
+    assert_eq!(state.pods().len(), 1);
+    assert_eq!(state.endpoint_slices().len(), 1);
+    let (key, _) = state.pods_in("shop").next().expect("pod in shop");
+    assert_eq!(key.to_string(), "shop/web-7d4b9c-abcde");
+}
+
+#[test]
+fn unknown_fields_are_rejected_with_their_path() {
+    let text = "
+apiVersion: v1
+kind: Service
+metadata: {name: web, labelz: {a: b}}
+spec:
+  portz: []
+  selectr: {app: web}
+  ports:
+  - {port: 80, targetPortt: 8080}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p}
+spec:
+  containers:
+  - name: c
+    ports: [{containerPort: 80, nmae: http}]
+";
+    assert_eq!(
+        problems("x.yaml", text),
+        [
+            "x.yaml: document 1 (Service default/web): metadata.labelz: unknown field",
+            "x.yaml: document 1 (Service default/web): spec.ports[0].targetPortt: unknown field",
+            "x.yaml: document 1 (Service default/web): spec.selectr: unknown field",
+            "x.yaml: document 2 (Pod default/p): spec.containers[0].ports[0].nmae: unknown field",
+        ]
+    );
+}
+
+#[test]
+fn null_and_empty_values_are_not_unknown_fields() {
+    let state = ok("
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: '', labels: {}, annotations: null}
+spec: {selector: null, ports: [], externalIPs: [], clusterIP: None}
+status: {}
+");
+    // An empty namespace is absent, so the default applies.
+    let (key, svc) = state.services().next().expect("one service");
+    assert_eq!(key.namespace, "default");
+    assert_eq!(svc.metadata.namespace.as_deref(), Some("default"));
+}
+
+#[test]
+fn type_errors_name_file_document_object_and_field() {
+    let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  ports:\n  - {port: eighty}\n";
+    assert_eq!(
+        problems("deploy/x.yaml", text),
+        [
+            "deploy/x.yaml: document 2 (Service shop/web): spec.ports[0].port: invalid type: string \"eighty\", expected i32"
+        ]
+    );
+}
+
+#[test]
+fn validation_problems_are_all_reported() {
+    let service = |spec: &str| {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {spec}\n")
+    };
+    let slice = |body: &str| {
+        format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{body}\n")
+    };
+    let cases = [
+        (service("{ports: [{port: 70000}]}"), vec!["spec.ports[0].port: 70000 is not a valid port (1-65535)"]),
+        (service("{clusterIP: 10.96.0.300}"), vec![r#"spec.clusterIP: "10.96.0.300" is not an IP address, "None" (headless) or empty"#]),
+        (
+            service("{clusterIP: 10.96.0.1, clusterIPs: [10.96.0.2]}"),
+            vec![r#"spec.clusterIPs[0]: "10.96.0.2" differs from spec.clusterIP "10.96.0.1""#],
+        ),
+        (service("{ports: [{port: 53, protocol: ICMP}]}"), vec![r#"spec.ports[0].protocol: "ICMP" is not one of TCP, UDP, SCTP"#]),
+        (
+            service("{ports: [{port: 80, targetPort: HTTP}]}"),
+            vec![r#"spec.ports[0].targetPort: "HTTP" is not a valid port name: only lowercase letters, digits and '-' are allowed"#],
+        ),
+        (service("{ports: [{port: 80, targetPort: 0}, ]}"), vec![]), // 0 is defaulted to port, as by the API server
+        (
+            service("{ports: [{name: a, port: 80}, {name: b, port: 80}, {name: a, port: 53, protocol: UDP}, {port: 80, protocol: UDP}]}"),
+            vec![
+                "spec.ports[1].port: duplicate port 80/TCP (also spec.ports[0])",
+                r#"spec.ports[2].name: duplicate port name "a" (also spec.ports[0])"#,
+                "spec.ports[3].name: required when a Service has more than one port",
+            ],
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIP: 10.244.1, podIPs: [{ip: x}]}\n".to_owned(),
+            vec![r#"status.podIP: "10.244.1" is not an IP address"#, r#"status.podIPs[0].ip: "x" is not an IP address"#],
+        ),
+        (
+            slice("}\naddressType: IPv5\nendpoints: []"),
+            vec![
+                "metadata.labels[kubernetes.io/service-name]: required: names the Service of this slice",
+                r#"addressType: "IPv5" is not one of IPv4, IPv6, FQDN"#,
+            ],
+        ),
+        (
+            slice(", labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.1, fd00::1]}]\nports: [{port: 0}]"),
+            vec![r#"endpoints[0].addresses[1]: "fd00::1" is not an IPv4 address"#, "ports[0].port: 0 is not a valid port (1-65535)"],
+        ),
+    ];
+    for (text, expected) in cases {
+        let got = match parse_str("v.yaml", &text) {
+            Ok(_) => Vec::new(),
+            Err(StateError::Invalid(errors)) => errors
+                .into_iter()
+                .map(|e| e.field.unwrap_or_default() + ": " + &e.message)
+                .collect(),
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(got, expected, "for:\n{text}");
+    }
+}
+
+#[test]
+fn display_is_one_line_per_problem() {
+    let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 70000}], clusterIP: x}\n";
+    let err = parse_str("deploy/x.yaml", text)
+        .map(|_| ())
+        .expect_err("invalid");
+    assert_eq!(
+        err.to_string(),
+        "deploy/x.yaml: document 2 (Service default/web): spec.clusterIP: \"x\" is not an IP address, \"None\" (headless) or empty\n\
+         deploy/x.yaml: document 2 (Service default/web): spec.ports[0].port: 70000 is not a valid port (1-65535)"
+    );
+}
+
+#[test]
+fn malformed_yaml_names_the_line() {
+    let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: [web\n";
+    let err = parse_str("bad.yaml", text)
+        .map(|_| ())
+        .expect_err("malformed");
+    let StateError::Invalid(errors) = err else {
+        panic!("{err}")
+    };
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(
+        (errors[0].document, errors[0].line),
+        (2, Some(9)),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[0]
+            .to_string()
+            .starts_with("bad.yaml: document 2, line 9: "),
+        "{}",
+        errors[0]
+    );
+}
+
+#[test]
+fn missing_kind_or_name_is_an_error() {
+    assert_eq!(
+        problems(
+            "m.yaml",
+            "metadata: {name: x}\n---\napiVersion: v1\nkind: Pod\nmetadata: {labels: {a: b}}\n"
+        ),
+        [
+            "m.yaml: document 1: apiVersion and kind are required (strings)",
+            "m.yaml: document 2 (Pod default/): metadata.name: required",
+        ]
+    );
+}
+
+#[test]
+fn unknown_kinds_and_empty_documents_are_skipped() {
+    let state = ok("
+---
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec: {whatever: 1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p}
+---
+");
+    assert_eq!(state.pods().len(), 1);
+    assert_eq!(state.services().len(), 0);
+}
+
+#[test]
+fn list_items_are_objects_with_prefixed_paths() {
+    let list = "
+apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: Pod, metadata: {name: a}}
+- {apiVersion: v1, kind: ConfigMap, metadata: {name: skipped}}
+- {apiVersion: v1, kind: Service, metadata: {name: s}, spec: {ports: [{port: 0}]}}
+";
+    assert_eq!(
+        problems("l.yaml", list),
+        [
+            "l.yaml: document 1 (Service default/s): items[2].spec.ports[0].port: 0 is not a valid port (1-65535)"
+        ]
+    );
+    assert_eq!(ok(&list.replace("port: 0", "port: 80")).pods().len(), 1);
+}
+
+#[test]
+fn duplicate_cluster_ip_names_both_services() {
+    let text = "
+apiVersion: v1
+kind: Service
+metadata: {name: a}
+spec: {clusterIP: 10.96.0.1}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: other}
+spec: {clusterIPs: [10.96.0.1]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: headless}
+spec: {clusterIP: None}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: headless2}
+spec: {clusterIP: None}
+";
+    assert_eq!(
+        problems("c.yaml", text),
+        [
+            "c.yaml: document 2 (Service other/b): spec.clusterIP: cluster IP 10.96.0.1 is already used by Service default/a (c.yaml document 1)"
+        ]
+    );
+}
+
+/// A scratch directory removed on drop, even when the test fails.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("mesh-state-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        Self(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        std::fs::write(self.0.join(name), text).expect("write state file");
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn directory_load_skips_non_state_files_and_reports_duplicates_across_files() {
+    let dir = TempDir::new("dir");
+    let pod = |name: &str| format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\n");
+    dir.write("a.yaml", &pod("a"));
+    dir.write("b.yml", &pod("b"));
+    for skipped in [
+        ".#a.yaml",
+        ".a.yaml.swp",
+        "a.yaml~",
+        "notes.txt",
+        ".hidden.yaml",
+    ] {
+        dir.write(skipped, "not: [valid");
+    }
+    std::fs::create_dir(dir.0.join("sub.yaml")).expect("mkdir");
+    let state = load(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        state
+            .pods()
+            .map(|(k, _)| k.name.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+
+    dir.write("c.yaml", &format!("{}---\n{}", pod("c"), pod("a")));
+    let Err(StateError::Invalid(errors)) = load(&dir.0) else {
+        panic!("duplicate accepted")
+    };
+    let a = dir.0.join("a.yaml");
+    let c = dir.0.join("c.yaml");
+    assert_eq!(
+        errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        [format!(
+            "{}: document 2 (Pod default/a): metadata.name: duplicate object, first defined in {} document 1",
+            c.display(),
+            a.display()
+        )]
+    );
+}
+
+#[test]
+fn missing_path_is_an_io_error() {
+    let path = std::env::temp_dir().join("mesh-state-does-not-exist");
+    assert!(matches!(load(&path), Err(StateError::Io { .. })));
+}
