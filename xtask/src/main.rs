@@ -38,6 +38,25 @@ enum Task {
     Bench(bench::BenchArgs),
 }
 
+/// Demo and benchmarks build namespaces, cgroups and eBPF programs: they need root.
+fn require_root(task: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("`cargo xtask {task}` needs root (network namespaces, cgroups, eBPF)");
+    }
+    Ok(())
+}
+
+/// Points the test bed at the binaries just built.
+fn use_binaries(bins: &build::Binaries) {
+    // SAFETY: called before any thread is started, so nothing reads the environment
+    // concurrently.
+    unsafe {
+        std::env::set_var(mesh_tests::AGENT_BIN_ENV, &bins.agent);
+        std::env::set_var(mesh_tests::TESTPOD_BIN_ENV, &bins.testpod);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::run(),
