@@ -22,6 +22,19 @@ use crate::{
 
 /// How long to wait after a change notification for the burst of writes to settle.
 const SETTLE: Duration = Duration::from_millis(100);
+/// How soon a failed map update is retried (a rejected state waits for the next change).
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Result of one reconcile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The maps hold the state.
+    Applied,
+    /// The state was invalid; the last good one stays until the files change again.
+    Rejected,
+    /// Writing the maps failed; retried after [`RETRY`].
+    Failed,
+}
 
 /// Runs the agent until a termination signal.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -48,7 +61,7 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
     let _watcher = watch::watch(&args.state, changed_tx)?;
 
     // Program the maps before attaching, so the first connect() already sees the table.
-    reconcile(&args.state, &mut maps, &mut ids);
+    let mut outcome = reconcile(&args.state, &mut maps, &mut ids);
     datapath.attach(cgroup)?;
     info!(node = %args.node, cgroup = %cgroup.display(), "datapath ready");
 
@@ -60,7 +73,10 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
                 tokio::time::sleep(SETTLE).await;
                 // Drain what arrived while settling: one reload covers them all.
                 while changed.try_recv().is_ok() {}
-                reconcile(&args.state, &mut maps, &mut ids);
+                outcome = reconcile(&args.state, &mut maps, &mut ids);
+            }
+            () = tokio::time::sleep(RETRY), if outcome == Outcome::Failed => {
+                outcome = reconcile(&args.state, &mut maps, &mut ids);
             }
         }
     }
@@ -69,21 +85,21 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
 
 /// Reads, plans and applies the state. Any failure keeps the last good state in force
 /// and is logged with the file, document and field involved.
-fn reconcile(path: &Path, maps: &mut KernelServiceMaps, ids: &mut Ids) {
+fn reconcile(path: &Path, maps: &mut KernelServiceMaps, ids: &mut Ids) -> Outcome {
     let state = match state::load(path) {
         Ok(state) => state,
         Err(err) => {
             for line in err.to_string().lines() {
                 error!(state = %path.display(), problem = line, "state rejected; keeping the last good state");
             }
-            return;
+            return Outcome::Rejected;
         }
     };
     let (plan, next_ids) = match plan::plan(&state, ids) {
         Ok(planned) => planned,
         Err(err) => {
             error!(state = %path.display(), %err, "state rejected; keeping the last good state");
-            return;
+            return Outcome::Rejected;
         }
     };
     match maps.apply(&plan) {
@@ -96,7 +112,11 @@ fn reconcile(path: &Path, maps: &mut KernelServiceMaps, ids: &mut Ids) {
                 removed = stats.removed,
                 "state applied"
             );
+            Outcome::Applied
         }
-        Err(err) => warn!(%err, "applying the state failed; will retry on the next change"),
+        Err(err) => {
+            warn!(%err, retry_in = ?RETRY, "applying the state failed");
+            Outcome::Failed
+        }
     }
 }

@@ -96,14 +96,8 @@ pub fn load(path: &Path) -> Result<State, StateError> {
     builder.finish()
 }
 
-/// Parses one file's text; `file` names it in error messages.
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "API for single-file callers; only tests use it so far"
-    )
-)]
+/// Parses one file's text; `file` names it in error messages (tests feed fixtures this way).
+#[cfg(test)]
 pub fn parse_str(file: &str, text: &str) -> Result<State, StateError> {
     let mut builder = source::Builder::default();
     builder.add_file(file, text);

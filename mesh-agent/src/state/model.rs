@@ -51,13 +51,7 @@ impl State {
     }
 
     /// All Pods, ordered by namespace and name.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "API for status commands; only tests use it so far"
-        )
-    )]
+    #[cfg(test)]
     pub fn pods(&self) -> impl ExactSizeIterator<Item = (&ObjectKey, &Pod)> {
         self.pods.iter()
     }
@@ -71,13 +65,7 @@ impl State {
     }
 
     /// All EndpointSlices, ordered by namespace and name.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "API for status commands; only tests use it so far"
-        )
-    )]
+    #[cfg(test)]
     pub fn endpoint_slices(&self) -> impl ExactSizeIterator<Item = (&ObjectKey, &EndpointSlice)> {
         self.endpoint_slices.iter()
     }
