@@ -1,11 +1,16 @@
 //! Command line: `run`, `validate`, `services`.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use crate::{app, datapath, state};
+use crate::{
+    app,
+    datapath::{self, loader::MapSizes},
+    health::HealthConfig,
+    state,
+};
 
 /// Default bpffs mount point (mounted by the agent when missing, as Cilium does).
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
@@ -36,6 +41,16 @@ enum Command {
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
     },
+    /// Detach and unpin the datapath of a node (every node when --node is omitted),
+    /// e.g. one left behind with --keep-datapath.
+    Uninstall {
+        /// Node whose datapath to remove.
+        #[arg(long, value_parser = node_name)]
+        node: Option<String>,
+        /// bpffs mount point.
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
 }
 
 /// Arguments of `mesh-agent run`.
@@ -53,6 +68,83 @@ pub struct RunArgs {
     /// bpffs mount point; mounted when missing.
     #[arg(long, default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
+    /// On exit, leave programs attached and maps pinned: traffic keeps flowing with the
+    /// last applied state, and the next agent adopts the datapath without a gap.
+    #[arg(long)]
+    pub keep_datapath: bool,
+    /// Remove this node's datapath (as `mesh-agent uninstall --node`) and exit.
+    #[arg(long)]
+    pub cleanup: bool,
+    /// Address of the Prometheus endpoint (/metrics, /healthz).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub metrics_addr: SocketAddr,
+    /// Probe TCP backends and take failing ones out of load balancing.
+    #[arg(long)]
+    pub health_checks: bool,
+    /// Interval between health-check rounds, in milliseconds.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub health_interval_ms: u64,
+    /// Timeout of one probe, in milliseconds.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub health_timeout_ms: u64,
+    /// Consecutive failed probes that make a backend unhealthy.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub health_unhealthy_threshold: u32,
+    /// Consecutive successful probes that make it healthy again.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub health_healthy_threshold: u32,
+    #[command(flatten)]
+    pub map_sizes: MapSizeArgs,
+}
+
+impl RunArgs {
+    /// Health-check settings from the flags.
+    pub fn health_config(&self) -> HealthConfig {
+        HealthConfig {
+            interval: Duration::from_millis(self.health_interval_ms),
+            timeout: Duration::from_millis(self.health_timeout_ms),
+            unhealthy_threshold: self.health_unhealthy_threshold,
+            healthy_threshold: self.health_healthy_threshold,
+        }
+    }
+}
+
+/// Map capacities (entries). They apply when the maps are created; a datapath adopted
+/// from an earlier agent keeps its sizes until `uninstall`.
+#[derive(Debug, clap::Args)]
+pub struct MapSizeArgs {
+    /// SERVICES: frontends plus one entry per cluster IP.
+    #[arg(long, default_value_t = MapSizes::default().services, value_parser = clap::value_parser!(u32).range(1..))]
+    pub map_size_services: u32,
+    /// SVC_BACKENDS: the sum of all frontends' backend counts.
+    #[arg(long, default_value_t = MapSizes::default().slots, value_parser = clap::value_parser!(u32).range(1..))]
+    pub map_size_backend_slots: u32,
+    /// BACKENDS: distinct backend address/port/protocol triples.
+    #[arg(long, default_value_t = MapSizes::default().backends, value_parser = clap::value_parser!(u32).range(1..))]
+    pub map_size_backends: u32,
+    /// AFFINITY: client/service pairs remembered (LRU).
+    #[arg(long, default_value_t = MapSizes::default().affinity, value_parser = clap::value_parser!(u32).range(1..))]
+    pub map_size_affinity: u32,
+    /// REV_NAT: translated sockets remembered for getpeername/recvmsg (LRU).
+    #[arg(long, default_value_t = MapSizes::default().rev_nat, value_parser = clap::value_parser!(u32).range(1..))]
+    pub map_size_rev_nat: u32,
+    /// LB_METRICS: per-backend connection counters.
+    #[arg(long, default_value_t = MapSizes::default().metrics, value_parser = clap::value_parser!(u32).range(1..))]
+    pub map_size_metrics: u32,
+}
+
+impl MapSizeArgs {
+    /// The requested sizes.
+    pub fn sizes(&self) -> MapSizes {
+        MapSizes {
+            services: self.map_size_services,
+            slots: self.map_size_backend_slots,
+            backends: self.map_size_backends,
+            affinity: self.map_size_affinity,
+            rev_nat: self.map_size_rev_nat,
+            metrics: self.map_size_metrics,
+        }
+    }
 }
 
 /// A node name usable as a bpffs directory: bpffs refuses names containing '.', so
@@ -94,13 +186,31 @@ impl Cli {
                 print!("{table}");
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Uninstall { node, bpffs } => {
+                let nodes = match node {
+                    Some(node) => vec![node],
+                    None => datapath::pins::nodes(&bpffs)?,
+                };
+                for node in nodes {
+                    datapath::loader::uninstall_node(&datapath::pins::node_dir(&bpffs, &node))
+                        .with_context(|| format!("removing the datapath of node {node}"))?;
+                    println!("removed the datapath of node {node}");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
         }
     }
 }
 
+/// Planning context for `validate`: default capacities, no node preference, all healthy.
+fn validate_context() -> crate::plan::PlanContext<'static> {
+    static NONE: std::collections::BTreeSet<crate::plan::BackendAddr> = std::collections::BTreeSet::new();
+    crate::plan::PlanContext { node: "", unhealthy: &NONE, capacities: crate::plan::Capacities::default() }
+}
+
 fn validate(path: &std::path::Path) -> ExitCode {
     match state::load(path) {
-        Ok(state) => match crate::plan::plan(&state, &crate::plan::Ids::default()) {
+        Ok(state) => match crate::plan::plan(&state, &crate::plan::Ids::default(), &validate_context()) {
             Ok((plan, _)) => {
                 println!(
                     "{}: valid ({} frontends, {} backends)",

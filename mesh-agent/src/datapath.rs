@@ -1,10 +1,12 @@
 //! The kernel side seen from user space: mounts, loading/attaching/pinning the programs,
-//! diff-applying plans to the maps, and reading the maps back for operators.
+//! diff-applying plans to the maps, reading the maps back for operators, and destroying
+//! sockets that point at removed backends.
 
 pub mod inspect;
 pub mod loader;
 pub mod mounts;
 pub mod pins;
+pub mod sockdestroy;
 pub mod sync;
 
 use std::path::PathBuf;

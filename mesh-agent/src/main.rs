@@ -1,14 +1,20 @@
 //! `mesh-agent`: the node agent of a sidecar-less, kernel-native service mesh.
 //!
 //! Layout: `cli` (commands), `app` (the `run` loop), `state` (cluster objects and their
-//! files), `plan` (state → desired map contents, pure), `datapath` (load, attach, pin,
-//! diff-apply maps, read them back), `watch` (file change notification).
+//! files), `plan` (state → desired map contents, pure), `reconcile` (state → plan →
+//! maps), `datapath` (load, attach, pin, diff-apply maps, read them back, destroy stale
+//! sockets), `health` (active backend probes), `metrics` + `telemetry` (Prometheus),
+//! `watch` (file change notification).
 
 mod app;
 mod cli;
 mod datapath;
+mod health;
+mod metrics;
 mod plan;
+mod reconcile;
 mod state;
+mod telemetry;
 mod watch;
 
 use clap::Parser as _;

@@ -2,32 +2,155 @@
 //!
 //! [`plan`] computes the full desired contents of the service maps; [`diff`] turns
 //! current and desired contents into the minimal set of writes.
+//!
+//! The plan follows kube-proxy: every cluster IP of both families is a frontend whose
+//! backends are the ready endpoints of its family; terminating endpoints keep a backend
+//! entry (so their connections and affinity entries are recognisable) but get no slot;
+//! ClientIP session affinity and `trafficDistribution` are honoured. On top of that,
+//! backends a health checker reports unhealthy lose their slots, failing open when a
+//! whole frontend would be left without one (see `services::select`).
 
 mod services;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, SocketAddr};
 
+use mesh_common::Addr;
 use mesh_common::maps;
 use mesh_common::service::{
-    Backend, BackendSlotKey, PROTO_TCP, PROTO_UDP, ServiceKey, ServiceValue,
+    BACKEND_ACTIVE, BACKEND_TERMINATING, BACKEND_UNHEALTHY, Backend, BackendSlotKey, PROTO_TCP,
+    PROTO_UDP, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue,
 };
 
 use crate::state::{ObjectKey, State};
 
+/// What a plan depends on besides the cluster state.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanContext<'a> {
+    /// This agent's node name, as Pods' `spec.nodeName` and EndpointSlice endpoints'
+    /// `nodeName` give it; for topology-aware routing. "" matches no backend.
+    pub node: &'a str,
+    /// Backends the health checker found unhealthy.
+    pub unhealthy: &'a BTreeSet<BackendAddr>,
+    /// Entries the service maps hold.
+    pub capacities: Capacities,
+}
+
+/// Entries the service maps hold, as the datapath created them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    /// SERVICES: frontends plus one VIP marker per cluster IP.
+    pub services: u32,
+    /// SERVICE_BACKENDS: slots of all frontends.
+    pub slots: u32,
+    /// BACKENDS: distinct backends.
+    pub backends: u32,
+}
+
+impl Default for Capacities {
+    /// The default map sizes of [`mesh_common::maps`].
+    fn default() -> Self {
+        Self {
+            services: maps::SERVICES_CAPACITY,
+            slots: maps::SERVICE_BACKENDS_CAPACITY,
+            backends: maps::BACKENDS_CAPACITY,
+        }
+    }
+}
+
+/// A backend's address, port and protocol: what identifies it in the maps and to a
+/// health checker. IPv4 backends are `SocketAddr::V4`, never IPv4-mapped V6.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendAddr {
+    /// Pod address and target port.
+    pub addr: SocketAddr,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+}
+
+impl BackendAddr {
+    /// The backend `addr/proto`.
+    pub const fn new(addr: SocketAddr, proto: u8) -> Self {
+        Self { addr, proto }
+    }
+
+    /// The map value for this backend in `state` (`BACKEND_*`).
+    pub fn to_backend(self, state: u8) -> Backend {
+        Backend {
+            state,
+            ..Backend::new(Addr::from(self.addr.ip()), self.addr.port(), self.proto)
+        }
+    }
+}
+
+impl From<&Backend> for BackendAddr {
+    fn from(b: &Backend) -> Self {
+        Self {
+            addr: SocketAddr::new(IpAddr::from(b.addr), u16::from_be(b.port)),
+            proto: b.proto,
+        }
+    }
+}
+
+impl fmt::Display for BackendAddr {
+    /// `10.244.0.1:8080/TCP`, `[fd00::1]:53/UDP`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, proto_name(self.proto))
+    }
+}
+
+fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        PROTO_TCP => "TCP",
+        PROTO_UDP => "UDP",
+        _ => "?",
+    }
+}
+
 /// Desired contents of the SERVICES, SERVICE_BACKENDS and BACKENDS maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// Frontends, plus one VIP marker (`id: 0, count: 0`) per cluster IP.
+    /// Frontends, plus one VIP marker ([`ServiceValue::MARKER`]) per cluster IP.
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     /// (service id, slot 1..=count) → backend id.
     pub slots: BTreeMap<BackendSlotKey, u32>,
-    /// Backend id → backend, one per distinct (address, port, protocol).
+    /// Backend id → backend, one per distinct (address, port, protocol), with its state.
+    ///
+    /// A backend may serve several frontends, and its state is the best any of them
+    /// gives it: `BACKEND_ACTIVE` if it is ready and not left out for health by some
+    /// frontend (whether or not topology gives it a slot there), otherwise
+    /// `BACKEND_TERMINATING` if it is terminating, otherwise `BACKEND_UNHEALTHY`.
     pub backends: BTreeMap<u32, Backend>,
     /// The same frontends in readable form, for logs and status; ordered by Service
-    /// (namespace/name), cluster IP and port.
+    /// (namespace/name), cluster IP (primary family first) and port.
     pub frontends: Vec<FrontendInfo>,
+}
+
+impl Plan {
+    /// The backends a health checker should probe: every TCP backend that is active or
+    /// unhealthy (terminating ones are on their way out).
+    pub fn probe_targets(&self) -> BTreeSet<BackendAddr> {
+        self.backends
+            .values()
+            .filter(|b| b.proto == PROTO_TCP && b.state != BACKEND_TERMINATING)
+            .map(BackendAddr::from)
+            .collect()
+    }
+
+    /// Every backend of the plan, whatever its state.
+    pub fn backend_addrs(&self) -> BTreeSet<BackendAddr> {
+        self.backends.values().map(BackendAddr::from).collect()
+    }
+
+    /// (service id, backend id) of every slot: the pairs a session affinity entry may
+    /// still name; affinity entries for any other pair are stale.
+    pub fn active_pairs(&self) -> BTreeSet<(u32, u32)> {
+        self.slots
+            .iter()
+            .map(|(k, &backend)| (k.service_id, backend))
+            .collect()
+    }
 }
 
 /// A frontend as an operator reads it.
@@ -37,13 +160,21 @@ pub struct FrontendInfo {
     pub service: ObjectKey,
     /// `spec.ports[].name`, "" when unnamed.
     pub port_name: String,
-    /// Cluster IP and Service port.
-    pub addr: SocketAddrV4,
+    /// Cluster IP (either family) and Service port.
+    pub addr: SocketAddr,
     /// [`PROTO_TCP`] or [`PROTO_UDP`].
     pub proto: u8,
     /// Service id in the maps.
     pub id: u32,
-    /// Ready backends in slot order (slot = index + 1).
+    /// ClientIP session affinity timeout, when the Service asks for affinity.
+    pub affinity_timeout_s: Option<u32>,
+    /// `spec.trafficDistribution` prefers close endpoints.
+    pub prefer_close: bool,
+    /// Every ready backend is unhealthy: all of them keep their slots (fail open).
+    pub health_panic: bool,
+    /// All backends of the frontend: those in slots first, in slot order (slot =
+    /// index + 1), then the others (terminating, unhealthy, or left out by topology)
+    /// by address.
     pub backends: Vec<BackendInfo>,
 }
 
@@ -51,34 +182,57 @@ pub struct FrontendInfo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendInfo {
     /// Pod address and target port.
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     /// The Pod, when known (selected by label, or named by an EndpointSlice's targetRef).
     pub pod: Option<ObjectKey>,
     /// Backend id in the maps.
     pub id: u32,
+    /// `BACKEND_*` state as this frontend sees it (the map holds the best state any
+    /// frontend gives it, see [`Plan::backends`]).
+    pub state: u8,
+    /// The node it runs on, when known.
+    pub node: Option<String>,
+    /// Whether it has a slot of this frontend.
+    pub in_slot: bool,
 }
 
 impl fmt::Display for FrontendInfo {
-    /// `default/web:http 10.96.0.10:80/TCP -> 10.244.1.5:8080 (default/web-1), …`
+    /// `default/web:http 10.96.0.10:80/TCP [affinity 10800s] [prefer-close] ->
+    /// 10.244.0.5:8080 (default/web-1), 10.244.0.6:8080 (default/web-2) [terminating]`
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let proto = match self.proto {
-            PROTO_TCP => "TCP",
-            PROTO_UDP => "UDP",
-            _ => "?",
-        };
         write!(
             f,
-            "{}:{} {}/{proto} ->",
-            self.service, self.port_name, self.addr
+            "{}:{} {}/{}",
+            self.service,
+            self.port_name,
+            self.addr,
+            proto_name(self.proto)
         )?;
-        if self.backends.is_empty() {
-            return f.write_str(" (no ready backend)");
+        if let Some(timeout) = self.affinity_timeout_s {
+            write!(f, " [affinity {timeout}s]")?;
+        }
+        if self.prefer_close {
+            f.write_str(" [prefer-close]")?;
+        }
+        if self.health_panic {
+            f.write_str(" [all unhealthy: failing open]")?;
+        }
+        f.write_str(" ->")?;
+        if !self.backends.first().is_some_and(|b| b.in_slot) {
+            f.write_str(" (no ready backend)")?;
         }
         for (i, b) in self.backends.iter().enumerate() {
-            f.write_str(if i == 0 { " " } else { ", " })?;
+            f.write_str(if i == 0 && b.in_slot { " " } else { ", " })?;
             write!(f, "{}", b.addr)?;
             if let Some(pod) = &b.pod {
                 write!(f, " ({pod})")?;
+            }
+            match (b.state, b.in_slot) {
+                (_, true) => {}
+                (BACKEND_ACTIVE, false) => f.write_str(" [not preferred]")?,
+                (BACKEND_TERMINATING, _) => f.write_str(" [terminating]")?,
+                (BACKEND_UNHEALTHY, _) => f.write_str(" [unhealthy]")?,
+                _ => f.write_str(" [?]")?,
             }
         }
         Ok(())
@@ -87,6 +241,7 @@ impl fmt::Display for FrontendInfo {
 
 /// Service and backend ids, carried from one plan to the next so that unchanged
 /// frontends and backends keep their ids and their map entries are not rewritten.
+/// A backend keeps its id through state changes (ready, terminating, unhealthy).
 ///
 /// Pass the `Ids` of the plan that was last applied to the maps: an id freed by a plan
 /// is only handed out again by a later one, because until the datapath has applied the
@@ -96,7 +251,7 @@ pub struct Ids {
     /// Frontend → service id.
     services: BTreeMap<ServiceKey, u32>,
     /// Backend (address, port, protocol) → backend id.
-    backends: BTreeMap<Backend, u32>,
+    backends: BTreeMap<BackendAddr, u32>,
 }
 
 impl Ids {
@@ -112,7 +267,10 @@ impl Ids {
                 .filter(|(k, _)| !k.is_vip_marker())
                 .map(|(k, v)| (*k, v.id))
                 .collect(),
-            backends: backends.iter().map(|(id, b)| (*b, *id)).collect(),
+            backends: backends
+                .iter()
+                .map(|(id, b)| (BackendAddr::from(b), *id))
+                .collect(),
         }
     }
 }
@@ -122,7 +280,7 @@ impl Ids {
 pub enum PlanError {
     /// The state needs more entries than a map holds; nothing was planned.
     #[error(
-        "Service {service} does not fit in map {map} (capacity {capacity} entries); remove Services or endpoints"
+        "Service {service} does not fit in map {map} (capacity {capacity} entries); remove Services or endpoints, or enlarge the map"
     )]
     Capacity {
         /// The first Service (in namespace/name order) that did not fit.
@@ -138,100 +296,140 @@ pub enum PlanError {
 /// frontend or backend still exists. Returns the plan and the ids to pass next time.
 ///
 /// Backends of a frontend are sorted by address and port before slots are numbered,
-/// so the same state always gives the same plan.
-pub fn plan(state: &State, prev: &Ids) -> Result<(Plan, Ids), PlanError> {
-    let frontends = services::frontends(state);
-    check_capacity(&frontends, &MAP_LIMITS)?;
+/// so the same state and context always give the same plan.
+pub fn plan(state: &State, prev: &Ids, ctx: &PlanContext<'_>) -> Result<(Plan, Ids), PlanError> {
+    let frontends: Vec<(services::Frontend, services::Selection)> = services::frontends(state)
+        .into_iter()
+        .map(|f| {
+            let selection = services::select(&f, ctx.node, ctx.unhealthy);
+            (f, selection)
+        })
+        .collect();
+    check_capacity(&frontends, ctx.capacities)?;
 
+    let key = |f: &services::Frontend| ServiceKey::new(Addr::from(f.vip), f.port, f.proto);
     let ids = Ids {
-        services: allocate(
-            &prev.services,
-            frontends
-                .iter()
-                .map(|f| ServiceKey::new(f.vip.into(), f.port, f.proto)),
-        ),
+        services: allocate(&prev.services, frontends.iter().map(|(f, _)| key(f))),
         backends: allocate(
             &prev.backends,
             frontends
                 .iter()
-                .flat_map(|f| f.backends.iter().map(|b| backend(b.addr, f.proto))),
+                .flat_map(|(f, _)| f.backends.iter().map(|b| BackendAddr::new(b.addr, f.proto))),
         ),
     };
 
-    let mut plan = Plan::default();
-    for f in frontends {
-        let key = ServiceKey::new(f.vip.into(), f.port, f.proto);
+    // The best state any frontend gives each backend.
+    let rank = |state| match state {
+        BACKEND_ACTIVE => 0,
+        BACKEND_TERMINATING => 1,
+        _ => 2,
+    };
+    let mut states: BTreeMap<BackendAddr, u8> = BTreeMap::new();
+    for (f, selection) in &frontends {
+        for (b, &state) in f.backends.iter().zip(&selection.states) {
+            let known = states
+                .entry(BackendAddr::new(b.addr, f.proto))
+                .or_insert(state);
+            if rank(state) < rank(*known) {
+                *known = state;
+            }
+        }
+    }
+
+    let mut plan = Plan {
+        backends: states
+            .iter()
+            .map(|(addr, &state)| (ids.backends[addr], addr.to_backend(state)))
+            .collect(),
+        ..Plan::default()
+    };
+    for (f, selection) in frontends {
+        let key = key(&f);
         let id = ids.services[&key];
-        let mut infos = Vec::with_capacity(f.backends.len());
-        for (slot, b) in (1..).zip(f.backends) {
-            let value = backend(b.addr, f.proto);
-            let backend_id = ids.backends[&value];
+        let info = |i: usize, in_slot: bool| {
+            let b = &f.backends[i];
+            BackendInfo {
+                addr: b.addr,
+                pod: b.pod.clone(),
+                id: ids.backends[&BackendAddr::new(b.addr, f.proto)],
+                state: selection.states[i],
+                node: b.node.clone(),
+                in_slot,
+            }
+        };
+        let mut in_slot = vec![false; f.backends.len()];
+        for &i in &selection.slots {
+            in_slot[i] = true;
+        }
+        let mut infos: Vec<BackendInfo> = selection.slots.iter().map(|&i| info(i, true)).collect();
+        for (slot, b) in (1..).zip(&infos) {
             plan.slots.insert(
                 BackendSlotKey {
                     service_id: id,
                     slot,
                 },
-                backend_id,
+                b.id,
             );
-            plan.backends.insert(backend_id, value);
-            infos.push(BackendInfo {
-                addr: b.addr,
-                pod: b.pod,
-                id: backend_id,
-            });
         }
-        let count = u32::try_from(infos.len()).expect("bounded by SERVICE_BACKENDS_CAPACITY");
-        plan.services.insert(
-            ServiceKey::vip_marker(f.vip.into()),
-            ServiceValue { id: 0, count: 0 },
+        infos.extend(
+            (0..f.backends.len())
+                .filter(|&i| !in_slot[i])
+                .map(|i| info(i, false)),
         );
-        plan.services.insert(key, ServiceValue { id, count });
+        let count = u32::try_from(selection.slots.len()).expect("bounded by the slot capacity");
+        plan.services.insert(
+            ServiceKey::vip_marker(Addr::from(f.vip)),
+            ServiceValue::MARKER,
+        );
+        plan.services.insert(
+            key,
+            ServiceValue {
+                id,
+                count,
+                flags: if f.affinity_timeout_s.is_some() {
+                    SVC_FLAG_AFFINITY
+                } else {
+                    0
+                },
+                affinity_timeout_s: f.affinity_timeout_s.unwrap_or(0),
+            },
+        );
         plan.frontends.push(FrontendInfo {
             service: f.service,
             port_name: f.port_name,
-            addr: SocketAddrV4::new(f.vip, f.port),
+            addr: SocketAddr::new(f.vip, f.port),
             proto: f.proto,
             id,
+            affinity_timeout_s: f.affinity_timeout_s,
+            prefer_close: f.prefer_close,
+            health_panic: selection.health_panic,
             backends: infos,
         });
     }
     Ok((plan, ids))
 }
 
-fn backend(addr: SocketAddrV4, proto: u8) -> Backend {
-    Backend::new((*addr.ip()).into(), addr.port(), proto)
-}
-
-/// Capacity of each service map, as (name, entries).
-struct Limits {
-    services: (&'static str, u32),
-    slots: (&'static str, u32),
-    backends: (&'static str, u32),
-}
-
-/// The maps the datapath creates.
-const MAP_LIMITS: Limits = Limits {
-    services: (maps::SERVICES, maps::SERVICES_CAPACITY),
-    slots: (maps::SERVICE_BACKENDS, maps::SERVICE_BACKENDS_CAPACITY),
-    backends: (maps::BACKENDS, maps::BACKENDS_CAPACITY),
-};
-
-/// Fails on the first Service whose entries would overflow a map.
-fn check_capacity(frontends: &[services::Frontend], limits: &Limits) -> Result<(), PlanError> {
+/// Fails on the first Service whose entries would overflow a map: SERVICES holds a
+/// frontend plus one marker per cluster IP, SERVICE_BACKENDS the slots, BACKENDS every
+/// distinct backend (terminating and unhealthy ones too).
+fn check_capacity(
+    frontends: &[(services::Frontend, services::Selection)],
+    capacities: Capacities,
+) -> Result<(), PlanError> {
     let (mut vips, mut backends) = (BTreeSet::new(), BTreeSet::new());
     let (mut entries, mut slots) = (0usize, 0usize);
-    for f in frontends {
+    for (f, selection) in frontends {
         entries += 1 + usize::from(vips.insert(f.vip));
-        slots += f.backends.len();
-        backends.extend(f.backends.iter().map(|b| (b.addr, f.proto)));
+        slots += selection.slots.len();
+        backends.extend(f.backends.iter().map(|b| BackendAddr::new(b.addr, f.proto)));
         let full = [
-            (entries, limits.services),
-            (slots, limits.slots),
-            (backends.len(), limits.backends),
+            (entries, maps::SERVICES, capacities.services),
+            (slots, maps::SERVICE_BACKENDS, capacities.slots),
+            (backends.len(), maps::BACKENDS, capacities.backends),
         ]
         .into_iter()
-        .find(|&(used, (_, capacity))| used > capacity as usize);
-        if let Some((_, (map, capacity))) = full {
+        .find(|&(used, _, capacity)| used > capacity as usize);
+        if let Some((_, map, capacity)) = full {
             return Err(PlanError::Capacity {
                 service: f.service.clone(),
                 map,

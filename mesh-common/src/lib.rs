@@ -5,7 +5,12 @@
 //! changes, the map's name gets a new version suffix (see [`maps`]).
 #![no_std]
 
+pub mod addr;
 pub mod maps;
 pub mod service;
 
-pub use service::{Backend, BackendSlotKey, ServiceKey, ServiceValue};
+pub use addr::Addr;
+pub use service::{
+    AffinityKey, AffinityValue, Backend, BackendSlotKey, LbMetricsKey, RevNatKey, RevNatValue,
+    ServiceKey, ServiceValue,
+};

@@ -2,23 +2,58 @@
 //! anyone reading `<bpffs>/mesh/<node>/` with bpftool.
 //!
 //! A name is also the file name of the map's pin. A layout change bumps the suffix.
+//! Capacities are defaults: the agent can size the maps at load time.
 
-/// Frontends: (VIP, port, protocol) → service id and backend count.
-pub const SERVICES: &str = "SERVICES_V1";
+/// Frontends (VIP, port, protocol) → service id, backend count, affinity.
+pub const SERVICES: &str = "SERVICES_V2";
 /// Backend slots: (service id, slot 1..=count) → backend id.
 pub const SERVICE_BACKENDS: &str = "SVC_BACKENDS_V1";
-/// Backends: backend id → address, port, protocol.
-pub const BACKENDS: &str = "BACKENDS_V1";
+/// Backends: backend id → address, port, protocol, state.
+pub const BACKENDS: &str = "BACKENDS_V2";
+/// Session affinity (LRU): (client netns cookie, service id) → backend, last use.
+pub const AFFINITY: &str = "AFFINITY_V1";
+/// Reverse translation (LRU): (socket cookie, backend address, port) → VIP and port.
+pub const REV_NAT: &str = "REV_NAT_V1";
+/// Per-CPU connection counters: (service id, backend id) → count.
+pub const LB_METRICS: &str = "LB_METRICS_V1";
 
-/// Capacity of [`SERVICES`] (frontends, plus one VIP marker per cluster IP).
+/// Every map, for pinning, cleanup and status.
+pub const ALL: [&str; 6] = [SERVICES, SERVICE_BACKENDS, BACKENDS, AFFINITY, REV_NAT, LB_METRICS];
+
+/// Default capacity of [`SERVICES`] (frontends, plus one VIP marker per cluster IP).
 pub const SERVICES_CAPACITY: u32 = 65_536;
-/// Capacity of [`SERVICE_BACKENDS`] (sum of all frontends' backend counts).
+/// Default capacity of [`SERVICE_BACKENDS`] (sum of all frontends' backend counts).
 pub const SERVICE_BACKENDS_CAPACITY: u32 = 262_144;
-/// Capacity of [`BACKENDS`] (distinct backend address/port/protocol triples).
+/// Default capacity of [`BACKENDS`] (distinct backend address/port/protocol triples).
 pub const BACKENDS_CAPACITY: u32 = 131_072;
+/// Capacity of [`AFFINITY`]: least recently used entries are evicted.
+pub const AFFINITY_CAPACITY: u32 = 65_536;
+/// Capacity of [`REV_NAT`]: one entry per translated socket and backend; LRU.
+pub const REV_NAT_CAPACITY: u32 = 262_144;
+/// Capacity of [`LB_METRICS`]: (service, backend) pairs plus one "refused" per service.
+pub const LB_METRICS_CAPACITY: u32 = 262_144;
 
-/// Names of the attached programs, as pinned under `<bpffs>/mesh/<node>/`.
+/// Names of the programs, as pinned under `<bpffs>/mesh/<node>/` (their links get a
+/// `_link` suffix).
 pub mod programs {
     /// cgroup/connect4: service translation for IPv4 connect().
     pub const CONNECT4: &str = "mesh_connect4";
+    /// cgroup/connect6: the same for IPv6 (and IPv4-mapped) connect().
+    pub const CONNECT6: &str = "mesh_connect6";
+    /// cgroup/sendmsg4: translation for unconnected UDP over IPv4.
+    pub const SENDMSG4: &str = "mesh_sendmsg4";
+    /// cgroup/sendmsg6: the same over IPv6.
+    pub const SENDMSG6: &str = "mesh_sendmsg6";
+    /// cgroup/recvmsg4: replies appear to come from the VIP (IPv4).
+    pub const RECVMSG4: &str = "mesh_recvmsg4";
+    /// cgroup/recvmsg6: the same over IPv6.
+    pub const RECVMSG6: &str = "mesh_recvmsg6";
+    /// cgroup/getpeername4: the application sees the VIP it dialled (IPv4).
+    pub const GETPEERNAME4: &str = "mesh_getpeername4";
+    /// cgroup/getpeername6: the same over IPv6.
+    pub const GETPEERNAME6: &str = "mesh_getpeername6";
+
+    /// Every program, in attach order.
+    pub const ALL: [&str; 8] =
+        [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6, GETPEERNAME4, GETPEERNAME6];
 }

@@ -1,12 +1,15 @@
 //! Service load-balancing tables.
 //!
-//! Lookup in connect(): `SERVICES[(vip, port, proto)]` gives the service id and the
-//! number of backend slots `n`; a random slot `1..=n` is looked up in
-//! `SERVICE_BACKENDS[(id, slot)]`, which names a backend id; `BACKENDS[id]` gives the
-//! address to connect to. The indirection lets a backend's address be stored once however
-//! many services use it, and lets the agent grow or shrink a service without a window
-//! in which a lookup misses (slots are written before the count grows, and removed
-//! after it shrinks).
+//! Lookup in connect()/sendmsg(): `SERVICES[(vip, port, proto)]` gives the service id
+//! and the number of active backend slots `n`; with session affinity an unexpired
+//! `AFFINITY[(client netns, service)]` entry whose backend is still active wins,
+//! otherwise a random slot `1..=n` is looked up in `SERVICE_BACKENDS[(id, slot)]`,
+//! which names a backend id; `BACKENDS[id]` gives the address to connect to. The
+//! indirection stores a backend once however many services use it, and lets the agent
+//! grow or shrink a service without a window in which a lookup misses (slots are
+//! written before the count grows, and removed after it shrinks).
+
+use crate::Addr;
 
 /// IP protocol number of TCP (IPPROTO_TCP).
 pub const PROTO_TCP: u8 = 6;
@@ -17,12 +20,22 @@ pub const PROTO_UDP: u8 = 17;
 /// connect() to a port the Service does not expose is refused instead of leaking out.
 pub const VIP_MARKER_PORT: u16 = 0;
 
+/// [`ServiceValue::flags`]: ClientIP session affinity is on.
+pub const SVC_FLAG_AFFINITY: u32 = 1;
+
+/// [`Backend::state`]: receives new connections.
+pub const BACKEND_ACTIVE: u8 = 0;
+/// [`Backend::state`]: terminating; no new connections, existing ones untouched.
+pub const BACKEND_TERMINATING: u8 = 1;
+/// [`Backend::state`]: failed its health checks; no new connections.
+pub const BACKEND_UNHEALTHY: u8 = 2;
+
 /// Key of the SERVICES map: one frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKey {
-    /// Cluster IP, network byte order (as in `bpf_sock_addr.user_ip4`).
-    pub addr: u32,
+    /// Cluster IP (IPv4 mapped), network byte order.
+    pub addr: Addr,
     /// Service port, network byte order; 0 for the VIP marker entry.
     pub port: u16,
     /// IP protocol ([`PROTO_TCP`], [`PROTO_UDP`]); 0 for the VIP marker entry.
@@ -30,16 +43,16 @@ pub struct ServiceKey {
     /// Explicit padding, always 0.
     pub _pad: u8,
 }
-const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 
 impl ServiceKey {
-    /// The frontend `addr:port/proto` (`addr` and `port` in host byte order).
-    pub const fn new(addr: u32, port: u16, proto: u8) -> Self {
-        Self { addr: addr.to_be(), port: port.to_be(), proto, _pad: 0 }
+    /// The frontend `addr:port/proto` (`port` in host byte order).
+    pub const fn new(addr: Addr, port: u16, proto: u8) -> Self {
+        Self { addr, port: port.to_be(), proto, _pad: 0 }
     }
 
-    /// The marker entry that says `addr` (host byte order) is a cluster IP.
-    pub const fn vip_marker(addr: u32) -> Self {
+    /// The marker entry that says `addr` is a cluster IP.
+    pub const fn vip_marker(addr: Addr) -> Self {
         Self::new(addr, VIP_MARKER_PORT, 0)
     }
 
@@ -53,13 +66,23 @@ impl ServiceKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceValue {
-    /// Service id, host byte order; the first half of [`BackendSlotKey`]. 0 for the VIP marker.
+    /// Service id (host byte order), the first half of [`BackendSlotKey`]; 0 for the VIP
+    /// marker.
     pub id: u32,
-    /// Number of backend slots (1..=count are valid), host byte order. 0 means the
-    /// frontend exists but has no ready backend: connect() is refused.
+    /// Number of active backend slots (1..=count are valid), host byte order. 0 means
+    /// the frontend exists but has no usable backend: connect() is refused.
     pub count: u32,
+    /// `SVC_FLAG_*` bits, host byte order.
+    pub flags: u32,
+    /// Session affinity timeout in seconds (with [`SVC_FLAG_AFFINITY`]), host byte order.
+    pub affinity_timeout_s: u32,
 }
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+
+impl ServiceValue {
+    /// Value of a VIP marker entry.
+    pub const MARKER: Self = Self { id: 0, count: 0, flags: 0, affinity_timeout_s: 0 };
+}
 
 /// Key of the SERVICE_BACKENDS map.
 #[repr(C)]
@@ -76,32 +99,105 @@ const _: () = assert!(core::mem::size_of::<BackendSlotKey>() == 8);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Backend {
-    /// Backend (pod) IPv4 address, network byte order.
-    pub addr: u32,
+    /// Backend (pod) address (IPv4 mapped), network byte order.
+    pub addr: Addr,
     /// Target port, network byte order.
     pub port: u16,
     /// IP protocol, as in [`ServiceKey::proto`].
     pub proto: u8,
-    /// Explicit padding, always 0.
-    pub _pad: u8,
+    /// `BACKEND_*` state. Only active backends are in slots; the state lets affinity
+    /// entries and operators see a terminating or unhealthy backend at once.
+    pub state: u8,
 }
-const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 
 impl Backend {
-    /// The backend `addr:port/proto` (`addr` and `port` in host byte order).
-    pub const fn new(addr: u32, port: u16, proto: u8) -> Self {
-        Self { addr: addr.to_be(), port: port.to_be(), proto, _pad: 0 }
+    /// The active backend `addr:port/proto` (`port` in host byte order).
+    pub const fn new(addr: Addr, port: u16, proto: u8) -> Self {
+        Self { addr, port: port.to_be(), proto, state: BACKEND_ACTIVE }
     }
 }
 
+/// Key of the AFFINITY map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AffinityKey {
+    /// Network namespace cookie of the client (its pod), host byte order.
+    pub netns_cookie: u64,
+    /// Service id, host byte order.
+    pub service_id: u32,
+    /// Explicit padding, always 0.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
+
+/// Value of the AFFINITY map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AffinityValue {
+    /// Backend id the client sticks to, host byte order.
+    pub backend_id: u32,
+    /// Explicit padding, always 0.
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` of the last connection that used this entry.
+    pub last_used_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+
+/// Key of the REV_NAT map: one translated socket and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RevNatKey {
+    /// Socket cookie (`bpf_get_socket_cookie`), host byte order.
+    pub cookie: u64,
+    /// Backend address (IPv4 mapped), network byte order.
+    pub addr: Addr,
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// Explicit padding, always 0.
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<RevNatKey>() == 32);
+
+/// Value of the REV_NAT map: what the application dialled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RevNatValue {
+    /// VIP (IPv4 mapped), network byte order.
+    pub addr: Addr,
+    /// Service port, network byte order.
+    pub port: u16,
+    /// Explicit padding, always 0.
+    pub _pad: u16,
+    /// Service id, host byte order.
+    pub service_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<RevNatValue>() == 24);
+
+/// Key of the per-CPU LB_METRICS map; the value is a `u64` count of connections (or,
+/// for UDP sendmsg, datagrams) translated to that backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LbMetricsKey {
+    /// Service id, host byte order.
+    pub service_id: u32,
+    /// Backend id, host byte order; 0 counts connections refused for lack of a backend.
+    pub backend_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<LbMetricsKey>() == 8);
+
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: plain-old-data, repr(C), explicit padding, every bit pattern valid.
+    // SAFETY (all below): plain-old-data, repr(C), explicit padding, every bit pattern
+    // valid.
+    unsafe impl aya::Pod for crate::Addr {}
     unsafe impl aya::Pod for super::ServiceKey {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::ServiceValue {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::BackendSlotKey {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl aya::Pod for super::RevNatKey {}
+    unsafe impl aya::Pod for super::RevNatValue {}
+    unsafe impl aya::Pod for super::LbMetricsKey {}
 }

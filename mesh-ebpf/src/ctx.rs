@@ -1,8 +1,14 @@
-//! Safe accessors over the raw hook contexts: the only place that dereferences them.
+//! Safe accessors over the raw hook context: the only place that dereferences it.
 
-use aya_ebpf::{EbpfContext, programs::SockAddrContext};
+use aya_ebpf::{
+    EbpfContext,
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockAddrContext,
+};
+use mesh_common::Addr;
 
-/// Destination of a connect() as the application asked for it.
+/// The address argument of a socket call (connect, sendmsg, recvmsg, getpeername).
 pub struct SockAddr<'a> {
     ctx: &'a SockAddrContext,
 }
@@ -12,32 +18,97 @@ impl<'a> SockAddr<'a> {
         Self { ctx }
     }
 
-    /// Destination IPv4 address, network byte order.
-    pub fn user_ip4(&self) -> u32 {
-        // SAFETY: the kernel hands the hook a valid bpf_sock_addr for its lifetime.
-        unsafe { (*self.ctx.sock_addr).user_ip4 }
+    fn raw(&self) -> *mut bpf_sock_addr {
+        self.ctx.sock_addr
     }
 
-    /// Destination port, network byte order (16 meaningful bits of a u32).
-    pub fn user_port(&self) -> u16 {
-        // SAFETY: as in `user_ip4`.
-        unsafe { (*self.ctx.sock_addr).user_port as u16 }
+    /// The IPv4 address (connect4, sendmsg4, recvmsg4, getpeername4), mapped.
+    pub fn addr4(&self) -> Addr {
+        // SAFETY: the kernel hands the hook a valid bpf_sock_addr for its lifetime, and
+        // user_ip4 is readable in every IPv4 sock_addr hook.
+        Addr::from_v4_be(unsafe { (*self.raw()).user_ip4 })
+    }
+
+    /// The IPv6 address (connect6, sendmsg6, recvmsg6, getpeername6).
+    pub fn addr6(&self) -> Addr {
+        // The verifier only allows 32-bit reads of user_ip6, one word at a time.
+        // SAFETY: as in `addr4`, for the IPv6 hooks.
+        unsafe {
+            let r = self.raw();
+            Addr([(*r).user_ip6[0], (*r).user_ip6[1], (*r).user_ip6[2], (*r).user_ip6[3]])
+        }
+    }
+
+    /// Port, network byte order (16 meaningful bits of a u32).
+    pub fn port(&self) -> u16 {
+        // SAFETY: as in `addr4`.
+        unsafe { (*self.raw()).user_port as u16 }
     }
 
     /// IP protocol of the socket (IPPROTO_TCP, IPPROTO_UDP).
     pub fn protocol(&self) -> u8 {
-        // SAFETY: as in `user_ip4`.
-        unsafe { (*self.ctx.sock_addr).protocol as u8 }
+        // SAFETY: as in `addr4`.
+        unsafe { (*self.raw()).protocol as u8 }
     }
 
-    /// Rewrite the destination (both in network byte order).
-    pub fn set_dst4(&self, ip4: u32, port: u16) {
-        let sa = self.ctx.as_ptr() as *mut aya_ebpf::bindings::bpf_sock_addr;
-        // SAFETY: user_ip4 and user_port are writable in connect4/sendmsg4; the verifier
-        // checks the access size (32 bits for both).
+    /// Rewrite the IPv4 address and the port (both network byte order).
+    pub fn set4(&self, ip4_be: u32, port: u16) {
+        // SAFETY: user_ip4/user_port are writable in the IPv4 hooks; 32-bit stores.
         unsafe {
-            (*sa).user_ip4 = ip4;
-            (*sa).user_port = u32::from(port);
+            (*self.raw()).user_ip4 = ip4_be;
+            (*self.raw()).user_port = u32::from(port);
+        }
+    }
+
+    /// Rewrite the IPv6 address and the port (both network byte order).
+    pub fn set6(&self, addr: &Addr, port: u16) {
+        // SAFETY: user_ip6/user_port are writable in the IPv6 hooks; 32-bit stores.
+        unsafe {
+            let r = self.raw();
+            (*r).user_ip6[0] = addr.0[0];
+            (*r).user_ip6[1] = addr.0[1];
+            (*r).user_ip6[2] = addr.0[2];
+            (*r).user_ip6[3] = addr.0[3];
+            (*r).user_port = u32::from(port);
+        }
+    }
+
+    /// Cookie of the socket, stable for its lifetime.
+    pub fn socket_cookie(&self) -> u64 {
+        // SAFETY: helper call on the hook's own context.
+        unsafe { bpf_get_socket_cookie(self.ctx.as_ptr()) }
+    }
+
+    /// Cookie of the socket's network namespace: identifies the client pod.
+    pub fn netns_cookie(&self) -> u64 {
+        // SAFETY: helper call on the hook's own context.
+        unsafe { bpf_get_netns_cookie(self.ctx.as_ptr()) }
+    }
+}
+
+// Family-generic access is monomorphised (`const V6: bool`), never a runtime choice: the
+// verifier rejects context reads at a computed offset ("dereference of modified ctx ptr").
+impl SockAddr<'_> {
+    /// The address in the family's fields (IPv6 when `V6`, else IPv4 mapped).
+    #[inline(always)]
+    pub fn addr<const V6: bool>(&self) -> Addr {
+        if V6 { self.addr6() } else { self.addr4() }
+    }
+
+    /// Rewrites address and port in the family's fields; false when an IPv6 address
+    /// cannot be written to an IPv4 hook (a misconfigured Service mixing families).
+    #[inline(always)]
+    pub fn set<const V6: bool>(&self, addr: &Addr, port: u16) -> bool {
+        if V6 {
+            self.set6(addr, port);
+            return true;
+        }
+        match addr.v4_be() {
+            Some(ip4) => {
+                self.set4(ip4, port);
+                true
+            }
+            None => false,
         }
     }
 }

@@ -1,11 +1,15 @@
-//! Kernel side of the mesh. One file per hook; maps live in `maps.rs`; raw context
-//! reads and writes are confined to `ctx.rs`.
+//! Kernel side of the mesh: socket-level service load balancing in cgroup sock_addr
+//! hooks. One file per hook family (`connect.rs`, `sendmsg.rs`, `revnat.rs`), the shared
+//! decision in `lb.rs`, every map in `maps.rs`, raw context access only in `ctx.rs`.
 #![no_std]
 #![no_main]
 
+mod connect;
 mod ctx;
+mod lb;
 mod maps;
-mod sock_addr;
+mod revnat;
+mod sendmsg;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -1,24 +1,43 @@
 //! Every map of the datapath, one place. Names and capacities come from
 //! `mesh_common::maps` (the `name` literals below must equal those constants; the agent
-//! checks it when loading). Maps are pinned by name so that `bpftool map dump pinned
-//! <bpffs>/mesh/<node>/<NAME>` reads them.
+//! fails to load an object where one is missing). Maps are pinned by name, so an agent
+//! restart reuses them and `bpftool map dump pinned <bpffs>/mesh/<node>/<NAME>` reads
+//! them. Capacities are defaults; the agent may resize before loading.
 
-use aya_ebpf::{macros::map, maps::HashMap};
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuHashMap},
+};
 use mesh_common::{
-    Backend, BackendSlotKey, ServiceKey, ServiceValue,
-    maps::{BACKENDS_CAPACITY, SERVICE_BACKENDS_CAPACITY, SERVICES_CAPACITY},
+    AffinityKey, AffinityValue, Backend, BackendSlotKey, LbMetricsKey, RevNatKey, RevNatValue,
+    ServiceKey, ServiceValue, maps as names,
 };
 
-/// Frontends (VIP, port, proto) → service id and backend count; plus VIP markers.
-#[map(name = "SERVICES_V1")]
+/// Frontends (VIP, port, proto) → service id, backend count, affinity; plus VIP markers.
+#[map(name = "SERVICES_V2")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::pinned(SERVICES_CAPACITY, 0);
+    HashMap::pinned(names::SERVICES_CAPACITY, 0);
 
 /// (service id, slot) → backend id.
 #[map(name = "SVC_BACKENDS_V1")]
 pub static SERVICE_BACKENDS: HashMap<BackendSlotKey, u32> =
-    HashMap::pinned(SERVICE_BACKENDS_CAPACITY, 0);
+    HashMap::pinned(names::SERVICE_BACKENDS_CAPACITY, 0);
 
-/// Backend id → backend address.
-#[map(name = "BACKENDS_V1")]
-pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(BACKENDS_CAPACITY, 0);
+/// Backend id → backend address and state.
+#[map(name = "BACKENDS_V2")]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(names::BACKENDS_CAPACITY, 0);
+
+/// (client netns, service) → the backend it sticks to (ClientIP session affinity).
+#[map(name = "AFFINITY_V1")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(names::AFFINITY_CAPACITY, 0);
+
+/// (socket, backend) → the VIP the application dialled, for recvmsg and getpeername.
+#[map(name = "REV_NAT_V1")]
+pub static REV_NAT: LruHashMap<RevNatKey, RevNatValue> =
+    LruHashMap::pinned(names::REV_NAT_CAPACITY, 0);
+
+/// (service, backend) → translated connections, per CPU (no atomics on the hot path).
+#[map(name = "LB_METRICS_V1")]
+pub static LB_METRICS: PerCpuHashMap<LbMetricsKey, u64> =
+    PerCpuHashMap::pinned(names::LB_METRICS_CAPACITY, 0);

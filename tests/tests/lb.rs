@@ -204,12 +204,13 @@ fn bpftool_shows_the_pinned_maps_and_attached_program() -> Result<()> {
         anyhow::ensure!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    let services = pins.join("SERVICES_V1");
+    let services = pins.join("SERVICES_V2");
     let dump = bpftool(&["map", "dump", "pinned", services.to_str().context("path")?])?;
-    // Key of 10.96.0.10:80/TCP: address and port in network byte order, proto 6.
-    assert!(dump.contains("0a 60 00 0a 00 50 06 00"), "{dump}");
+    // Key of 10.96.0.10:80/TCP: the address IPv4-mapped (::ffff:10.96.0.10) and the port
+    // in network byte order, then proto 6.
+    assert!(dump.contains("00 00 ff ff 0a 60 00 0a\n00 50 06 00"), "{dump}");
     assert!(dump.contains("Found 2 elements"), "frontend + VIP marker expected:\n{dump}");
-    let backends = pins.join("BACKENDS_V1");
+    let backends = pins.join("BACKENDS_V2");
     let dump = bpftool(&["map", "dump", "pinned", backends.to_str().context("path")?])?;
     assert!(dump.contains("Found 3 elements"), "{dump}");
 

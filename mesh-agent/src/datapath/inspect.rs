@@ -1,12 +1,17 @@
 //! Reading the kernel's load-balancing table back from the pinned maps, for
 //! `mesh-agent services`: what the datapath really holds, not what the agent meant.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
 
 use aya::maps::{HashMap, Map, MapData};
 use mesh_common::{
-    Backend, BackendSlotKey, ServiceKey, ServiceValue, maps,
-    service::{PROTO_TCP, PROTO_UDP},
+    Addr, Backend, BackendSlotKey, ServiceKey, ServiceValue, maps,
+    service::{BACKEND_ACTIVE, BACKEND_TERMINATING, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY},
 };
 
 use super::{
@@ -25,13 +30,15 @@ pub struct FrontendRow {
     pub backends: Vec<Option<Backend>>,
 }
 
-/// The whole table: frontends first, then the cluster-IP markers.
+/// The whole table: frontends, the cluster-IP markers, and backends without a slot.
 #[derive(Debug, Clone, Default)]
 pub struct ServiceTable {
     /// Frontends, sorted by address, port, protocol.
     pub frontends: Vec<FrontendRow>,
-    /// Addresses (network byte order) marked as cluster IPs.
-    pub vips: Vec<u32>,
+    /// Addresses marked as cluster IPs.
+    pub vips: Vec<Addr>,
+    /// Backends in no slot (terminating, unhealthy, or not preferred), by id.
+    pub idle_backends: Vec<(u32, Backend)>,
 }
 
 fn open<K: aya::Pod, V: aya::Pod>(
@@ -74,6 +81,9 @@ fn build_table(
     backends: &BTreeMap<u32, Backend>,
 ) -> ServiceTable {
     let mut table = ServiceTable::default();
+    let in_slot: BTreeSet<u32> = slots.values().copied().collect();
+    table.idle_backends =
+        backends.iter().filter(|(id, _)| !in_slot.contains(id)).map(|(id, b)| (*id, *b)).collect();
     for (key, value) in services {
         if key.is_vip_marker() {
             table.vips.push(key.addr);
@@ -89,9 +99,9 @@ fn build_table(
             .collect();
         table.frontends.push(FrontendRow { key: *key, value: *value, backends });
     }
-    let order = |k: &ServiceKey| (u32::from_be(k.addr), u16::from_be(k.port), k.proto);
+    let order = |k: &ServiceKey| (IpAddr::from(k.addr), u16::from_be(k.port), k.proto);
     table.frontends.sort_by_key(|r| order(&r.key));
-    table.vips.sort_by_key(|a| u32::from_be(*a));
+    table.vips.sort_by_key(|a| IpAddr::from(*a));
     table
 }
 
@@ -103,32 +113,46 @@ fn proto_name(proto: u8) -> String {
     }
 }
 
-fn ip(addr_be: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from_be(addr_be))
+fn socket(addr: Addr, port_be: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::from(addr), u16::from_be(port_be))
+}
+
+fn state_name(state: u8) -> &'static str {
+    match state {
+        BACKEND_ACTIVE => "active",
+        BACKEND_TERMINATING => "terminating",
+        _ => "unhealthy",
+    }
 }
 
 impl fmt::Display for ServiceTable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "{:<24} {:>4}  BACKENDS", "FRONTEND", "ID")?;
+        writeln!(f, "{:<32} {:>5}  BACKENDS", "FRONTEND", "ID")?;
         for row in &self.frontends {
-            let frontend =
-                format!("{}:{}/{}", ip(row.key.addr), u16::from_be(row.key.port), proto_name(row.key.proto));
+            let mut frontend = format!("{}/{}", socket(row.key.addr, row.key.port), proto_name(row.key.proto));
+            if row.value.flags & SVC_FLAG_AFFINITY != 0 {
+                frontend.push_str(&format!(" affinity={}s", row.value.affinity_timeout_s));
+            }
             let backends = if row.backends.is_empty() {
                 "(no ready backend: connect refused)".to_string()
             } else {
                 row.backends
                     .iter()
                     .map(|b| match b {
-                        Some(b) => format!("{}:{}", ip(b.addr), u16::from_be(b.port)),
+                        Some(b) => socket(b.addr, b.port).to_string(),
                         None => "(missing)".into(),
                     })
                     .collect::<Vec<_>>()
                     .join(" ")
             };
-            writeln!(f, "{frontend:<24} {:>4}  {backends}", row.value.id)?;
+            writeln!(f, "{frontend:<32} {:>5}  {backends}", row.value.id)?;
         }
         for vip in &self.vips {
-            writeln!(f, "{:<24} {:>4}  (cluster IP: other ports refused)", ip(*vip).to_string(), "-")?;
+            writeln!(f, "{:<32} {:>5}  (cluster IP: other ports refused)", IpAddr::from(*vip).to_string(), "-")?;
+        }
+        for (id, b) in &self.idle_backends {
+            let backend = format!("{}/{}", socket(b.addr, b.port), proto_name(b.proto));
+            writeln!(f, "{:<32} {id:>5}  (backend in no slot: {})", backend, state_name(b.state))?;
         }
         Ok(())
     }
@@ -138,37 +162,57 @@ impl fmt::Display for ServiceTable {
 mod tests {
     use super::*;
 
+    fn addr(s: &str) -> Addr {
+        Addr::from(s.parse::<IpAddr>().unwrap())
+    }
+
+    fn value(id: u32, count: u32) -> ServiceValue {
+        ServiceValue { id, count, flags: 0, affinity_timeout_s: 0 }
+    }
+
     #[test]
     fn joins_slots_and_backends_in_slot_order() {
-        let vip = 0x0a60_000a;
+        let vip = addr("10.96.0.10");
+        let vip6 = addr("fd00::10");
         let services = BTreeMap::from([
-            (ServiceKey::new(vip, 80, PROTO_TCP), ServiceValue { id: 4, count: 2 }),
-            (ServiceKey::new(vip, 53, PROTO_UDP), ServiceValue { id: 5, count: 0 }),
-            (ServiceKey::vip_marker(vip), ServiceValue { id: 0, count: 0 }),
+            (ServiceKey::new(vip, 80, PROTO_TCP), value(4, 2)),
+            (ServiceKey::new(vip, 53, PROTO_UDP), value(5, 0)),
+            (
+                ServiceKey::new(vip6, 80, PROTO_TCP),
+                ServiceValue { id: 6, count: 1, flags: SVC_FLAG_AFFINITY, affinity_timeout_s: 30 },
+            ),
+            (ServiceKey::vip_marker(vip), ServiceValue::MARKER),
         ]);
         let slots = BTreeMap::from([
             (BackendSlotKey { service_id: 4, slot: 1 }, 7),
             (BackendSlotKey { service_id: 4, slot: 2 }, 3),
+            (BackendSlotKey { service_id: 6, slot: 1 }, 8),
         ]);
+        let mut terminating = Backend::new(addr("10.244.2.4"), 8080, PROTO_TCP);
+        terminating.state = BACKEND_TERMINATING;
         let backends = BTreeMap::from([
-            (3, Backend::new(0x0af4_0203, 8080, PROTO_TCP)),
-            (7, Backend::new(0x0af4_0107, 8080, PROTO_TCP)),
+            (3, Backend::new(addr("10.244.2.3"), 8080, PROTO_TCP)),
+            (7, Backend::new(addr("10.244.1.7"), 8080, PROTO_TCP)),
+            (8, Backend::new(addr("fd00:244::8"), 8080, PROTO_TCP)),
+            (9, terminating),
         ]);
         let table = build_table(&services, &slots, &backends);
-        assert_eq!(table.vips, vec![vip.to_be()]);
+        assert_eq!(table.vips, vec![vip]);
         let text = table.to_string();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines.len(), 6, "{text}");
         assert!(lines[1].starts_with("10.96.0.10:53/UDP") && lines[1].contains("connect refused"));
         assert!(lines[2].starts_with("10.96.0.10:80/TCP"));
         assert!(lines[2].ends_with("10.244.1.7:8080 10.244.2.3:8080"), "{}", lines[2]);
-        assert!(lines[3].starts_with("10.96.0.10 ") && lines[3].contains("cluster IP"));
+        assert!(lines[3].starts_with("[fd00::10]:80/TCP affinity=30s"), "{}", lines[3]);
+        assert!(lines[3].ends_with("[fd00:244::8]:8080"), "{}", lines[3]);
+        assert!(lines[4].starts_with("10.96.0.10 ") && lines[4].contains("cluster IP"));
+        assert!(lines[5].starts_with("10.244.2.4:8080/TCP") && lines[5].contains("terminating"), "{}", lines[5]);
     }
 
     #[test]
     fn missing_slot_is_shown_not_hidden() {
-        let services =
-            BTreeMap::from([(ServiceKey::new(1, 80, PROTO_TCP), ServiceValue { id: 1, count: 1 })]);
+        let services = BTreeMap::from([(ServiceKey::new(addr("10.96.0.1"), 80, PROTO_TCP), value(1, 1))]);
         let table = build_table(&services, &BTreeMap::new(), &BTreeMap::new());
         assert_eq!(table.frontends[0].backends, vec![None]);
         assert!(table.to_string().contains("(missing)"));

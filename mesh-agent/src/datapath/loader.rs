@@ -1,20 +1,29 @@
 //! Loading the embedded eBPF object, attaching its programs to a cgroup, pinning maps,
 //! programs and links under `<bpffs>/mesh/<node>/`, and removing all of it again.
+//!
+//! Pins make the datapath outlive the agent: with `--keep-datapath` (or after SIGKILL)
+//! the programs stay attached and keep translating with the last maps; the next agent
+//! reuses the pinned maps and swaps in its programs link by link, each new link attached
+//! before the old one is released, so no call goes untranslated in between.
 
 use std::{
+    collections::BTreeSet,
     fs::File,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData},
+    maps::{HashMap, IterableMap as _, Map, MapData, PerCpuHashMap},
     programs::{
         CgroupAttachMode, CgroupSockAddr,
         links::{FdLink, PinnedLink},
     },
 };
-use mesh_common::maps::{self, programs};
+use mesh_common::{
+    AffinityKey, AffinityValue, Backend, BackendSlotKey, LbMetricsKey, ServiceKey, ServiceValue,
+    maps::{self, programs},
+};
 
 use super::{
     DatapathError, mounts, pins,
@@ -26,10 +35,52 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/me
 
 /// The kernel maps of service load balancing.
 pub type KernelServiceMaps = ServiceMaps<
-    KernelMap<mesh_common::ServiceKey, mesh_common::ServiceValue>,
-    KernelMap<mesh_common::BackendSlotKey, u32>,
-    KernelMap<u32, mesh_common::Backend>,
+    KernelMap<ServiceKey, ServiceValue>,
+    KernelMap<BackendSlotKey, u32>,
+    KernelMap<u32, Backend>,
 >;
+
+/// Requested map sizes (entries). Maps adopted from an earlier agent keep their size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapSizes {
+    /// SERVICES.
+    pub services: u32,
+    /// SVC_BACKENDS.
+    pub slots: u32,
+    /// BACKENDS.
+    pub backends: u32,
+    /// AFFINITY.
+    pub affinity: u32,
+    /// REV_NAT.
+    pub rev_nat: u32,
+    /// LB_METRICS.
+    pub metrics: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: maps::SERVICES_CAPACITY,
+            slots: maps::SERVICE_BACKENDS_CAPACITY,
+            backends: maps::BACKENDS_CAPACITY,
+            affinity: maps::AFFINITY_CAPACITY,
+            rev_nat: maps::REV_NAT_CAPACITY,
+            metrics: maps::LB_METRICS_CAPACITY,
+        }
+    }
+}
+
+/// The maps the agent writes, taken out of the loaded object.
+pub struct DatapathMaps {
+    /// SERVICES, SVC_BACKENDS, BACKENDS.
+    pub services: KernelServiceMaps,
+    /// AFFINITY (purged of entries whose backend left the service).
+    pub affinity: KernelMap<AffinityKey, AffinityValue>,
+    /// LB_METRICS (purged of entries of vanished services and backends).
+    pub metrics: PerCpuHashMap<MapData, LbMetricsKey, u64>,
+    /// The real sizes (entries) of the maps, adopted ones included.
+    pub sizes: MapSizes,
+}
 
 /// A loaded datapath: programs in the kernel, maps pinned, links pinned once attached.
 pub struct Datapath {
@@ -37,18 +88,20 @@ pub struct Datapath {
     ebpf: Ebpf,
     node_dir: PathBuf,
     links: Vec<PinnedLink>,
+    adopted: bool,
 }
 
 impl Datapath {
     /// Mounts bpffs when needed, loads the programs and opens (or creates) the node's
-    /// pinned maps. Maps pinned by an earlier agent are reused, so their contents stay
-    /// in force until the first apply reconciles them.
-    pub fn load(bpffs: &Path, node: &str) -> Result<Self, DatapathError> {
+    /// pinned maps. Maps pinned by an earlier agent are reused with their contents, so
+    /// they stay in force until the first apply reconciles them.
+    pub fn load(bpffs: &Path, node: &str, sizes: &MapSizes) -> Result<Self, DatapathError> {
         if OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
         mounts::ensure_bpffs(bpffs)?;
         let node_dir = pins::node_dir(bpffs, node);
+        let adopted = node_dir.join(maps::SERVICES).exists();
         std::fs::create_dir_all(&node_dir).map_err(|source| DatapathError::Io {
             op: "create",
             path: node_dir.clone(),
@@ -56,51 +109,86 @@ impl Datapath {
         })?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&node_dir)
+            .map_max_entries(maps::SERVICES, sizes.services)
+            .map_max_entries(maps::SERVICE_BACKENDS, sizes.slots)
+            .map_max_entries(maps::BACKENDS, sizes.backends)
+            .map_max_entries(maps::AFFINITY, sizes.affinity)
+            .map_max_entries(maps::REV_NAT, sizes.rev_nat)
+            .map_max_entries(maps::LB_METRICS, sizes.metrics)
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
-        let prog = connect4(&mut ebpf)?;
-        prog.load().map_err(|e| program_error(programs::CONNECT4, e))?;
-        Ok(Self { ebpf, node_dir, links: Vec::new() })
+        for name in programs::ALL {
+            program(&mut ebpf, name)?.load().map_err(|e| program_error(name, e))?;
+        }
+        Ok(Self { ebpf, node_dir, links: Vec::new(), adopted })
     }
 
-    /// Opens the service maps for writing.
-    pub fn service_maps(&mut self) -> Result<KernelServiceMaps, DatapathError> {
-        Ok(ServiceMaps {
-            services: KernelMap::new(maps::SERVICES, open_map(&mut self.ebpf, maps::SERVICES)?),
-            slots: KernelMap::new(
-                maps::SERVICE_BACKENDS,
-                open_map(&mut self.ebpf, maps::SERVICE_BACKENDS)?,
-            ),
-            backends: KernelMap::new(maps::BACKENDS, open_map(&mut self.ebpf, maps::BACKENDS)?),
+    /// Whether the maps were adopted from an earlier agent rather than created.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Takes the maps the agent writes out of the object.
+    pub fn maps(&mut self) -> Result<DatapathMaps, DatapathError> {
+        let services: HashMap<_, ServiceKey, ServiceValue> = open_map(&mut self.ebpf, maps::SERVICES)?;
+        let slots: HashMap<_, BackendSlotKey, u32> = open_map(&mut self.ebpf, maps::SERVICE_BACKENDS)?;
+        let backends: HashMap<_, u32, Backend> = open_map(&mut self.ebpf, maps::BACKENDS)?;
+        let affinity: HashMap<_, AffinityKey, AffinityValue> = open_map(&mut self.ebpf, maps::AFFINITY)?;
+        let metrics_map = take(&mut self.ebpf, maps::LB_METRICS)?;
+        let metrics = PerCpuHashMap::try_from(metrics_map)
+            .map_err(|e| DatapathError::Map { name: maps::LB_METRICS, source: Box::new(e) })?;
+        let sizes = MapSizes {
+            services: max_entries(services.map(), maps::SERVICES)?,
+            slots: max_entries(slots.map(), maps::SERVICE_BACKENDS)?,
+            backends: max_entries(backends.map(), maps::BACKENDS)?,
+            affinity: max_entries(affinity.map(), maps::AFFINITY)?,
+            rev_nat: pinned_max_entries(&self.node_dir, maps::REV_NAT)?,
+            metrics: max_entries(metrics.map(), maps::LB_METRICS)?,
+        };
+        Ok(DatapathMaps {
+            services: ServiceMaps {
+                services: KernelMap::new(maps::SERVICES, services),
+                slots: KernelMap::new(maps::SERVICE_BACKENDS, slots),
+                backends: KernelMap::new(maps::BACKENDS, backends),
+            },
+            affinity: KernelMap::new(maps::AFFINITY, affinity),
+            metrics,
+            sizes,
         })
     }
 
-    /// Attaches the programs to `cgroup` and pins the links. A link pinned by an earlier
-    /// agent is replaced only after the new one is attached, so no connect() goes
-    /// untranslated in between.
+    /// Attaches every program to `cgroup` and pins the links, replacing the links of an
+    /// earlier agent only once the new ones are attached; then removes pins this version
+    /// does not use (an older layout's maps).
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
         let cgroup_file = File::open(cgroup).map_err(|source| DatapathError::Io {
             op: "open cgroup",
             path: cgroup.into(),
             source,
         })?;
-        let link_path = pins::link_pin(&self.node_dir, programs::CONNECT4);
+        for name in programs::ALL {
+            let pinned = self.attach_one(name, &cgroup_file)?;
+            self.links.push(pinned);
+        }
+        self.remove_foreign_pins()?;
+        tracing::info!(cgroup = %cgroup.display(), programs = programs::ALL.len(), "attached");
+        Ok(())
+    }
+
+    fn attach_one(&mut self, name: &'static str, cgroup: &File) -> Result<PinnedLink, DatapathError> {
+        let link_path = pins::link_pin(&self.node_dir, name);
         let stale = PinnedLink::from_pin(&link_path).ok();
-        let prog = connect4(&mut self.ebpf)?;
+        let prog = program(&mut self.ebpf, name)?;
         // bpf_link attachments to a cgroup always coexist with others (multi semantics);
         // the kernel rejects any attach flag on them, so the mode must be `Single` (0).
-        let link_id = prog
-            .attach(&cgroup_file, CgroupAttachMode::Single)
-            .map_err(|e| program_error(programs::CONNECT4, e))?;
-        let link = prog.take_link(link_id).map_err(|e| program_error(programs::CONNECT4, e))?;
-        let link = FdLink::try_from(link).map_err(|e| DatapathError::Link {
-            path: link_path.clone(),
-            source: Box::new(e),
-        })?;
+        let link_id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(|e| program_error(name, e))?;
+        let link = prog.take_link(link_id).map_err(|e| program_error(name, e))?;
+        let link = FdLink::try_from(link)
+            .map_err(|e| DatapathError::Link { path: link_path.clone(), source: Box::new(e) })?;
         if let Some(stale) = stale {
-            // Dropping the unpinned FdLink detaches the old program.
+            // Dropping the unpinned FdLink detaches the earlier agent's program.
             drop(stale.unpin().map_err(|source| DatapathError::Io {
-                op: "unpin stale link",
+                op: "unpin earlier link",
                 path: link_path.clone(),
                 source,
             })?);
@@ -109,59 +197,101 @@ impl Datapath {
         let pinned = link
             .pin(&link_path)
             .map_err(|e| DatapathError::Pin { path: link_path.clone(), source: Box::new(e) })?;
-        self.links.push(pinned);
-
-        let prog_path = self.node_dir.join(programs::CONNECT4);
+        let prog_path = self.node_dir.join(name);
         remove_if_exists(&prog_path)?;
-        connect4(&mut self.ebpf)?
+        program(&mut self.ebpf, name)?
             .pin(&prog_path)
             .map_err(|e| DatapathError::Pin { path: prog_path, source: Box::new(e) })?;
-        tracing::info!(cgroup = %cgroup.display(), program = programs::CONNECT4, "attached");
+        Ok(pinned)
+    }
+
+    fn remove_foreign_pins(&self) -> Result<(), DatapathError> {
+        let ours: BTreeSet<String> = programs::ALL
+            .iter()
+            .flat_map(|p| [p.to_string(), format!("{p}_link")])
+            .chain(maps::ALL.iter().map(|m| m.to_string()))
+            .collect();
+        for name in pins::entries(&self.node_dir)? {
+            if !ours.contains(&name) {
+                tracing::info!(pin = %name, "removing a pin of an earlier datapath version");
+                remove_if_exists(&self.node_dir.join(&name))?;
+            }
+        }
         Ok(())
+    }
+
+    /// Leaves the datapath running: programs stay attached through their pinned links
+    /// and keep translating with the pinned maps; the next agent adopts them.
+    pub fn keep(self) {
+        tracing::info!(pins = %self.node_dir.display(), "datapath left attached (--keep-datapath)");
     }
 
     /// Detaches every program and removes every pin of this node.
     pub fn remove(self) -> Result<(), DatapathError> {
-        let Self { ebpf, node_dir, links } = self;
+        let Self { ebpf, node_dir, links, .. } = self;
         for link in links {
-            let path = pins::link_pin(&node_dir, programs::CONNECT4);
-            drop(link.unpin().map_err(|source| DatapathError::Io { op: "unpin", path, source })?);
+            drop(link.unpin().map_err(|source| DatapathError::Io {
+                op: "unpin",
+                path: node_dir.clone(),
+                source,
+            })?);
         }
         drop(ebpf);
-        for name in [programs::CONNECT4, maps::SERVICES, maps::SERVICE_BACKENDS, maps::BACKENDS] {
-            remove_if_exists(&node_dir.join(name))?;
-        }
-        std::fs::remove_dir(&node_dir).map_err(|source| DatapathError::Io {
-            op: "remove",
-            path: node_dir.clone(),
-            source,
-        })?;
-        // Other nodes' agents may share the mesh directory: remove it only when empty.
-        if let Some(mesh_dir) = node_dir.parent() {
-            let _ = std::fs::remove_dir(mesh_dir);
-        }
-        tracing::info!(pins = %node_dir.display(), "datapath detached and unpinned");
-        Ok(())
+        uninstall_node(&node_dir)
     }
 }
 
-fn connect4(ebpf: &mut Ebpf) -> Result<&mut CgroupSockAddr, DatapathError> {
-    ebpf.program_mut(programs::CONNECT4)
-        .ok_or(DatapathError::Missing { kind: "program", name: programs::CONNECT4 })?
+/// Removes a node's datapath without loading anything (`mesh-agent uninstall`, `run
+/// --cleanup`): unlinking the link pins detaches the programs once no agent holds them.
+pub fn uninstall_node(node_dir: &Path) -> Result<(), DatapathError> {
+    if !node_dir.exists() {
+        return Ok(());
+    }
+    std::fs::remove_dir_all(node_dir).map_err(|source| DatapathError::Io {
+        op: "remove",
+        path: node_dir.into(),
+        source,
+    })?;
+    // Other nodes' agents may share the mesh directory: remove it only when empty.
+    if let Some(mesh_dir) = node_dir.parent() {
+        let _ = std::fs::remove_dir(mesh_dir);
+    }
+    tracing::info!(pins = %node_dir.display(), "datapath detached and unpinned");
+    Ok(())
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Missing { kind: "program", name })?
         .try_into()
-        .map_err(|e| program_error(programs::CONNECT4, e))
+        .map_err(|e| program_error(name, e))
 }
 
 fn program_error(name: &'static str, e: aya::programs::ProgramError) -> DatapathError {
     DatapathError::Program { name, source: Box::new(e) }
 }
 
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DatapathError> {
+    ebpf.take_map(name).ok_or(DatapathError::Missing { kind: "map", name })
+}
+
 fn open_map<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<HashMap<MapData, K, V>, DatapathError> {
-    let map: Map = ebpf.take_map(name).ok_or(DatapathError::Missing { kind: "map", name })?;
-    HashMap::try_from(map).map_err(|e| DatapathError::Map { name, source: Box::new(e) })
+    HashMap::try_from(take(ebpf, name)?).map_err(|e| DatapathError::Map { name, source: Box::new(e) })
+}
+
+fn max_entries(map: &MapData, name: &'static str) -> Result<u32, DatapathError> {
+    map.info()
+        .map(|i| i.max_entries())
+        .map_err(|e| DatapathError::Map { name, source: Box::new(e) })
+}
+
+fn pinned_max_entries(node_dir: &Path, name: &'static str) -> Result<u32, DatapathError> {
+    let map = MapData::from_pin(node_dir.join(name))
+        .map_err(|e| DatapathError::Map { name, source: Box::new(e) })?;
+    max_entries(&map, name)
 }
 
 fn remove_if_exists(path: &Path) -> Result<(), DatapathError> {

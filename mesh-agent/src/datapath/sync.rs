@@ -9,13 +9,18 @@
 //! Map access goes through [`MapStore`], so the order and the diffing are unit-tested
 //! against an in-memory map without root.
 
-use std::{collections::BTreeMap, fmt::Debug};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+};
 
 use aya::{
     Pod,
     maps::{HashMap, MapData, MapError},
 };
-use mesh_common::{Backend, BackendSlotKey, ServiceKey, ServiceValue};
+use mesh_common::{
+    AffinityKey, AffinityValue, Backend, BackendSlotKey, LbMetricsKey, ServiceKey, ServiceValue,
+};
 
 use crate::plan::{Ids, Plan, diff};
 
@@ -152,9 +157,38 @@ where
     }
 }
 
+/// Affinity entries to drop after an apply: those whose backend no longer has a slot in
+/// their service (removed, terminating, unhealthy, or moved out by topology), so a client
+/// is re-balanced at once instead of when its entry would time out.
+pub fn stale_affinity(
+    entries: &BTreeMap<AffinityKey, AffinityValue>,
+    active: &BTreeSet<(u32, u32)>,
+) -> Vec<AffinityKey> {
+    entries
+        .iter()
+        .filter(|(k, v)| !active.contains(&(k.service_id, v.backend_id)))
+        .map(|(k, _)| *k)
+        .collect()
+}
+
+/// Counter keys to drop after an apply: those of services or backends that no longer
+/// exist. Ids are reused later, and a new service must not inherit an old count.
+pub fn stale_metrics(keys: &[LbMetricsKey], plan: &Plan) -> Vec<LbMetricsKey> {
+    let services: BTreeSet<u32> = plan.services.values().map(|v| v.id).filter(|id| *id != 0).collect();
+    keys.iter()
+        .filter(|k| {
+            !services.contains(&k.service_id)
+                || (k.backend_id != 0 && !plan.backends.contains_key(&k.backend_id))
+        })
+        .copied()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use std::{cell::RefCell, rc::Rc};
+
+    use mesh_common::Addr;
 
     use super::*;
 
@@ -198,13 +232,19 @@ mod tests {
     }
 
     /// One service 10.96.0.1:80/TCP (id 1) with backends 10.244.1.{1..=n}:8080 (ids 1..=n).
+    fn v4(a: u32) -> Addr {
+        Addr::from(std::net::Ipv4Addr::from(a))
+    }
+
     fn plan_with(n: u32) -> Plan {
         let mut plan = Plan::default();
-        plan.services.insert(ServiceKey::vip_marker(0x0a60_0001), ServiceValue { id: 0, count: 0 });
-        plan.services
-            .insert(ServiceKey::new(0x0a60_0001, 80, 6), ServiceValue { id: 1, count: n });
+        plan.services.insert(ServiceKey::vip_marker(v4(0x0a60_0001)), ServiceValue::MARKER);
+        plan.services.insert(
+            ServiceKey::new(v4(0x0a60_0001), 80, 6),
+            ServiceValue { id: 1, count: n, flags: 0, affinity_timeout_s: 0 },
+        );
         for i in 1..=n {
-            plan.backends.insert(i, Backend::new(0x0af4_0100 + i, 8080, 6));
+            plan.backends.insert(i, Backend::new(v4(0x0af4_0100 + i), 8080, 6));
             plan.slots.insert(BackendSlotKey { service_id: 1, slot: i }, i);
         }
         plan
@@ -256,13 +296,37 @@ mod tests {
     #[test]
     fn stale_entries_from_an_earlier_agent_are_removed() {
         let (mut maps, _log) = fake();
-        maps.services.data.insert(ServiceKey::new(0x0a60_0063, 53, 17), ServiceValue { id: 9, count: 1 });
+        maps.services.data.insert(
+            ServiceKey::new(v4(0x0a60_0063), 53, 17),
+            ServiceValue { id: 9, count: 1, flags: 0, affinity_timeout_s: 0 },
+        );
         maps.slots.data.insert(BackendSlotKey { service_id: 9, slot: 1 }, 9);
-        maps.backends.data.insert(9, Backend::new(0x0af4_0909, 53, 17));
+        maps.backends.data.insert(9, Backend::new(v4(0x0af4_0909), 53, 17));
         let plan = plan_with(1);
         maps.apply(&plan).unwrap();
         assert_eq!(maps.services.data, plan.services);
         assert_eq!(maps.slots.data, plan.slots);
         assert_eq!(maps.backends.data, plan.backends);
+    }
+
+    #[test]
+    fn affinity_to_a_backend_without_slot_is_stale() {
+        let key = |netns_cookie, service_id| AffinityKey { netns_cookie, service_id, _pad: 0 };
+        let val = |backend_id| AffinityValue { backend_id, _pad: 0, last_used_ns: 1 };
+        let entries = BTreeMap::from([
+            (key(1, 1), val(1)),  // still in a slot of service 1
+            (key(2, 1), val(3)),  // backend 3 left service 1
+            (key(3, 2), val(1)),  // service 2 is gone
+        ]);
+        let active = BTreeSet::from([(1, 1), (1, 2)]);
+        assert_eq!(stale_affinity(&entries, &active), vec![key(2, 1), key(3, 2)]);
+    }
+
+    #[test]
+    fn counters_of_vanished_services_and_backends_are_stale() {
+        let plan = plan_with(2);
+        let key = |service_id, backend_id| LbMetricsKey { service_id, backend_id };
+        let keys = [key(1, 0), key(1, 1), key(1, 2), key(1, 3), key(7, 1), key(7, 0)];
+        assert_eq!(stale_metrics(&keys, &plan), vec![key(1, 3), key(7, 1), key(7, 0)]);
     }
 }

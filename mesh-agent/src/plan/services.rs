@@ -1,70 +1,85 @@
-//! Which frontends exist and which backends serve them, following Kubernetes
-//! (kube-proxy) semantics. Id allocation and map layout are left to the caller.
+//! Which frontends exist, which backends serve them, and which of those get slots,
+//! following Kubernetes (kube-proxy) semantics. Id allocation and map layout are left
+//! to the caller.
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::discovery::v1::{Endpoint as SliceEndpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use mesh_common::service::{PROTO_TCP, PROTO_UDP};
+use mesh_common::service::{
+    BACKEND_ACTIVE, BACKEND_TERMINATING, BACKEND_UNHEALTHY, PROTO_TCP, PROTO_UDP,
+};
 
-use crate::state::{ObjectKey, SERVICE_NAME_LABEL, State, cluster_ips, protocol, target_port};
+use super::BackendAddr;
+use crate::state::{
+    ObjectKey, SERVICE_NAME_LABEL, State, affinity_timeout, cluster_ips, pod_ips, prefers_close,
+    protocol, target_port,
+};
 
-/// One frontend `vip:port/proto` of a Service and its ready backends.
+/// One frontend `vip:port/proto` of a Service and the backends that may serve it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Frontend {
     pub service: ObjectKey,
     /// `spec.ports[].name`, "" when unnamed.
     pub port_name: String,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
     pub proto: u8,
-    /// Sorted by address, without duplicates.
+    /// Session affinity timeout when `spec.sessionAffinity` is `ClientIP`.
+    pub affinity_timeout_s: Option<u32>,
+    /// `spec.trafficDistribution` asks for close endpoints.
+    pub prefer_close: bool,
+    /// Ready and terminating-but-serving backends of the VIP's family, sorted by
+    /// address, without duplicates. Backends that serve neither are left out.
     pub backends: Vec<Endpoint>,
 }
 
-/// One backend address, with the Pod behind it when known.
+/// One backend address, with what is known about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Endpoint {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub pod: Option<ObjectKey>,
+    /// The node it runs on: the Pod's `spec.nodeName`, the slice endpoint's `nodeName`.
+    pub node: Option<String>,
+    /// Terminating but still serving: keeps its connections, gets no new ones.
+    pub terminating: bool,
+    /// `hints.forNodes` of its EndpointSlice endpoint; `None` without node hints.
+    pub for_nodes: Option<BTreeSet<String>>,
 }
 
-/// All frontends of all programmable Services, ordered by Service, cluster IP and port.
+impl Endpoint {
+    /// Adds what `other` (the same address from another source) knows. A ready source
+    /// wins over a terminating one; missing Pod, node and hints are filled in.
+    fn merge(&mut self, other: Self) {
+        self.terminating &= other.terminating;
+        if self.pod.is_none() {
+            self.pod = other.pod;
+        }
+        if self.node.is_none() {
+            self.node = other.node;
+        }
+        if self.for_nodes.is_none() {
+            self.for_nodes = other.for_nodes;
+        }
+    }
+}
+
+/// All frontends of all programmable Services, ordered by Service, cluster IP (in
+/// `spec.clusterIPs` order: the primary family first) and port.
 ///
-/// Only IPv4 cluster IPs and TCP/UDP ports are programmed for now; the rest is skipped
-/// with a warning. Headless Services and those without a cluster IP have no frontend.
+/// Every cluster IP of both families is programmed; its backends are the addresses of
+/// its family. SCTP ports are skipped with a warning. Headless Services and those
+/// without a cluster IP have no frontend.
 pub(super) fn frontends(state: &State) -> Vec<Frontend> {
     let mut out = Vec::new();
     for (key, svc) in state.services() {
-        let ips = cluster_ips(svc);
-        let vips: Vec<Ipv4Addr> = ips
-            .iter()
-            .filter_map(|ip| match ip {
-                IpAddr::V4(v4) => Some(*v4),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
+        let vips = cluster_ips(svc);
         if vips.is_empty() {
-            if !ips.is_empty() {
-                tracing::warn!(service = %key, "skipping IPv6-only Service: only IPv4 is programmed yet");
-            }
             continue;
         }
-        let pods = selected_pods(state, key, svc);
-        let slices: Vec<&EndpointSlice> = state
-            .endpoint_slices_in(&key.namespace)
-            .map(|(_, slice)| slice)
-            .filter(|slice| {
-                let labels = slice.metadata.labels.as_ref();
-                slice.address_type == "IPv4"
-                    && labels
-                        .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                        .is_some_and(|n| *n == key.name)
-            })
-            .collect();
-
+        let mut ports = Vec::new();
         for port in svc.spec.iter().flat_map(|spec| spec.ports.iter().flatten()) {
             let proto_name = protocol(port.protocol.as_ref());
             let proto = match proto_name {
@@ -76,30 +91,72 @@ pub(super) fn frontends(state: &State) -> Vec<Frontend> {
                 }
             };
             // Validation has kept ports in 1..=65535.
-            let Ok(number) = u16::try_from(port.port) else {
-                continue;
-            };
-            let mut backends = BTreeMap::new();
-            for &(pod_key, pod, ip) in &pods {
-                if let Some(target) = pod_target_port(port, proto_name, pod) {
-                    backends.insert(SocketAddrV4::new(ip, target), Some(pod_key.clone()));
+            if let Ok(number) = u16::try_from(port.port) {
+                ports.push((port, proto_name, proto, number));
+            }
+        }
+        if ports.is_empty() {
+            continue;
+        }
+
+        let pods = selected_pods(state, key, svc);
+        let slices: Vec<&EndpointSlice> = state
+            .endpoint_slices_in(&key.namespace)
+            .map(|(_, slice)| slice)
+            .filter(|slice| {
+                let labels = slice.metadata.labels.as_ref();
+                matches!(slice.address_type.as_str(), "IPv4" | "IPv6")
+                    && labels
+                        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                        .is_some_and(|n| *n == key.name)
+            })
+            .collect();
+        // Backends of both families, per port.
+        let backends: Vec<Vec<Endpoint>> = ports
+            .iter()
+            .map(|&(port, proto_name, _, _)| {
+                let mut backends = BTreeMap::new();
+                for (pod_key, pod, terminating) in &pods {
+                    let Some(target) = pod_target_port(port, proto_name, pod) else {
+                        continue;
+                    };
+                    for ip in pod_ips(pod) {
+                        add(
+                            &mut backends,
+                            Endpoint {
+                                addr: SocketAddr::new(ip, target),
+                                pod: Some((*pod_key).clone()),
+                                node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+                                terminating: *terminating,
+                                for_nodes: None,
+                            },
+                        );
+                    }
                 }
-            }
-            for slice in &slices {
-                add_slice_endpoints(slice, &key.namespace, port, proto_name, &mut backends);
-            }
-            let backends: Vec<Endpoint> = backends
-                .into_iter()
-                .map(|(addr, pod)| Endpoint { addr, pod })
-                .collect();
-            for &vip in &vips {
+                for slice in &slices {
+                    add_slice_endpoints(slice, &key.namespace, port, proto_name, &mut backends);
+                }
+                backends.into_values().collect()
+            })
+            .collect();
+
+        let affinity_timeout_s = affinity_timeout(svc);
+        let prefer_close = prefers_close(svc);
+        for &vip in &vips {
+            for (&(port, _, proto, number), backends) in ports.iter().zip(&backends) {
                 out.push(Frontend {
                     service: key.clone(),
                     port_name: port.name.clone().unwrap_or_default(),
                     vip,
                     port: number,
                     proto,
-                    backends: backends.clone(),
+                    affinity_timeout_s,
+                    prefer_close,
+                    backends: backends
+                        .iter()
+                        .filter(|b| b.addr.is_ipv4() == vip.is_ipv4())
+                        .cloned()
+                        .collect(),
                 });
             }
         }
@@ -107,14 +164,23 @@ pub(super) fn frontends(state: &State) -> Vec<Frontend> {
     out
 }
 
-/// The ready Pods a Service's selector picks, with their IPv4 address. As in
-/// Kubernetes, a Service without a selector (or with an empty one) selects no Pod: its
-/// endpoints come from EndpointSlices only.
+fn add(backends: &mut BTreeMap<SocketAddr, Endpoint>, endpoint: Endpoint) {
+    match backends.get_mut(&endpoint.addr) {
+        Some(known) => known.merge(endpoint),
+        None => {
+            backends.insert(endpoint.addr, endpoint);
+        }
+    }
+}
+
+/// The Pods a Service's selector picks that serve, each with whether it is
+/// terminating. As in Kubernetes, a Service without a selector (or with an empty one)
+/// selects no Pod: its endpoints come from EndpointSlices only.
 fn selected_pods<'a>(
     state: &'a State,
     key: &ObjectKey,
     svc: &Service,
-) -> Vec<(&'a ObjectKey, &'a Pod, Ipv4Addr)> {
+) -> Vec<(&'a ObjectKey, &'a Pod, bool)> {
     let Some(selector) = svc
         .spec
         .as_ref()
@@ -131,19 +197,21 @@ fn selected_pods<'a>(
                 .iter()
                 .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
         })
-        .filter(|(_, pod)| is_serving(pod))
-        .filter_map(|(key, pod)| Some((key, pod, pod_ipv4(pod)?)))
+        .filter_map(|(key, pod)| Some((key, pod, pod_terminating(pod)?)))
         .collect()
 }
 
-/// Whether a Pod may receive traffic: not terminating, not finished, and ready.
+/// Whether a Pod serves and, if so, whether it is terminating (has a
+/// `deletionTimestamp`), as the EndpointSlice controller derives `serving` and
+/// `terminating`. `None`: it does not serve (finished, or not ready).
 ///
 /// Readiness is the `Ready` condition ("True" is ready, anything else is not). A Pod
 /// with no `Ready` condition counts as ready, unlike in a live cluster: state files are
 /// often hand-written, and a Pod listed with an IP is meant to serve.
-fn is_serving(pod: &Pod) -> bool {
+fn pod_terminating(pod: &Pod) -> Option<bool> {
+    let terminating = pod.metadata.deletion_timestamp.is_some();
     let Some(status) = &pod.status else {
-        return true;
+        return Some(terminating);
     };
     let finished = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
     let ready = status
@@ -152,16 +220,7 @@ fn is_serving(pod: &Pod) -> bool {
         .flatten()
         .find(|c| c.type_ == "Ready")
         .is_none_or(|c| c.status == "True");
-    pod.metadata.deletion_timestamp.is_none() && !finished && ready
-}
-
-/// The Pod's IPv4 address: the first one in `status.podIPs`, else `status.podIP`.
-fn pod_ipv4(pod: &Pod) -> Option<Ipv4Addr> {
-    let status = pod.status.as_ref()?;
-    let listed = status.pod_ips.iter().flatten().map(|ip| ip.ip.as_str());
-    listed
-        .chain(status.pod_ip.as_deref())
-        .find_map(|ip| ip.parse().ok())
+    (!finished && ready).then_some(terminating)
 }
 
 /// The port a Pod serves a Service port on: `targetPort` by number, by name (looked up
@@ -189,15 +248,14 @@ fn pod_target_port(port: &ServicePort, proto: &str, pod: &Pod) -> Option<u16> {
     u16::try_from(number).ok().filter(|&n| n != 0)
 }
 
-/// Adds the ready endpoints of an IPv4 slice for one Service port. The slice port is
-/// the one with the same name ("" and unset are equal) and protocol. Endpoint
-/// readiness follows the API: `conditions.ready` unset means ready.
+/// Adds the serving endpoints of an IPv4 or IPv6 slice for one Service port. The slice
+/// port is the one with the same name ("" and unset are equal) and protocol.
 fn add_slice_endpoints(
     slice: &EndpointSlice,
     namespace: &str,
     port: &ServicePort,
     proto: &str,
-    backends: &mut BTreeMap<SocketAddrV4, Option<ObjectKey>>,
+    backends: &mut BTreeMap<SocketAddr, Endpoint>,
 ) {
     let name = port.name.as_deref().unwrap_or_default();
     let Some(number) = slice
@@ -213,9 +271,9 @@ fn add_slice_endpoints(
         return;
     };
     for endpoint in &slice.endpoints {
-        if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+        let Some(terminating) = slice_terminating(endpoint) else {
             continue;
-        }
+        };
         let pod = endpoint
             .target_ref
             .as_ref()
@@ -227,12 +285,128 @@ fn add_slice_endpoints(
                     name: r.name.clone()?,
                 })
             });
+        let for_nodes: Option<BTreeSet<String>> = endpoint
+            .hints
+            .as_ref()
+            .and_then(|h| h.for_nodes.as_ref())
+            .filter(|nodes| !nodes.is_empty())
+            .map(|nodes| nodes.iter().map(|n| n.name.clone()).collect());
         for address in &endpoint.addresses {
-            let Ok(ip) = address.parse() else { continue };
-            let known = backends.entry(SocketAddrV4::new(ip, number)).or_default();
-            if known.is_none() {
-                known.clone_from(&pod);
-            }
+            let Ok(ip) = address.parse::<IpAddr>() else {
+                continue;
+            };
+            add(
+                backends,
+                Endpoint {
+                    addr: SocketAddr::new(ip, number),
+                    pod: pod.clone(),
+                    node: endpoint.node_name.clone(),
+                    terminating,
+                    for_nodes: for_nodes.clone(),
+                },
+            );
         }
+    }
+}
+
+/// Whether a slice endpoint serves and, if so, whether it is terminating. Unset
+/// conditions follow the API: `ready` and `serving` unset mean true, `terminating`
+/// unset means false. Ready: `ready` and not `terminating`. Terminating: `terminating`
+/// and `serving`. Anything else (not ready, or terminating and no longer serving) is
+/// `None`: no backend.
+fn slice_terminating(endpoint: &SliceEndpoint) -> Option<bool> {
+    let c = endpoint.conditions.as_ref();
+    let terminating = c.and_then(|c| c.terminating) == Some(true);
+    let serving = c.and_then(|c| c.serving) != Some(false);
+    let ready = c.and_then(|c| c.ready) != Some(false);
+    match (terminating, serving, ready) {
+        (true, true, _) => Some(true),
+        (false, _, true) => Some(false),
+        _ => None,
+    }
+}
+
+/// How a frontend uses its backends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Selection {
+    /// This frontend's view of each backend (same order as [`Frontend::backends`]):
+    /// `BACKEND_ACTIVE` (in a slot, or left out only by topology), `BACKEND_UNHEALTHY`
+    /// or `BACKEND_TERMINATING`.
+    pub states: Vec<u8>,
+    /// Indices into [`Frontend::backends`] of the backends that get slots, in slot order
+    /// (slot = position + 1).
+    pub slots: Vec<usize>,
+    /// Every ready backend is unhealthy, so all of them keep their slots.
+    pub health_panic: bool,
+}
+
+/// Chooses the backends that get slots, in this order:
+///
+/// 1. Only ready backends; terminating ones never get a slot (no new connections), and
+///    there is no fallback to them: without a ready backend the frontend has no slot.
+/// 2. Health: ready backends in `unhealthy` are left out, unless that would leave out
+///    every ready backend; then all of them stay (fail open, like Envoy's panic
+///    threshold: a health checker must not be able to take a whole Service down).
+/// 3. Topology, among what is left: when every ready backend has `hints.forNodes` and
+///    some left name `node`, only those; else, when the Service prefers close
+///    endpoints and some left run on `node`, only those; else all that are left.
+pub(super) fn select(f: &Frontend, node: &str, unhealthy: &BTreeSet<BackendAddr>) -> Selection {
+    let ready: Vec<usize> = (0..f.backends.len())
+        .filter(|&i| !f.backends[i].terminating)
+        .collect();
+    let healthy: Vec<usize> = ready
+        .iter()
+        .copied()
+        .filter(|&i| !unhealthy.contains(&BackendAddr::new(f.backends[i].addr, f.proto)))
+        .collect();
+    let health_panic = healthy.is_empty() && !ready.is_empty();
+    let pool = if health_panic { ready.clone() } else { healthy };
+
+    let mut states: Vec<u8> = f
+        .backends
+        .iter()
+        .map(|b| {
+            if b.terminating {
+                BACKEND_TERMINATING
+            } else {
+                BACKEND_UNHEALTHY
+            }
+        })
+        .collect();
+    for &i in &pool {
+        states[i] = BACKEND_ACTIVE;
+    }
+
+    let near = |keep: &dyn Fn(&Endpoint) -> bool| -> Vec<usize> {
+        if node.is_empty() {
+            return Vec::new();
+        }
+        pool.iter()
+            .copied()
+            .filter(|&i| keep(&f.backends[i]))
+            .collect()
+    };
+    let hinted = !ready.is_empty() && ready.iter().all(|&i| f.backends[i].for_nodes.is_some());
+    let for_node = if hinted {
+        near(&|b| b.for_nodes.as_ref().is_some_and(|n| n.contains(node)))
+    } else {
+        Vec::new()
+    };
+    let local = if f.prefer_close {
+        near(&|b| b.node.as_deref() == Some(node))
+    } else {
+        Vec::new()
+    };
+    let slots = if !for_node.is_empty() {
+        for_node
+    } else if !local.is_empty() {
+        local
+    } else {
+        pool
+    };
+    Selection {
+        states,
+        slots,
+        health_panic,
     }
 }

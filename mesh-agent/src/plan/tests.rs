@@ -1,4 +1,4 @@
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use super::*;
 use crate::state::parse_str;
@@ -7,8 +7,39 @@ fn state(yaml: &str) -> State {
     parse_str("test.yaml", yaml).unwrap_or_else(|e| panic!("fixture rejected:\n{e}"))
 }
 
+/// No backend is unhealthy.
+static HEALTHY: BTreeSet<BackendAddr> = BTreeSet::new();
+
+/// The context of an agent on node `n1` with every backend healthy.
+fn ctx() -> PlanContext<'static> {
+    PlanContext {
+        node: "n1",
+        unhealthy: &HEALTHY,
+        capacities: Capacities::default(),
+    }
+}
+
 fn plan_of(yaml: &str) -> Plan {
-    plan(&state(yaml), &Ids::default()).expect("plan").0
+    plan(&state(yaml), &Ids::default(), &ctx()).expect("plan").0
+}
+
+/// The plan on node `node` with the TCP backends `unhealthy` (`"ip:port"`) failing.
+fn plan_on(yaml: &str, node: &str, unhealthy: &[&str]) -> Plan {
+    let unhealthy = unhealthy.iter().map(|a| tcp(a)).collect();
+    let ctx = PlanContext {
+        node,
+        unhealthy: &unhealthy,
+        capacities: Capacities::default(),
+    };
+    plan(&state(yaml), &Ids::default(), &ctx).expect("plan").0
+}
+
+fn tcp(addr: &str) -> BackendAddr {
+    BackendAddr::new(addr.parse().expect("socket address"), PROTO_TCP)
+}
+
+fn ip(s: &str) -> Addr {
+    Addr::from(s.parse::<IpAddr>().expect("ip"))
 }
 
 /// The frontends of a plan as operators read them.
@@ -31,6 +62,20 @@ fn pod(name: &str, ip: &str, labels: &str, status: &str) -> String {
          status: {{podIP: {ip}{sep}{status}}}\n",
         sep = if status.is_empty() { "" } else { ", " },
     )
+}
+
+/// `pod` with a deletionTimestamp: terminating.
+fn terminating(pod: &str) -> String {
+    pod.replacen(
+        "metadata: {name: ",
+        "metadata: {deletionTimestamp: '2024-05-01T10:00:00Z', name: ",
+        1,
+    )
+}
+
+/// `pod` scheduled on `node`.
+fn on_node(pod: &str, node: &str) -> String {
+    pod.replacen("spec:\n", &format!("spec:\n  nodeName: {node}\n"), 1)
 }
 
 fn slice(name: &str, service: &str, address_type: &str, ports: &str, endpoints: &str) -> String {
@@ -90,7 +135,7 @@ fn frontends_and_backends_follow_kubernetes_semantics() {
             vec!["default/web: 10.96.0.10:80/TCP -> (no ready backend)"],
         ),
         (
-            "only ready, running, non-terminating pods with an IPv4 address serve",
+            "only ready, running pods with an IPv4 address serve; terminating ones are listed without a slot",
             web("{app: web}")
                 + &pod("no-conditions", "10.244.0.1", "{app: web}", "")
                 + &pod(
@@ -133,7 +178,8 @@ fn frontends_and_backends_follow_kubernetes_semantics() {
                 + "---\napiVersion: v1\nkind: Pod\nmetadata: {name: no-ip, labels: {app: web}}\n",
             vec![
                 "default/web: 10.96.0.10:80/TCP -> 10.244.0.1:80 (default/no-conditions), 10.244.0.2:80 (default/ready), \
-                 10.244.0.5:80 (default/other-condition), 10.244.0.10:80 (default/dual)",
+                 10.244.0.5:80 (default/other-condition), 10.244.0.10:80 (default/dual), \
+                 10.244.0.8:80 (default/terminating) [terminating]",
             ],
         ),
         (
@@ -207,11 +253,15 @@ fn frontends_and_backends_follow_kubernetes_semantics() {
             ],
         ),
         (
-            "headless, IPv6-only and SCTP are not programmed; dual-stack programs its IPv4 address",
+            "headless and SCTP are not programmed; IPv6 and both families of dual-stack are, primary first",
             service("headless", "None", "{app: web}", "[{port: 80}]")
                 + "---\napiVersion: v1\nkind: Service\nmetadata: {name: v6}\nspec: {clusterIPs: ['fd00::1'], ports: [{port: 80}]}\n"
                 + "---\napiVersion: v1\nkind: Service\nmetadata: {name: dual}\nspec: {clusterIPs: ['fd00::2', 10.96.0.2], ports: [{name: a, port: 80}, {name: b, port: 80, protocol: SCTP}]}\n",
-            vec!["default/dual:a 10.96.0.2:80/TCP -> (no ready backend)"],
+            vec![
+                "default/dual:a [fd00::2]:80/TCP -> (no ready backend)",
+                "default/dual:a 10.96.0.2:80/TCP -> (no ready backend)",
+                "default/v6: [fd00::1]:80/TCP -> (no ready backend)",
+            ],
         ),
     ];
     for (name, yaml, expected) in cases {
@@ -235,8 +285,13 @@ fn maps_hold_markers_frontends_slots_and_shared_backends() {
         + &pod("a", "10.244.0.1", "{app: web}", "")
         + &pod("b", "10.244.0.2", "{app: web}", "");
     let plan = plan_of(&yaml);
-    let ip = |s: &str| u32::from(s.parse::<Ipv4Addr>().expect("ip"));
-    let marker = ServiceValue { id: 0, count: 0 };
+    let marker = ServiceValue::MARKER;
+    let value = |id, count| ServiceValue {
+        id,
+        count,
+        flags: 0,
+        affinity_timeout_s: 0,
+    };
 
     // Services are planned in name order (api, empty, web); ids follow frontend key order.
     let expected_services = BTreeMap::from([
@@ -245,19 +300,19 @@ fn maps_hold_markers_frontends_slots_and_shared_backends() {
         (ServiceKey::vip_marker(ip("10.96.0.30")), marker),
         (
             ServiceKey::new(ip("10.96.0.10"), 80, PROTO_TCP),
-            ServiceValue { id: 1, count: 2 },
+            value(1, 2),
         ),
         (
             ServiceKey::new(ip("10.96.0.10"), 8080, PROTO_TCP),
-            ServiceValue { id: 2, count: 2 },
+            value(2, 2),
         ),
         (
             ServiceKey::new(ip("10.96.0.20"), 80, PROTO_TCP),
-            ServiceValue { id: 3, count: 2 },
+            value(3, 2),
         ),
         (
             ServiceKey::new(ip("10.96.0.30"), 80, PROTO_TCP),
-            ServiceValue { id: 4, count: 0 },
+            value(4, 0),
         ),
     ]);
     assert_eq!(plan.services, expected_services);
@@ -282,7 +337,7 @@ fn maps_hold_markers_frontends_slots_and_shared_backends() {
         ])
     );
     assert!(plan.frontends.iter().all(|f| {
-        plan.services[&ServiceKey::new((*f.addr.ip()).into(), f.addr.port(), f.proto)].id == f.id
+        plan.services[&ServiceKey::new(f.addr.ip().into(), f.addr.port(), f.proto)].id == f.id
     }));
 }
 
@@ -299,7 +354,10 @@ fn ids_are_stable_and_freed_ids_are_reused_by_later_plans() {
         plan.frontends[0]
             .backends
             .iter()
-            .map(|b| (b.addr.ip().octets()[3], b.id))
+            .map(|b| match b.addr.ip() {
+                IpAddr::V4(v4) => (v4.octets()[3], b.id),
+                IpAddr::V6(_) => unreachable!("IPv4 fixture"),
+            })
             .collect::<Vec<_>>()
     };
 
@@ -313,6 +371,7 @@ fn ids_are_stable_and_freed_ids_are_reused_by_later_plans() {
                 ])),
         ),
         &Ids::default(),
+        &ctx(),
     )
     .expect("plan");
     assert_eq!(backend_ids(&p1), [(1, 1), (2, 2), (3, 3)]);
@@ -329,6 +388,7 @@ fn ids_are_stable_and_freed_ids_are_reused_by_later_plans() {
                 ])),
         ),
         &ids1,
+        &ctx(),
     )
     .expect("plan");
     assert_eq!(backend_ids(&p2), [(1, 1), (3, 3), (4, 4)]);
@@ -346,6 +406,7 @@ fn ids_are_stable_and_freed_ids_are_reused_by_later_plans() {
                 ])),
         ),
         &ids2,
+        &ctx(),
     )
     .expect("plan");
     assert_eq!(backend_ids(&p3), [(1, 1), (3, 3), (4, 4), (5, 2)]);
@@ -362,6 +423,7 @@ fn ids_are_stable_and_freed_ids_are_reused_by_later_plans() {
                 ])),
         ),
         &ids3,
+        &ctx(),
     )
     .expect("plan");
     assert_eq!((p4, ids4), (p3, ids3));
@@ -371,42 +433,57 @@ fn ids_are_stable_and_freed_ids_are_reused_by_later_plans() {
 fn ids_adopted_from_a_datapath_replan_to_the_same_maps() {
     // An agent planned with its own counter history (ids 3.. here, not 1..); a new agent
     // adopting those maps must keep every id, or live entries would be renumbered.
-    let yaml = service("web", "10.96.0.10", "{app: web}", "[{port: 80}, {port: 81, name: b}]")
-        .replace("[{port: 80}", "[{port: 80, name: a}")
+    let yaml = service(
+        "web",
+        "10.96.0.10",
+        "{app: web}",
+        "[{port: 80}, {port: 81, name: b}]",
+    )
+    .replace("[{port: 80}", "[{port: 80, name: a}")
         + &pod("a", "10.244.0.1", "{app: web}", "")
         + &pod("b", "10.244.0.2", "{app: web}", "");
     let other = service("dns", "10.96.0.53", "{app: web}", "[{port: 53}]");
-    let (_, ids) = plan(&state(&(yaml.clone() + &other)), &Ids::default()).expect("plan");
-    let (first, _) = plan(&state(&yaml), &ids).expect("plan");
+    let (_, ids) = plan(&state(&(yaml.clone() + &other)), &Ids::default(), &ctx()).expect("plan");
+    let (first, _) = plan(&state(&yaml), &ids, &ctx()).expect("plan");
     let adopted = Ids::from_datapath(&first.services, &first.backends);
-    let (second, _) = plan(&state(&yaml), &adopted).expect("plan");
+    let (second, _) = plan(&state(&yaml), &adopted, &ctx()).expect("plan");
     assert_eq!(second.services, first.services);
     assert_eq!(second.slots, first.slots);
     assert_eq!(second.backends, first.backends);
 }
 
 #[test]
-fn capacity_overflow_names_the_service_and_map() {
+fn capacities_come_from_the_context_and_overflow_names_the_service_and_map() {
     let state = state(
         &(service("a", "10.96.0.1", "{app: web}", "[{port: 80}]")
             + &service("b", "10.96.0.2", "{app: web}", "[{port: 80}]")
             + &pod("p1", "10.244.0.1", "{app: web}", "")
-            + &pod("p2", "10.244.0.2", "{app: web}", "")),
+            + &pod("p2", "10.244.0.2", "{app: web}", "")
+            + &terminating(&pod("p3", "10.244.0.3", "{app: web}", ""))),
     );
-    let frontends = services::frontends(&state);
-    let limits = |services, slots, backends| Limits {
-        services: ("S", services),
-        slots: ("B", slots),
-        backends: ("K", backends),
+    let with = |services, slots, backends| {
+        plan(
+            &state,
+            &Ids::default(),
+            &PlanContext {
+                capacities: Capacities {
+                    services,
+                    slots,
+                    backends,
+                },
+                ..ctx()
+            },
+        )
     };
-    // a: marker + frontend, 2 slots, 2 backends; b adds as much again except backends.
-    assert!(check_capacity(&frontends, &limits(4, 4, 2)).is_ok());
-    for (limits, service, map) in [
-        (limits(3, 4, 2), "b", "S"),
-        (limits(4, 3, 2), "b", "B"),
-        (limits(4, 4, 1), "a", "K"),
+    // a: marker + frontend, 2 slots, 3 backends (the terminating one has no slot but an
+    // entry); b adds as much again except backends.
+    assert!(with(4, 4, 3).is_ok());
+    for ((services, slots, backends), service, map) in [
+        ((3, 4, 3), "b", maps::SERVICES),
+        ((4, 3, 3), "b", maps::SERVICE_BACKENDS),
+        ((4, 4, 2), "a", maps::BACKENDS),
     ] {
-        let err = check_capacity(&frontends, &limits).expect_err("overflow");
+        let err = with(services, slots, backends).expect_err("overflow");
         let PlanError::Capacity {
             service: s, map: m, ..
         } = &err;
@@ -417,8 +494,8 @@ fn capacity_overflow_names_the_service_and_map() {
         );
     }
     assert!(
-        plan(&state, &Ids::default()).is_ok(),
-        "the real maps are far larger"
+        plan(&state, &Ids::default(), &ctx()).is_ok(),
+        "the default maps are far larger"
     );
 }
 
@@ -446,4 +523,470 @@ fn diff_writes_new_and_changed_keys_and_removes_stale_ones() {
         diff(&BTreeMap::new(), &current).upserts,
         vec![(1, 'a'), (2, 'b'), (3, 'c')]
     );
+}
+
+#[test]
+fn every_cluster_ip_is_a_frontend_with_backends_of_its_family() {
+    let yaml = "---\napiVersion: v1\nkind: Service\nmetadata: {name: v6}\n\
+                spec: {clusterIPs: ['fd00:96::6'], ipFamilies: [IPv6], selector: {app: web}, ports: [{port: 80, targetPort: http}]}\n"
+        .to_owned()
+        + "---\napiVersion: v1\nkind: Service\nmetadata: {name: dual}\n\
+           spec: {clusterIP: 10.96.0.2, clusterIPs: [10.96.0.2, 'fd00:96::2'], ipFamilies: [IPv4, IPv6], ipFamilyPolicy: RequireDualStack, \
+           ports: [{name: http, port: 80}]}\n"
+        + &pod("both", "10.244.0.1", "{app: web}", "podIPs: [{ip: 10.244.0.1}, {ip: 'fd00:244::1'}]")
+        + &pod("v4", "10.244.0.2", "{app: web}", "")
+        + &slice("dual-4", "dual", "IPv4", "[{name: http, port: 8080}]", "[{addresses: [10.0.0.1]}]")
+        + &slice("dual-6", "dual", "IPv6", "[{name: http, port: 8080}]", "[{addresses: ['fd00::1', 'fd00::2']}]");
+    let plan = plan_of(&yaml);
+    assert_eq!(
+        lines(&plan),
+        [
+            "default/dual:http 10.96.0.2:80/TCP -> 10.0.0.1:8080",
+            "default/dual:http [fd00:96::2]:80/TCP -> [fd00::1]:8080, [fd00::2]:8080",
+            "default/v6: [fd00:96::6]:80/TCP -> [fd00:244::1]:8080 (default/both)",
+        ]
+    );
+    // One VIP marker per cluster IP, in both families.
+    let markers: BTreeSet<IpAddr> = plan
+        .services
+        .iter()
+        .filter(|(k, _)| k.is_vip_marker())
+        .map(|(k, v)| {
+            assert_eq!(*v, ServiceValue::MARKER);
+            k.addr.into()
+        })
+        .collect();
+    let want: BTreeSet<IpAddr> = ["10.96.0.2", "fd00:96::2", "fd00:96::6"]
+        .iter()
+        .map(|s| s.parse().expect("ip"))
+        .collect();
+    assert_eq!(markers, want);
+    let v6 = ServiceKey::new(ip("fd00:96::2"), 80, PROTO_TCP);
+    assert_eq!(plan.services[&v6].count, 2);
+    assert_eq!(
+        plan.backends[&plan.slots[&BackendSlotKey {
+            service_id: plan.services[&v6].id,
+            slot: 1
+        }]],
+        Backend::new(ip("fd00::1"), 8080, PROTO_TCP)
+    );
+    // IPv4 backends are stored IPv4-mapped and read back as IPv4.
+    assert!(plan.backend_addrs().contains(&tcp("10.0.0.1:8080")));
+    assert!(plan.backend_addrs().contains(&tcp("[fd00:244::1]:8080")));
+}
+
+#[test]
+fn session_affinity_sets_the_flag_and_timeout() {
+    let cases = [
+        ("", None),
+        ("sessionAffinity: None, ", None),
+        ("sessionAffinity: ClientIP, ", Some(10_800)),
+        (
+            "sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {}}, ",
+            Some(10_800),
+        ),
+        (
+            "sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}, ",
+            Some(60),
+        ),
+    ];
+    for (affinity, timeout) in cases {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{{affinity}clusterIP: 10.96.0.10, ports: [{{port: 80}}]}}\n"
+        );
+        let plan = plan_of(&yaml);
+        let value = plan.services[&ServiceKey::new(ip("10.96.0.10"), 80, PROTO_TCP)];
+        let flags = if timeout.is_some() {
+            SVC_FLAG_AFFINITY
+        } else {
+            0
+        };
+        assert_eq!(
+            (value.flags, value.affinity_timeout_s),
+            (flags, timeout.unwrap_or(0)),
+            "{affinity}"
+        );
+        assert_eq!(plan.frontends[0].affinity_timeout_s, timeout, "{affinity}");
+    }
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+                spec: {sessionAffinity: ClientIP, trafficDistribution: PreferClose, clusterIP: 10.96.0.10, ports: [{port: 80}]}\n";
+    assert_eq!(
+        lines(&plan_of(yaml)),
+        ["default/web: 10.96.0.10:80/TCP [affinity 10800s] [prefer-close] -> (no ready backend)"]
+    );
+}
+
+#[test]
+fn endpoint_conditions_decide_backend_states() {
+    let web = service(
+        "web",
+        "10.96.0.10",
+        "{app: web}",
+        "[{name: http, port: 80}]",
+    );
+    let slice_svc = service("web", "10.96.0.10", "null", "[{name: http, port: 80}]");
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "a terminating pod keeps a backend entry but no slot",
+            web.clone()
+                + &pod("a", "10.244.0.1", "{app: web}", "")
+                + &terminating(&pod("t", "10.244.0.2", "{app: web}", ""))
+                + &terminating(&pod(
+                    "t-unready",
+                    "10.244.0.3",
+                    "{app: web}",
+                    "conditions: [{type: Ready, status: 'False'}]",
+                )),
+            vec![
+                "default/web:http 10.96.0.10:80/TCP -> 10.244.0.1:80 (default/a), 10.244.0.2:80 (default/t) [terminating]",
+            ],
+        ),
+        (
+            "slice endpoints: ready unless not ready or terminating; terminating ones only while serving",
+            slice_svc.clone()
+                + &slice(
+                    "web-1",
+                    "web",
+                    "IPv4",
+                    "[{name: http, port: 8080}]",
+                    "[{addresses: [10.0.0.1], conditions: {ready: true, serving: true, terminating: false}}, \
+                      {addresses: [10.0.0.2], conditions: {ready: false, serving: true, terminating: true}}, \
+                      {addresses: [10.0.0.3], conditions: {ready: false, serving: false, terminating: true}}, \
+                      {addresses: [10.0.0.4], conditions: {terminating: true}}, \
+                      {addresses: [10.0.0.5], conditions: {ready: false, serving: false}}]",
+                ),
+            vec![
+                "default/web:http 10.96.0.10:80/TCP -> 10.0.0.1:8080, 10.0.0.2:8080 [terminating], 10.0.0.4:8080 [terminating]",
+            ],
+        ),
+        (
+            "without a ready backend there is no slot, even with terminating ones",
+            slice_svc
+                + &slice(
+                    "web-1",
+                    "web",
+                    "IPv4",
+                    "[{name: http, port: 8080}]",
+                    "[{addresses: [10.0.0.2], conditions: {ready: false, serving: true, terminating: true}}]",
+                ),
+            vec![
+                "default/web:http 10.96.0.10:80/TCP -> (no ready backend), 10.0.0.2:8080 [terminating]",
+            ],
+        ),
+        (
+            "the same address ready in one source and terminating in another is ready",
+            web + &pod("a", "10.244.0.1", "{app: web}", "")
+                + &slice(
+                    "web-1",
+                    "web",
+                    "IPv4",
+                    "[{name: http, port: 80}]",
+                    "[{addresses: [10.244.0.1], conditions: {terminating: true}}]",
+                ),
+            vec!["default/web:http 10.96.0.10:80/TCP -> 10.244.0.1:80 (default/a)"],
+        ),
+    ];
+    for (name, yaml, expected) in cases {
+        assert_eq!(lines(&plan_of(&yaml)), expected, "{name}");
+    }
+
+    // In the maps: count 0, the terminating backend stored with its state.
+    let yaml = service("web", "10.96.0.10", "{app: web}", "[{port: 80}]")
+        + &terminating(&pod("t", "10.244.0.2", "{app: web}", ""));
+    let plan = plan_of(&yaml);
+    assert_eq!(
+        plan.services[&ServiceKey::new(ip("10.96.0.10"), 80, PROTO_TCP)].count,
+        0
+    );
+    assert!(plan.slots.is_empty());
+    let backend = Backend {
+        state: BACKEND_TERMINATING,
+        ..Backend::new(ip("10.244.0.2"), 80, PROTO_TCP)
+    };
+    assert_eq!(plan.backends.values().collect::<Vec<_>>(), [&backend]);
+    assert!(
+        plan.probe_targets().is_empty(),
+        "terminating backends are not probed"
+    );
+}
+
+#[test]
+fn health_and_topology_choose_the_slots() {
+    let web = |extra: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{{extra}clusterIP: 10.96.0.10, selector: {{app: web}}, ports: [{{port: 80}}]}}\n"
+        )
+    };
+    let pods = |a: &str, b: &str, c: &str| {
+        on_node(&pod("a", "10.244.0.1", "{app: web}", ""), a)
+            + &on_node(&pod("b", "10.244.0.2", "{app: web}", ""), b)
+            + &on_node(&pod("c", "10.244.0.3", "{app: web}", ""), c)
+    };
+    let close = "trafficDistribution: PreferClose, ";
+    let hinted = |hints: [&str; 2]| {
+        service("web", "10.96.0.10", "null", "[{port: 80}]")
+            + &slice(
+                "web-1",
+                "web",
+                "IPv4",
+                "[{port: 8080}]",
+                &format!(
+                    "[{{addresses: [10.0.0.1], nodeName: n1{}}}, {{addresses: [10.0.0.2], nodeName: n2{}}}]",
+                    hints[0], hints[1]
+                ),
+            )
+    };
+    let cases: Vec<(&str, String, &str, Vec<&str>, &str)> = vec![
+        (
+            "unhealthy backends lose their slot",
+            web("") + &pods("n1", "n2", "n3"),
+            "n1",
+            vec!["10.244.0.2:80"],
+            "default/web: 10.96.0.10:80/TCP -> 10.244.0.1:80 (default/a), 10.244.0.3:80 (default/c), 10.244.0.2:80 (default/b) [unhealthy]",
+        ),
+        (
+            "all unhealthy: all keep their slots (fail open)",
+            web("") + &pods("n1", "n2", "n3"),
+            "n1",
+            vec!["10.244.0.1:80", "10.244.0.2:80", "10.244.0.3:80"],
+            "default/web: 10.96.0.10:80/TCP [all unhealthy: failing open] -> 10.244.0.1:80 (default/a), 10.244.0.2:80 (default/b), 10.244.0.3:80 (default/c)",
+        ),
+        (
+            "unhealthy UDP-less probe keys do not match other protocols or ports",
+            web("") + &pods("n1", "n2", "n3"),
+            "n1",
+            vec!["10.244.0.2:81"],
+            "default/web: 10.96.0.10:80/TCP -> 10.244.0.1:80 (default/a), 10.244.0.2:80 (default/b), 10.244.0.3:80 (default/c)",
+        ),
+        (
+            "PreferClose with local backends: only those get slots; the others stay active",
+            web(close) + &pods("n1", "n2", "n1"),
+            "n1",
+            vec![],
+            "default/web: 10.96.0.10:80/TCP [prefer-close] -> 10.244.0.1:80 (default/a), 10.244.0.3:80 (default/c), 10.244.0.2:80 (default/b) [not preferred]",
+        ),
+        (
+            "PreferSameNode and PreferSameZone are PreferClose too",
+            web("trafficDistribution: PreferSameNode, ") + &pods("n1", "n2", "n2"),
+            "n1",
+            vec![],
+            "default/web: 10.96.0.10:80/TCP [prefer-close] -> 10.244.0.1:80 (default/a), 10.244.0.2:80 (default/b) [not preferred], 10.244.0.3:80 (default/c) [not preferred]",
+        ),
+        (
+            "PreferClose without a local backend: all of them",
+            web("trafficDistribution: PreferSameZone, ") + &pods("n2", "n2", "n3"),
+            "n1",
+            vec![],
+            "default/web: 10.96.0.10:80/TCP [prefer-close] -> 10.244.0.1:80 (default/a), 10.244.0.2:80 (default/b), 10.244.0.3:80 (default/c)",
+        ),
+        (
+            "PreferClose whose local backend is unhealthy: the healthy remote ones",
+            web(close) + &pods("n1", "n2", "n3"),
+            "n1",
+            vec!["10.244.0.1:80"],
+            "default/web: 10.96.0.10:80/TCP [prefer-close] -> 10.244.0.2:80 (default/b), 10.244.0.3:80 (default/c), 10.244.0.1:80 (default/a) [unhealthy]",
+        ),
+        (
+            "without trafficDistribution, locality does not matter",
+            web("") + &pods("n1", "n2", "n3"),
+            "n1",
+            vec![],
+            "default/web: 10.96.0.10:80/TCP -> 10.244.0.1:80 (default/a), 10.244.0.2:80 (default/b), 10.244.0.3:80 (default/c)",
+        ),
+        (
+            "hints.forNodes on every endpoint: those hinted for this node",
+            hinted([
+                ", hints: {forNodes: [{name: n2}]}",
+                ", hints: {forNodes: [{name: n1}]}",
+            ]),
+            "n1",
+            vec![],
+            "default/web: 10.96.0.10:80/TCP -> 10.0.0.2:8080, 10.0.0.1:8080 [not preferred]",
+        ),
+        (
+            "hints.forNodes on some endpoints only are ignored",
+            hinted(["", ", hints: {forNodes: [{name: n1}]}"]),
+            "n1",
+            vec![],
+            "default/web: 10.96.0.10:80/TCP -> 10.0.0.1:8080, 10.0.0.2:8080",
+        ),
+        (
+            "hints.forNodes naming other nodes only: all endpoints",
+            hinted([
+                ", hints: {forNodes: [{name: n2}]}",
+                ", hints: {forNodes: [{name: n3}]}",
+            ]),
+            "n1",
+            vec![],
+            "default/web: 10.96.0.10:80/TCP -> 10.0.0.1:8080, 10.0.0.2:8080",
+        ),
+    ];
+    for (name, yaml, node, unhealthy, expected) in cases {
+        assert_eq!(
+            lines(&plan_on(&yaml, node, &unhealthy)),
+            [expected],
+            "{name}"
+        );
+    }
+
+    // In the maps: unhealthy is stored as such, slots hold the healthy ones only.
+    let plan = plan_on(
+        &(web("") + &pods("n1", "n2", "n3")),
+        "n1",
+        &["10.244.0.2:80"],
+    );
+    let states: Vec<(BackendAddr, u8)> = plan
+        .backends
+        .values()
+        .map(|b| (BackendAddr::from(b), b.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (tcp("10.244.0.1:80"), BACKEND_ACTIVE),
+            (tcp("10.244.0.2:80"), BACKEND_UNHEALTHY),
+            (tcp("10.244.0.3:80"), BACKEND_ACTIVE),
+        ]
+    );
+    assert_eq!(
+        plan.services[&ServiceKey::new(ip("10.96.0.10"), 80, PROTO_TCP)].count,
+        2
+    );
+    // In panic mode they stay active in the maps.
+    let plan = plan_on(
+        &(web("") + &pods("n1", "n2", "n3")),
+        "n1",
+        &["10.244.0.1:80", "10.244.0.2:80", "10.244.0.3:80"],
+    );
+    assert!(plan.frontends[0].health_panic);
+    assert!(plan.backends.values().all(|b| b.state == BACKEND_ACTIVE));
+    assert_eq!(
+        plan.services[&ServiceKey::new(ip("10.96.0.10"), 80, PROTO_TCP)].count,
+        3
+    );
+}
+
+#[test]
+fn a_shared_backend_stores_the_best_state_any_frontend_gives_it() {
+    // 10.244.0.1 is ready for `a`, terminating in `b`'s slice: active.
+    // 10.244.0.2 is unhealthy for `a` (which has a healthy backend), terminating in `b`: terminating.
+    // 10.244.0.3 is unhealthy everywhere, but `c` fails open on it: active.
+    // 10.244.0.4 is unhealthy for `a` only: unhealthy.
+    let yaml = service("a", "10.96.0.1", "{app: a}", "[{port: 80}]")
+        + &service("b", "10.96.0.2", "null", "[{port: 80}]")
+        + &service("c", "10.96.0.3", "{app: c}", "[{port: 80}]")
+        + &pod("p1", "10.244.0.1", "{app: a}", "")
+        + &pod("p2", "10.244.0.2", "{app: a}", "")
+        + &pod("p3", "10.244.0.3", "{app: c}", "")
+        + &pod("p4", "10.244.0.4", "{app: a}", "")
+        + &slice(
+            "b-1",
+            "b",
+            "IPv4",
+            "[{port: 80}]",
+            "[{addresses: [10.244.0.1, 10.244.0.2], conditions: {terminating: true}}]",
+        );
+    let plan = plan_on(
+        &yaml,
+        "n1",
+        &["10.244.0.2:80", "10.244.0.3:80", "10.244.0.4:80"],
+    );
+    let states: BTreeMap<BackendAddr, u8> = plan
+        .backends
+        .values()
+        .map(|b| (BackendAddr::from(b), b.state))
+        .collect();
+    assert_eq!(
+        states,
+        BTreeMap::from([
+            (tcp("10.244.0.1:80"), BACKEND_ACTIVE),
+            (tcp("10.244.0.2:80"), BACKEND_TERMINATING),
+            (tcp("10.244.0.3:80"), BACKEND_ACTIVE),
+            (tcp("10.244.0.4:80"), BACKEND_UNHEALTHY),
+        ])
+    );
+    // Each frontend shows its own view.
+    assert_eq!(
+        lines(&plan),
+        [
+            "default/a: 10.96.0.1:80/TCP -> 10.244.0.1:80 (default/p1), 10.244.0.2:80 (default/p2) [unhealthy], 10.244.0.4:80 (default/p4) [unhealthy]",
+            "default/b: 10.96.0.2:80/TCP -> (no ready backend), 10.244.0.1:80 [terminating], 10.244.0.2:80 [terminating]",
+            "default/c: 10.96.0.3:80/TCP [all unhealthy: failing open] -> 10.244.0.3:80 (default/p3)",
+        ]
+    );
+    // Probed: everything not terminating, TCP only.
+    assert_eq!(
+        plan.probe_targets(),
+        BTreeSet::from([
+            tcp("10.244.0.1:80"),
+            tcp("10.244.0.3:80"),
+            tcp("10.244.0.4:80")
+        ])
+    );
+    assert_eq!(plan.backend_addrs().len(), 4);
+}
+
+#[test]
+fn probe_targets_skip_udp_and_active_pairs_list_every_slot() {
+    let yaml = service(
+        "web",
+        "10.96.0.10",
+        "{app: web}",
+        "[{name: http, port: 80, targetPort: http}, {name: dns, port: 53, protocol: UDP, targetPort: dns}]",
+    ) + &pod("a", "10.244.0.1", "{app: web}", "")
+        + &pod("b", "10.244.0.2", "{app: web}", "")
+        + &terminating(&pod("t", "10.244.0.3", "{app: web}", ""));
+    let plan = plan_of(&yaml);
+    assert_eq!(
+        plan.probe_targets(),
+        BTreeSet::from([tcp("10.244.0.1:8080"), tcp("10.244.0.2:8080")])
+    );
+    assert_eq!(plan.backend_addrs().len(), 6);
+    let id = |b: BackendAddr| {
+        plan.backends
+            .iter()
+            .find(|(_, v)| BackendAddr::from(*v) == b)
+            .map(|(id, _)| *id)
+            .expect("backend")
+    };
+    let udp = |a: &str| BackendAddr::new(a.parse().expect("addr"), PROTO_UDP);
+    let http = plan.frontends[0].id;
+    let dns = plan.frontends[1].id;
+    assert_eq!(
+        plan.active_pairs(),
+        BTreeSet::from([
+            (http, id(tcp("10.244.0.1:8080"))),
+            (http, id(tcp("10.244.0.2:8080"))),
+            (dns, id(udp("10.244.0.1:5353"))),
+            (dns, id(udp("10.244.0.2:5353"))),
+        ])
+    );
+}
+
+#[test]
+fn a_backend_keeps_its_id_when_its_state_changes() {
+    let svc = service("web", "10.96.0.10", "{app: web}", "[{port: 80}]");
+    let (p1, ids1) = plan(
+        &state(&(svc.clone() + &pod("a", "10.244.0.1", "{app: web}", ""))),
+        &Ids::default(),
+        &ctx(),
+    )
+    .expect("plan");
+    let (p2, _) = plan(
+        &state(&(svc + &terminating(&pod("a", "10.244.0.1", "{app: web}", "")))),
+        &ids1,
+        &ctx(),
+    )
+    .expect("plan");
+    assert_eq!(
+        p1.backends.keys().collect::<Vec<_>>(),
+        p2.backends.keys().collect::<Vec<_>>()
+    );
+    let d = diff(&p1.backends, &p2.backends);
+    assert!(d.removals.is_empty());
+    assert_eq!(d.upserts.len(), 1);
+    assert_eq!(d.upserts[0].1.state, BACKEND_TERMINATING);
+    // Adopting the maps keeps the id whatever state the entry is in.
+    let adopted = Ids::from_datapath(&p2.services, &p2.backends);
+    assert_eq!(adopted, ids1);
 }

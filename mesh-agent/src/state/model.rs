@@ -126,6 +126,62 @@ pub fn cluster_ips(svc: &Service) -> Vec<IpAddr> {
     parsed
 }
 
+/// The Pod's addresses: `status.podIPs` in order, then `status.podIP` when it is not
+/// listed there (state files often give only the latter). Unparsable values, which
+/// validation has already rejected, are left out.
+pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let Some(status) = &pod.status else {
+        return Vec::new();
+    };
+    let listed = status.pod_ips.iter().flatten().map(|ip| ip.ip.as_str());
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for ip in listed.chain(status.pod_ip.as_deref()) {
+        if let Ok(ip) = ip.parse()
+            && !ips.contains(&ip)
+        {
+            ips.push(ip);
+        }
+    }
+    ips
+}
+
+/// `spec.sessionAffinityConfig.clientIP.timeoutSeconds` when absent, as the API server
+/// defaults it.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The largest session affinity timeout the API server accepts (one day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+/// The session affinity timeout in seconds when `spec.sessionAffinity` is `ClientIP`,
+/// `None` otherwise (absent and `None` mean no affinity). Validation has kept the
+/// timeout in `1..=86400`.
+pub fn affinity_timeout(svc: &Service) -> Option<u32> {
+    let spec = svc.spec.as_ref()?;
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return None;
+    }
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    Some(timeout.map_or(DEFAULT_AFFINITY_TIMEOUT_S, |t| {
+        u32::try_from(t).unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
+    }))
+}
+
+/// `spec.trafficDistribution` values that ask for topology-aware routing. All three
+/// mean "prefer endpoints close to the client" here, and this node is the closest a
+/// socket-level balancer can tell (`PreferClose` is the older name of `PreferSameZone`).
+pub const PREFER_CLOSE: [&str; 3] = ["PreferClose", "PreferSameZone", "PreferSameNode"];
+
+/// Whether the Service asks for topology-aware routing (see [`PREFER_CLOSE`]).
+pub fn prefers_close(svc: &Service) -> bool {
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.traffic_distribution.as_deref())
+        .is_some_and(|t| PREFER_CLOSE.contains(&t))
+}
+
 /// A port protocol, defaulting to TCP when absent (the API server's default).
 pub fn protocol(protocol: Option<&String>) -> &str {
     protocol.map_or("TCP", String::as_str)

@@ -52,6 +52,7 @@ spec:
   - {name: metrics, port: 9090, protocol: TCP, targetPort: 9090}
   selector: {app: web}
   sessionAffinity: None
+  trafficDistribution: PreferClose
   type: ClusterIP
 status:
   loadBalancer: {}
@@ -142,7 +143,9 @@ addressType: IPv4
 endpoints:
 - addresses: [10.244.1.5]
   conditions: {ready: true, serving: true, terminating: false}
+  hints: {forNodes: [{name: node-1}], forZones: [{name: zone-a}]}
   nodeName: node-1
+  zone: zone-a
   targetRef: {kind: Pod, name: web-7d4b9c-abcde, namespace: shop, uid: 0000-2}
 ports:
 - {name: http, port: 8080, protocol: TCP}
@@ -247,6 +250,93 @@ fn validation_problems_are_all_reported() {
         (
             "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIP: 10.244.1, podIPs: [{ip: x}]}\n".to_owned(),
             vec![r#"status.podIP: "10.244.1" is not an IP address"#, r#"status.podIPs[0].ip: "x" is not an IP address"#],
+        ),
+        // Both families, and the family fields.
+        (service("{clusterIPs: ['fd00::1'], ipFamilies: [IPv6], ipFamilyPolicy: SingleStack}"), vec![]),
+        (
+            service("{clusterIP: 10.96.0.1, clusterIPs: [10.96.0.1, 'fd00::1'], ipFamilies: [IPv4, IPv6], ipFamilyPolicy: RequireDualStack}"),
+            vec![],
+        ),
+        (
+            service("{clusterIP: '::ffff:10.96.0.1'}"),
+            vec![r#"spec.clusterIP: "::ffff:10.96.0.1" is an IPv4-mapped IPv6 address; use the IPv4 form"#],
+        ),
+        (
+            service("{clusterIPs: [10.96.0.1, 10.96.0.2]}"),
+            vec!["spec.clusterIPs[1]: 10.96.0.2 is a second IPv4 address (the first is at index 0): at most one per family"],
+        ),
+        (
+            service("{clusterIPs: [10.96.0.1, 'fd00::1', 'fd00::2']}"),
+            vec![
+                "spec.clusterIPs: 3 addresses: at most two (one per IP family)",
+                "spec.clusterIPs[2]: fd00::2 is a second IPv6 address (the first is at index 1): at most one per family",
+            ],
+        ),
+        (
+            service("{clusterIPs: [None, 10.96.0.1]}"),
+            vec![r#"spec.clusterIPs[1]: must not be set: spec.clusterIPs[0] is "None""#],
+        ),
+        (
+            service("{clusterIPs: ['fd00::1', 10.96.0.1], ipFamilies: [IPv4, IPv6]}"),
+            vec![
+                "spec.clusterIPs[0]: fd00::1 is an IPv6 address, but spec.ipFamilies[0] is IPv4",
+                "spec.clusterIPs[1]: 10.96.0.1 is an IPv4 address, but spec.ipFamilies[1] is IPv6",
+            ],
+        ),
+        (
+            service("{clusterIP: 'fd00::1', ipFamilies: [IPv4]}"),
+            vec!["spec.clusterIP: fd00::1 is an IPv6 address, but spec.ipFamilies[0] is IPv4"],
+        ),
+        (
+            service("{clusterIPs: [10.96.0.1, 'fd00::1'], ipFamilyPolicy: SingleStack}"),
+            vec!["spec.clusterIPs: only one IP family is allowed when spec.ipFamilyPolicy is SingleStack"],
+        ),
+        (
+            service("{ipFamilies: [IPv4, IPv4, IPv5], ipFamilyPolicy: DualStack}"),
+            vec![
+                r#"spec.ipFamilyPolicy: "DualStack" is not one of SingleStack, PreferDualStack, RequireDualStack"#,
+                "spec.ipFamilies[1]: duplicate family IPv4",
+                r#"spec.ipFamilies[2]: "IPv5" is not one of IPv4, IPv6"#,
+                "spec.ipFamilies: 3 families: at most two",
+            ],
+        ),
+        // Session affinity and traffic distribution.
+        (service("{sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 86400}}}"), vec![]),
+        (service("{sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}}"), vec![]),
+        (
+            service("{sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}}"),
+            vec!["spec.sessionAffinityConfig.clientIP.timeoutSeconds: 0 is not in 1-86400 (seconds)"],
+        ),
+        (
+            service("{sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}}"),
+            vec!["spec.sessionAffinityConfig.clientIP.timeoutSeconds: 86401 is not in 1-86400 (seconds)"],
+        ),
+        (
+            service("{sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}}"),
+            vec!["spec.sessionAffinityConfig: must not be set when spec.sessionAffinity is None"],
+        ),
+        (service("{sessionAffinity: Sticky}"), vec![r#"spec.sessionAffinity: "Sticky" is not one of None, ClientIP"#]),
+        (service("{trafficDistribution: PreferSameNode}"), vec![]),
+        (
+            service("{trafficDistribution: Nearest}"),
+            vec![r#"spec.trafficDistribution: "Nearest" is not one of PreferClose, PreferSameZone, PreferSameNode"#],
+        ),
+        // Pod addresses.
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIP: 'fd00::1', podIPs: [{ip: 'fd00::1'}, {ip: 10.0.0.1}]}\n".to_owned(),
+            vec![],
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIP: 10.0.0.1, podIPs: [{ip: 10.0.0.2}, {ip: 10.0.0.1}, {ip: '::ffff:10.0.0.3'}]}\n".to_owned(),
+            vec![
+                r#"status.podIPs[2].ip: "::ffff:10.0.0.3" is an IPv4-mapped IPv6 address; use the IPv4 form"#,
+                r#"status.podIPs[0].ip: "10.0.0.2" differs from status.podIP "10.0.0.1""#,
+                "status.podIPs[1].ip: 10.0.0.1 is a second IPv4 address (the first is at index 0): at most one per family",
+            ],
+        ),
+        (
+            slice(", labels: {kubernetes.io/service-name: web}}\naddressType: IPv6\nendpoints: [{addresses: ['fd00::1', '::ffff:10.0.0.1']}]"),
+            vec![r#"endpoints[0].addresses[1]: "::ffff:10.0.0.1" is an IPv4-mapped IPv6 address; use the IPv4 form"#],
         ),
         (
             slice("}\naddressType: IPv5\nendpoints: []"),

@@ -4,11 +4,13 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::model::{SERVICE_NAME_LABEL, protocol, target_port};
+use super::model::{
+    MAX_AFFINITY_TIMEOUT_S, PREFER_CLOSE, SERVICE_NAME_LABEL, protocol, target_port,
+};
 
 /// One problem in one object, before the caller adds file, document and object.
 #[derive(Debug, PartialEq, Eq)]
@@ -28,20 +30,14 @@ fn problem(field: impl Into<String>, message: impl Into<String>) -> Problem {
 pub(super) fn service(svc: &Service) -> Vec<Problem> {
     let mut out = Vec::new();
     let Some(spec) = &svc.spec else { return out };
-    if let Some(ip) = &spec.cluster_ip {
-        check_cluster_ip("spec.clusterIP", ip, &mut out);
-    }
-    for (i, ip) in spec.cluster_ips.iter().flatten().enumerate() {
-        check_cluster_ip(&format!("spec.clusterIPs[{i}]"), ip, &mut out);
-    }
-    // The API server keeps the two fields in step; a mismatch means a hand edit went wrong.
-    if let (Some(ip), Some(first)) = (&spec.cluster_ip, spec.cluster_ips.iter().flatten().next())
-        && !ip.is_empty()
-        && ip != first
+    check_cluster_ips(spec, &mut out);
+    check_session_affinity(spec, &mut out);
+    if let Some(t) = &spec.traffic_distribution
+        && !PREFER_CLOSE.contains(&t.as_str())
     {
         out.push(problem(
-            "spec.clusterIPs[0]",
-            format!("{first:?} differs from spec.clusterIP {ip:?}"),
+            "spec.trafficDistribution",
+            format!("{t:?} is not one of {}", PREFER_CLOSE.join(", ")),
         ));
     }
 
@@ -102,9 +98,26 @@ pub(super) fn pod(pod: &Pod) -> Vec<Problem> {
     if let Some(ip) = &status.pod_ip {
         check_ip("status.podIP", ip, &mut out);
     }
-    for (i, ip) in status.pod_ips.iter().flatten().enumerate() {
+    let listed = status.pod_ips.as_deref().unwrap_or_default();
+    for (i, ip) in listed.iter().enumerate() {
         check_ip(&format!("status.podIPs[{i}].ip"), &ip.ip, &mut out);
     }
+    // One address per family, the first being podIP, as the API server requires.
+    // Compared as addresses; unparsable ones are reported above.
+    if let (Some(ip), Some(first)) = (&status.pod_ip, listed.first())
+        && let (Ok(a), Ok(b)) = (ip.parse::<IpAddr>(), first.ip.parse::<IpAddr>())
+        && a != b
+    {
+        out.push(problem(
+            "status.podIPs[0].ip",
+            format!("{:?} differs from status.podIP {ip:?}", first.ip),
+        ));
+    }
+    check_one_per_family(
+        listed.iter().map(|ip| ip.ip.as_str()),
+        |i| format!("status.podIPs[{i}].ip"),
+        &mut out,
+    );
     out
 }
 
@@ -135,11 +148,14 @@ pub(super) fn endpoint_slice(slice: &EndpointSlice) -> Vec<Problem> {
     };
     for (i, endpoint) in slice.endpoints.iter().enumerate() {
         for (j, address) in endpoint.addresses.iter().enumerate() {
+            let field = format!("endpoints[{i}].addresses[{j}]");
             if !parse(address) {
                 out.push(problem(
-                    format!("endpoints[{i}].addresses[{j}]"),
+                    field,
                     format!("{address:?} is not an {} address", slice.address_type),
                 ));
+            } else if slice.address_type == "IPv6" {
+                check_ip(&field, address, &mut out);
             }
         }
     }
@@ -156,18 +172,190 @@ pub(super) fn endpoint_slice(slice: &EndpointSlice) -> Vec<Problem> {
     out
 }
 
-fn check_cluster_ip(field: &str, ip: &str, out: &mut Vec<Problem>) {
-    if !(ip.is_empty() || ip == "None" || ip.parse::<IpAddr>().is_ok()) {
+/// `spec.clusterIP`, `spec.clusterIPs`, `spec.ipFamilies` and `spec.ipFamilyPolicy`:
+/// each cluster IP is an address (or, alone, "None" for headless, or empty), at most one
+/// per family, and of the family `ipFamilies` gives at the same index.
+fn check_cluster_ips(spec: &ServiceSpec, out: &mut Vec<Problem>) {
+    if let Some(ip) = &spec.cluster_ip {
+        check_cluster_ip("spec.clusterIP", ip, out);
+    }
+    let listed = spec.cluster_ips.as_deref().unwrap_or_default();
+    for (i, ip) in listed.iter().enumerate() {
+        let field = format!("spec.clusterIPs[{i}]");
+        if i == 0 {
+            check_cluster_ip(&field, ip, out);
+        } else if matches!(listed[0].as_str(), "" | "None") {
+            out.push(problem(
+                field,
+                format!("must not be set: spec.clusterIPs[0] is {:?}", listed[0]),
+            ));
+        } else {
+            check_ip(&field, ip, out);
+        }
+    }
+    // The API server keeps the two fields in step; a mismatch means a hand edit went wrong.
+    if let (Some(ip), Some(first)) = (&spec.cluster_ip, listed.first())
+        && !ip.is_empty()
+        && ip != first
+    {
         out.push(problem(
-            field,
-            format!("{ip:?} is not an IP address, \"None\" (headless) or empty"),
+            "spec.clusterIPs[0]",
+            format!("{first:?} differs from spec.clusterIP {ip:?}"),
         ));
+    }
+    if listed.len() > 2 {
+        out.push(problem(
+            "spec.clusterIPs",
+            format!(
+                "{} addresses: at most two (one per IP family)",
+                listed.len()
+            ),
+        ));
+    }
+    // The addresses in force: clusterIPs, or clusterIP when clusterIPs is absent.
+    let (ips, field): (Vec<&str>, fn(usize) -> String) = if listed.is_empty() {
+        (spec.cluster_ip.iter().map(String::as_str).collect(), |_| {
+            "spec.clusterIP".to_owned()
+        })
+    } else {
+        (listed.iter().map(String::as_str).collect(), |i| {
+            format!("spec.clusterIPs[{i}]")
+        })
+    };
+    check_one_per_family(ips.iter().copied(), field, out);
+
+    let policy = spec.ip_family_policy.as_deref();
+    if let Some(p) = policy
+        && !matches!(p, "SingleStack" | "PreferDualStack" | "RequireDualStack")
+    {
+        out.push(problem(
+            "spec.ipFamilyPolicy",
+            format!("{p:?} is not one of SingleStack, PreferDualStack, RequireDualStack"),
+        ));
+    }
+    let families = spec.ip_families.as_deref().unwrap_or_default();
+    for (i, family) in families.iter().enumerate() {
+        let at = format!("spec.ipFamilies[{i}]");
+        if !matches!(family.as_str(), "IPv4" | "IPv6") {
+            out.push(problem(at, format!("{family:?} is not one of IPv4, IPv6")));
+        } else if families[..i].contains(family) {
+            out.push(problem(at, format!("duplicate family {family}")));
+        }
+    }
+    if families.len() > 2 {
+        out.push(problem(
+            "spec.ipFamilies",
+            format!("{} families: at most two", families.len()),
+        ));
+    }
+    let addresses = ips.iter().filter(|ip| ip.parse::<IpAddr>().is_ok()).count();
+    if policy == Some("SingleStack") && (families.len() > 1 || addresses > 1) {
+        out.push(problem(
+            if families.len() > 1 {
+                "spec.ipFamilies"
+            } else {
+                "spec.clusterIPs"
+            },
+            "only one IP family is allowed when spec.ipFamilyPolicy is SingleStack",
+        ));
+    }
+    for (i, (ip, family)) in ips.iter().zip(families).enumerate() {
+        let Ok(ip) = ip.parse::<IpAddr>() else {
+            continue;
+        };
+        let actual = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+        if matches!(family.as_str(), "IPv4" | "IPv6") && family != actual {
+            out.push(problem(
+                field(i),
+                format!("{ip} is an {actual} address, but spec.ipFamilies[{i}] is {family}"),
+            ));
+        }
+    }
+}
+
+/// `spec.sessionAffinity` and its timeout, with the API server's bounds.
+fn check_session_affinity(spec: &ServiceSpec, out: &mut Vec<Problem>) {
+    let client_ip = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref());
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => {
+            if client_ip.is_some() {
+                out.push(problem(
+                    "spec.sessionAffinityConfig",
+                    "must not be set when spec.sessionAffinity is None",
+                ));
+            }
+        }
+        Some("ClientIP") => {
+            if let Some(t) = client_ip.and_then(|c| c.timeout_seconds)
+                && !u32::try_from(t).is_ok_and(|t| (1..=MAX_AFFINITY_TIMEOUT_S).contains(&t))
+            {
+                out.push(problem(
+                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                    format!("{t} is not in 1-{MAX_AFFINITY_TIMEOUT_S} (seconds)"),
+                ));
+            }
+        }
+        Some(other) => out.push(problem(
+            "spec.sessionAffinity",
+            format!("{other:?} is not one of None, ClientIP"),
+        )),
+    }
+}
+
+fn check_cluster_ip(field: &str, ip: &str, out: &mut Vec<Problem>) {
+    if !(ip.is_empty() || ip == "None") {
+        check_address(
+            field,
+            ip,
+            "an IP address, \"None\" (headless) or empty",
+            out,
+        );
     }
 }
 
 fn check_ip(field: &str, ip: &str, out: &mut Vec<Problem>) {
-    if ip.parse::<IpAddr>().is_err() {
-        out.push(problem(field, format!("{ip:?} is not an IP address")));
+    check_address(field, ip, "an IP address", out);
+}
+
+/// An address as the API server accepts it: IPv4 or IPv6, but not IPv4-mapped IPv6
+/// (`::ffff:10.0.0.1`), which the datapath could not tell from the IPv4 address.
+fn check_address(field: &str, ip: &str, expected: &str, out: &mut Vec<Problem>) {
+    match ip.parse::<IpAddr>() {
+        Err(_) => out.push(problem(field, format!("{ip:?} is not {expected}"))),
+        Ok(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some() => out.push(problem(
+            field,
+            format!("{ip:?} is an IPv4-mapped IPv6 address; use the IPv4 form"),
+        )),
+        Ok(_) => {}
+    }
+}
+
+/// At most one address of each family (unparsable entries are reported elsewhere).
+fn check_one_per_family<'a>(
+    ips: impl Iterator<Item = &'a str>,
+    field: impl Fn(usize) -> String,
+    out: &mut Vec<Problem>,
+) {
+    let mut seen = [None, None];
+    for (i, ip) in ips.enumerate() {
+        let Ok(ip) = ip.parse::<IpAddr>() else {
+            continue;
+        };
+        let family = usize::from(ip.is_ipv6());
+        if let Some(first) = seen[family] {
+            out.push(problem(
+                field(i),
+                format!(
+                    "{ip} is a second {} address (the first is at index {first}): at most one per family",
+                    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+                ),
+            ));
+        } else {
+            seen[family] = Some(i);
+        }
     }
 }
 

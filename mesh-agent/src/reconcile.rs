@@ -1,0 +1,185 @@
+//! One reconcile: state files → State → Plan → maps, then the follow-ups of a change
+//! (stale affinity and counters purged, UDP sockets to removed backends destroyed,
+//! health-check targets updated). Any failure keeps the last good state in force and
+//! is logged with the file, document and field involved.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use mesh_common::service::PROTO_UDP;
+use tracing::{error, info, warn};
+
+use crate::{
+    datapath::{
+        loader::DatapathMaps,
+        sockdestroy,
+        sync::{MapStore as _, stale_affinity, stale_metrics},
+    },
+    health::HealthChecker,
+    plan::{self, BackendAddr, Capacities, Ids, Plan, PlanContext},
+    state::{self, State},
+    telemetry::Telemetry,
+};
+
+/// Result of one reconcile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The maps hold the state.
+    Applied,
+    /// The state was invalid; the last good one stays until the files change again.
+    Rejected,
+    /// Writing the maps failed; worth retrying.
+    Failed,
+}
+
+/// Owns the maps and the memory of what was applied.
+pub struct Reconciler {
+    state_path: PathBuf,
+    node: String,
+    cgroup: PathBuf,
+    maps: DatapathMaps,
+    capacities: Capacities,
+    ids: Ids,
+    state: Option<State>,
+    applied: Option<Plan>,
+    health: Option<HealthChecker>,
+    telemetry: Arc<Telemetry>,
+}
+
+impl Reconciler {
+    /// A reconciler for the maps of one node. Ids already in the maps (a datapath an
+    /// earlier agent left pinned) are kept, so adopting it renumbers nothing.
+    pub fn new(
+        state_path: &Path,
+        node: &str,
+        cgroup: &Path,
+        maps: DatapathMaps,
+        health: Option<HealthChecker>,
+        telemetry: Arc<Telemetry>,
+    ) -> Result<Self, crate::datapath::sync::SyncError> {
+        let ids = maps.services.ids()?;
+        let capacities = Capacities {
+            services: maps.sizes.services,
+            slots: maps.sizes.slots,
+            backends: maps.sizes.backends,
+        };
+        Ok(Self {
+            state_path: state_path.into(),
+            node: node.into(),
+            cgroup: cgroup.into(),
+            maps,
+            capacities,
+            ids,
+            state: None,
+            applied: None,
+            health,
+            telemetry,
+        })
+    }
+
+    /// Re-reads the state files and applies them.
+    pub fn reload(&mut self) -> Outcome {
+        match state::load(&self.state_path) {
+            Ok(state) => {
+                self.state = Some(state);
+                self.replan()
+            }
+            Err(err) => {
+                for line in err.to_string().lines() {
+                    error!(state = %self.state_path.display(), problem = line, "state rejected; keeping the last good state");
+                }
+                self.telemetry.failed();
+                Outcome::Rejected
+            }
+        }
+    }
+
+    /// Plans the last good state again (health changed, or a retry) and applies it.
+    pub fn replan(&mut self) -> Outcome {
+        let Some(state) = &self.state else { return Outcome::Rejected };
+        let unhealthy: BTreeSet<BackendAddr> = self
+            .health
+            .as_ref()
+            .map(|h| h.unhealthy().into_iter().map(|(addr, proto)| BackendAddr { addr, proto }).collect())
+            .unwrap_or_default();
+        let ctx = PlanContext { node: &self.node, unhealthy: &unhealthy, capacities: self.capacities };
+        let (plan, next_ids) = match plan::plan(state, &self.ids, &ctx) {
+            Ok(planned) => planned,
+            Err(err) => {
+                error!(state = %self.state_path.display(), %err, "state rejected; keeping the last good state");
+                self.telemetry.failed();
+                return Outcome::Rejected;
+            }
+        };
+        let stats = match self.maps.services.apply(&plan) {
+            Ok(stats) => stats,
+            Err(err) => {
+                warn!(%err, "applying the state failed");
+                self.telemetry.failed();
+                return Outcome::Failed;
+            }
+        };
+        self.ids = next_ids;
+        self.after_apply(&plan);
+        info!(
+            frontends = plan.frontends.len(),
+            backends = plan.backends.len(),
+            unhealthy = unhealthy.len(),
+            written = stats.written,
+            removed = stats.removed,
+            "state applied"
+        );
+        self.telemetry.applied(&plan.frontends);
+        self.applied = Some(plan);
+        Outcome::Applied
+    }
+
+    /// Follow-ups whose failure does not undo the apply: each is logged and retried by
+    /// the next reconcile.
+    fn after_apply(&mut self, plan: &Plan) {
+        match self.maps.affinity.entries() {
+            Ok(entries) => {
+                for key in stale_affinity(&entries, &plan.active_pairs()) {
+                    if let Err(err) = self.maps.affinity.remove(&key) {
+                        warn!(%err, "dropping a stale affinity entry failed");
+                    }
+                }
+            }
+            Err(err) => warn!(%err, "reading affinity entries failed"),
+        }
+        let keys: Vec<_> = self.maps.metrics.keys().filter_map(Result::ok).collect();
+        for key in stale_metrics(&keys, plan) {
+            // A counter that vanished meanwhile is fine.
+            let _ = self.maps.metrics.remove(&key);
+        }
+        if let Some(previous) = &self.applied {
+            let gone: Vec<_> = previous
+                .backend_addrs()
+                .difference(&plan.backend_addrs())
+                .filter(|b| b.proto == PROTO_UDP)
+                .map(|b| b.addr)
+                .collect();
+            if !gone.is_empty() {
+                let cgroup = self.cgroup.clone();
+                // Entering pod namespaces blocks: keep it off the async workers.
+                tokio::task::spawn_blocking(move || {
+                    match sockdestroy::destroy_udp_sockets_to(&cgroup, &gone) {
+                        Ok(report) => info!(
+                            backends = ?gone,
+                            namespaces = report.namespaces,
+                            destroyed = report.destroyed,
+                            "destroyed UDP sockets connected to removed backends"
+                        ),
+                        Err(err) => warn!(%err, "destroying UDP sockets of removed backends failed"),
+                    }
+                });
+            }
+        }
+        if let Some(health) = &self.health {
+            health.set_targets(plan.probe_targets().into_iter().map(|b| (b.addr, b.proto)).collect());
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! The metrics snapshot, read from the pinned maps at scrape time: per-CPU connection
+//! counters joined with the last applied plan's names, map fill levels and memory, which
+//! programs are attached, and the reconcile record.
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::PathBuf,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
+use mesh_common::{
+    AffinityKey, AffinityValue, Backend, BackendSlotKey, LbMetricsKey, RevNatKey, RevNatValue,
+    ServiceKey, ServiceValue,
+    maps::{self, programs},
+    service::{BACKEND_ACTIVE, BACKEND_TERMINATING, PROTO_TCP},
+};
+
+use crate::{
+    datapath::pins,
+    metrics::{BackendCounter, MapFill, ServiceCounters, Snapshot, SnapshotSource},
+    plan::FrontendInfo,
+};
+
+/// What the reconcile loop shares with scrapes.
+pub struct Telemetry {
+    node_dir: PathBuf,
+    frontends: Mutex<Vec<FrontendInfo>>,
+    reconcile_errors: AtomicU64,
+    last_ok: AtomicBool,
+}
+
+impl Telemetry {
+    /// Telemetry of the datapath pinned in `node_dir`.
+    pub fn new(node_dir: PathBuf) -> Self {
+        Self {
+            node_dir,
+            frontends: Mutex::new(Vec::new()),
+            reconcile_errors: AtomicU64::new(0),
+            last_ok: AtomicBool::new(false),
+        }
+    }
+
+    /// Records a successful apply of `frontends`.
+    pub fn applied(&self, frontends: &[FrontendInfo]) {
+        *self.frontends.lock().unwrap_or_else(|e| e.into_inner()) = frontends.to_vec();
+        self.last_ok.store(true, Ordering::Relaxed);
+    }
+
+    /// Records a rejected state or a failed apply.
+    pub fn failed(&self) {
+        self.reconcile_errors.fetch_add(1, Ordering::Relaxed);
+        self.last_ok.store(false, Ordering::Relaxed);
+    }
+
+    fn counters(&self) -> BTreeMap<LbMetricsKey, u64> {
+        let Ok(data) = MapData::from_pin(self.node_dir.join(maps::LB_METRICS)) else {
+            return BTreeMap::new();
+        };
+        let Ok(map) = PerCpuHashMap::<_, LbMetricsKey, u64>::try_from(Map::PerCpuHashMap(data)) else {
+            return BTreeMap::new();
+        };
+        map.iter().filter_map(Result::ok).map(|(k, per_cpu)| (k, per_cpu.iter().sum())).collect()
+    }
+
+    fn map_fill(&self, name: &'static str) -> Option<MapFill> {
+        let data = MapData::from_pin(self.node_dir.join(name)).ok()?;
+        let info = data.info().ok()?;
+        let memory_bytes = memlock(&data).unwrap_or(0);
+        // Counting walks the keys: O(entries), acceptable at scrape intervals.
+        let entries = match name {
+            maps::SERVICES => count::<ServiceKey, ServiceValue>(Map::HashMap(data)),
+            maps::SERVICE_BACKENDS => count::<BackendSlotKey, u32>(Map::HashMap(data)),
+            maps::BACKENDS => count::<u32, Backend>(Map::HashMap(data)),
+            maps::AFFINITY => count::<AffinityKey, AffinityValue>(Map::LruHashMap(data)),
+            maps::REV_NAT => count::<RevNatKey, RevNatValue>(Map::LruHashMap(data)),
+            _ => PerCpuHashMap::<_, LbMetricsKey, u64>::try_from(Map::PerCpuHashMap(data))
+                .ok()
+                .map(|m| m.keys().count()),
+        }?;
+        Some(MapFill {
+            name: name.to_owned(),
+            entries: entries as u64,
+            capacity: u64::from(info.max_entries()),
+            memory_bytes,
+        })
+    }
+}
+
+fn count<K: aya::Pod, V: aya::Pod>(map: Map) -> Option<usize> {
+    HashMap::<_, K, V>::try_from(map).ok().map(|m| m.keys().count())
+}
+
+/// Locked memory of a map, from /proc/self/fdinfo (what `bpftool map show` reports).
+fn memlock(map: &MapData) -> Option<u64> {
+    let fd = map.fd().as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok())
+}
+
+fn state_name(state: u8) -> &'static str {
+    match state {
+        BACKEND_ACTIVE => "active",
+        BACKEND_TERMINATING => "terminating",
+        _ => "unhealthy",
+    }
+}
+
+fn frontend_name(f: &FrontendInfo) -> String {
+    let proto = if f.proto == PROTO_TCP { "TCP" } else { "UDP" };
+    format!("{}/{proto}", f.addr)
+}
+
+impl SnapshotSource for Telemetry {
+    fn snapshot(&self) -> Snapshot {
+        let counters = self.counters();
+        let count = |service_id, backend_id| {
+            counters.get(&LbMetricsKey { service_id, backend_id }).copied().unwrap_or(0)
+        };
+        let frontends = self.frontends.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let services = frontends
+            .iter()
+            .map(|f| ServiceCounters {
+                service: f.service.to_string(),
+                frontend: frontend_name(f),
+                refused: count(f.id, 0),
+                backends: f
+                    .backends
+                    .iter()
+                    .map(|b| BackendCounter {
+                        backend: b.addr.to_string(),
+                        state: state_name(b.state),
+                        connections: count(f.id, b.id),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Snapshot {
+            services,
+            programs_attached: programs::ALL
+                .iter()
+                .map(|p| (p.to_string(), pins::link_pin(&self.node_dir, p).exists()))
+                .collect(),
+            maps: maps::ALL.iter().filter_map(|m| self.map_fill(m)).collect(),
+            reconcile_errors: self.reconcile_errors.load(Ordering::Relaxed),
+            last_reconcile_ok: self.last_ok.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! The load-balancing decision shared by connect() and unconnected sendmsg().
+//!
+//! Decision order for a call to `addr:port` with protocol `p`:
+//! 1. `SERVICES[(addr, port, p)]` exists: a frontend.
+//!    - count == 0 (no usable backend): refuse (ECONNREFUSED), counted as refused.
+//!    - session affinity on, and the client's netns has an unexpired entry whose backend
+//!      is still active: that backend.
+//!    - otherwise slot `1 + random % count`; with affinity, remember the choice.
+//!    Then translate, remember (socket, backend) → VIP for recvmsg/getpeername, count.
+//! 2. `SERVICES[(addr, 0, 0)]` exists: `addr` is a cluster IP, but not with this port or
+//!    protocol: refuse, as kube-proxy's reject rule does, at once.
+//! 3. Otherwise: not ours, pass untouched.
+
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use mesh_common::{
+    AffinityKey, AffinityValue, Backend, BackendSlotKey, LbMetricsKey, RevNatKey, RevNatValue,
+    ServiceKey, ServiceValue,
+    service::{BACKEND_ACTIVE, SVC_FLAG_AFFINITY},
+};
+
+use crate::{
+    ctx::SockAddr,
+    maps::{AFFINITY, BACKENDS, LB_METRICS, REV_NAT, SERVICE_BACKENDS, SERVICES},
+};
+
+/// What happened to one call.
+pub enum Verdict {
+    /// Not a service address.
+    Pass,
+    /// Translated to a backend.
+    Translated,
+    /// A cluster IP with no usable backend for this port and protocol.
+    Refuse,
+}
+
+/// A lookup that missed in the middle of a translation (an update racing the call).
+pub struct Miss;
+
+/// Looks up the destination and, for a Service, rewrites it to a backend.
+#[inline(always)]
+pub fn translate<const V6: bool>(sa: &SockAddr) -> Result<Verdict, Miss> {
+    let addr = sa.addr::<V6>();
+    let key = ServiceKey { addr, port: sa.port(), proto: sa.protocol(), _pad: 0 };
+    // SAFETY (map reads here and below): values are plain data; a concurrent update can
+    // at worst give a stale copy.
+    let Some(svc) = (unsafe { SERVICES.get(&key) }) else {
+        let marker = ServiceKey { addr, port: 0, proto: 0, _pad: 0 };
+        return Ok(match unsafe { SERVICES.get(&marker) } {
+            Some(_) => Verdict::Refuse,
+            None => Verdict::Pass,
+        });
+    };
+    let svc = *svc;
+    if svc.count == 0 {
+        count(svc.id, 0);
+        return Ok(Verdict::Refuse);
+    }
+    let (backend_id, backend) = choose(sa, &svc)?;
+    if !sa.set::<V6>(&backend.addr, backend.port) {
+        return Err(Miss);
+    }
+    let rev_key = RevNatKey { cookie: sa.socket_cookie(), addr: backend.addr, port: backend.port, _pad: [0; 6] };
+    let rev = RevNatValue { addr, port: key.port, _pad: 0, service_id: svc.id };
+    // A full LRU map evicts the oldest entry; the insert itself cannot fail for lack of room.
+    let _ = REV_NAT.insert(&rev_key, &rev, 0);
+    count(svc.id, backend_id);
+    Ok(Verdict::Translated)
+}
+
+/// Picks the backend: the affinity entry when valid, else a random slot.
+fn choose(sa: &SockAddr, svc: &ServiceValue) -> Result<(u32, Backend), Miss> {
+    if svc.flags & SVC_FLAG_AFFINITY == 0 {
+        return random_backend(svc);
+    }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = AffinityKey { netns_cookie: sa.netns_cookie(), service_id: svc.id, _pad: 0 };
+    if let Some(entry) = AFFINITY.get_ptr_mut(&key) {
+        // SAFETY: the pointer is valid for the program's run; a racing writer can only
+        // make the read stale.
+        let (backend_id, last) = unsafe { ((*entry).backend_id, (*entry).last_used_ns) };
+        let timeout_ns = u64::from(svc.affinity_timeout_s).saturating_mul(1_000_000_000);
+        let fresh = now.saturating_sub(last) <= timeout_ns;
+        if fresh {
+            if let Some(b) = unsafe { BACKENDS.get(&backend_id) } {
+                if b.state == BACKEND_ACTIVE {
+                    // SAFETY: as above; refreshing the timestamp keeps an active client's
+                    // affinity alive, like kube-proxy's `recent` match.
+                    unsafe { (*entry).last_used_ns = now };
+                    return Ok((backend_id, *b));
+                }
+            }
+        }
+    }
+    let (backend_id, backend) = random_backend(svc)?;
+    let value = AffinityValue { backend_id, _pad: 0, last_used_ns: now };
+    let _ = AFFINITY.insert(&key, &value, 0);
+    Ok((backend_id, backend))
+}
+
+fn random_backend(svc: &ServiceValue) -> Result<(u32, Backend), Miss> {
+    // SAFETY: helper without arguments.
+    let random = unsafe { bpf_get_prandom_u32() };
+    // `checked_rem`: the compiler cannot see that count != 0 here, and a division-by-zero
+    // panic path would make the program unverifiable.
+    let slot = random.checked_rem(svc.count).ok_or(Miss)? + 1;
+    let slot_key = BackendSlotKey { service_id: svc.id, slot };
+    let backend_id = *unsafe { SERVICE_BACKENDS.get(&slot_key) }.ok_or(Miss)?;
+    let backend = *unsafe { BACKENDS.get(&backend_id) }.ok_or(Miss)?;
+    Ok((backend_id, backend))
+}
+
+/// Counts one translation (or, with `backend_id` 0, one refusal) on this CPU.
+fn count(service_id: u32, backend_id: u32) {
+    let key = LbMetricsKey { service_id, backend_id };
+    match LB_METRICS.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value: no other CPU writes it, and this program is not
+        // re-entered on the same CPU.
+        Some(n) => unsafe { *n += 1 },
+        // A full map drops the count, never the connection.
+        None => {
+            let _ = LB_METRICS.insert(&key, &1, 0);
+        }
+    }
+}
