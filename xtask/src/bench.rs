@@ -1,11 +1,19 @@
-//! `cargo xtask bench lb`: connection setup through a Service VIP against a direct
-//! connection to the same pod, measured in the same run with interleaved rounds so the
-//! ratio stays meaningful on a noisy shared machine.
+//! `cargo xtask bench lb`: connection setup from a pod to one backend pod, three ways in
+//! one run: directly to the pod IP (the baseline), through a Service VIP translated by
+//! the mesh at connect(), and through the same VIP DNATed by iptables rules shaped like
+//! kube-proxy's iptables mode. Each at 1, 1,000 and 10,000 Services. Rounds alternate
+//! the paths (and their order) so the ratios hold on a noisy shared machine.
 
-use std::{net::SocketAddr, path::Path};
+use std::{
+    fmt::Write as _,
+    io::Write as _,
+    net::SocketAddr,
+    process::{Command, Stdio},
+    time::Instant,
+};
 
 use anyhow::{Context as _, Result, bail};
-use mesh_tests::{Agent, Cluster, StateDir, testpod};
+use mesh_tests::{Agent, Cluster, Node, Pod, StateDir, testpod};
 
 use crate::{build, setup};
 
@@ -15,27 +23,21 @@ pub struct BenchArgs {
     /// Which benchmark: `lb`.
     which: String,
     /// Measured connections per round and path.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 1000)]
     count: u32,
-    /// Rounds; each runs both paths, alternating which goes first.
-    #[arg(long, default_value_t = 15)]
+    /// Rounds per path; each round runs both paths of a phase, alternating the order.
+    #[arg(long, default_value_t = 9)]
     rounds: u32,
+    /// Numbers of Services in force, comma separated.
+    #[arg(long, default_value = "1,1000,10000", value_delimiter = ',')]
+    sizes: Vec<u32>,
 }
 
-const STATE: &str = "apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: default}
-spec:
-  clusterIP: 10.96.0.10
-  selector: {app: web}
-  ports: [{port: 80, targetPort: 8080}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web-1, namespace: default, labels: {app: web}}
-spec: {containers: [{name: web}]}
-status: {podIP: 10.244.1.11}
-";
+/// The measured Service and its one backend.
+const VIP: &str = "10.96.0.10:80";
+const BACKEND: &str = "10.244.1.11:8080";
+/// Backends per filler Service (as the issue's scale target: 10 each).
+const FILLER_BACKENDS: u32 = 10;
 
 /// Runs the chosen benchmark.
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -45,7 +47,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
 }
 
-/// Per-path results across rounds.
+/// One path's results across rounds.
 #[derive(Default)]
 struct PathStats {
     p50: Vec<u64>,
@@ -84,9 +86,21 @@ impl PathStats {
     }
 }
 
+/// Results at one size.
+struct SizeResult {
+    services: u32,
+    mesh_load_s: f64,
+    iptables_load_s: f64,
+    direct_mesh: PathStats,
+    mesh: PathStats,
+    direct_ipt: PathStats,
+    iptables: PathStats,
+}
+
 fn lb(args: &BenchArgs) -> Result<()> {
     crate::require_root("bench")?;
     setup::run()?;
+    setup::apt_tools(&[("iptables-restore", "iptables")])?;
     let bins = build::run(build::Profile::Release)?;
     crate::use_binaries(&bins);
 
@@ -96,70 +110,247 @@ fn lb(args: &BenchArgs) -> Result<()> {
         .pod("n1", "web-1", "10.244.1.11")
         .build()?;
     let _server = testpod::start_server(cluster.pod("web-1"), 8080, "web-1")?;
-    let state = StateDir::new("bench")?;
-    state.write("state.yaml", STATE)?;
-    let agent = Agent::start(cluster.node("n1"), state.path())?;
-
     let client = cluster.pod("client");
+    let node = cluster.node("n1");
     // Tens of thousands of short connections to one destination leave as many client
     // ports in TIME_WAIT; once the ephemeral range runs low, connect() spends
-    // milliseconds hunting for a port and measures that instead of the mesh. Both knobs
-    // are per network namespace, so only the client pod changes.
+    // milliseconds hunting for a port and measures that instead of the datapath. Both
+    // knobs are per network namespace, so only the client pod changes.
     client.in_netns(|| -> Result<()> {
         std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535")?;
         std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1")?;
         Ok(())
     })??;
-    let direct: SocketAddr = "10.244.1.11:8080".parse()?;
-    let vip: SocketAddr = "10.96.0.10:80".parse()?;
-    let (mut d, mut v) = (PathStats::default(), PathStats::default());
+
     println!(
-        "lb: connect + 64 B request/echo + close from a pod, {} rounds x {} connections per path",
+        "lb: connect + 64 B request/echo + close from a pod to one backend pod;\n    \
+         {} rounds x {} connections per path and size, paths alternating",
         args.rounds, args.count
     );
+    let mut results = Vec::new();
+    for &size in &args.sizes {
+        results.push(measure_size(args, node, client, size)?);
+    }
+    print_table(&results);
+    write_report(&results)
+}
+
+fn measure_size(args: &BenchArgs, node: &Node, client: &Pod, size: u32) -> Result<SizeResult> {
+    let direct: SocketAddr = BACKEND.parse()?;
+    let vip: SocketAddr = VIP.parse()?;
+    println!("\n{size} services:");
+
+    let state = StateDir::new("bench")?;
+    state.write("state.yaml", &mesh_state(size))?;
+    let start = Instant::now();
+    let agent = Agent::start(node, state.path())?;
+    let mesh_load_s = start.elapsed().as_secs_f64();
+    println!("  mesh: {size} services loaded and attached in {mesh_load_s:.2} s");
+    let (direct_mesh, mesh) = rounds(args, client, direct, vip, "mesh")?;
+    // SIGTERM detaches the programs: the iptables phase sees the plain kernel.
+    drop(agent);
+
+    let start = Instant::now();
+    iptables_restore(node, &iptables_rules(size))?;
+    let iptables_load_s = start.elapsed().as_secs_f64();
+    println!("  iptables: {} rules loaded in {iptables_load_s:.2} s", 1 + size * (2 + 2 * FILLER_BACKENDS));
+    let measured = rounds(args, client, direct, vip, "iptables");
+    iptables_restore(node, "*nat\n-F\n-X\nCOMMIT\n")?;
+    let (direct_ipt, iptables) = measured?;
+    Ok(SizeResult { services: size, mesh_load_s, iptables_load_s, direct_mesh, mesh, direct_ipt, iptables })
+}
+
+/// Alternating rounds of the direct path and the VIP path.
+fn rounds(
+    args: &BenchArgs,
+    client: &Pod,
+    direct: SocketAddr,
+    vip: SocketAddr,
+    via: &str,
+) -> Result<(PathStats, PathStats)> {
+    let (mut d, mut v) = (PathStats::default(), PathStats::default());
     for round in 1..=args.rounds {
-        let run = |addr, what| testpod::bench(client, addr, args.count, 100).context(what);
-        // Alternate the order so neither path always runs on a warmer machine.
-        let (sd, sv) = if round % 2 == 1 {
-            let sd = run(direct, "direct round")?;
-            (sd, run(vip, "VIP round")?)
-        } else {
-            let sv = run(vip, "VIP round")?;
-            (run(direct, "direct round")?, sv)
+        let run = |addr, what: &str| {
+            testpod::bench(client, addr, args.count, 100).with_context(|| format!("{what} round {round}"))
         };
-        println!(
-            "  round {round}: direct p50 {:.1} us, VIP p50 {:.1} us",
-            sd.p50_ns as f64 / 1e3,
-            sv.p50_ns as f64 / 1e3
-        );
+        let (sd, sv) = if round % 2 == 1 {
+            let sd = run(direct, "direct")?;
+            (sd, run(vip, via)?)
+        } else {
+            let sv = run(vip, via)?;
+            (run(direct, "direct")?, sv)
+        };
         d.add(&sd);
         v.add(&sv);
     }
-    drop(agent);
-
-    println!("\n{:<22} {:>10} {:>10} {:>12} {:>7}", "path", "p50 (us)", "p99 (us)", "conn/s", "errors");
-    for (name, p) in [("direct to pod IP", &d), ("VIP via mesh", &v)] {
-        println!("{name:<22} {:>10.1} {:>10.1} {:>12.0} {:>7}", p.p50_us(), p.p99_us(), p.cps(), p.errors);
-    }
-    let ratio = |a: f64, b: f64| if b == 0.0 { f64::NAN } else { a / b };
-    let (r50, r99, rcps) =
-        (ratio(v.p50_us(), d.p50_us()), ratio(v.p99_us(), d.p99_us()), ratio(v.cps(), d.cps()));
-    println!("{:<22} {:>9.3}x {:>9.3}x {:>11.3}x", "ratio VIP / direct", r50, r99, rcps);
-    let verdict = if r50 <= 1.05 { "met" } else { "NOT met" };
-    println!("target: VIP p50 within 5% of direct: {verdict}");
-    write_report(&build::workspace_root().join("target/bench/lb.json"), &d, &v, r50, r99, rcps)
+    println!(
+        "  {via}: direct p50 {:.1} us, VIP p50 {:.1} us ({} errors)",
+        d.p50_us(),
+        v.p50_us(),
+        d.errors + v.errors
+    );
+    Ok((d, v))
 }
 
-fn write_report(path: &Path, d: &PathStats, v: &PathStats, r50: f64, r99: f64, rcps: f64) -> Result<()> {
+/// The filler Service i: its VIP and its backends (never dialled).
+fn filler(i: u32) -> (String, Vec<String>) {
+    let vip = format!("10.96.{}.{}", 1 + i / 256, i % 256);
+    let backends = (0..FILLER_BACKENDS).map(|j| format!("10.{}.{}.{}", 246 + j, i / 256, i % 256)).collect();
+    (vip, backends)
+}
+
+/// The measured Service (selector) and `size - 1` selector-less filler Services with
+/// EndpointSlices of 10 endpoints each.
+fn mesh_state(size: u32) -> String {
+    let mut y = String::from(
+        "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: default, labels: {app: web}}
+spec: {containers: [{name: web}]}
+status: {podIP: 10.244.1.11}
+",
+    );
+    for i in 0..size.saturating_sub(1) {
+        let (vip, backends) = filler(i);
+        let endpoints: Vec<String> = backends.iter().map(|b| format!("{{addresses: [{b}]}}")).collect();
+        let _ = write!(
+            y,
+            "---
+apiVersion: v1
+kind: Service
+metadata: {{name: s{i}, namespace: default}}
+spec: {{clusterIP: {vip}, ports: [{{port: 80, targetPort: 8080}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: s{i}-1, namespace: default, labels: {{kubernetes.io/service-name: s{i}}}}}
+addressType: IPv4
+ports: [{{port: 8080, protocol: TCP}}]
+endpoints: [{}]
+",
+            endpoints.join(", ")
+        );
+    }
+    y
+}
+
+/// The same Services as kube-proxy's iptables mode writes them (nat table, in the node
+/// netns where pod traffic arrives): KUBE-SERVICES matches each VIP:port and jumps to a
+/// per-Service chain that picks an endpoint with `statistic --mode random`, then DNAT.
+/// The measured Service sits in the middle of KUBE-SERVICES: an average-length scan.
+fn iptables_rules(size: u32) -> String {
+    let mut chains = String::from("*nat\n:KUBE-SERVICES - [0:0]\n");
+    let mut rules = String::from("-A PREROUTING -j KUBE-SERVICES\n");
+    let fillers = size.saturating_sub(1);
+    let mut add_service = |name: &str, vip: &str, backends: &[String]| {
+        let _ = writeln!(chains, ":KUBE-SVC-{name} - [0:0]");
+        let _ = writeln!(rules, "-A KUBE-SERVICES -d {vip}/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-{name}");
+        let n = backends.len();
+        for (j, b) in backends.iter().enumerate() {
+            let _ = writeln!(chains, ":KUBE-SEP-{name}-{j} - [0:0]");
+            // kube-proxy: endpoint j of n is taken with probability 1/(n-j); the last always.
+            if j + 1 < n {
+                let p = 1.0 / (n - j) as f64;
+                let _ = writeln!(rules, "-A KUBE-SVC-{name} -m statistic --mode random --probability {p:.10} -j KUBE-SEP-{name}-{j}");
+            } else {
+                let _ = writeln!(rules, "-A KUBE-SVC-{name} -j KUBE-SEP-{name}-{j}");
+            }
+            let _ = writeln!(rules, "-A KUBE-SEP-{name}-{j} -p tcp -m tcp -j DNAT --to-destination {b}:8080");
+        }
+    };
+    for i in 0..fillers {
+        if i == fillers / 2 {
+            add_service("WEB", "10.96.0.10", &["10.244.1.11".to_owned()]);
+        }
+        let (vip, backends) = filler(i);
+        add_service(&format!("S{i}"), &vip, &backends);
+    }
+    if fillers == 0 {
+        add_service("WEB", "10.96.0.10", &["10.244.1.11".to_owned()]);
+    }
+    chains + &rules + "COMMIT\n"
+}
+
+/// Loads `rules` with iptables-restore inside the node's netns (never the host's).
+fn iptables_restore(node: &Node, rules: &str) -> Result<()> {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", node.netns_path().display()))
+        .args(["iptables-restore", "--noflush"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().context("run iptables-restore")?;
+    child.stdin.take().context("stdin")?.write_all(rules.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("iptables-restore failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn print_table(results: &[SizeResult]) {
+    println!(
+        "\n{:>8}  {:<20} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "services", "path", "p50 us", "p99 us", "conn/s", "p50 x", "conn/s x"
+    );
+    for r in results {
+        let rows = [
+            ("direct (mesh phase)", &r.direct_mesh, &r.direct_mesh),
+            ("VIP via mesh", &r.mesh, &r.direct_mesh),
+            ("direct (ipt phase)", &r.direct_ipt, &r.direct_ipt),
+            ("VIP via iptables", &r.iptables, &r.direct_ipt),
+        ];
+        for (name, p, base) in rows {
+            println!(
+                "{:>8}  {name:<20} {:>9.1} {:>9.1} {:>9.0} {:>8.3}x {:>8.3}x",
+                r.services,
+                p.p50_us(),
+                p.p99_us(),
+                p.cps(),
+                p.p50_us() / base.p50_us(),
+                p.cps() / base.cps()
+            );
+        }
+    }
+    println!("\ntargets: mesh p50 within 5% of direct at every size; mesh ahead of iptables at 10,000");
+    for r in results {
+        let mesh = r.mesh.p50_us() / r.direct_mesh.p50_us();
+        let ipt = r.iptables.p50_us() / r.direct_ipt.p50_us();
+        println!(
+            "{:>8} services: mesh {mesh:.3}x direct ({}), iptables {ipt:.3}x direct; mesh {} iptables",
+            r.services,
+            if mesh <= 1.05 { "met" } else { "NOT met" },
+            if mesh < ipt { "ahead of" } else { "NOT ahead of" }
+        );
+    }
+}
+
+fn write_report(results: &[SizeResult]) -> Result<()> {
     let entry = |p: &PathStats| {
         serde_json::json!({"p50_us": p.p50_us(), "p99_us": p.p99_us(), "conn_per_sec": p.cps(), "errors": p.errors})
     };
-    let report = serde_json::json!({
-        "direct": entry(d), "vip": entry(v),
-        "ratio": {"p50": r50, "p99": r99, "conn_per_sec": rcps},
-    });
+    let report: Vec<_> = results
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "services": r.services,
+                "mesh_load_seconds": r.mesh_load_s,
+                "iptables_load_seconds": r.iptables_load_s,
+                "direct_mesh_phase": entry(&r.direct_mesh),
+                "mesh": entry(&r.mesh),
+                "direct_iptables_phase": entry(&r.direct_ipt),
+                "iptables": entry(&r.iptables),
+            })
+        })
+        .collect();
+    let path = build::workspace_root().join("target/bench/lb.json");
     std::fs::create_dir_all(path.parent().context("report path")?)?;
-    std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     println!("report: {}", path.display());
     Ok(())
 }

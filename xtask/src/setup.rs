@@ -33,8 +33,7 @@ pub fn path_with_tools() -> anyhow::Result<std::ffi::OsString> {
 pub fn run() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
-    apt_tools()?;
-    Ok(())
+    apt_tools(&[("bpftool", "bpftool"), ("ip", "iproute2")])
 }
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
@@ -112,9 +111,11 @@ fn bpf_linker() -> anyhow::Result<()> {
     )
 }
 
-fn apt_tools() -> anyhow::Result<()> {
-    let missing: Vec<&str> = [("bpftool", "bpftool"), ("ip", "iproute2")]
-        .into_iter()
+/// Installs the Debian packages whose commands are missing: (command, package) pairs.
+pub fn apt_tools(tools: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
         .filter(|(cmd, _)| !on_path(cmd))
         .map(|(_, pkg)| pkg)
         .collect();
