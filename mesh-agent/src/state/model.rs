@@ -65,17 +65,8 @@ impl State {
     }
 
     /// All EndpointSlices, ordered by namespace and name.
-    #[cfg(test)]
     pub fn endpoint_slices(&self) -> impl ExactSizeIterator<Item = (&ObjectKey, &EndpointSlice)> {
         self.endpoint_slices.iter()
-    }
-
-    /// The EndpointSlices of one namespace, ordered by name.
-    pub fn endpoint_slices_in<'a>(
-        &'a self,
-        namespace: &str,
-    ) -> impl Iterator<Item = (&'a ObjectKey, &'a EndpointSlice)> + use<'a> {
-        in_namespace(&self.endpoint_slices, namespace)
     }
 }
 
