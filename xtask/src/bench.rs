@@ -90,6 +90,7 @@ impl PathStats {
 struct SizeResult {
     services: u32,
     mesh_load_s: f64,
+    map_memory_bytes: u64,
     iptables_load_s: f64,
     direct_mesh: PathStats,
     mesh: PathStats,
@@ -145,7 +146,11 @@ fn measure_size(args: &BenchArgs, node: &Node, client: &Pod, size: u32) -> Resul
     let start = Instant::now();
     let agent = Agent::start(node, state.path())?;
     let mesh_load_s = start.elapsed().as_secs_f64();
-    println!("  mesh: {size} services loaded and attached in {mesh_load_s:.2} s");
+    let memory = map_memory(&agent.pin_dir())?;
+    println!(
+        "  mesh: {size} services loaded and attached in {mesh_load_s:.2} s; maps hold {:.1} MiB",
+        memory as f64 / (1024.0 * 1024.0)
+    );
     let (direct_mesh, mesh) = rounds(args, client, direct, vip, "mesh")?;
     // SIGTERM detaches the programs: the iptables phase sees the plain kernel.
     drop(agent);
@@ -157,7 +162,16 @@ fn measure_size(args: &BenchArgs, node: &Node, client: &Pod, size: u32) -> Resul
     let measured = rounds(args, client, direct, vip, "iptables");
     iptables_restore(node, "*nat\n-F\n-X\nCOMMIT\n")?;
     let (direct_ipt, iptables) = measured?;
-    Ok(SizeResult { services: size, mesh_load_s, iptables_load_s, direct_mesh, mesh, direct_ipt, iptables })
+    Ok(SizeResult {
+        services: size,
+        mesh_load_s,
+        map_memory_bytes: memory,
+        iptables_load_s,
+        direct_mesh,
+        mesh,
+        direct_ipt,
+        iptables,
+    })
 }
 
 /// Alternating rounds of the direct path and the VIP path.
@@ -276,6 +290,20 @@ fn iptables_rules(size: u32) -> String {
     chains + &rules + "COMMIT\n"
 }
 
+/// Kernel memory of the pinned maps (bpftool's `bytes_memlock`): fixed by capacity,
+/// not by the number of Services, since hash maps preallocate.
+fn map_memory(pin_dir: &std::path::Path) -> Result<u64> {
+    let mut total = 0;
+    for name in mesh_common::maps::ALL {
+        let path = pin_dir.join(name);
+        let out = Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(&path).output()?;
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("bpftool map show {}", path.display()))?;
+        total += info["bytes_memlock"].as_u64().unwrap_or(0);
+    }
+    Ok(total)
+}
+
 /// Loads `rules` with iptables-restore inside the node's netns (never the host's).
 fn iptables_restore(node: &Node, rules: &str) -> Result<()> {
     let mut cmd = Command::new("nsenter");
@@ -340,6 +368,7 @@ fn write_report(results: &[SizeResult]) -> Result<()> {
             serde_json::json!({
                 "services": r.services,
                 "mesh_load_seconds": r.mesh_load_s,
+                "mesh_map_memory_bytes": r.map_memory_bytes,
                 "iptables_load_seconds": r.iptables_load_s,
                 "direct_mesh_phase": entry(&r.direct_mesh),
                 "mesh": entry(&r.mesh),
