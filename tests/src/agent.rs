@@ -1,26 +1,37 @@
 //! Running `mesh-agent` on a test node: in the node's netns, outside its cgroup (so the
 //! agent's own sockets are not caught by its hooks), attached to the node's cgroup, with
 //! its pins under a node name unique to the test run.
+//!
+//! The pinned datapath can outlive its agent (SIGKILL, or `--keep-datapath`): it is then
+//! a [`PinnedDatapath`] of its own, which a later agent adopts or whose drop removes it.
 
 use std::{
     fs::File,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 
-use crate::{ChildGuard, Node, agent_bin, eventually};
+use crate::{ChildGuard, Node, agent_bin, eventually, sys};
 
 /// bpffs mount the agents use (the agent mounts it when missing).
 pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// Where every test agent serves /metrics: the loopback of its own node netns, so the
+/// agents of one cluster (and of parallel tests) never collide.
+pub const METRICS_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);
 
 /// How long an agent gets to load, program and attach its datapath.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long an agent gets to detach and unpin after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on each step of a /metrics scrape (connect, write, read).
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A directory of state files, removed on drop.
 pub struct StateDir {
@@ -60,10 +71,74 @@ impl Drop for StateDir {
     }
 }
 
+/// The node name an agent on `node` runs with (`--node`): unique per test run, so pins
+/// of parallel tests never meet. Pods scheduled on that node carry it as
+/// `spec.nodeName` (e.g. for `trafficDistribution: PreferClose`).
+pub fn node_name(node: &Node) -> String {
+    // bpffs refuses '.' in names.
+    node.netns_name().replace('.', "-")
+}
+
+/// A node's datapath pinned under `<bpffs>/mesh/<node>/` (maps, programs, links: the
+/// links keep the programs attached). Removed on drop, so nothing outlives the test even
+/// when an agent was killed or told to keep its datapath.
+#[derive(Debug)]
+pub struct PinnedDatapath {
+    node_name: String,
+}
+
+impl PinnedDatapath {
+    /// The node name the datapath is pinned under.
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    /// `<bpffs>/mesh/<node>/`.
+    pub fn pin_dir(&self) -> PathBuf {
+        Path::new(BPFFS).join("mesh").join(&self.node_name)
+    }
+
+    /// Starts a new agent on `node` under the same node name, which adopts this
+    /// datapath (see [`Agent::start_with`] for `args`).
+    pub fn adopt(self, node: &Node, state: &Path, args: &[&str]) -> Result<Agent> {
+        Agent::spawn(node, state, self, args)
+    }
+
+    /// Removes the datapath with `mesh-agent uninstall --node <name>` (what an operator
+    /// runs) and fails if that command does.
+    pub fn uninstall(self) -> Result<()> {
+        let out = Command::new(agent_bin()?)
+            .args(["uninstall", "--node", &self.node_name, "--bpffs", BPFFS])
+            .stdin(Stdio::null())
+            .output()
+            .context("run mesh-agent uninstall")?;
+        ensure!(
+            out.status.success(),
+            "mesh-agent uninstall --node {} failed ({}): {}",
+            self.node_name,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+}
+
+impl Drop for PinnedDatapath {
+    fn drop(&mut self) {
+        // Unpinning the links detaches the programs; a no-op after `uninstall`.
+        let _ = std::fs::remove_dir_all(self.pin_dir());
+        // Shared by all nodes' agents: removed only once empty.
+        let _ = std::fs::remove_dir(Path::new(BPFFS).join("mesh"));
+    }
+}
+
 /// A running agent; stopped with SIGTERM (then SIGKILL) and its pins removed on drop.
 pub struct Agent {
     child: Option<ChildGuard>,
-    pin_name: String,
+    // Taken out by `kill`/`stop_leaving_datapath`, which hand the datapath to the caller.
+    datapath: Option<PinnedDatapath>,
+    node_name: String,
+    netns: PathBuf,
     log: PathBuf,
 }
 
@@ -71,22 +146,41 @@ impl Agent {
     /// Starts `mesh-agent run` for `node` with `state` and waits until its datapath is
     /// attached ("datapath ready" in its log).
     pub fn start(node: &Node, state: &Path) -> Result<Self> {
-        // Unique per test run; bpffs refuses '.' in names.
-        let pin_name = node.netns_name().replace('.', "-");
-        let log = std::env::temp_dir().join(format!("mesh-agent-{pin_name}.log"));
+        Self::start_with(node, state, &[])
+    }
+
+    /// [`Agent::start`] with extra `mesh-agent run` flags, e.g.
+    /// `&["--health-checks", "--health-interval-ms", "100"]` or `&["--keep-datapath"]`.
+    pub fn start_with(node: &Node, state: &Path, args: &[&str]) -> Result<Self> {
+        let datapath = PinnedDatapath { node_name: node_name(node) };
+        Self::spawn(node, state, datapath, args)
+    }
+
+    fn spawn(node: &Node, state: &Path, datapath: PinnedDatapath, args: &[&str]) -> Result<Self> {
+        // One log per agent process: a restarted agent must not truncate (nor its drop
+        // delete) the log of the one before it.
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let node_name = datapath.node_name.clone();
+        let log = std::env::temp_dir().join(format!(
+            "mesh-agent-{node_name}-{}.log",
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
         let log_file = File::create(&log).with_context(|| format!("create {}", log.display()))?;
         let mut cmd = Command::new(agent_bin()?);
-        cmd.args(["run", "--node", &pin_name, "--bpffs", BPFFS, "--state"])
+        cmd.args(["run", "--node", &node_name, "--bpffs", BPFFS, "--state"])
             .arg(state)
             .arg("--cgroup")
             .arg(node.cgroup_dir())
+            .args(["--metrics-addr", &METRICS_ADDR.to_string()])
+            .args(args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);
-        let child = node.spawn_outside_cgroup(cmd)?;
-        let agent = Self { child: Some(child), pin_name, log };
+        // The guard exists before the child does: a failed start still removes the pins.
+        let mut agent = Self { child: None, datapath: Some(datapath), node_name, netns: node.netns_path(), log };
+        agent.child = Some(node.spawn_outside_cgroup(cmd)?);
         let ready = eventually(READY_TIMEOUT, || {
             agent.log().contains("datapath ready") || agent.exited()
         });
@@ -98,12 +192,12 @@ impl Agent {
 
     /// The node name the agent pins under (`<bpffs>/mesh/<name>/`).
     pub fn pin_name(&self) -> &str {
-        &self.pin_name
+        &self.node_name
     }
 
     /// The agent's pin directory.
     pub fn pin_dir(&self) -> PathBuf {
-        Path::new(BPFFS).join("mesh").join(&self.pin_name)
+        Path::new(BPFFS).join("mesh").join(&self.node_name)
     }
 
     /// Everything the agent logged so far.
@@ -127,7 +221,7 @@ impl Agent {
 
     /// `mesh-agent services --node <this node>`: the table the kernel holds.
     pub fn services(&self) -> Result<String> {
-        let out = self.cli(&["services", "--node", &self.pin_name, "--bpffs", BPFFS])?;
+        let out = self.cli(&["services", "--node", &self.node_name, "--bpffs", BPFFS])?;
         if !out.status.success() {
             bail!("mesh-agent services failed: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -139,9 +233,33 @@ impl Agent {
         self.log().matches("state applied").count()
     }
 
+    /// The agent's Prometheus exposition (`GET /metrics` on [`METRICS_ADDR`]), fetched
+    /// from a thread inside the node's netns, where that loopback address lives.
+    pub fn metrics(&self) -> Result<String> {
+        sys::in_netns(&self.netns, || http_get(METRICS_ADDR, "/metrics"))
+            .context("enter the node netns")?
+            .with_context(|| format!("scrape the metrics of agent {}", self.node_name))
+    }
+
     /// Stops the agent with SIGTERM and returns its exit status.
     pub fn stop(mut self) -> Result<ExitStatus> {
         self.terminate()?.context("agent did not exit after SIGTERM")
+    }
+
+    /// Stops the agent with SIGTERM, like [`Agent::stop`], but hands its pinned datapath
+    /// to the caller instead of removing it: for agents run with `--keep-datapath`.
+    pub fn stop_leaving_datapath(mut self) -> Result<(ExitStatus, PinnedDatapath)> {
+        let status = self.terminate()?.context("agent did not exit after SIGTERM")?;
+        Ok((status, self.datapath.take().context("datapath already handed out")?))
+    }
+
+    /// Kills the agent with SIGKILL (no chance to clean up: its pins stay and its
+    /// programs stay attached) and hands the pinned datapath to the caller.
+    pub fn kill(mut self) -> PinnedDatapath {
+        if let Some(child) = self.child.take() {
+            child.kill();
+        }
+        self.datapath.take().expect("an agent owns its datapath until kill/stop")
     }
 
     fn terminate(&mut self) -> Result<Option<ExitStatus>> {
@@ -157,13 +275,31 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- log of agent {} ---\n{}", self.pin_name, self.log());
+            eprintln!("--- log of agent {} ---\n{}", self.node_name, self.log());
         }
         let _ = self.terminate();
-        // Anything left (the agent was killed or crashed) must not outlive the test.
-        let _ = std::fs::remove_dir_all(self.pin_dir());
-        // Shared by all nodes' agents: removed only once empty.
-        let _ = std::fs::remove_dir(Path::new(BPFFS).join("mesh"));
+        // Dropping the datapath guard removes whatever the agent left (it was killed,
+        // crashed, or kept its datapath).
+        self.datapath = None;
         let _ = std::fs::remove_file(&self.log);
     }
+}
+
+/// A plain HTTP/1.1 GET with `Connection: close`; returns the body of a 200 response.
+fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, SCRAPE_TIMEOUT).with_context(|| format!("connect {addr}"))?;
+    stream.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
+    stream.set_write_timeout(Some(SCRAPE_TIMEOUT))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).with_context(|| format!("read the response from {addr}"))?;
+    let (head, body) = response.split_once("\r\n\r\n").context("response without a header end")?;
+    let status = head.lines().next().unwrap_or_default();
+    ensure!(status.split_whitespace().nth(1) == Some("200"), "GET {path}: {status}\n{body}");
+    // The body is read to EOF, so only a chunked encoding would need decoding.
+    ensure!(
+        !head.to_ascii_lowercase().contains("transfer-encoding: chunked"),
+        "GET {path}: chunked responses are not decoded"
+    );
+    Ok(body.to_owned())
 }

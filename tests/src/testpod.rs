@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
@@ -36,6 +36,11 @@ pub struct ConnectSummary {
     pub connect_errno_first: Option<String>,
     /// Human-readable description of the first failure, for test messages.
     pub first_error: Option<String>,
+    /// Successful exchanges by the peer address the application saw: `getpeername()`
+    /// of the connected socket for `connect`, the source address `recvfrom()` returned
+    /// for `udp-query`. Through the mesh this is the Service VIP, never a pod IP.
+    #[serde(default)]
+    pub peers: BTreeMap<String, u64>,
 }
 
 impl ConnectSummary {
@@ -44,6 +49,11 @@ impl ConnectSummary {
         self.attempts += 1;
         self.ok += 1;
         *self.by_backend.entry(backend.to_owned()).or_default() += 1;
+    }
+
+    /// Counts the peer address of one successful exchange (see [`ConnectSummary::peers`]).
+    pub fn record_peer(&mut self, peer: SocketAddr) {
+        *self.peers.entry(peer.to_string()).or_default() += 1;
     }
 
     /// Counts one failure; `step` says where it happened ("connect", "read", ...).
@@ -58,6 +68,41 @@ impl ConnectSummary {
         }
         *self.errors.entry(key).or_default() += 1;
     }
+}
+
+/// The line `mesh-testpod hold` prints as soon as its connection is established.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldStarted {
+    /// The backend that answered (its name line).
+    pub backend: String,
+}
+
+/// The last line of `mesh-testpod hold`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldReport {
+    /// Echo round trips that succeeded on the held connection.
+    pub echoes_ok: u64,
+    /// 1 if the connection failed (to connect or in an echo), else 0: `hold` gives the
+    /// connection up at its first failure, since a late echo would be misread as the
+    /// next one.
+    pub errors: u64,
+    /// Description of the first failure, if any.
+    pub first_error: Option<String>,
+}
+
+/// One line of `mesh-testpod udp-hold`: the outcome of one round.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UdpRound {
+    /// Round number, from 0.
+    pub round: u32,
+    /// Whether the datagram was answered with the expected echo.
+    pub ok: bool,
+    /// The backend that answered (`None` when the round failed).
+    pub backend: Option<String>,
+    /// Error key of a failed round (see [`error_key`]), e.g. "ECONNABORTED": the error
+    /// the kernel recorded on the socket (SO_ERROR) if there is one, as it names the
+    /// cause, else the error of the failing call.
+    pub error: Option<String>,
 }
 
 /// Output of `mesh-testpod bench`.
@@ -128,6 +173,7 @@ pub fn errno_name(errno: i32) -> String {
         libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
         libc::EADDRINUSE => "EADDRINUSE",
         libc::EINVAL => "EINVAL",
+        libc::EDESTADDRREQ => "EDESTADDRREQ",
         other => return format!("errno {other}"),
     };
     name.to_owned()
@@ -168,29 +214,106 @@ pub fn start_server(pod: &Pod, port: u16, name: &str) -> Result<ChildGuard> {
 
 /// Runs `mesh-testpod connect --count <count>` (TCP) from `pod` to `addr`.
 pub fn connect(pod: &Pod, addr: SocketAddr, count: u32) -> Result<ConnectSummary> {
-    run_connect(pod, addr, count, false)
+    run_client(pod, "connect", addr, count, &[])
 }
 
 /// Like [`connect`], over UDP: each attempt is one connected UDP socket, one datagram
 /// out and the reply `NAME\n<payload>` back.
 pub fn connect_udp(pod: &Pod, addr: SocketAddr, count: u32) -> Result<ConnectSummary> {
-    run_connect(pod, addr, count, true)
+    run_client(pod, "connect", addr, count, &["--udp"])
 }
 
-fn run_connect(pod: &Pod, addr: SocketAddr, count: u32, udp: bool) -> Result<ConnectSummary> {
+/// Like [`connect`], but from an IPv6 (`AF_INET6`) socket that dials the IPv4-mapped
+/// form `[::ffff:a.b.c.d]:port` of `addr`, as dual-stack applications do.
+pub fn connect_ipv4_mapped(pod: &Pod, addr: SocketAddrV4, count: u32) -> Result<ConnectSummary> {
+    run_client(pod, "connect", addr.into(), count, &["--ipv6-socket"])
+}
+
+/// Runs `mesh-testpod udp-query` from `pod`: `count` times `sendto(addr)` and
+/// `recvfrom()` on ONE unconnected UDP socket. [`ConnectSummary::peers`] holds the
+/// source addresses of the replies.
+pub fn udp_query(pod: &Pod, addr: SocketAddr, count: u32) -> Result<ConnectSummary> {
+    run_client(pod, "udp-query", addr, count, &[])
+}
+
+fn run_client(
+    pod: &Pod,
+    command: &str,
+    addr: SocketAddr,
+    count: u32,
+    extra: &[&str],
+) -> Result<ConnectSummary> {
     let mut cmd = Command::new(testpod_bin()?);
     cmd.args([
-        "connect",
+        command,
         "--addr",
         &addr.to_string(),
         "--count",
         &count.to_string(),
         "--json",
+    ])
+    .args(extra);
+    parse_json(&pod.run(cmd)?)
+        .with_context(|| format!("{command} from pod {} to {addr}", pod.name()))
+}
+
+/// Starts `mesh-testpod hold` in `pod`: one TCP connection to `addr`, an echo every
+/// `interval` for `duration` (whole seconds). Read its [`HoldStarted`] line, then its [`HoldReport`],
+/// with [`next_json_line`].
+pub fn spawn_hold(
+    pod: &Pod,
+    addr: SocketAddr,
+    duration: Duration,
+    interval: Duration,
+) -> Result<ChildGuard> {
+    let mut cmd = Command::new(testpod_bin()?);
+    cmd.args([
+        "hold",
+        "--addr",
+        &addr.to_string(),
+        "--secs",
+        &duration.as_secs().to_string(),
+        "--interval-ms",
+        &interval.as_millis().to_string(),
     ]);
-    if udp {
-        cmd.arg("--udp");
-    }
-    parse_json(&pod.run(cmd)?).with_context(|| format!("connect from pod {} to {addr}", pod.name()))
+    spawn_piped(pod, cmd)
+}
+
+/// Starts `mesh-testpod udp-hold` in `pod`: `rounds` datagram exchanges `interval`
+/// apart on a connected UDP socket to `addr`, reconnecting after a failed round. Read
+/// its [`UdpRound`] lines with [`next_json_line`].
+pub fn spawn_udp_hold(
+    pod: &Pod,
+    addr: SocketAddr,
+    rounds: u32,
+    interval: Duration,
+) -> Result<ChildGuard> {
+    let mut cmd = Command::new(testpod_bin()?);
+    cmd.args([
+        "udp-hold",
+        "--addr",
+        &addr.to_string(),
+        "--rounds",
+        &rounds.to_string(),
+        "--interval-ms",
+        &interval.as_millis().to_string(),
+    ]);
+    spawn_piped(pod, cmd)
+}
+
+fn spawn_piped(pod: &Pod, mut cmd: Command) -> Result<ChildGuard> {
+    // stderr stays inherited: the test output then shows why a client failed.
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+    pod.spawn(cmd)
+}
+
+/// Waits up to `timeout` for the next stdout line of `child` that parses as `T` and
+/// returns it; lines of another shape are skipped. `child` must have piped stdout (as
+/// from [`spawn_hold`] and [`spawn_udp_hold`]).
+pub fn next_json_line<T: DeserializeOwned>(child: &mut ChildGuard, timeout: Duration) -> Result<T> {
+    let line =
+        child.wait_for_stdout_line(timeout, |line| serde_json::from_str::<T>(line).is_ok())?;
+    serde_json::from_str(&line).with_context(|| format!("parse {line:?}"))
 }
 
 /// Runs `mesh-testpod bench` from `pod` to `addr`: `warmup` unmeasured iterations, then
@@ -282,5 +405,21 @@ mod tests {
         let json = serde_json::to_string(&s).unwrap();
         assert!(json.contains(r#""by_backend":{"web-1":1}"#), "{json}");
         assert_eq!(serde_json::from_str::<ConnectSummary>(&json).unwrap(), s);
+        s.record_peer("[fd00:96::10]:80".parse().unwrap());
+        assert_eq!(s.peers["[fd00:96::10]:80"], 1);
+    }
+
+    #[test]
+    fn json_line_shapes_are_distinct() {
+        // next_json_line tells the lines of `hold` apart by shape alone.
+        let started = r#"{"backend":"web-1"}"#;
+        let report = r#"{"echoes_ok":3,"errors":0,"first_error":null}"#;
+        assert!(serde_json::from_str::<HoldStarted>(started).is_ok());
+        assert!(serde_json::from_str::<HoldStarted>(report).is_err());
+        assert!(serde_json::from_str::<HoldReport>(started).is_err());
+        let round: UdpRound =
+            serde_json::from_str(r#"{"round":2,"ok":false,"backend":null,"error":"ECONNABORTED"}"#)
+                .unwrap();
+        assert_eq!(round.error.as_deref(), Some("ECONNABORTED"));
     }
 }

@@ -13,6 +13,19 @@
 //!   gateway address itself (so it answers ARP for it without proxy_arp) and the node
 //!   has a /32 route to the pod IP through it.
 //!
+//! A [dual-stack](ClusterBuilder::dual_stack) cluster mirrors all of that in IPv6:
+//! - node `i` owns pod prefix `fd00:244:i::/64` and has `fd00:250::i/64` on `fab0`, with
+//!   routes to the other nodes' pod prefixes and IPv6 forwarding on;
+//! - the pod with IPv4 address `10.244.i.h` also gets `fd00:244:i::h`, as a /128 on
+//!   `eth0`, a default route via the link-local gateway [`POD_GATEWAY6`] (`fe80::1`, on
+//!   each host-side veth) and a /128 route to it in the node;
+//! - `i` and `h` are written with the same digits as in the IPv4 address (pod
+//!   `10.244.2.11` is `fd00:244:2::11`), which makes the two families easy to match
+//!   up in logs, at the price of reading decimal digits as hex groups;
+//! - duplicate address detection is off in every namespace (`accept_dad=0`, and `nodad`
+//!   on every address): there are no duplicates to find, and DAD would leave addresses
+//!   "tentative", i.e. unusable, for about a second after they are added.
+//!
 //! Each node also has a cgroup2 directory `<cgroup2>/mesh-test-<id>/<node>`; pod
 //! processes run inside it, the agent outside it.
 //!
@@ -24,7 +37,7 @@ use std::borrow::BorrowMut;
 use std::collections::HashSet;
 use std::fmt;
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -40,6 +53,8 @@ use crate::sys;
 
 /// The gateway address every pod routes through: present on each host-side veth.
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The IPv6 gateway of every pod in a dual-stack cluster: present on each host-side veth.
+pub const POD_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 /// Name of each node's interface towards the other nodes.
 pub const FABRIC_IFNAME: &str = "fab0";
 /// Name of a pod's interface (inside the pod namespace).
@@ -89,6 +104,7 @@ pub struct ClusterBuilder {
     prefix: String,
     nodes: Vec<String>,
     pods: Vec<(String, String, String)>,
+    dual_stack: bool,
 }
 
 impl ClusterBuilder {
@@ -102,6 +118,13 @@ impl ClusterBuilder {
     pub fn pod(mut self, node: &str, name: &str, ip: &str) -> Self {
         self.pods
             .push((node.to_owned(), name.to_owned(), ip.to_owned()));
+        self
+    }
+
+    /// Gives every node and pod an IPv6 address and IPv6 routes beside the IPv4 ones:
+    /// pod `10.244.i.h` also gets `fd00:244:i::h` (see the [module docs](self)).
+    pub fn dual_stack(mut self) -> Self {
+        self.dual_stack = true;
         self
     }
 
@@ -125,7 +148,16 @@ impl ClusterBuilder {
 struct Spec {
     prefix: String,
     nodes: Vec<String>,
-    pods: Vec<(usize, String, Ipv4Addr)>,
+    pods: Vec<PodSpec>,
+    dual_stack: bool,
+}
+
+/// A checked pod of the builder.
+struct PodSpec {
+    node_index: usize,
+    name: String,
+    ip: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
 }
 
 impl Spec {
@@ -162,12 +194,19 @@ impl Spec {
                 pod_ips.insert(ip),
                 "pod {name:?}: address {ip} already used"
             );
-            pods.push((index, name, ip));
+            let ip6 = b.dual_stack.then(|| pod_ip6(index, ip));
+            pods.push(PodSpec {
+                node_index: index,
+                name,
+                ip,
+                ip6,
+            });
         }
         Ok(Self {
             prefix: b.prefix,
             nodes: b.nodes,
             pods,
+            dual_stack: b.dual_stack,
         })
     }
 }
@@ -202,6 +241,37 @@ fn octet(index: usize) -> u8 {
     u8::try_from(index + 1).expect("node count checked against MAX_NODES")
 }
 
+/// IPv6 pod address beside `ip` (`10.244.i.h`) on the node at 0-based `index`:
+/// `fd00:244:i::h`.
+fn pod_ip6(index: usize, ip: Ipv4Addr) -> Ipv6Addr {
+    Ipv6Addr::new(
+        0xfd00,
+        0x244,
+        same_digits(octet(index)),
+        0,
+        0,
+        0,
+        0,
+        same_digits(ip.octets()[3]),
+    )
+}
+
+/// IPv6 pod prefix (`/64`) of the node at 0-based `index`: `fd00:244:i::`.
+fn pod_prefix6(index: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x244, same_digits(octet(index)), 0, 0, 0, 0, 0)
+}
+
+/// IPv6 fabric address of the node at 0-based `index`: `fd00:250::i` (in a /64).
+fn node_ip6(index: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x250, 0, 0, 0, 0, 0, same_digits(octet(index)))
+}
+
+/// The hex group written with the decimal digits of `n` (11 → 0x11), so that IPv6
+/// addresses repeat the numbers of their IPv4 twins.
+fn same_digits(n: u8) -> u16 {
+    u16::from_str_radix(&n.to_string(), 16).expect("at most three decimal digits fit a hex group")
+}
+
 /// A node: a network namespace plus a cgroup directory.
 #[derive(Debug)]
 pub struct Node {
@@ -210,6 +280,7 @@ pub struct Node {
     netns: Netns,
     cgroup: CgroupDir,
     registry: Arc<Registry>,
+    dual_stack: bool,
 }
 
 impl Node {
@@ -242,6 +313,11 @@ impl Node {
     /// The node's pod CIDR (`10.244.i.0/24`).
     pub fn pod_cidr(&self) -> Ipv4Cidr {
         pod_cidr(self.index)
+    }
+
+    /// IPv6 address on the fabric link (`fd00:250::i`) in a dual-stack cluster.
+    pub fn ip6(&self) -> Option<Ipv6Addr> {
+        self.dual_stack.then(|| node_ip6(self.index))
     }
 
     /// Starts `cmd` in the node's netns but NOT in its cgroup: for the agent, whose
@@ -278,6 +354,7 @@ pub struct Pod {
     name: String,
     node: String,
     ip: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
     host_ifname: String,
     netns: Netns,
     cgroup: PathBuf,
@@ -298,6 +375,11 @@ impl Pod {
     /// The pod IP.
     pub fn ip(&self) -> Ipv4Addr {
         self.ip
+    }
+
+    /// The pod's IPv6 address (`fd00:244:i::h`) in a dual-stack cluster.
+    pub fn ip6(&self) -> Option<Ipv6Addr> {
+        self.ip6
     }
 
     /// Name of the host side of its veth, inside the node's netns (where tc programs
@@ -383,6 +465,7 @@ impl Cluster {
             prefix: prefix.to_owned(),
             nodes: Vec::new(),
             pods: Vec::new(),
+            dual_stack: false,
         }
     }
 
@@ -475,13 +558,28 @@ impl Cluster {
                 netns,
                 cgroup,
                 registry,
+                dual_stack: spec.dual_stack,
             });
-            netns_forwarding(cluster.nodes.last().expect("just pushed"))?;
+            let node = cluster.nodes.last().expect("just pushed");
+            if spec.dual_stack {
+                // Before any link exists: new links take their settings from "default".
+                no_dad(&node.netns)?;
+            }
+            netns_forwarding(node)?;
         }
         cluster.wire_fabric()?;
-        for (node_index, name, ip) in spec.pods {
+        for PodSpec {
+            node_index,
+            name,
+            ip,
+            ip6,
+        } in spec.pods
+        {
             let node = &cluster.nodes[node_index];
             let netns = Netns::create(format!("{NETNS_MARK}{}.p.{name}", cluster.id))?;
+            if ip6.is_some() {
+                no_dad(&netns)?;
+            }
             let host_ifname = format!("v{name}");
             debug_assert!(
                 host_ifname.len() <= IFNAMSIZ_MAX,
@@ -491,6 +589,7 @@ impl Cluster {
                 name,
                 node: node.name.clone(),
                 ip,
+                ip6,
                 host_ifname,
                 netns,
                 cgroup: node.cgroup.path().to_owned(),
@@ -526,7 +625,20 @@ impl Cluster {
                 let fabric = self
                     .fabric
                     .insert(Netns::create(format!("{NETNS_MARK}{}.fabric", self.id))?);
-                ip_in(fabric.name(), &["link", "add", "br0", "type", "bridge"])?;
+                // Without snooping the bridge floods multicast, so IPv6 neighbour
+                // solicitations never depend on having seen an MLD report first.
+                ip_in(
+                    fabric.name(),
+                    &[
+                        "link",
+                        "add",
+                        "br0",
+                        "type",
+                        "bridge",
+                        "mcast_snooping",
+                        "0",
+                    ],
+                )?;
                 ip_in(fabric.name(), &["link", "set", "br0", "up"])?;
                 for node in &self.nodes {
                     let port = format!("n{}", node.index + 1);
@@ -572,6 +684,35 @@ impl Cluster {
                     &["route", "add", &cidr, "via", &via, "dev", FABRIC_IFNAME],
                 )?;
             }
+            let Some(ip6) = node.ip6() else { continue };
+            ip_in(
+                ns,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{ip6}/64"),
+                    "dev",
+                    FABRIC_IFNAME,
+                    "nodad",
+                ],
+            )?;
+            for other in self.nodes.iter().filter(|o| o.index != node.index) {
+                let prefix = format!("{}/64", pod_prefix6(other.index));
+                let via = node_ip6(other.index).to_string();
+                ip_in(
+                    ns,
+                    &[
+                        "-6",
+                        "route",
+                        "add",
+                        &prefix,
+                        "via",
+                        &via,
+                        "dev",
+                        FABRIC_IFNAME,
+                    ],
+                )?;
+            }
         }
         Ok(())
     }
@@ -579,7 +720,18 @@ impl Cluster {
 
 /// Nodes route between their pods and the other nodes.
 fn netns_forwarding(node: &Node) -> Result<()> {
-    node.netns.sysctl("net.ipv4.ip_forward", "1")
+    node.netns.sysctl("net.ipv4.ip_forward", "1")?;
+    if node.dual_stack {
+        node.netns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    }
+    Ok(())
+}
+
+/// Turns off IPv6 duplicate address detection for the links created afterwards (and
+/// the existing ones), so addresses are usable at once instead of "tentative".
+fn no_dad(netns: &Netns) -> Result<()> {
+    netns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+    netns.sysctl("net.ipv6.conf.default.accept_dad", "0")
 }
 
 /// Creates the pod's veth (pod end `eth0`, host end in the node netns), its address and
@@ -628,6 +780,41 @@ fn wire_pod(node: &Node, pod: &Pod) -> Result<()> {
             "scope",
             "link",
         ],
+    )?;
+    let Some(ip6) = pod.ip6 else { return Ok(()) };
+    // Mirrors the IPv4 layout; `nodad` because the address must work immediately.
+    let gateway6 = POD_GATEWAY6.to_string();
+    ip_in(
+        pod_ns,
+        &[
+            "addr",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            POD_IFNAME,
+            "nodad",
+        ],
+    )?;
+    ip_in(
+        pod_ns,
+        &[
+            "-6", "route", "add", "default", "via", &gateway6, "dev", POD_IFNAME,
+        ],
+    )?;
+    ip_in(
+        node_ns,
+        &[
+            "addr",
+            "add",
+            &format!("{gateway6}/64"),
+            "dev",
+            host,
+            "nodad",
+        ],
+    )?;
+    ip_in(
+        node_ns,
+        &["-6", "route", "add", &format!("{ip6}/128"), "dev", host],
     )?;
     Ok(())
 }
@@ -781,6 +968,29 @@ mod tests {
                 "10.244.2.11"
             ))
             .is_ok()
+        );
+    }
+
+    #[test]
+    fn ipv6_addresses_repeat_the_ipv4_digits() {
+        assert_eq!(
+            pod_ip6(1, Ipv4Addr::new(10, 244, 2, 11)).to_string(),
+            "fd00:244:2::11"
+        );
+        assert_eq!(pod_prefix6(0).to_string(), "fd00:244:1::");
+        assert_eq!(node_ip6(253).to_string(), "fd00:250::254");
+        let pod_ip6s = |b: ClusterBuilder| {
+            Spec::validate(b.node("n1").pod("n1", "a", "10.244.1.5"))
+                .unwrap()
+                .pods
+                .iter()
+                .map(|p| p.ip6)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pod_ip6s(Cluster::builder("t")), [None]);
+        assert_eq!(
+            pod_ip6s(Cluster::builder("t").dual_stack()),
+            [Some("fd00:244:1::5".parse().unwrap())]
         );
     }
 

@@ -3,9 +3,10 @@
 //! Socket-level load balancing rewrites `connect()` of a UDP socket to a Service VIP into
 //! a connected socket to one backend pod. When that backend leaves the Service, the
 //! application would keep sending into the void, because nothing re-runs the translation.
-//! The kernel's `sock_diag` interface can abort such a socket (`SOCK_DESTROY`): the
-//! application's next `send`/`recv` fails with `ECONNABORTED`, it reconnects, and the new
-//! `connect()` picks a live backend.
+//! The kernel's `sock_diag` interface can abort such a socket (`SOCK_DESTROY`): it gets a
+//! pending `ECONNABORTED` (what the next `recv`, `poll` or `SO_ERROR` reports) and is
+//! disconnected, so a `send` without an address fails with `EDESTADDRREQ`. Either way the
+//! application sees an error, reconnects, and the new `connect()` picks a live backend.
 //!
 //! `sock_diag` only sees the network namespace the netlink socket was created in, and the
 //! agent knows the cgroup its programs are attached to but not the pods' namespaces. So the

@@ -1,9 +1,17 @@
 //! `mesh-testpod`: the workload the test bed runs inside pods.
 //!
 //! - `serve`: a TCP server that announces its name (`NAME\n`) on every connection and
-//!   then echoes; optionally also answers UDP datagrams with `NAME\n<payload>`.
-//! - `connect`: N sequential connections; reports which backend answered each, and
-//!   errors by errno name, as JSON ([`ConnectSummary`]).
+//!   then echoes; optionally also answers UDP datagrams with `NAME\n<payload>`. By
+//!   default it listens on `[::]` with IPv4 accepted too, i.e. on both families.
+//! - `connect`: N sequential connections; reports which backend answered each, the
+//!   peer address the socket reports, and errors by errno name, as JSON
+//!   ([`ConnectSummary`]).
+//! - `udp-query`: N request/reply exchanges on ONE unconnected UDP socket
+//!   (`sendto` + `recvfrom`), as a DNS stub resolver does ([`ConnectSummary`]).
+//! - `udp-hold`: one datagram exchange per round on a connected UDP socket, one JSON
+//!   line per round ([`UdpRound`]); a failed socket is replaced by a new one.
+//! - `hold`: one long-lived TCP connection echoing a line per interval
+//!   ([`HoldStarted`], then [`HoldReport`]).
 //! - `bench`: N sequential connect/echo/close iterations; reports latency
 //!   percentiles as JSON ([`BenchSummary`]).
 //!
@@ -13,15 +21,19 @@
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{
-    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket,
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV6, TcpListener, TcpStream,
+    UdpSocket,
 };
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use mesh_tests::testpod::{
-    BenchSummary, ConnectSummary, DEFAULT_TIMEOUT_MS, READY_LINE, error_key,
+    BenchSummary, ConnectSummary, DEFAULT_TIMEOUT_MS, HoldReport, HoldStarted, READY_LINE,
+    UdpRound, error_key,
 };
+use serde::Serialize;
+use socket2::{Domain, Socket, Type};
 
 /// A server that idles longer than this on one connection gives up on it, so a stuck
 /// client cannot pin a thread forever.
@@ -40,6 +52,14 @@ enum Cmd {
     Serve(ServeArgs),
     /// Make N sequential connections and report who answered.
     Connect(ConnectArgs),
+    /// Send N queries from one unconnected UDP socket and report who answered, and from
+    /// which source address.
+    UdpQuery(UdpQueryArgs),
+    /// Exchange one datagram per round on a connected UDP socket, reconnecting after a
+    /// failure; prints one JSON line per round.
+    UdpHold(UdpHoldArgs),
+    /// Hold one TCP connection and echo a line on it every interval.
+    Hold(HoldArgs),
     /// Measure connect + echo + close latency over N sequential iterations.
     Bench(BenchArgs),
 }
@@ -55,8 +75,8 @@ struct ServeArgs {
     /// Also answer UDP datagrams on the same port with `NAME\n<payload>`.
     #[arg(long)]
     udp: bool,
-    /// Address to bind.
-    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+    /// Address to bind; `::` (the default) accepts IPv4 too.
+    #[arg(long, default_value_t = IpAddr::V6(Ipv6Addr::UNSPECIFIED))]
     bind: IpAddr,
 }
 
@@ -77,9 +97,63 @@ struct ConnectArgs {
     /// Use UDP: one connected socket and one datagram exchange per attempt.
     #[arg(long)]
     udp: bool,
+    /// Dial an IPv4 `--addr` from an IPv6 socket, as `[::ffff:a.b.c.d]:port`.
+    #[arg(long)]
+    ipv6_socket: bool,
     /// Print the summary as JSON (what the test library parses) instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct UdpQueryArgs {
+    /// Destination (a pod IP or a service VIP) and port.
+    #[arg(long)]
+    addr: SocketAddr,
+    /// Number of sequential queries.
+    #[arg(long)]
+    count: u32,
+    /// How long to wait for each reply, in milliseconds.
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS)]
+    timeout_ms: u64,
+    /// Stop early (reporting fewer attempts) after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    max_secs: u64,
+    /// Print the summary as JSON (what the test library parses) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct UdpHoldArgs {
+    /// Destination (normally a service VIP) and port.
+    #[arg(long)]
+    addr: SocketAddr,
+    /// Number of rounds; the program exits after the last one.
+    #[arg(long)]
+    rounds: u32,
+    /// Pause between rounds in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    interval_ms: u64,
+    /// How long to wait for each reply, in milliseconds.
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS)]
+    timeout_ms: u64,
+}
+
+#[derive(Args)]
+struct HoldArgs {
+    /// Destination (normally a service VIP) and port of a `serve` instance.
+    #[arg(long)]
+    addr: SocketAddr,
+    /// How long to hold the connection, in seconds.
+    #[arg(long)]
+    secs: u64,
+    /// Pause between echoes in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    interval_ms: u64,
+    /// Timeout of connect and of each echo, in milliseconds.
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS)]
+    timeout_ms: u64,
 }
 
 #[derive(Args)]
@@ -108,15 +182,23 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Serve(args) => serve(&args),
         Cmd::Connect(args) => connect(&args),
+        Cmd::UdpQuery(args) => udp_query(&args),
+        Cmd::UdpHold(args) => udp_hold(&args),
+        Cmd::Hold(args) => hold(&args),
         Cmd::Bench(args) => bench(&args),
     }
 }
 
 fn serve(args: &ServeArgs) -> Result<()> {
     let addr = SocketAddr::new(args.bind, args.port);
-    let listener = TcpListener::bind(addr).with_context(|| format!("bind tcp {addr}"))?;
+    let listener: TcpListener = bind(addr, Type::STREAM)
+        .and_then(|s| s.listen(1024).map(|()| s))
+        .with_context(|| format!("bind tcp {addr}"))?
+        .into();
     if args.udp {
-        let socket = UdpSocket::bind(addr).with_context(|| format!("bind udp {addr}"))?;
+        let socket: UdpSocket = bind(addr, Type::DGRAM)
+            .with_context(|| format!("bind udp {addr}"))?
+            .into();
         let name = args.name.clone();
         std::thread::spawn(move || serve_udp(&socket, &name));
     }
@@ -141,6 +223,19 @@ fn serve(args: &ServeArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A socket bound to `addr`; on an IPv6 address it accepts IPv4 too (IPV6_V6ONLY off,
+/// set explicitly rather than left to the `net.ipv6.bindv6only` sysctl).
+fn bind(addr: SocketAddr, kind: Type) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), kind, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    // As std's TcpListener::bind: a restarted server must not wait out TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
 }
 
 fn serve_tcp(stream: &TcpStream, name: &str) -> io::Result<()> {
@@ -179,29 +274,51 @@ fn connect(args: &ConnectArgs) -> Result<()> {
     let timeout = Duration::from_millis(args.timeout_ms);
     let budget = Duration::from_secs(args.max_secs);
     let start = Instant::now();
+    let addr = if args.ipv6_socket {
+        ipv4_mapped(args.addr)
+    } else {
+        args.addr
+    };
     let mut summary = ConnectSummary::default();
     for i in 0..args.count {
         if start.elapsed() > budget {
             break;
         }
         let result = if args.udp {
-            udp_exchange(args.addr, timeout, i)
+            udp_exchange(addr, timeout, i)
         } else {
-            tcp_exchange(args.addr, timeout, i)
+            tcp_exchange(addr, timeout, i)
         };
         match result {
-            Ok(backend) => summary.record_ok(&backend),
+            Ok((backend, peer)) => {
+                summary.record_ok(&backend);
+                summary.record_peer(peer);
+            }
             Err((step, err)) => summary.record_error(step, &err),
         }
     }
-    if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
+    print_summary(&summary, args.json)
+}
+
+/// `addr` with an IPv4 address in its IPv4-mapped IPv6 form; an IPv6 `addr` unchanged.
+/// Dialing the result makes std create an `AF_INET6` socket.
+fn ipv4_mapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(v4) => SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0).into(),
+        v6 @ SocketAddr::V6(_) => v6,
+    }
+}
+
+fn print_summary(summary: &ConnectSummary, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(summary)?);
     } else {
         println!(
-            "attempts={} ok={} by_backend={:?} errors={:?} first_error={}",
+            "attempts={} ok={} by_backend={:?} peers={:?} errors={:?} first_error={}",
             summary.attempts,
             summary.ok,
             summary.by_backend,
+            summary.peers,
             summary.errors,
             summary.first_error.as_deref().unwrap_or("-")
         );
@@ -209,10 +326,25 @@ fn connect(args: &ConnectArgs) -> Result<()> {
     Ok(())
 }
 
+/// Prints one JSON line and flushes it, so a test reading the pipe sees it at once.
+fn emit(line: &impl Serialize) -> Result<()> {
+    let mut out = io::stdout().lock();
+    serde_json::to_writer(&mut out, line)?;
+    out.write_all(b"\n")?;
+    out.flush()?;
+    Ok(())
+}
+
 /// One TCP exchange: connect, read the backend's name line, send a request, read its
-/// echo, half-close and wait for the server's close. Returns the backend name.
-fn tcp_exchange(addr: SocketAddr, timeout: Duration, attempt: u32) -> Result<String, StepError> {
+/// echo, half-close and wait for the server's close. Returns the backend name and the
+/// socket's peer address (getpeername).
+fn tcp_exchange(
+    addr: SocketAddr,
+    timeout: Duration,
+    attempt: u32,
+) -> Result<(String, SocketAddr), StepError> {
     let stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| ("connect", e))?;
+    let peer = stream.peer_addr().map_err(|e| ("getpeername", e))?;
     let setup = || -> io::Result<()> {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(timeout))?;
@@ -236,7 +368,7 @@ fn tcp_exchange(addr: SocketAddr, timeout: Duration, attempt: u32) -> Result<Str
     // The server closes after our EOF; anything else it sends is a protocol error.
     let mut rest = [0u8; 1];
     match reader.read(&mut rest).map_err(|e| ("read eof", e))? {
-        0 => Ok(backend),
+        0 => Ok((backend, peer)),
         _ => Err((
             "read eof",
             io::Error::new(io::ErrorKind::InvalidData, "data after the echo"),
@@ -244,31 +376,224 @@ fn tcp_exchange(addr: SocketAddr, timeout: Duration, attempt: u32) -> Result<Str
     }
 }
 
-/// One UDP exchange on a fresh connected socket. Returns the backend name.
-fn udp_exchange(addr: SocketAddr, timeout: Duration, attempt: u32) -> Result<String, StepError> {
+/// One UDP exchange on a fresh connected socket. Returns the backend name and the
+/// socket's peer address (getpeername).
+fn udp_exchange(
+    addr: SocketAddr,
+    timeout: Duration,
+    attempt: u32,
+) -> Result<(String, SocketAddr), StepError> {
+    let socket = udp_connect(addr, timeout)?;
+    let peer = socket.peer_addr().map_err(|e| ("getpeername", e))?;
+    let backend = udp_round_trip(&socket, &format!("ping {attempt}"))?;
+    Ok((backend, peer))
+}
+
+/// A UDP socket of `addr`'s family, connected to `addr`, with a receive timeout.
+fn udp_connect(addr: SocketAddr, timeout: Duration) -> Result<UdpSocket, StepError> {
+    let socket = udp_socket(addr, timeout)?;
+    socket.connect(addr).map_err(|e| ("connect", e))?;
+    Ok(socket)
+}
+
+/// An unconnected UDP socket of `addr`'s family, bound to an ephemeral port, with a
+/// receive timeout.
+fn udp_socket(addr: SocketAddr, timeout: Duration) -> Result<UdpSocket, StepError> {
     let local: IpAddr = if addr.is_ipv4() {
         Ipv4Addr::UNSPECIFIED.into()
     } else {
         Ipv6Addr::UNSPECIFIED.into()
     };
     let socket = UdpSocket::bind((local, 0)).map_err(|e| ("bind", e))?;
-    socket.connect(addr).map_err(|e| ("connect", e))?;
     socket
         .set_read_timeout(Some(timeout))
         .map_err(|e| ("setsockopt", e))?;
-    let request = format!("ping {attempt}");
+    Ok(socket)
+}
+
+/// Sends `request` on a connected UDP socket and returns the name of the backend
+/// whose reply echoes it.
+fn udp_round_trip(socket: &UdpSocket, request: &str) -> Result<String, StepError> {
     socket.send(request.as_bytes()).map_err(|e| ("send", e))?;
     let mut buf = vec![0u8; 65536];
     // ECONNREFUSED here means an ICMP port unreachable came back.
     let n = socket.recv(&mut buf).map_err(|e| ("recv", e))?;
-    let reply = &buf[..n];
-    let newline = reply.iter().position(|&b| b == b'\n');
-    match newline {
-        Some(at) if &reply[at + 1..] == request.as_bytes() => {
-            Ok(String::from_utf8_lossy(&reply[..at]).into_owned())
+    parse_reply(&buf[..n], request).ok_or_else(|| ("recv", bad_echo(request, &buf[..n])))
+}
+
+/// The backend name of a `NAME\n<request>` reply; `None` if it does not echo `request`.
+fn parse_reply(reply: &[u8], request: &str) -> Option<String> {
+    let at = reply.iter().position(|&b| b == b'\n')?;
+    (&reply[at + 1..] == request.as_bytes())
+        .then(|| String::from_utf8_lossy(&reply[..at]).into_owned())
+}
+
+fn udp_query(args: &UdpQueryArgs) -> Result<()> {
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let budget = Duration::from_secs(args.max_secs);
+    let start = Instant::now();
+    let mut summary = ConnectSummary::default();
+    let socket = match udp_socket(args.addr, timeout) {
+        Ok(socket) => socket,
+        Err((step, err)) => anyhow::bail!("{step}: {err}"),
+    };
+    for i in 0..args.count {
+        if start.elapsed() > budget {
+            break;
         }
-        _ => Err(("recv", bad_echo(&request, reply))),
+        match query(&socket, args.addr, timeout, &format!("query {i}")) {
+            Ok((backend, source)) => {
+                summary.record_ok(&backend);
+                summary.record_peer(source);
+            }
+            Err((step, err)) => summary.record_error(step, &err),
+        }
     }
+    print_summary(&summary, args.json)
+}
+
+/// One `sendto(addr)` and the `recvfrom()` of its reply on an unconnected socket.
+/// Returns the backend name and the reply's source address. Late replies to earlier
+/// queries (that timed out) are skipped rather than taken for this one's.
+fn query(
+    socket: &UdpSocket,
+    addr: SocketAddr,
+    timeout: Duration,
+    request: &str,
+) -> Result<(String, SocketAddr), StepError> {
+    socket
+        .send_to(request.as_bytes(), addr)
+        .map_err(|e| ("sendto", e))?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(("recvfrom", io::ErrorKind::TimedOut.into()));
+        }
+        socket
+            .set_read_timeout(Some(left))
+            .map_err(|e| ("setsockopt", e))?;
+        let (n, source) = socket.recv_from(&mut buf).map_err(|e| ("recvfrom", e))?;
+        if let Some(backend) = parse_reply(&buf[..n], request) {
+            return Ok((backend, source));
+        }
+        if !buf[..n]
+            .windows(b"\nquery ".len())
+            .any(|w| w == b"\nquery ")
+        {
+            return Err(("recvfrom", bad_echo(request, &buf[..n])));
+        }
+    }
+}
+
+fn udp_hold(args: &UdpHoldArgs) -> Result<()> {
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let interval = Duration::from_millis(args.interval_ms);
+    // Like a resolver: a socket that failed once is dropped and a new one connected,
+    // which re-runs the VIP translation and so picks a live backend.
+    let mut socket: Option<UdpSocket> = None;
+    for round in 0..args.rounds {
+        if round > 0 {
+            std::thread::sleep(interval);
+        }
+        let result = match socket.take() {
+            Some(s) => Ok(s),
+            None => udp_connect(args.addr, timeout),
+        }
+        .and_then(|s| match udp_round_trip(&s, &format!("round {round}")) {
+            Ok(backend) => Ok((s, backend)),
+            Err((step, err)) => match pending_error(&s) {
+                Some(cause) => {
+                    eprintln!("mesh-testpod udp-hold: round {round}: {step}: {err}");
+                    Err(("pending socket error", cause))
+                }
+                None => Err((step, err)),
+            },
+        });
+        let line = match result {
+            Ok((s, backend)) => {
+                socket = Some(s);
+                UdpRound {
+                    round,
+                    ok: true,
+                    backend: Some(backend),
+                    error: None,
+                }
+            }
+            Err((step, err)) => {
+                eprintln!("mesh-testpod udp-hold: round {round}: {step}: {err}");
+                UdpRound {
+                    round,
+                    ok: false,
+                    backend: None,
+                    error: Some(error_key(&err)),
+                }
+            }
+        };
+        emit(&line)?;
+    }
+    Ok(())
+}
+
+/// The error the kernel recorded on `socket` (SO_ERROR), if any: the cause of a failed
+/// call. An aborted socket (sock_diag SOCK_DESTROY) has ECONNABORTED here and is also
+/// disconnected, so a send() that comes first fails with the less telling EDESTADDRREQ
+/// while recv() or poll() would report ECONNABORTED.
+fn pending_error(socket: &UdpSocket) -> Option<io::Error> {
+    socket.take_error().ok().flatten()
+}
+
+fn hold(args: &HoldArgs) -> Result<()> {
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let interval = Duration::from_millis(args.interval_ms);
+    let deadline = Instant::now() + Duration::from_secs(args.secs);
+    let mut report = HoldReport::default();
+    if let Err((step, err)) = hold_connection(args.addr, timeout, interval, deadline, &mut report) {
+        report.errors += 1;
+        report.first_error = Some(format!("{step}: {err}"));
+    }
+    emit(&report)
+}
+
+/// Connects, announces the backend, then echoes one line per `interval` until
+/// `deadline`, counting successes in `report`. Returns at the first failure: after a
+/// timeout a late echo could be misread as the next one, so the connection is done.
+fn hold_connection(
+    addr: SocketAddr,
+    timeout: Duration,
+    interval: Duration,
+    deadline: Instant,
+    report: &mut HoldReport,
+) -> Result<(), StepError> {
+    let stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| ("connect", e))?;
+    let setup = || -> io::Result<()> {
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))
+    };
+    setup().map_err(|e| ("setsockopt", e))?;
+    let mut reader = BufReader::new(&stream);
+    let backend = read_name_line(&mut reader).map_err(|e| ("read name", e))?;
+    emit(&HoldStarted { backend }).map_err(|e| ("print", io::Error::other(e)))?;
+    for i in 0u64.. {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        std::thread::sleep(interval.min(deadline - now));
+        let request = format!("hold {i}\n");
+        (&stream)
+            .write_all(request.as_bytes())
+            .map_err(|e| ("write", e))?;
+        let mut echo = vec![0u8; request.len()];
+        reader.read_exact(&mut echo).map_err(|e| ("read echo", e))?;
+        if echo != request.as_bytes() {
+            return Err(("read echo", bad_echo(&request, &echo)));
+        }
+        report.echoes_ok += 1;
+    }
+    Ok(())
 }
 
 fn read_name_line(reader: &mut impl BufRead) -> io::Result<String> {
