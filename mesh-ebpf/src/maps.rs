@@ -5,6 +5,7 @@
 //! them. Capacities are defaults; the agent may resize before loading.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuHashMap},
 };
@@ -38,6 +39,8 @@ pub static REV_NAT: LruHashMap<RevNatKey, RevNatValue> =
     LruHashMap::pinned(names::REV_NAT_CAPACITY, 0);
 
 /// (service, backend) → translated connections, per CPU (no atomics on the hot path).
+/// Not preallocated: a per-CPU map would otherwise reserve capacity × CPUs counters up
+/// front, while only the pairs that see traffic need one.
 #[map(name = "LB_METRICS_V1")]
 pub static LB_METRICS: PerCpuHashMap<LbMetricsKey, u64> =
-    PerCpuHashMap::pinned(names::LB_METRICS_CAPACITY, 0);
+    PerCpuHashMap::pinned(names::LB_METRICS_CAPACITY, BPF_F_NO_PREALLOC);

@@ -24,10 +24,12 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 
 /// Where every test agent serves /metrics: the loopback of its own node netns, so the
 /// agents of one cluster (and of parallel tests) never collide.
-pub const METRICS_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);
+pub const METRICS_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);
 
-/// How long an agent gets to load, program and attach its datapath.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long an agent gets to load, program and attach its datapath. Generous: a debug
+/// build takes ~10 s to parse and program 10,000 Services on a busy two-core machine.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long an agent gets to detach and unpin after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on each step of a /metrics scrape (connect, write, read).
@@ -152,7 +154,9 @@ impl Agent {
     /// [`Agent::start`] with extra `mesh-agent run` flags, e.g.
     /// `&["--health-checks", "--health-interval-ms", "100"]` or `&["--keep-datapath"]`.
     pub fn start_with(node: &Node, state: &Path, args: &[&str]) -> Result<Self> {
-        let datapath = PinnedDatapath { node_name: node_name(node) };
+        let datapath = PinnedDatapath {
+            node_name: node_name(node),
+        };
         Self::spawn(node, state, datapath, args)
     }
 
@@ -179,13 +183,23 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(log_file);
         // The guard exists before the child does: a failed start still removes the pins.
-        let mut agent = Self { child: None, datapath: Some(datapath), node_name, netns: node.netns_path(), log };
+        let mut agent = Self {
+            child: None,
+            datapath: Some(datapath),
+            node_name,
+            netns: node.netns_path(),
+            log,
+        };
         agent.child = Some(node.spawn_outside_cgroup(cmd)?);
         let ready = eventually(READY_TIMEOUT, || {
             agent.log().contains("datapath ready") || agent.exited()
         });
         if !ready || agent.exited() {
-            bail!("agent for node {} did not become ready; log:\n{}", node.name(), agent.log());
+            bail!(
+                "agent for node {} did not become ready; log:\n{}",
+                node.name(),
+                agent.log()
+            );
         }
         Ok(agent)
     }
@@ -206,7 +220,9 @@ impl Agent {
     }
 
     fn exited(&self) -> bool {
-        self.child.as_ref().is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
+        self.child
+            .as_ref()
+            .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
     }
 
     /// Runs `mesh-agent <args>` (a CLI command such as `services`) and returns its output.
@@ -223,7 +239,10 @@ impl Agent {
     pub fn services(&self) -> Result<String> {
         let out = self.cli(&["services", "--node", &self.node_name, "--bpffs", BPFFS])?;
         if !out.status.success() {
-            bail!("mesh-agent services failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "mesh-agent services failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -243,14 +262,22 @@ impl Agent {
 
     /// Stops the agent with SIGTERM and returns its exit status.
     pub fn stop(mut self) -> Result<ExitStatus> {
-        self.terminate()?.context("agent did not exit after SIGTERM")
+        self.terminate()?
+            .context("agent did not exit after SIGTERM")
     }
 
     /// Stops the agent with SIGTERM, like [`Agent::stop`], but hands its pinned datapath
     /// to the caller instead of removing it: for agents run with `--keep-datapath`.
     pub fn stop_leaving_datapath(mut self) -> Result<(ExitStatus, PinnedDatapath)> {
-        let status = self.terminate()?.context("agent did not exit after SIGTERM")?;
-        Ok((status, self.datapath.take().context("datapath already handed out")?))
+        let status = self
+            .terminate()?
+            .context("agent did not exit after SIGTERM")?;
+        Ok((
+            status,
+            self.datapath
+                .take()
+                .context("datapath already handed out")?,
+        ))
     }
 
     /// Kills the agent with SIGKILL (no chance to clean up: its pins stay and its
@@ -259,11 +286,15 @@ impl Agent {
         if let Some(child) = self.child.take() {
             child.kill();
         }
-        self.datapath.take().expect("an agent owns its datapath until kill/stop")
+        self.datapath
+            .take()
+            .expect("an agent owns its datapath until kill/stop")
     }
 
     fn terminate(&mut self) -> Result<Option<ExitStatus>> {
-        let Some(child) = self.child.take() else { return Ok(None) };
+        let Some(child) = self.child.take() else {
+            return Ok(None);
+        };
         if let Ok(Some(status)) = child.try_wait() {
             return Ok(Some(status));
         }
@@ -287,18 +318,31 @@ impl Drop for Agent {
 
 /// A plain HTTP/1.1 GET with `Connection: close`; returns the body of a 200 response.
 fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, SCRAPE_TIMEOUT).with_context(|| format!("connect {addr}"))?;
+    let mut stream = TcpStream::connect_timeout(&addr, SCRAPE_TIMEOUT)
+        .with_context(|| format!("connect {addr}"))?;
     stream.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
     stream.set_write_timeout(Some(SCRAPE_TIMEOUT))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).with_context(|| format!("read the response from {addr}"))?;
-    let (head, body) = response.split_once("\r\n\r\n").context("response without a header end")?;
+    stream
+        .read_to_string(&mut response)
+        .with_context(|| format!("read the response from {addr}"))?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("response without a header end")?;
     let status = head.lines().next().unwrap_or_default();
-    ensure!(status.split_whitespace().nth(1) == Some("200"), "GET {path}: {status}\n{body}");
+    ensure!(
+        status.split_whitespace().nth(1) == Some("200"),
+        "GET {path}: {status}\n{body}"
+    );
     // The body is read to EOF, so only a chunked encoding would need decoding.
     ensure!(
-        !head.to_ascii_lowercase().contains("transfer-encoding: chunked"),
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
         "GET {path}: chunked responses are not decoded"
     );
     Ok(body.to_owned())
