@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: the cluster of deploy/local/demo.yaml built from network
-//! namespaces (2 nodes, 7 pods), one agent per node, real connections from a client pod
-//! on each node to both Service VIPs, and a report of which backend answered.
+//! namespaces (2 nodes, 7 dual-stack pods), one agent per node, real connections from a
+//! client pod on each node to the Service VIPs (TCP over IPv4 and IPv6, DNS-style UDP),
+//! and a report of which backend answered and which peer the application saw.
 //! Everything is removed at the end; `--keep` holds it up until Ctrl-C.
 
 use std::{
@@ -37,8 +38,13 @@ const PODS: [(&str, &str, &str, u16); 7] = [
     ("n2", "api-2", "10.244.2.21", 9090),
 ];
 
-/// Services of deploy/local/demo.yaml: (name, VIP:port).
-const SERVICES: [(&str, &str); 2] = [("web", "10.96.0.10:80"), ("api", "10.96.0.20:9000")];
+/// Frontends of deploy/local/demo.yaml: (Service, VIP:port, protocol).
+const FRONTENDS: [(&str, &str, &str); 4] = [
+    ("web", "10.96.0.10:80", "TCP"),
+    ("web", "[fd00:96::10]:80", "TCP"),
+    ("api", "10.96.0.20:9000", "TCP"),
+    ("api", "10.96.0.20:53", "UDP"),
+];
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -54,7 +60,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     crate::use_binaries(&bins);
     let state = build::workspace_root().join("deploy/local/demo.yaml");
 
-    let mut builder = Cluster::builder("demo").node("n1").node("n2");
+    let mut builder = Cluster::builder("demo").dual_stack().node("n1").node("n2");
     for (node, name, ip, _) in PODS {
         builder = builder.pod(node, name, ip);
     }
@@ -76,16 +82,22 @@ pub fn run(args: &DemoArgs) -> Result<()> {
 
     for client in ["client", "client-2"] {
         let pod = cluster.pod(client);
-        for (service, vip) in SERVICES {
+        for (service, vip, proto) in FRONTENDS {
             let addr: SocketAddr = vip.parse()?;
-            let summary = testpod::connect(pod, addr, args.connections)?;
+            // UDP the DNS way: one unconnected socket, sendto/recvfrom per query.
+            let (summary, what) = match proto {
+                "UDP" => (testpod::udp_query(pod, addr, args.connections)?, "queries"),
+                _ => (testpod::connect(pod, addr, args.connections)?, "connections"),
+            };
             println!(
-                "\n{client} (node {}) -> {service} {vip}: {} of {} connections answered",
+                "\n{client} (node {}) -> {service} {vip}/{proto}: {} of {} {what} answered",
                 pod.node(),
                 summary.ok,
                 summary.attempts
             );
             print_counts(&summary.by_backend, &summary.errors);
+            let seen: Vec<&str> = summary.peers.keys().map(String::as_str).collect();
+            println!("  the application saw its peer as: {}", seen.join(", "));
         }
     }
     let refused = testpod::connect(cluster.pod("client"), "10.96.0.10:81".parse()?, 3)?;
