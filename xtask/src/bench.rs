@@ -137,6 +137,11 @@ fn lb(args: &BenchArgs) -> Result<()> {
          {} rounds x {} connections per path and size, paths alternating",
         args.rounds, args.count
     );
+    // Unmeasured warm-up: the first rounds after building the cluster run slower (cold
+    // caches, CPU frequency ramp-up) and would otherwise land on the first size only.
+    for _ in 0..3 {
+        testpod::bench(client, BACKEND.parse()?, args.count, 100).context("warm-up")?;
+    }
     let mut results = Vec::new();
     for &size in &args.sizes {
         results.push(measure_size(args, node, client, size)?);
