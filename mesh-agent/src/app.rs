@@ -28,6 +28,9 @@ use crate::{
 const SETTLE: Duration = Duration::from_millis(100);
 /// How soon a failed map update is retried (a rejected state waits for the next change).
 const RETRY: Duration = Duration::from_secs(1);
+/// How often local pods' network namespaces are looked for again: a new pod's egress
+/// policy applies from its first discovery.
+const REDISCOVER: Duration = Duration::from_secs(1);
 
 /// Runs the agent until a termination signal.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -78,6 +81,8 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
     datapath.attach(cgroup)?;
     info!(node = %args.node, cgroup = %cgroup.display(), "datapath ready");
 
+    let mut rediscover = tokio::time::interval(REDISCOVER);
+    rediscover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
@@ -89,6 +94,11 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
                 outcome = reconciler.reload();
             }
             Some(()) = health_changed.recv() => outcome = reconciler.replan(),
+            _ = rediscover.tick() => {
+                if let Some(o) = reconciler.rediscover() {
+                    outcome = o;
+                }
+            }
             () = tokio::time::sleep(RETRY), if outcome == Outcome::Failed => {
                 outcome = reconciler.replan();
             }

@@ -131,6 +131,15 @@ pub struct MapSizeArgs {
     /// LB_METRICS: per-backend connection counters.
     #[arg(long, default_value_t = MapSizes::default().metrics, value_parser = clap::value_parser!(u32).range(1..))]
     pub map_size_metrics: u32,
+    /// ENDPOINTS: pods on this node.
+    #[arg(long, default_value_t = MapSizes::default().endpoints, value_parser = clap::value_parser!(u32).range(1..))]
+    pub map_size_endpoints: u32,
+    /// IPCACHE: pod addresses and policy CIDRs, cluster-wide.
+    #[arg(long, default_value_t = MapSizes::default().ipcache, value_parser = clap::value_parser!(u32).range(1..))]
+    pub map_size_ipcache: u32,
+    /// POLICY: compiled policy entries of this node's pods.
+    #[arg(long, default_value_t = MapSizes::default().policy, value_parser = clap::value_parser!(u32).range(1..))]
+    pub map_size_policy: u32,
 }
 
 impl MapSizeArgs {
@@ -143,6 +152,9 @@ impl MapSizeArgs {
             affinity: self.map_size_affinity,
             rev_nat: self.map_size_rev_nat,
             metrics: self.map_size_metrics,
+            endpoints: self.map_size_endpoints,
+            ipcache: self.map_size_ipcache,
+            policy: self.map_size_policy,
         }
     }
 }

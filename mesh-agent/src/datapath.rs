@@ -2,9 +2,11 @@
 //! diff-applying plans to the maps, reading the maps back for operators, and destroying
 //! sockets that point at removed backends.
 
+pub mod endpoints;
 pub mod inspect;
 pub mod loader;
 pub mod mounts;
+pub mod netns;
 pub mod pins;
 pub mod sockdestroy;
 pub mod sync;

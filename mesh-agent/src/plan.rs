@@ -10,6 +10,8 @@
 //! backends a health checker reports unhealthy lose their slots, failing open when a
 //! whole frontend would be left without one (see `services::select`).
 
+mod identity;
+pub mod policy;
 mod services;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -289,6 +291,19 @@ pub enum PlanError {
         map: &'static str,
         /// Capacity of that map.
         capacity: u32,
+    },
+    /// The network policies need more entries than a policy map holds; nothing was
+    /// planned.
+    #[error(
+        "network policy needs {needed} entries in map {map} (capacity {capacity}); remove policies, rules or pods, or enlarge the map"
+    )]
+    PolicyCapacity {
+        /// Map name, as pinned.
+        map: &'static str,
+        /// Capacity of that map.
+        capacity: u32,
+        /// Entries the plan needs there.
+        needed: usize,
     },
 }
 

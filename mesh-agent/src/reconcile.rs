@@ -1,10 +1,12 @@
-//! One reconcile: state files → State → Plan → maps, then the follow-ups of a change
-//! (stale affinity and counters purged, UDP sockets to removed backends destroyed,
-//! health-check targets updated). Any failure keeps the last good state in force and
-//! is logged with the file, document and field involved.
+//! One reconcile: state files → State → plans (load balancing, policy) → maps, then the
+//! follow-ups of a change (stale affinity and counters purged, UDP sockets to removed
+//! backends destroyed, health-check targets updated). Both plans are made before either
+//! is applied, so a state that fails either is rejected whole; the last good state stays
+//! in force and the problem is logged with the file, document and field involved.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -14,12 +16,16 @@ use tracing::{error, info, warn};
 
 use crate::{
     datapath::{
+        endpoints,
         loader::DatapathMaps,
         sockdestroy,
         sync::{MapStore as _, stale_affinity, stale_metrics},
     },
     health::HealthChecker,
-    plan::{self, BackendAddr, Capacities, Ids, Plan, PlanContext},
+    plan::{
+        self, BackendAddr, Capacities, Ids, Plan, PlanContext,
+        policy::{IdentityIds, PolicyCapacities, PolicyContext, plan_policy},
+    },
     state::{self, State},
     telemetry::Telemetry,
 };
@@ -43,6 +49,10 @@ pub struct Reconciler {
     maps: DatapathMaps,
     capacities: Capacities,
     ids: Ids,
+    policy_capacities: PolicyCapacities,
+    identity_ids: IdentityIds,
+    /// Local pod IP → its network namespace cookie, from the last discovery.
+    local_netns: BTreeMap<IpAddr, u64>,
     state: Option<State>,
     applied: Option<Plan>,
     health: Option<HealthChecker>,
@@ -66,6 +76,11 @@ impl Reconciler {
             slots: maps.sizes.slots,
             backends: maps.sizes.backends,
         };
+        let policy_capacities = PolicyCapacities {
+            endpoints: maps.sizes.endpoints,
+            ipcache: maps.sizes.ipcache,
+            policy: maps.sizes.policy,
+        };
         Ok(Self {
             state_path: state_path.into(),
             node: node.into(),
@@ -73,6 +88,9 @@ impl Reconciler {
             maps,
             capacities,
             ids,
+            policy_capacities,
+            identity_ids: IdentityIds::default(),
+            local_netns: BTreeMap::new(),
             state: None,
             applied: None,
             health,
@@ -80,8 +98,29 @@ impl Reconciler {
         })
     }
 
+    /// Looks for the network namespaces of local pods again (pods start and stop between
+    /// state changes); replans when they changed. Returns None when nothing changed.
+    pub fn rediscover(&mut self) -> Option<Outcome> {
+        let cgroup = self.cgroup.clone();
+        // Entering namespaces blocks this worker briefly; let the runtime move other tasks.
+        let found = tokio::task::block_in_place(|| endpoints::discover(&cgroup));
+        let local = match found {
+            Ok(found) => endpoints::by_ip(&found),
+            Err(err) => {
+                warn!(%err, "discovering local pods failed");
+                return None;
+            }
+        };
+        if local == self.local_netns {
+            return None;
+        }
+        self.local_netns = local;
+        Some(self.replan())
+    }
+
     /// Re-reads the state files and applies them.
     pub fn reload(&mut self) -> Outcome {
+        let _ = self.rediscover();
         match state::load(&self.state_path) {
             Ok(state) => {
                 self.state = Some(state);
@@ -106,7 +145,14 @@ impl Reconciler {
             .map(|h| h.unhealthy().into_iter().map(|(addr, proto)| BackendAddr { addr, proto }).collect())
             .unwrap_or_default();
         let ctx = PlanContext { node: &self.node, unhealthy: &unhealthy, capacities: self.capacities };
-        let (plan, next_ids) = match plan::plan(state, &self.ids, &ctx) {
+        let pctx = PolicyContext {
+            node: &self.node,
+            local_netns: &self.local_netns,
+            capacities: self.policy_capacities,
+        };
+        let planned = plan::plan(state, &self.ids, &ctx)
+            .and_then(|lb| Ok((lb, plan_policy(state, &self.identity_ids, &pctx)?)));
+        let ((plan, next_ids), (policy, next_identity_ids)) = match planned {
             Ok(planned) => planned,
             Err(err) => {
                 error!(state = %self.state_path.display(), %err, "state rejected; keeping the last good state");
@@ -114,7 +160,11 @@ impl Reconciler {
                 return Outcome::Rejected;
             }
         };
-        let stats = match self.maps.services.apply(&plan) {
+        let applied = self.maps.services.apply(&plan).and_then(|lb| {
+            let p = self.maps.policy.apply(&policy.endpoints, &policy.ipcache, &policy.policy)?;
+            Ok((lb, p))
+        });
+        let (stats, policy_stats) = match applied {
             Ok(stats) => stats,
             Err(err) => {
                 warn!(%err, "applying the state failed");
@@ -123,6 +173,7 @@ impl Reconciler {
             }
         };
         self.ids = next_ids;
+        self.identity_ids = next_identity_ids;
         self.after_apply(&plan);
         info!(
             frontends = plan.frontends.len(),
@@ -130,6 +181,10 @@ impl Reconciler {
             unhealthy = unhealthy.len(),
             written = stats.written,
             removed = stats.removed,
+            local_pods = policy.endpoints.len(),
+            policy_entries = policy.policy.len(),
+            policy_written = policy_stats.written,
+            policy_removed = policy_stats.removed,
             "state applied"
         );
         self.telemetry.applied(&plan.frontends);

@@ -2,11 +2,13 @@
 //!
 //! State is read from multi-document YAML (one file, or the `*.yaml`/`*.yml` files of a
 //! directory). Understood kinds: `v1 Service`, `v1 Pod`, `discovery.k8s.io/v1
-//! EndpointSlice`, and `v1 List` of those; other kinds are skipped with a warning.
+//! EndpointSlice`, `v1 Namespace`, `networking.k8s.io/v1 NetworkPolicy`, and `v1 List`
+//! of those; other kinds are skipped with a warning.
 //! Parsing is strict like `kubectl --validate=strict`: unknown fields are errors.
 //! Both address families are understood (dual-stack Services and Pods), and validation
 //! follows the API server's rules for the fields the datapath uses: cluster IPs and
-//! their families, session affinity, traffic distribution, addresses and ports.
+//! their families, session affinity, traffic distribution, addresses and ports, and
+//! NetworkPolicy selectors, peers, CIDRs and ports.
 //!
 //! An update is all-or-nothing: every problem of every file is collected and returned
 //! together, and no partial [`State`] is ever produced, so the caller keeps the last
@@ -20,8 +22,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use model::{
-    ObjectKey, SERVICE_NAME_LABEL, State, affinity_timeout, cluster_ips, pod_ips, prefers_close,
-    protocol, target_port,
+    Cidr, ObjectKey, SERVICE_NAME_LABEL, State, affinity_timeout, cluster_ips, pod_ips,
+    prefers_close, protocol, selector_matches, target_port,
 };
 
 /// Why a state update was rejected.

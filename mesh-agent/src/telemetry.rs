@@ -12,10 +12,10 @@ use std::{
     },
 };
 
-use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuHashMap};
 use mesh_common::{
-    AffinityKey, AffinityValue, Backend, BackendSlotKey, LbMetricsKey, RevNatKey, RevNatValue,
-    ServiceKey, ServiceValue,
+    Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, EndpointValue, IpcacheValue,
+    LbMetricsKey, PolicyKeyData, PolicyValue, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
     maps::{self, programs},
     service::{BACKEND_ACTIVE, BACKEND_TERMINATING, PROTO_TCP},
 };
@@ -78,6 +78,13 @@ impl Telemetry {
             maps::BACKENDS => count::<u32, Backend>(Map::HashMap(data)),
             maps::AFFINITY => count::<AffinityKey, AffinityValue>(Map::LruHashMap(data)),
             maps::REV_NAT => count::<RevNatKey, RevNatValue>(Map::LruHashMap(data)),
+            maps::ENDPOINTS => count::<u64, EndpointValue>(Map::HashMap(data)),
+            maps::IPCACHE => LpmTrie::<_, Addr, IpcacheValue>::try_from(Map::LpmTrie(data))
+                .ok()
+                .map(|m| m.keys().count()),
+            maps::POLICY => LpmTrie::<_, PolicyKeyData, PolicyValue>::try_from(Map::LpmTrie(data))
+                .ok()
+                .map(|m| m.keys().count()),
             _ => PerCpuHashMap::<_, LbMetricsKey, u64>::try_from(Map::PerCpuHashMap(data))
                 .ok()
                 .map(|m| m.keys().count()),

@@ -7,9 +7,11 @@
 
 pub mod addr;
 pub mod maps;
+pub mod policy;
 pub mod service;
 
 pub use addr::Addr;
+pub use policy::{EndpointValue, IpcacheKey, IpcacheValue, PolicyKey, PolicyKeyData, PolicyValue};
 pub use service::{
     AffinityKey, AffinityValue, Backend, BackendSlotKey, LbMetricsKey, RevNatKey, RevNatValue,
     ServiceKey, ServiceValue,

@@ -17,8 +17,17 @@ pub const REV_NAT: &str = "REV_NAT_V1";
 /// Per-CPU connection counters: (service id, backend id) → count.
 pub const LB_METRICS: &str = "LB_METRICS_V1";
 
+/// Local pods: network namespace cookie → security identity.
+pub const ENDPOINTS: &str = "ENDPOINTS_V1";
+/// Addresses and prefixes → identity (LPM trie).
+pub const IPCACHE: &str = "IPCACHE_V1";
+/// (subject, direction, peer, protocol, port prefix) → allow / isolation (LPM trie).
+pub const POLICY: &str = "POLICY_V1";
+
 /// Every map, for pinning, cleanup and status.
-pub const ALL: [&str; 6] = [SERVICES, SERVICE_BACKENDS, BACKENDS, AFFINITY, REV_NAT, LB_METRICS];
+pub const ALL: [&str; 9] = [
+    SERVICES, SERVICE_BACKENDS, BACKENDS, AFFINITY, REV_NAT, LB_METRICS, ENDPOINTS, IPCACHE, POLICY,
+];
 
 /// Default capacity of [`SERVICES`] (frontends, plus one VIP marker per cluster IP).
 pub const SERVICES_CAPACITY: u32 = 65_536;
@@ -32,6 +41,13 @@ pub const AFFINITY_CAPACITY: u32 = 65_536;
 pub const REV_NAT_CAPACITY: u32 = 262_144;
 /// Capacity of [`LB_METRICS`]: (service, backend) pairs plus one "refused" per service.
 pub const LB_METRICS_CAPACITY: u32 = 262_144;
+
+/// Default capacity of [`ENDPOINTS`] (pods on one node).
+pub const ENDPOINTS_CAPACITY: u32 = 4_096;
+/// Default capacity of [`IPCACHE`] (pod addresses and policy CIDRs cluster-wide).
+pub const IPCACHE_CAPACITY: u32 = 262_144;
+/// Default capacity of [`POLICY`] (compiled rule entries on one node).
+pub const POLICY_CAPACITY: u32 = 65_536;
 
 /// Names of the programs, as pinned under `<bpffs>/mesh/<node>/` (their links get a
 /// `_link` suffix).

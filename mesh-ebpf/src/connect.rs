@@ -1,5 +1,6 @@
 //! cgroup/connect4 and cgroup/connect6: translate connect() to a Service VIP (TCP, and
-//! connected UDP) into a connect() to a backend; see `lb.rs` for the decision order.
+//! connected UDP) into a connect() to a backend (see `lb.rs` for the decision order),
+//! then apply egress policy to the final destination (`policy.rs`).
 //!
 //! Failure policy: a lookup that misses mid-translation refuses the connect. A VIP has no
 //! route, so passing it on would only turn a refusal into a timeout.
@@ -9,6 +10,7 @@ use aya_ebpf::{helpers::bpf_set_retval, macros::cgroup_sock_addr, programs::Sock
 use crate::{
     ctx::SockAddr,
     lb::{self, Verdict},
+    policy,
 };
 
 /// Lets the call proceed.
@@ -16,6 +18,7 @@ pub const ALLOW: i32 = 1;
 /// Fails the call (with the errno set by `bpf_set_retval`).
 const REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
+const EPERM: i32 = 1;
 
 /// Fails the call with ECONNREFUSED.
 pub fn refuse() -> i32 {
@@ -24,11 +27,26 @@ pub fn refuse() -> i32 {
     REJECT
 }
 
-/// Entry decision shared by the connect and sendmsg hooks (IPv6 fields when `V6`).
+/// Fails the call with EPERM: denied by network policy.
+fn deny() -> i32 {
+    // SAFETY: as in `refuse`.
+    unsafe { bpf_set_retval(-EPERM) };
+    REJECT
+}
+
+/// Entry decision shared by the connect and sendmsg hooks (IPv6 fields when `V6`):
+/// load balancing first, so that policy judges the backend actually dialled.
 #[inline(always)]
 pub fn verdict<const V6: bool>(ctx: &SockAddrContext) -> i32 {
-    match lb::translate::<V6>(&SockAddr::new(ctx)) {
-        Ok(Verdict::Pass | Verdict::Translated) => ALLOW,
+    let sa = SockAddr::new(ctx);
+    match lb::translate::<V6>(&sa) {
+        Ok(Verdict::Pass | Verdict::Translated) => {
+            if policy::egress_allowed(&sa, &sa.addr::<V6>(), sa.port(), sa.protocol()) {
+                ALLOW
+            } else {
+                deny()
+            }
+        }
         Ok(Verdict::Refuse) | Err(lb::Miss) => refuse(),
     }
 }

@@ -1,6 +1,7 @@
-//! Kernel side of the mesh: socket-level service load balancing in cgroup sock_addr
-//! hooks. One file per hook family (`connect.rs`, `sendmsg.rs`, `revnat.rs`), the shared
-//! decision in `lb.rs`, every map in `maps.rs`, raw context access only in `ctx.rs`.
+//! Kernel side of the mesh: socket-level service load balancing and egress policy in
+//! cgroup sock_addr hooks. One file per hook family (`connect.rs`, `sendmsg.rs`,
+//! `revnat.rs`), the shared decisions in `lb.rs` and `policy.rs`, every map in `maps.rs`,
+//! raw context access only in `ctx.rs`.
 #![no_std]
 #![no_main]
 
@@ -8,6 +9,7 @@ mod connect;
 mod ctx;
 mod lb;
 mod maps;
+mod policy;
 mod revnat;
 mod sendmsg;
 

@@ -7,11 +7,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuHashMap},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
 };
 use mesh_common::{
-    AffinityKey, AffinityValue, Backend, BackendSlotKey, LbMetricsKey, RevNatKey, RevNatValue,
-    ServiceKey, ServiceValue, maps as names,
+    Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, EndpointValue, IpcacheValue,
+    LbMetricsKey, PolicyKeyData, PolicyValue, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
+    maps as names,
 };
 
 /// Frontends (VIP, port, proto) → service id, backend count, affinity; plus VIP markers.
@@ -44,3 +45,16 @@ pub static REV_NAT: LruHashMap<RevNatKey, RevNatValue> =
 #[map(name = "LB_METRICS_V1")]
 pub static LB_METRICS: PerCpuHashMap<LbMetricsKey, u64> =
     PerCpuHashMap::pinned(names::LB_METRICS_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// Local pods: network namespace cookie → security identity.
+#[map(name = "ENDPOINTS_V1")]
+pub static ENDPOINTS: HashMap<u64, EndpointValue> = HashMap::pinned(names::ENDPOINTS_CAPACITY, 0);
+
+/// Address prefixes → identity (pods, ipBlock CIDRs); a miss is the world.
+#[map(name = "IPCACHE_V1")]
+pub static IPCACHE: LpmTrie<Addr, IpcacheValue> = LpmTrie::pinned(names::IPCACHE_CAPACITY, 0);
+
+/// Compiled NetworkPolicy: (subject, peer, direction, proto, port prefix) → allow, plus
+/// one isolation marker per isolated (subject, direction).
+#[map(name = "POLICY_V1")]
+pub static POLICY: LpmTrie<PolicyKeyData, PolicyValue> = LpmTrie::pinned(names::POLICY_CAPACITY, 0);

@@ -14,20 +14,21 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, IterableMap as _, Map, MapData, PerCpuHashMap},
+    maps::{HashMap, IterableMap as _, LpmTrie, Map, MapData, PerCpuHashMap},
     programs::{
         CgroupAttachMode, CgroupSockAddr,
         links::{FdLink, PinnedLink},
     },
 };
 use mesh_common::{
-    AffinityKey, AffinityValue, Backend, BackendSlotKey, LbMetricsKey, ServiceKey, ServiceValue,
+    AffinityKey, AffinityValue, Backend, BackendSlotKey, EndpointValue, IpcacheKey, IpcacheValue,
+    LbMetricsKey, PolicyKey, PolicyValue, ServiceKey, ServiceValue,
     maps::{self, programs},
 };
 
 use super::{
     DatapathError, mounts, pins,
-    sync::{KernelMap, ServiceMaps},
+    sync::{KernelMap, KernelTrie, PolicyMaps, ServiceMaps},
 };
 
 /// The eBPF object built from `mesh-ebpf` by build.rs; the agent is one binary.
@@ -38,6 +39,13 @@ pub type KernelServiceMaps = ServiceMaps<
     KernelMap<ServiceKey, ServiceValue>,
     KernelMap<BackendSlotKey, u32>,
     KernelMap<u32, Backend>,
+>;
+
+/// The kernel maps of network policy.
+pub type KernelPolicyMaps = PolicyMaps<
+    KernelMap<u64, EndpointValue>,
+    KernelTrie<IpcacheKey, IpcacheValue>,
+    KernelTrie<PolicyKey, PolicyValue>,
 >;
 
 /// Requested map sizes (entries). Maps adopted from an earlier agent keep their size.
@@ -55,6 +63,12 @@ pub struct MapSizes {
     pub rev_nat: u32,
     /// LB_METRICS.
     pub metrics: u32,
+    /// ENDPOINTS.
+    pub endpoints: u32,
+    /// IPCACHE.
+    pub ipcache: u32,
+    /// POLICY.
+    pub policy: u32,
 }
 
 impl Default for MapSizes {
@@ -66,6 +80,9 @@ impl Default for MapSizes {
             affinity: maps::AFFINITY_CAPACITY,
             rev_nat: maps::REV_NAT_CAPACITY,
             metrics: maps::LB_METRICS_CAPACITY,
+            endpoints: maps::ENDPOINTS_CAPACITY,
+            ipcache: maps::IPCACHE_CAPACITY,
+            policy: maps::POLICY_CAPACITY,
         }
     }
 }
@@ -78,6 +95,8 @@ pub struct DatapathMaps {
     pub affinity: KernelMap<AffinityKey, AffinityValue>,
     /// LB_METRICS (purged of entries of vanished services and backends).
     pub metrics: PerCpuHashMap<MapData, LbMetricsKey, u64>,
+    /// ENDPOINTS, IPCACHE, POLICY.
+    pub policy: KernelPolicyMaps,
     /// The real sizes (entries) of the maps, adopted ones included.
     pub sizes: MapSizes,
 }
@@ -115,6 +134,9 @@ impl Datapath {
             .map_max_entries(maps::AFFINITY, sizes.affinity)
             .map_max_entries(maps::REV_NAT, sizes.rev_nat)
             .map_max_entries(maps::LB_METRICS, sizes.metrics)
+            .map_max_entries(maps::ENDPOINTS, sizes.endpoints)
+            .map_max_entries(maps::IPCACHE, sizes.ipcache)
+            .map_max_entries(maps::POLICY, sizes.policy)
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         for name in programs::ALL {
@@ -137,6 +159,11 @@ impl Datapath {
         let metrics_map = take(&mut self.ebpf, maps::LB_METRICS)?;
         let metrics = PerCpuHashMap::try_from(metrics_map)
             .map_err(|e| DatapathError::Map { name: maps::LB_METRICS, source: Box::new(e) })?;
+        let endpoints: HashMap<_, u64, EndpointValue> = open_map(&mut self.ebpf, maps::ENDPOINTS)?;
+        let ipcache = LpmTrie::try_from(take(&mut self.ebpf, maps::IPCACHE)?)
+            .map_err(|e| DatapathError::Map { name: maps::IPCACHE, source: Box::new(e) })?;
+        let policy = LpmTrie::try_from(take(&mut self.ebpf, maps::POLICY)?)
+            .map_err(|e| DatapathError::Map { name: maps::POLICY, source: Box::new(e) })?;
         let sizes = MapSizes {
             services: max_entries(services.map(), maps::SERVICES)?,
             slots: max_entries(slots.map(), maps::SERVICE_BACKENDS)?,
@@ -144,6 +171,9 @@ impl Datapath {
             affinity: max_entries(affinity.map(), maps::AFFINITY)?,
             rev_nat: pinned_max_entries(&self.node_dir, maps::REV_NAT)?,
             metrics: max_entries(metrics.map(), maps::LB_METRICS)?,
+            endpoints: max_entries(endpoints.map(), maps::ENDPOINTS)?,
+            ipcache: max_entries(ipcache.map(), maps::IPCACHE)?,
+            policy: max_entries(policy.map(), maps::POLICY)?,
         };
         Ok(DatapathMaps {
             services: ServiceMaps {
@@ -153,6 +183,11 @@ impl Datapath {
             },
             affinity: KernelMap::new(maps::AFFINITY, affinity),
             metrics,
+            policy: PolicyMaps {
+                endpoints: KernelMap::new(maps::ENDPOINTS, endpoints),
+                ipcache: KernelTrie::new(maps::IPCACHE, ipcache),
+                policy: KernelTrie::new(maps::POLICY, policy),
+            },
             sizes,
         })
     }

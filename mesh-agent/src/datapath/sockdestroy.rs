@@ -8,19 +8,12 @@
 //! disconnected, so a `send` without an address fails with `EDESTADDRREQ`. Either way the
 //! application sees an error, reconnects, and the new `connect()` picks a live backend.
 //!
-//! `sock_diag` only sees the network namespace the netlink socket was created in, and the
-//! agent knows the cgroup its programs are attached to but not the pods' namespaces. So the
-//! namespaces are found through the processes of that cgroup subtree, and each one is
-//! entered on a dedicated, short-lived thread (`setns` changes the calling thread's
-//! namespace, which must never happen to a thread of the agent's async runtime).
+//! `sock_diag` only sees the network namespace the netlink socket was created in, so each
+//! pod namespace is entered ([`super::netns`]) and searched from inside.
 
-use std::collections::HashSet;
-use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::thread;
+use std::path::Path;
 
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
@@ -30,8 +23,9 @@ use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_UDP};
 use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
 use netlink_packet_sock_diag::message::SockDiagDestroy;
-use nix::sched::CloneFlags;
 use tracing::{debug, warn};
+
+use super::netns::{Netns, NetnsError, for_each_pod_netns};
 
 /// What one [`destroy_udp_sockets_to`] run did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -46,42 +40,9 @@ pub struct DestroyReport {
 /// Why searching the cgroup, or one network namespace, failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SockDestroyError {
-    /// The cgroup's process list could not be read, so no namespace can be found.
-    #[error("reading processes of cgroup {}: {source}", path.display())]
-    Cgroup {
-        /// The cgroup2 directory whose `cgroup.procs` failed.
-        path: PathBuf,
-        /// The underlying error.
-        source: io::Error,
-    },
-    /// No thread could be started to enter the namespace.
-    #[error("spawning a thread for netns net:[{netns}] (via pid {pid}): {source}")]
-    Spawn {
-        /// The process through which the namespace was found.
-        pid: u32,
-        /// The namespace's inode number.
-        netns: u64,
-        /// The underlying error.
-        source: io::Error,
-    },
-    /// The thread working in the namespace panicked.
-    #[error("thread for netns net:[{netns}] (via pid {pid}) panicked")]
-    Panicked {
-        /// The process through which the namespace was found.
-        pid: u32,
-        /// The namespace's inode number.
-        netns: u64,
-    },
-    /// `setns(CLONE_NEWNET)` into the namespace failed.
-    #[error("entering netns net:[{netns}] (via pid {pid}): {source}")]
-    Setns {
-        /// The process through which the namespace was found.
-        pid: u32,
-        /// The namespace's inode number.
-        netns: u64,
-        /// The underlying error.
-        source: nix::errno::Errno,
-    },
+    /// Finding the namespaces (an unreadable cgroup) or entering one failed.
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
     /// Talking `sock_diag` inside the namespace failed (socket I/O or a kernel error reply).
     #[error("sock_diag {op} in netns net:[{netns}] (via pid {pid}): {source}")]
     Netlink {
@@ -110,9 +71,11 @@ pub enum SockDestroyError {
 /// `cgroup` and its descendants, whose destination is one of `backends`.
 ///
 /// A backend matches on IP and port; an IPv4 backend also matches IPv6 sockets connected
-/// to its IPv4-mapped address. A namespace that fails (its process exited, the kernel
-/// refused) is logged with `tracing::warn!` and skipped, so one bad pod cannot protect the
-/// others' stale sockets; only an unreadable `cgroup` is an error.
+/// to its IPv4-mapped address. The agent's own namespace is not searched: the agent and
+/// the node are not pods. A namespace that fails (its process exited, the kernel refused)
+/// is logged with `tracing::warn!` and skipped, so one bad pod cannot protect the others'
+/// stale sockets; only an unreadable `cgroup` (or `/proc/self/ns/net`) is an error
+/// ([`for_each_pod_netns`]).
 ///
 /// This blocks (filesystem and netlink I/O, one thread per namespace): call it from
 /// `tokio::task::spawn_blocking` or a plain thread.
@@ -120,114 +83,20 @@ pub fn destroy_udp_sockets_to(
     cgroup: &Path,
     backends: &[SocketAddr],
 ) -> Result<DestroyReport, SockDestroyError> {
-    let mut report = DestroyReport::default();
     if backends.is_empty() {
-        return Ok(report);
+        return Ok(DestroyReport::default());
     }
-    let pids = cgroup_pids(cgroup)?;
-    for ns in distinct_netns(&pids) {
-        let (pid, netns) = (ns.pid, ns.inode);
-        match destroy_in_netns(ns, backends) {
-            Ok(destroyed) => {
-                report.namespaces += 1;
-                report.destroyed += destroyed;
-                if destroyed > 0 {
-                    debug!(
-                        pid,
-                        netns, destroyed, "destroyed UDP sockets to removed backends"
-                    );
-                }
-            }
-            Err(error) => warn!(
-                cgroup = %cgroup.display(),
-                pid,
-                netns,
-                %error,
-                "skipping network namespace while destroying UDP sockets"
-            ),
-        }
-    }
-    Ok(report)
-}
-
-/// Pids of all processes in `root` and its descendant cgroups.
-///
-/// Descendants that disappear while walking (pods terminating) are skipped; only the root
-/// itself must be readable.
-fn cgroup_pids(root: &Path) -> Result<Vec<u32>, SockDestroyError> {
-    let mut pids = Vec::new();
-    read_procs(root, &mut pids).map_err(|source| SockDestroyError::Cgroup {
-        path: root.to_path_buf(),
-        source,
+    let destroyed = for_each_pod_netns(cgroup, "destroying UDP sockets", |ns| {
+        destroy_in_netns(ns, backends)
     })?;
-    let mut stack = subdirs(root);
-    while let Some(dir) = stack.pop() {
-        match read_procs(&dir, &mut pids) {
-            Ok(()) => stack.extend(subdirs(&dir)),
-            Err(error) => debug!(cgroup = %dir.display(), %error, "skipping vanished cgroup"),
-        }
-    }
-    Ok(pids)
+    Ok(DestroyReport {
+        namespaces: destroyed.len(),
+        destroyed: destroyed.iter().sum(),
+    })
 }
 
-fn read_procs(dir: &Path, pids: &mut Vec<u32>) -> io::Result<()> {
-    let procs = std::fs::read_to_string(dir.join("cgroup.procs"))?;
-    pids.extend(
-        procs
-            .lines()
-            .filter_map(|line| line.trim().parse::<u32>().ok()),
-    );
-    Ok(())
-}
-
-/// Child cgroups of `dir`; an unreadable directory has none (it is being removed).
-fn subdirs(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        // `file_type` does not follow symlinks, so the walk stays inside the subtree.
-        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|entry| entry.path())
-        .collect()
-}
-
-/// A network namespace, held open so it cannot be confused with a later one even if the
-/// process that led to it exits (or its pid is reused) before the namespace is entered.
-struct Netns {
-    pid: u32,
-    inode: u64,
-    file: File,
-}
-
-/// One open handle per distinct network namespace of `pids`; processes that exit
-/// meanwhile are skipped.
-fn distinct_netns(pids: &[u32]) -> Vec<Netns> {
-    let mut seen = HashSet::new();
-    let mut namespaces = Vec::new();
-    for &pid in pids {
-        let opened = File::open(format!("/proc/{pid}/ns/net"))
-            .and_then(|file| file.metadata().map(|meta| (file, meta)));
-        match opened {
-            Ok((file, meta)) => {
-                if seen.insert((meta.dev(), meta.ino())) {
-                    namespaces.push(Netns {
-                        pid,
-                        inode: meta.ino(),
-                        file,
-                    });
-                }
-            }
-            Err(error) => debug!(pid, %error, "skipping process without a readable netns"),
-        }
-    }
-    namespaces
-}
-
-/// Enters `ns` on a fresh thread (which exits afterwards, taking the namespace switch
-/// with it) and destroys the matching sockets there.
-fn destroy_in_netns(ns: Netns, backends: &[SocketAddr]) -> Result<usize, SockDestroyError> {
+/// Destroys the matching sockets of `ns`, on a thread that has entered it.
+fn destroy_in_netns(ns: &Netns, backends: &[SocketAddr]) -> Result<usize, SockDestroyError> {
     let (pid, netns) = (ns.pid, ns.inode);
     let netlink = |op: &'static str| {
         move |source| SockDestroyError::Netlink {
@@ -237,48 +106,40 @@ fn destroy_in_netns(ns: Netns, backends: &[SocketAddr]) -> Result<usize, SockDes
             source,
         }
     };
-    thread::scope(|scope| {
-        let worker = thread::Builder::new()
-            .name(format!("sockdestroy-{netns}"))
-            .spawn_scoped(scope, move || {
-                nix::sched::setns(&ns.file, CloneFlags::CLONE_NEWNET)
-                    .map_err(|source| SockDestroyError::Setns { pid, netns, source })?;
-                // Created after setns: a netlink socket belongs to its creator's namespace.
-                let mut diag = DiagSocket::open().map_err(netlink("socket"))?;
-                let mut destroyed = 0;
-                for family in [AF_INET, AF_INET6] {
-                    let targets = diag.dump_matching(family, backends).map_err(|e| match e {
-                        DiagError::Io(source) => netlink("dump")(source),
-                        DiagError::Decode(reason) => {
-                            SockDestroyError::Decode { pid, netns, reason }
-                        }
-                    })?;
-                    // Destroyed only after the dump finished: replies of the two
-                    // requests must not interleave on the one socket.
-                    for id in targets {
-                        match diag.destroy(family, &id) {
-                            Ok(true) => destroyed += 1,
-                            // Closed by its owner since the dump: nothing left to do.
-                            Ok(false) => {}
-                            // One refused socket must not protect the others.
-                            Err(error) => warn!(
-                                pid,
-                                netns,
-                                src = %SocketAddr::new(id.source_address, id.source_port),
-                                dst = %SocketAddr::new(id.destination_address, id.destination_port),
-                                %error,
-                                "SOCK_DESTROY failed"
-                            ),
-                        }
-                    }
-                }
-                Ok(destroyed)
-            })
-            .map_err(|source| SockDestroyError::Spawn { pid, netns, source })?;
-        worker
-            .join()
-            .map_err(|_| SockDestroyError::Panicked { pid, netns })?
-    })
+    // Created here: a netlink socket belongs to its creator's namespace.
+    let mut diag = DiagSocket::open().map_err(netlink("socket"))?;
+    let mut destroyed = 0;
+    for family in [AF_INET, AF_INET6] {
+        let targets = diag.dump_matching(family, backends).map_err(|e| match e {
+            DiagError::Io(source) => netlink("dump")(source),
+            DiagError::Decode(reason) => SockDestroyError::Decode { pid, netns, reason },
+        })?;
+        // Destroyed only after the dump finished: replies of the two requests must not
+        // interleave on the one socket.
+        for id in targets {
+            match diag.destroy(family, &id) {
+                Ok(true) => destroyed += 1,
+                // Closed by its owner since the dump: nothing left to do.
+                Ok(false) => {}
+                // One refused socket must not protect the others.
+                Err(error) => warn!(
+                    pid,
+                    netns,
+                    src = %SocketAddr::new(id.source_address, id.source_port),
+                    dst = %SocketAddr::new(id.destination_address, id.destination_port),
+                    %error,
+                    "SOCK_DESTROY failed"
+                ),
+            }
+        }
+    }
+    if destroyed > 0 {
+        debug!(
+            pid,
+            netns, destroyed, "destroyed UDP sockets to removed backends"
+        );
+    }
+    Ok(destroyed)
 }
 
 /// Errors inside a namespace, before the namespace's identity is attached.
@@ -670,64 +531,13 @@ mod tests {
         assert!(matches!(parse_ack(&done()), Err(DiagError::Decode(_))));
     }
 
-    /// A scratch directory removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("sockdestroy-{tag}-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            TempDir(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
     #[test]
-    fn cgroup_walk_collects_pids_of_all_descendants() {
-        let root = TempDir::new("walk");
-        std::fs::write(root.0.join("cgroup.procs"), "1\n2\n").unwrap();
-        std::fs::create_dir_all(root.0.join("pod-a/ctr")).unwrap();
-        std::fs::write(root.0.join("pod-a/cgroup.procs"), "").unwrap();
-        std::fs::write(root.0.join("pod-a/ctr/cgroup.procs"), "30\n31\n").unwrap();
-        // A pod cgroup vanishing mid-walk looks like a directory without cgroup.procs.
-        std::fs::create_dir_all(root.0.join("pod-b")).unwrap();
-        let mut pids = cgroup_pids(&root.0).unwrap();
-        pids.sort_unstable();
-        assert_eq!(pids, [1, 2, 30, 31]);
-    }
-
-    #[test]
-    fn unreadable_cgroup_is_an_error_naming_it() {
+    fn no_backends_means_nothing_is_looked_at() {
+        // Not even the cgroup, which does not exist here.
         let missing = Path::new("/nonexistent/sockdestroy-cgroup");
-        let err = destroy_udp_sockets_to(missing, &[sa("127.0.0.1:53")]).unwrap_err();
-        assert!(
-            err.to_string().contains("/nonexistent/sockdestroy-cgroup"),
-            "{err}"
-        );
-        // Nothing to destroy means nothing is looked at, not even the cgroup.
         assert_eq!(
             destroy_udp_sockets_to(missing, &[]).unwrap(),
             DestroyReport::default()
-        );
-    }
-
-    #[test]
-    fn exited_processes_are_skipped() {
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id();
-        child.wait().unwrap();
-        let namespaces = distinct_netns(&[pid, std::process::id(), std::process::id()]);
-        let pids: Vec<_> = namespaces.iter().map(|ns| ns.pid).collect();
-        assert_eq!(
-            pids,
-            [std::process::id()],
-            "reaped child skipped, duplicates merged"
         );
     }
 
@@ -735,42 +545,14 @@ mod tests {
         //! Destroys real sockets in a throwaway network namespace; needs root.
 
         use super::super::*;
+        use crate::datapath::netns::tests::{Sandbox, cgroup2_mount, root_test};
         use std::io::{BufRead, BufReader, Lines};
         use std::process::{ChildStdout, Command, Stdio};
 
-        /// Removes the processes, cgroup and namespace of the test, even when it fails.
-        struct Sandbox {
-            netns: String,
-            cgroup: PathBuf,
-            children: Vec<std::process::Child>,
-        }
-
-        impl Drop for Sandbox {
-            fn drop(&mut self) {
-                for child in &mut self.children {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                }
-                let _ = std::fs::remove_dir(&self.cgroup);
-                let _ = Command::new("ip")
-                    .args(["netns", "del", &self.netns])
-                    .status();
-            }
-        }
-
-        fn cgroup2_mount() -> PathBuf {
-            let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-            mounts
-                .lines()
-                .map(|line| line.split_whitespace().collect::<Vec<_>>())
-                .find(|fields| fields.get(2) == Some(&"cgroup2"))
-                .map(|fields| PathBuf::from(fields[1]))
-                .expect("no cgroup2 mount")
-        }
-
-        fn run(cmd: &mut Command) {
-            let status = cmd.status().unwrap();
-            assert!(status.success(), "{cmd:?}: {status}");
+        /// Where the test's processes run: their netns and cgroup.
+        struct Pod<'a> {
+            netns: &'a str,
+            cgroup: &'a Path,
         }
 
         /// Python holding a UDP socket connected to `host`:`port` (an IPv6 socket when
@@ -793,12 +575,13 @@ except OSError as e:
 
         fn spawn_child(
             sandbox: &mut Sandbox,
+            pod: &Pod,
             python: &str,
             dst: SocketAddr,
             timeout: &str,
         ) -> Lines<BufReader<ChildStdout>> {
             let mut child = Command::new("nsenter")
-                .arg(format!("--net=/run/netns/{}", sandbox.netns))
+                .arg(format!("--net=/run/netns/{}", pod.netns))
                 .args([python, "-c", CHILD])
                 .args([dst.ip().to_string(), dst.port().to_string()])
                 .arg(timeout)
@@ -806,66 +589,55 @@ except OSError as e:
                 .spawn()
                 .unwrap();
             let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-            let pid = child.id();
-            sandbox.children.push(child);
-            std::fs::write(sandbox.cgroup.join("cgroup.procs"), pid.to_string()).unwrap();
+            sandbox.adopt(child, pod.cgroup);
+            // Printed once the socket exists, so inside the netns, before any destroying.
             assert_eq!(lines.next().unwrap().unwrap(), "ready");
             lines
         }
 
         #[test]
         fn destroys_only_sockets_connected_to_the_removed_backend() {
-            // SAFETY: geteuid has no preconditions and cannot fail.
-            if unsafe { libc::geteuid() } != 0 {
-                eprintln!("skipping: destroying sockets in a new netns needs root");
-                return;
-            }
-            let name = format!("sdtest-{}", std::process::id());
-            let mut sandbox = Sandbox {
-                netns: name.clone(),
-                cgroup: cgroup2_mount().join(&name),
-                children: Vec::new(),
-            };
-            run(Command::new("ip").args(["netns", "add", &name]));
-            run(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
-            std::fs::create_dir(&sandbox.cgroup).unwrap();
+            root_test(
+                "sdtest",
+                "destroying sockets in a new netns",
+                |sandbox, name| {
+                    sandbox.add_netns(&name);
+                    let cgroup = sandbox.add_cgroup(cgroup2_mount().join(&name));
+                    let pod = Pod {
+                        netns: &name,
+                        cgroup: &cgroup,
+                    };
 
-            // The interpreter itself, not a launcher shim that might fork it.
-            let python = Command::new("python3")
-                .args(["-c", "import sys; print(sys.executable)"])
-                .output()
-                .unwrap();
-            let python = String::from_utf8(python.stdout).unwrap().trim().to_owned();
+                    // The interpreter itself, not a launcher shim that might fork it.
+                    let python = Command::new("python3")
+                        .args(["-c", "import sys; print(sys.executable)"])
+                        .output()
+                        .unwrap();
+                    let python = String::from_utf8(python.stdout).unwrap().trim().to_owned();
 
-            let backend: SocketAddr = "127.0.0.1:5353".parse().unwrap();
-            let mut stale = spawn_child(&mut sandbox, &python, backend, "20");
-            // A dual-stack socket reaches the same backend through its IPv4-mapped address.
-            let mut stale_v6 = spawn_child(
-                &mut sandbox,
-                &python,
-                "[::ffff:127.0.0.1]:5353".parse().unwrap(),
-                "20",
+                    let backend: SocketAddr = "127.0.0.1:5353".parse().unwrap();
+                    let mut stale = spawn_child(sandbox, &pod, &python, backend, "20");
+                    // A dual-stack socket reaches the same backend through its IPv4-mapped address.
+                    let mapped = "[::ffff:127.0.0.1]:5353".parse().unwrap();
+                    let mut stale_v6 = spawn_child(sandbox, &pod, &python, mapped, "20");
+                    let other = "127.0.0.1:5354".parse().unwrap();
+                    let mut live = spawn_child(sandbox, &pod, &python, other, "3");
+
+                    let report = destroy_udp_sockets_to(&cgroup, &[backend]).unwrap();
+                    assert_eq!(
+                        report,
+                        DestroyReport {
+                            namespaces: 1,
+                            destroyed: 2
+                        }
+                    );
+
+                    let aborted = format!("err {}", libc::ECONNABORTED);
+                    assert_eq!(stale.next().unwrap().unwrap(), aborted);
+                    assert_eq!(stale_v6.next().unwrap().unwrap(), aborted);
+                    assert_eq!(live.next().unwrap().unwrap(), "timeout");
+                },
             );
-            let mut live = spawn_child(
-                &mut sandbox,
-                &python,
-                "127.0.0.1:5354".parse().unwrap(),
-                "3",
-            );
-
-            let report = destroy_udp_sockets_to(&sandbox.cgroup, &[backend]).unwrap();
-            assert_eq!(
-                report,
-                DestroyReport {
-                    namespaces: 1,
-                    destroyed: 2
-                }
-            );
-
-            let aborted = format!("err {}", libc::ECONNABORTED);
-            assert_eq!(stale.next().unwrap().unwrap(), aborted);
-            assert_eq!(stale_v6.next().unwrap().unwrap(), aborted);
-            assert_eq!(live.next().unwrap().unwrap(), "timeout");
         }
     }
 }

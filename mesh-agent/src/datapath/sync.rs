@@ -16,10 +16,15 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{HashMap, MapData, MapError},
+    maps::{
+        HashMap, LpmTrie, MapData, MapError,
+        lpm_trie::Key as TrieKeyOf,
+    },
 };
 use mesh_common::{
-    AffinityKey, AffinityValue, Backend, BackendSlotKey, LbMetricsKey, ServiceKey, ServiceValue,
+    Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, EndpointValue, IpcacheKey,
+    IpcacheValue, LbMetricsKey, PolicyKey, PolicyKeyData, PolicyValue, ServiceKey, ServiceValue,
+    policy::POLICY_ISOLATED,
 };
 
 use crate::plan::{Ids, Plan, diff};
@@ -93,6 +98,148 @@ impl<K: Pod + Ord + Debug, V: Pod> MapStore<K, V> for KernelMap<K, V> {
                 source: Box::new(e),
             }),
         }
+    }
+}
+
+/// A key of an LPM trie map, as the planner holds it (prefix length and data in one
+/// ordered value) and as aya's `lpm_trie::Key` splits it.
+pub trait TrieKey: Ord + Copy + Debug {
+    /// The data after the prefix length.
+    type Data: Pod;
+    /// Prefix length and data.
+    fn split(&self) -> (u32, Self::Data);
+    /// The inverse of [`TrieKey::split`].
+    fn join(prefixlen: u32, data: Self::Data) -> Self;
+}
+
+impl TrieKey for IpcacheKey {
+    type Data = Addr;
+    fn split(&self) -> (u32, Addr) {
+        (self.prefixlen, self.addr)
+    }
+    fn join(prefixlen: u32, addr: Addr) -> Self {
+        Self { prefixlen, addr }
+    }
+}
+
+impl TrieKey for PolicyKey {
+    type Data = PolicyKeyData;
+    fn split(&self) -> (u32, PolicyKeyData) {
+        (self.prefixlen, self.data())
+    }
+    fn join(prefixlen: u32, data: PolicyKeyData) -> Self {
+        Self::from_parts(prefixlen, data)
+    }
+}
+
+/// A pinned kernel LPM trie, named for errors.
+pub struct KernelTrie<K: TrieKey, V> {
+    name: &'static str,
+    map: LpmTrie<MapData, K::Data, V>,
+}
+
+impl<K: TrieKey, V: Pod> KernelTrie<K, V> {
+    /// Wraps an open kernel trie.
+    pub fn new(name: &'static str, map: LpmTrie<MapData, K::Data, V>) -> Self {
+        Self { name, map }
+    }
+}
+
+impl<K: TrieKey, V: Pod> MapStore<K, V> for KernelTrie<K, V> {
+    fn entries(&self) -> Result<BTreeMap<K, V>, SyncError> {
+        self.map
+            .iter()
+            .map(|r| {
+                r.map(|(k, v)| (K::join(k.prefix_len(), k.data()), v)).map_err(|e| SyncError {
+                    op: "iterate",
+                    map: self.name,
+                    key: "*".into(),
+                    source: Box::new(e),
+                })
+            })
+            .collect()
+    }
+
+    fn upsert(&mut self, key: &K, value: &V) -> Result<(), SyncError> {
+        let (len, data) = key.split();
+        self.map.insert(&TrieKeyOf::new(len, data), value, 0).map_err(|e| SyncError {
+            op: "update",
+            map: self.name,
+            key: format!("{key:?}"),
+            source: Box::new(e),
+        })
+    }
+
+    fn remove(&mut self, key: &K) -> Result<(), SyncError> {
+        let (len, data) = key.split();
+        match self.map.remove(&TrieKeyOf::new(len, data)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(SyncError {
+                op: "delete",
+                map: self.name,
+                key: format!("{key:?}"),
+                source: Box::new(e),
+            }),
+        }
+    }
+}
+
+/// The policy maps.
+pub struct PolicyMaps<E, I, P> {
+    /// ENDPOINTS: netns cookie → identity.
+    pub endpoints: E,
+    /// IPCACHE: prefix → identity.
+    pub ipcache: I,
+    /// POLICY: compiled rules and isolation markers.
+    pub policy: P,
+}
+
+impl<E, I, P> PolicyMaps<E, I, P>
+where
+    E: MapStore<u64, EndpointValue>,
+    I: MapStore<IpcacheKey, IpcacheValue>,
+    P: MapStore<PolicyKey, PolicyValue>,
+{
+    /// Brings the maps to the desired contents without a window that wrongly allows or
+    /// denies: allow entries go in before the isolation markers that make them matter,
+    /// and markers go out before the allow entries they guarded; identities (IPCACHE,
+    /// ENDPOINTS) are written after the rules that name them and removed last.
+    pub fn apply(
+        &mut self,
+        endpoints: &BTreeMap<u64, EndpointValue>,
+        ipcache: &BTreeMap<IpcacheKey, IpcacheValue>,
+        policy: &BTreeMap<PolicyKey, PolicyValue>,
+    ) -> Result<ApplyStats, SyncError> {
+        let e = diff(&self.endpoints.entries()?, endpoints);
+        let i = diff(&self.ipcache.entries()?, ipcache);
+        let p = diff(&self.policy.entries()?, policy);
+        let is_marker = |v: &PolicyValue| v.flags & POLICY_ISOLATED != 0;
+        let (markers, allows): (Vec<_>, Vec<_>) = p.upserts.iter().partition(|(_, v)| is_marker(v));
+        for (k, v) in allows.iter().chain(&markers) {
+            self.policy.upsert(k, v)?;
+        }
+        for (k, v) in &i.upserts {
+            self.ipcache.upsert(k, v)?;
+        }
+        for (k, v) in &e.upserts {
+            self.endpoints.upsert(k, v)?;
+        }
+        let current = self.policy.entries()?;
+        let (stale_markers, stale_allows): (Vec<_>, Vec<_>) =
+            p.removals.iter().partition(|k| current.get(k).is_some_and(is_marker));
+        for k in stale_markers.iter().chain(&stale_allows) {
+            self.policy.remove(k)?;
+        }
+        for k in &e.removals {
+            self.endpoints.remove(k)?;
+        }
+        for k in &i.removals {
+            self.ipcache.remove(k)?;
+        }
+        Ok(ApplyStats {
+            written: e.upserts.len() + i.upserts.len() + p.upserts.len(),
+            removed: e.removals.len() + i.removals.len() + p.removals.len(),
+        })
     }
 }
 
@@ -328,5 +475,55 @@ mod tests {
         let key = |service_id, backend_id| LbMetricsKey { service_id, backend_id };
         let keys = [key(1, 0), key(1, 1), key(1, 2), key(1, 3), key(7, 1), key(7, 0)];
         assert_eq!(stale_metrics(&keys, &plan), vec![key(1, 3), key(7, 1), key(7, 0)]);
+    }
+
+    fn pkey(subject: u32, peer: u32, port: u16) -> PolicyKey {
+        PolicyKey {
+            prefixlen: if port == 0 { 80 } else { 96 },
+            subject,
+            peer,
+            direction: mesh_common::policy::DIR_EGRESS,
+            proto: if port == 0 { 0 } else { 6 },
+            port_be: port.to_be(),
+        }
+    }
+
+    fn policy_maps(
+        log: &Rc<RefCell<Vec<String>>>,
+    ) -> PolicyMaps<FakeMap<u64, EndpointValue>, FakeMap<IpcacheKey, IpcacheValue>, FakeMap<PolicyKey, PolicyValue>>
+    {
+        PolicyMaps {
+            endpoints: FakeMap { name: "ep", data: BTreeMap::new(), log: log.clone() },
+            ipcache: FakeMap { name: "ipc", data: BTreeMap::new(), log: log.clone() },
+            policy: FakeMap { name: "pol", data: BTreeMap::new(), log: log.clone() },
+        }
+    }
+
+    #[test]
+    fn isolation_marker_goes_in_after_and_out_before_the_allows() {
+        use mesh_common::policy::{POLICY_ALLOW, POLICY_ISOLATED};
+        let log = Rc::new(RefCell::new(Vec::new()));
+        let mut maps = policy_maps(&log);
+        let marker = pkey(300, 0, 0);
+        let allow = pkey(300, 301, 80);
+        let policy = BTreeMap::from([
+            (marker, PolicyValue { flags: POLICY_ISOLATED, policy_id: 0 }),
+            (allow, PolicyValue { flags: POLICY_ALLOW, policy_id: 0 }),
+        ]);
+        let endpoints = BTreeMap::from([(7, EndpointValue { identity: 300, _pad: 0 })]);
+        let ipcache = BTreeMap::new();
+        maps.apply(&endpoints, &ipcache, &policy).unwrap();
+        {
+            let log = log.borrow();
+            let put = |k: &PolicyKey| position(&log, &format!("put pol {k:?}"));
+            assert!(put(&allow) < put(&marker), "{log:?}");
+            assert!(put(&marker) < position(&log, "put ep"), "{log:?}");
+        }
+        log.borrow_mut().clear();
+        maps.apply(&BTreeMap::new(), &ipcache, &BTreeMap::new()).unwrap();
+        let log = log.borrow();
+        let del = |k: &PolicyKey| position(&log, &format!("del pol {k:?}"));
+        assert!(del(&marker) < del(&allow), "{log:?}");
+        assert!(maps.policy.data.is_empty() && maps.endpoints.data.is_empty());
     }
 }

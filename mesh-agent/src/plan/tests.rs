@@ -486,7 +486,10 @@ fn capacities_come_from_the_context_and_overflow_names_the_service_and_map() {
         let err = with(services, slots, backends).expect_err("overflow");
         let PlanError::Capacity {
             service: s, map: m, ..
-        } = &err;
+        } = &err
+        else {
+            panic!("{err}")
+        };
         assert_eq!(
             (s.to_string(), *m),
             (format!("default/{service}"), map),

@@ -5,8 +5,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 /// Namespace of an object whose `metadata.namespace` is absent, as in `kubectl apply`.
@@ -15,8 +17,13 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 /// Label that ties an EndpointSlice to its Service (same namespace).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
+/// Label the API server puts on every Namespace, valued with its name, so that
+/// `namespaceSelector`s can pick namespaces by name.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
 /// Namespace and name of an object. Orders by namespace first, so one namespace's
-/// objects are contiguous in a [`State`] map.
+/// objects are contiguous in a [`State`] map. Cluster-scoped objects (Namespaces) have
+/// namespace "".
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectKey {
     /// `metadata.namespace`, [`DEFAULT_NAMESPACE`] when absent.
@@ -42,6 +49,10 @@ pub struct State {
     pub(super) services: BTreeMap<ObjectKey, Service>,
     pub(super) pods: BTreeMap<ObjectKey, Pod>,
     pub(super) endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    /// Keyed by namespace "" and name = the namespace's name; labels include
+    /// [`NAMESPACE_NAME_LABEL`].
+    pub(super) namespaces: BTreeMap<ObjectKey, Namespace>,
+    pub(super) network_policies: BTreeMap<ObjectKey, NetworkPolicy>,
 }
 
 impl State {
@@ -51,7 +62,6 @@ impl State {
     }
 
     /// All Pods, ordered by namespace and name.
-    #[cfg(test)]
     pub fn pods(&self) -> impl ExactSizeIterator<Item = (&ObjectKey, &Pod)> {
         self.pods.iter()
     }
@@ -67,6 +77,37 @@ impl State {
     /// All EndpointSlices, ordered by namespace and name.
     pub fn endpoint_slices(&self) -> impl ExactSizeIterator<Item = (&ObjectKey, &EndpointSlice)> {
         self.endpoint_slices.iter()
+    }
+
+    /// The Namespaces defined in the state, ordered by name. Keys are cluster-scoped:
+    /// namespace "" and name = the namespace's name. Their labels include
+    /// [`NAMESPACE_NAME_LABEL`]. Namespaces that objects live in need not be defined:
+    /// see [`State::namespace_labels`].
+    #[cfg(test)]
+    pub fn namespaces(&self) -> impl ExactSizeIterator<Item = (&ObjectKey, &Namespace)> {
+        self.namespaces.iter()
+    }
+
+    /// The labels of namespace `name`, as `namespaceSelector`s see them: those of its
+    /// Namespace object, or only [`NAMESPACE_NAME_LABEL`] when the state does not define
+    /// it (the namespace exists as soon as an object lives in it).
+    pub fn namespace_labels(&self, name: &str) -> BTreeMap<String, String> {
+        let key = ObjectKey {
+            namespace: String::new(),
+            name: name.to_owned(),
+        };
+        let mut labels = self
+            .namespaces
+            .get(&key)
+            .and_then(|ns| ns.metadata.labels.clone())
+            .unwrap_or_default();
+        labels.insert(NAMESPACE_NAME_LABEL.to_owned(), name.to_owned());
+        labels
+    }
+
+    /// All NetworkPolicies, ordered by namespace and name.
+    pub fn network_policies(&self) -> impl ExactSizeIterator<Item = (&ObjectKey, &NetworkPolicy)> {
+        self.network_policies.iter()
     }
 }
 
@@ -88,6 +129,8 @@ pub(super) enum Kind {
     Service,
     Pod,
     EndpointSlice,
+    Namespace,
+    NetworkPolicy,
 }
 
 impl fmt::Display for Kind {
@@ -96,6 +139,8 @@ impl fmt::Display for Kind {
             Kind::Service => "Service",
             Kind::Pod => "Pod",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::Namespace => "Namespace",
+            Kind::NetworkPolicy => "NetworkPolicy",
         })
     }
 }
@@ -184,4 +229,89 @@ pub fn target_port(port: &ServicePort) -> Option<&IntOrString> {
     port.target_port.as_ref().filter(|t| {
         !matches!(t, IntOrString::Int(0)) && !matches!(t, IntOrString::String(s) if s.is_empty())
     })
+}
+
+/// Whether `labels` satisfy a label selector: every `matchLabels` pair and every
+/// `matchExpressions` requirement holds (an empty selector matches everything).
+/// Validation has kept operators to In, NotIn, Exists and DoesNotExist; an unknown one
+/// matches nothing, so a bad selector can never widen what a policy allows.
+pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let pairs = selector.match_labels.iter().flatten();
+    let matches_pairs = pairs.into_iter().all(|(k, v)| labels.get(k) == Some(v));
+    matches_pairs
+        && selector.match_expressions.iter().flatten().all(|req| {
+            let value = labels.get(&req.key);
+            let values = req.values.as_deref().unwrap_or_default();
+            match req.operator.as_str() {
+                "In" => value.is_some_and(|v| values.contains(v)),
+                "NotIn" => value.is_none_or(|v| !values.contains(v)),
+                "Exists" => value.is_some(),
+                "DoesNotExist" => value.is_none(),
+                _ => false,
+            }
+        })
+}
+
+/// An IP prefix, as in `ipBlock.cidr`: the address has no bits set past the prefix.
+/// Orders IPv4 before IPv6, then by address and length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    /// Network address (host bits cleared).
+    pub addr: IpAddr,
+    /// Prefix length: 0..=32 for IPv4, 0..=128 for IPv6.
+    pub len: u8,
+}
+
+impl Cidr {
+    /// Parses `addr/len`. Host bits past the prefix are cleared, as Go's
+    /// `net.ParseCIDR` (which the API server uses) does; IPv4-mapped IPv6 is refused
+    /// because the datapath could not tell it from IPv4.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (addr, len) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not a CIDR (address/length)"))?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not a CIDR: bad address"))?;
+        if let IpAddr::V6(v6) = addr
+            && v6.to_ipv4_mapped().is_some()
+        {
+            return Err(format!("{s:?} is IPv4-mapped IPv6; use the IPv4 form"));
+        }
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = len
+            .parse::<u8>()
+            .ok()
+            .filter(|&l| l <= max && !len.starts_with('+'))
+            .ok_or_else(|| format!("{s:?} is not a CIDR: prefix length must be 0-{max}"))?;
+        Ok(Self::new(addr, len))
+    }
+
+    /// The prefix of length `len` containing `addr` (`len` at most the family's width).
+    pub fn new(addr: IpAddr, len: u8) -> Self {
+        let addr = match addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                IpAddr::from((u32::from(a) & mask).to_be_bytes())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                IpAddr::from((u128::from(a) & mask).to_be_bytes())
+            }
+        };
+        Self { addr, len }
+    }
+
+    /// Whether `other` lies within this prefix (same family, at least as long).
+    pub fn contains(&self, other: &Cidr) -> bool {
+        self.addr.is_ipv4() == other.addr.is_ipv4()
+            && other.len >= self.len
+            && Cidr::new(other.addr, self.len) == *self
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
 }

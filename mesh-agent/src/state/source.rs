@@ -1,18 +1,19 @@
 //! Reading state from YAML: files of a directory, documents of a file, objects of a
 //! document, strictly typed.
 
+use std::any::TypeId;
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::{Metadata, Resource};
+use k8s_openapi::{ClusterResourceScope, Metadata, Resource};
 use serde::Serialize;
 use serde::de::{Deserialize, DeserializeOwned};
 use serde_json::Value;
 
-use super::model::{DEFAULT_NAMESPACE, Kind, ObjectKey, State, cluster_ips};
+use super::model::{DEFAULT_NAMESPACE, Kind, NAMESPACE_NAME_LABEL, ObjectKey, State, cluster_ips};
 use super::validate::{self, Problem};
 use super::{DocError, StateError};
 
@@ -133,6 +134,26 @@ impl Builder {
                     });
                 }
             }
+            ("v1", "Namespace") => {
+                if let Some((key, mut ns)) = self.decode(loc, prefix, json, validate::namespace) {
+                    // The API server sets this label on every Namespace (overwriting
+                    // any other value), and selectors rely on it.
+                    ns.metadata
+                        .labels
+                        .get_or_insert_default()
+                        .insert(NAMESPACE_NAME_LABEL.to_owned(), key.name.clone());
+                    self.insert(Kind::Namespace, key, ns, loc, |s| &mut s.namespaces);
+                }
+            }
+            ("networking.k8s.io/v1", "NetworkPolicy") => {
+                if let Some((key, policy)) =
+                    self.decode(loc, prefix, json, validate::network_policy)
+                {
+                    self.insert(Kind::NetworkPolicy, key, policy, loc, |s| {
+                        &mut s.network_policies
+                    });
+                }
+            }
             ("v1", "List") => match json.get("items") {
                 Some(Value::Array(items)) => {
                     for (i, item) in items.iter().enumerate() {
@@ -159,7 +180,9 @@ impl Builder {
     }
 
     /// Types, strictly checks and validates one object. Returns it with its namespace
-    /// defaulted, or `None` after recording why it is unusable.
+    /// defaulted, or `None` after recording why it is unusable. Cluster-scoped objects
+    /// get namespace "" (key and metadata alike), whatever the document says, as the
+    /// API server ignores it.
     fn decode<T>(
         &mut self,
         loc: &Location,
@@ -169,13 +192,23 @@ impl Builder {
     ) -> Option<(ObjectKey, T)>
     where
         T: Resource + Metadata<Ty = ObjectMeta> + DeserializeOwned + Serialize,
+        T::Scope: 'static,
     {
         let str_at = |pointer| json.pointer(pointer).and_then(Value::as_str);
         let name = str_at("/metadata/name").unwrap_or_default();
-        let namespace = str_at("/metadata/namespace")
-            .filter(|ns| !ns.is_empty())
-            .unwrap_or(DEFAULT_NAMESPACE);
-        let object = format!("{} {namespace}/{name}", T::KIND);
+        let cluster_scoped = TypeId::of::<T::Scope>() == TypeId::of::<ClusterResourceScope>();
+        let namespace = if cluster_scoped {
+            ""
+        } else {
+            str_at("/metadata/namespace")
+                .filter(|ns| !ns.is_empty())
+                .unwrap_or(DEFAULT_NAMESPACE)
+        };
+        let object = if cluster_scoped {
+            format!("{} {name}", T::KIND)
+        } else {
+            format!("{} {namespace}/{name}", T::KIND)
+        };
         let error = |field: &str, message: String| {
             doc_error(
                 loc,
@@ -216,7 +249,7 @@ impl Builder {
         self.errors
             .extend(problems.into_iter().map(|p| error(&p.field, p.message)));
 
-        typed.metadata_mut().namespace = Some(namespace.to_owned());
+        typed.metadata_mut().namespace = (!cluster_scoped).then(|| namespace.to_owned());
         Some((
             ObjectKey {
                 namespace: namespace.to_owned(),
@@ -236,7 +269,11 @@ impl Builder {
     ) {
         match self.places.entry((kind, key.clone())) {
             Entry::Occupied(first) => {
-                let object = format!("{kind} {key}");
+                let object = if key.namespace.is_empty() {
+                    format!("{kind} {}", key.name)
+                } else {
+                    format!("{kind} {key}")
+                };
                 let message = format!("duplicate object, first defined in {}", first.get());
                 self.errors
                     .push(doc_error(loc, Some(&object), "metadata.name", message));

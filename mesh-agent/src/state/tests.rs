@@ -551,3 +551,166 @@ fn missing_path_is_an_io_error() {
     let path = std::env::temp_dir().join("mesh-state-does-not-exist");
     assert!(matches!(load(&path), Err(StateError::Io { .. })));
 }
+
+#[test]
+fn namespaces_are_cluster_scoped_and_carry_their_name_label() {
+    let state = ok("
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, namespace: ignored, labels: {team: x, kubernetes.io/metadata.name: wrong}}
+status: {phase: Active}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny, namespace: shop}
+spec: {podSelector: {}, policyTypes: [Ingress]}
+");
+    let (key, ns) = state.namespaces().next().expect("one namespace");
+    assert_eq!((key.namespace.as_str(), key.name.as_str()), ("", "shop"));
+    assert_eq!(ns.metadata.namespace, None);
+    let labels = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let expected = labels(&[("team", "x"), (model::NAMESPACE_NAME_LABEL, "shop")]);
+    assert_eq!(ns.metadata.labels.as_ref(), Some(&expected));
+    assert_eq!(state.namespace_labels("shop"), expected);
+    // A namespace that is only referenced has just its name label.
+    assert_eq!(
+        state.namespace_labels("other"),
+        labels(&[(model::NAMESPACE_NAME_LABEL, "other")])
+    );
+    let (key, _) = state.network_policies().next().expect("one policy");
+    assert_eq!(key.to_string(), "shop/deny");
+}
+
+#[test]
+fn namespace_and_policy_strictness() {
+    let text = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+spec: {finalizers: [kubernetes], extra: 1}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: p}
+spec:
+  podSelector: {matchLabel: {a: b}}
+  ingress: [{form: [{podSelector: {}}]}]
+";
+    assert_eq!(
+        problems("n.yaml", text),
+        [
+            "n.yaml: document 1 (Namespace shop): spec.extra: unknown field",
+            "n.yaml: document 2 (Namespace shop): metadata.name: duplicate object, first defined in n.yaml document 1",
+            "n.yaml: document 3 (NetworkPolicy default/p): spec.ingress[0].form: unknown field",
+            "n.yaml: document 3 (NetworkPolicy default/p): spec.podSelector.matchLabel: unknown field",
+        ]
+    );
+}
+
+#[test]
+fn network_policy_validation() {
+    let policy = |spec: &str| {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p}}\nspec: {spec}\n"
+        )
+    };
+    let cases = [
+        (policy("{podSelector: {}}"), vec![]),
+        (policy("{}"), vec![]), // podSelector is optional: every pod
+        (
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p}\n"
+                .to_owned(),
+            vec!["spec: required"],
+        ),
+        (
+            policy("{policyTypes: [Ingress, Egress, Ingress, ingress]}"),
+            vec![
+                "spec.policyTypes[2]: duplicate policy type Ingress",
+                r#"spec.policyTypes[3]: "ingress" is not one of Ingress, Egress"#,
+            ],
+        ),
+        (
+            policy(
+                "{ingress: [{ports: [{port: 0}, {port: 53, protocol: ICMP}, {port: HTTP}, {port: http, endPort: 90}, {endPort: 90}, {port: 100, endPort: 99}, {port: 100, endPort: 70000}, {port: 1, endPort: 65535, protocol: SCTP}]}]}",
+            ),
+            vec![
+                "spec.ingress[0].ports[0].port: 0 is not a valid port (1-65535)",
+                r#"spec.ingress[0].ports[1].protocol: "ICMP" is not one of TCP, UDP, SCTP"#,
+                r#"spec.ingress[0].ports[2].port: "HTTP" is not a valid port name: only lowercase letters, digits and '-' are allowed"#,
+                "spec.ingress[0].ports[3].endPort: requires a numeric port",
+                "spec.ingress[0].ports[4].endPort: requires a numeric port",
+                "spec.ingress[0].ports[5].endPort: 99 is less than port 100",
+                "spec.ingress[0].ports[6].endPort: 70000 is not a valid port (1-65535)",
+            ],
+        ),
+        (
+            policy(
+                "{egress: [{to: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16, 10.0.0.0/8, 11.0.0.0/16, 'fd00::/64', 10.2.0.0/33]}}, {ipBlock: {cidr: '10.0.0.1/24'}}, {ipBlock: {cidr: 'fd00::/129'}}, {ipBlock: {cidr: '::ffff:10.0.0.0/104'}}, {ipBlock: {cidr: 10.0.0.0}}]}]}",
+            ),
+            vec![
+                "spec.egress[0].to[0].ipBlock.except[1]: 10.0.0.0/8 is not strictly inside cidr 10.0.0.0/8",
+                "spec.egress[0].to[0].ipBlock.except[2]: 11.0.0.0/16 is not strictly inside cidr 10.0.0.0/8",
+                "spec.egress[0].to[0].ipBlock.except[3]: fd00::/64 is not strictly inside cidr 10.0.0.0/8",
+                r#"spec.egress[0].to[0].ipBlock.except[4]: "10.2.0.0/33" is not a CIDR: prefix length must be 0-32"#,
+                r#"spec.egress[0].to[2].ipBlock.cidr: "fd00::/129" is not a CIDR: prefix length must be 0-128"#,
+                r#"spec.egress[0].to[3].ipBlock.cidr: "::ffff:10.0.0.0/104" is IPv4-mapped IPv6; use the IPv4 form"#,
+                r#"spec.egress[0].to[4].ipBlock.cidr: "10.0.0.0" is not a CIDR (address/length)"#,
+            ],
+        ),
+        (
+            policy(
+                "{ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}, {}, {namespaceSelector: {}, podSelector: {}}]}]}",
+            ),
+            vec![
+                "spec.ingress[0].from[0].ipBlock: may not be combined with podSelector or namespaceSelector",
+                "spec.ingress[0].from[1]: must specify podSelector, namespaceSelector or ipBlock",
+            ],
+        ),
+        (
+            policy(
+                "{podSelector: {matchExpressions: [{key: a, operator: In}, {key: b, operator: Exists, values: [x]}, {key: c, operator: Gt, values: ['1']}, {key: d, operator: NotIn, values: [x]}, {key: e, operator: DoesNotExist}]}, egress: [{to: [{namespaceSelector: {matchExpressions: [{key: a, operator: NotIn, values: []}]}}]}]}",
+            ),
+            vec![
+                "spec.podSelector.matchExpressions[0].values: must be non-empty for operator In",
+                "spec.podSelector.matchExpressions[1].values: must be empty for operator Exists",
+                r#"spec.podSelector.matchExpressions[2].operator: "Gt" is not one of In, NotIn, Exists, DoesNotExist"#,
+                "spec.egress[0].to[0].namespaceSelector.matchExpressions[0].values: must be non-empty for operator NotIn",
+            ],
+        ),
+    ];
+    for (text, expected) in cases {
+        let got = match parse_str("v.yaml", &text) {
+            Ok(_) => Vec::new(),
+            Err(StateError::Invalid(errors)) => errors
+                .into_iter()
+                .map(|e| e.field.unwrap_or_default() + ": " + &e.message)
+                .collect(),
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(got, expected, "for:\n{text}");
+    }
+}
+
+#[test]
+fn cidrs_parse_and_nest() {
+    let c = |s: &str| Cidr::parse(s).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c("10.1.2.3/16").to_string(), "10.1.0.0/16");
+    assert_eq!(c("fd00::1/0").to_string(), "::/0");
+    assert!(c("10.0.0.0/8").contains(&c("10.1.0.0/16")));
+    assert!(c("10.0.0.0/8").contains(&c("10.0.0.0/8")));
+    assert!(!c("10.1.0.0/16").contains(&c("10.0.0.0/8")));
+    assert!(
+        !c("::/0").contains(&c("10.0.0.0/8")),
+        "families do not nest"
+    );
+    assert!(Cidr::parse("10.0.0.0/+8").is_err());
+}

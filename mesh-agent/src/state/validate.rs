@@ -4,12 +4,16 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use k8s_openapi::api::core::v1::{Pod, Service, ServiceSpec};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::model::{
-    MAX_AFFINITY_TIMEOUT_S, PREFER_CLOSE, SERVICE_NAME_LABEL, protocol, target_port,
+    Cidr, MAX_AFFINITY_TIMEOUT_S, PREFER_CLOSE, SERVICE_NAME_LABEL, protocol, target_port,
 };
 
 /// One problem in one object, before the caller adds file, document and object.
@@ -170,6 +174,167 @@ pub(super) fn endpoint_slice(slice: &EndpointSlice) -> Vec<Problem> {
         );
     }
     out
+}
+
+/// Namespaces carry nothing the datapath checks beyond their labels, which any
+/// string map is.
+pub(super) fn namespace(_: &Namespace) -> Vec<Problem> {
+    Vec::new()
+}
+
+pub(super) fn network_policy(policy: &NetworkPolicy) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let Some(spec) = &policy.spec else {
+        out.push(problem("spec", "required"));
+        return out;
+    };
+    if let Some(selector) = &spec.pod_selector {
+        check_selector("spec.podSelector", selector, &mut out);
+    }
+    let types = spec.policy_types.as_deref().unwrap_or_default();
+    for (i, t) in types.iter().enumerate() {
+        let at = format!("spec.policyTypes[{i}]");
+        if !matches!(t.as_str(), "Ingress" | "Egress") {
+            out.push(problem(at, format!("{t:?} is not one of Ingress, Egress")));
+        } else if types[..i].contains(t) {
+            out.push(problem(at, format!("duplicate policy type {t}")));
+        }
+    }
+    for (i, rule) in spec.ingress.iter().flatten().enumerate() {
+        let at = format!("spec.ingress[{i}]");
+        check_rule(
+            &at,
+            "from",
+            rule.from.as_deref(),
+            rule.ports.as_deref(),
+            &mut out,
+        );
+    }
+    for (i, rule) in spec.egress.iter().flatten().enumerate() {
+        let at = format!("spec.egress[{i}]");
+        check_rule(
+            &at,
+            "to",
+            rule.to.as_deref(),
+            rule.ports.as_deref(),
+            &mut out,
+        );
+    }
+    out
+}
+
+fn check_rule(
+    at: &str,
+    peers_field: &str,
+    peers: Option<&[NetworkPolicyPeer]>,
+    ports: Option<&[NetworkPolicyPort]>,
+    out: &mut Vec<Problem>,
+) {
+    for (i, peer) in peers.unwrap_or_default().iter().enumerate() {
+        let at = format!("{at}.{peers_field}[{i}]");
+        let selectors = [
+            ("podSelector", &peer.pod_selector),
+            ("namespaceSelector", &peer.namespace_selector),
+        ];
+        for (field, selector) in selectors {
+            if let Some(selector) = selector {
+                check_selector(&format!("{at}.{field}"), selector, out);
+            }
+        }
+        match &peer.ip_block {
+            Some(block) => {
+                check_ip_block(&format!("{at}.ipBlock"), block, out);
+                if peer.pod_selector.is_some() || peer.namespace_selector.is_some() {
+                    out.push(problem(
+                        format!("{at}.ipBlock"),
+                        "may not be combined with podSelector or namespaceSelector",
+                    ));
+                }
+            }
+            None if peer.pod_selector.is_none() && peer.namespace_selector.is_none() => {
+                out.push(problem(
+                    at,
+                    "must specify podSelector, namespaceSelector or ipBlock",
+                ));
+            }
+            None => {}
+        }
+    }
+    for (i, p) in ports.unwrap_or_default().iter().enumerate() {
+        let at = format!("{at}.ports[{i}]");
+        check_protocol(
+            &format!("{at}.protocol"),
+            protocol(p.protocol.as_ref()),
+            out,
+        );
+        match &p.port {
+            Some(IntOrString::Int(n)) => check_port(&format!("{at}.port"), *n, out),
+            Some(IntOrString::String(name)) => {
+                if let Err(why) = check_port_name(name) {
+                    out.push(problem(
+                        format!("{at}.port"),
+                        format!("{name:?} is not a valid port name: {why}"),
+                    ));
+                }
+            }
+            None => {}
+        }
+        if let Some(end) = p.end_port {
+            let field = format!("{at}.endPort");
+            match &p.port {
+                Some(IntOrString::Int(port)) => {
+                    if end < *port {
+                        out.push(problem(field, format!("{end} is less than port {port}")));
+                    } else {
+                        check_port(&field, end, out);
+                    }
+                }
+                _ => out.push(problem(field, "requires a numeric port")),
+            }
+        }
+    }
+}
+
+/// `cidr` is a prefix; each `except` is a prefix of the same family strictly inside it.
+fn check_ip_block(at: &str, block: &IPBlock, out: &mut Vec<Problem>) {
+    let cidr = Cidr::parse(&block.cidr);
+    if let Err(why) = &cidr {
+        out.push(problem(format!("{at}.cidr"), why.clone()));
+    }
+    for (i, except) in block.except.iter().flatten().enumerate() {
+        let field = format!("{at}.except[{i}]");
+        match (Cidr::parse(except), &cidr) {
+            (Err(why), _) => out.push(problem(field, why)),
+            (Ok(e), Ok(c)) if !(c.contains(&e) && e.len > c.len) => out.push(problem(
+                field,
+                format!("{e} is not strictly inside cidr {c}"),
+            )),
+            _ => {}
+        }
+    }
+}
+
+/// Operators and their values as the API server requires them.
+fn check_selector(at: &str, selector: &LabelSelector, out: &mut Vec<Problem>) {
+    for (i, req) in selector.match_expressions.iter().flatten().enumerate() {
+        let at = format!("{at}.matchExpressions[{i}]");
+        let values = req.values.as_deref().unwrap_or_default();
+        match req.operator.as_str() {
+            "In" | "NotIn" if values.is_empty() => out.push(problem(
+                format!("{at}.values"),
+                format!("must be non-empty for operator {}", req.operator),
+            )),
+            "Exists" | "DoesNotExist" if !values.is_empty() => out.push(problem(
+                format!("{at}.values"),
+                format!("must be empty for operator {}", req.operator),
+            )),
+            "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
+            other => out.push(problem(
+                format!("{at}.operator"),
+                format!("{other:?} is not one of In, NotIn, Exists, DoesNotExist"),
+            )),
+        }
+    }
 }
 
 /// `spec.clusterIP`, `spec.clusterIPs`, `spec.ipFamilies` and `spec.ipFamilyPolicy`:

@@ -1,0 +1,161 @@
+//! Identity-based network policy tables.
+//!
+//! Every pod has a numeric security identity (pods of one namespace with equal labels
+//! share it). A socket's pod is found by its network namespace cookie in ENDPOINTS; a
+//! peer address is resolved to an identity by longest-prefix match in IPCACHE (pod
+//! addresses as /32 or /128, ipBlock CIDRs and their exceptions as prefixes, everything
+//! else [`IDENTITY_WORLD`]). POLICY then says which (peer, protocol, port) a subject may
+//! talk to, per direction.
+//!
+//! Decision order for subject S, direction D, peer identity P, protocol p, port d:
+//! 1. No isolation entry `(S, D, any peer, any proto, any port)` with
+//!    [`POLICY_ISOLATED`]: S is not selected by any policy for D → allow.
+//! 2. Otherwise allow iff one of `(S, D, P, p, d)`, `(S, D, P, any, any)`,
+//!    `(S, D, any, p, d)`, `(S, D, any, any, any)` matches with [`POLICY_ALLOW`], where
+//!    ports match by prefix (port ranges are stored as aligned prefixes); else deny.
+
+use crate::Addr;
+
+/// Identity of addresses no policy peer covers (outside the cluster).
+pub const IDENTITY_WORLD: u32 = 2;
+/// First identity handed to pods and CIDRs; lower ones are reserved.
+pub const IDENTITY_FIRST_ALLOCATED: u32 = 256;
+/// "Any" in [`PolicyKey::peer`] and, with a zero prefix, in ports and protocol.
+pub const IDENTITY_ANY: u32 = 0;
+
+/// [`PolicyKey::direction`]: traffic the subject sends.
+pub const DIR_EGRESS: u8 = 1;
+/// [`PolicyKey::direction`]: traffic the subject receives.
+pub const DIR_INGRESS: u8 = 2;
+
+/// [`PolicyValue::flags`]: the subject is isolated in this direction (marker entry).
+pub const POLICY_ISOLATED: u32 = 1;
+/// [`PolicyValue::flags`]: the matching traffic is allowed.
+pub const POLICY_ALLOW: u32 = 2;
+
+/// Value of the ENDPOINTS map (key: network namespace cookie, `u64`, host byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointValue {
+    /// Security identity of the pod, host byte order.
+    pub identity: u32,
+    /// Explicit padding, always 0.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<EndpointValue>() == 8);
+
+/// Key of the IPCACHE LPM trie (the kernel's `bpf_lpm_trie_key` layout: prefix length
+/// first, then the data the prefix applies to).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IpcacheKey {
+    /// Prefix length in bits over `addr` (IPv4: 96 + the IPv4 prefix length), host
+    /// byte order.
+    pub prefixlen: u32,
+    /// Address (IPv4 mapped), network byte order.
+    pub addr: Addr,
+}
+const _: () = assert!(core::mem::size_of::<IpcacheKey>() == 20);
+
+/// Value of the IPCACHE map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IpcacheValue {
+    /// Identity of the prefix, host byte order.
+    pub identity: u32,
+    /// Explicit padding, always 0.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<IpcacheValue>() == 8);
+
+/// Key of the POLICY LPM trie. Every field before `port` is matched exactly (the
+/// prefix always covers them: 80 bits); the remaining 0..=16 prefix bits match the port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKey {
+    /// Prefix length in bits over the fields after it: 80 + port prefix bits.
+    pub prefixlen: u32,
+    /// Identity of the pod the policy applies to, host byte order (always inside the
+    /// exact-match part of the prefix, so its byte order does not matter to the trie).
+    pub subject: u32,
+    /// Identity of the peer, host byte order; [`IDENTITY_ANY`] for any peer.
+    pub peer: u32,
+    /// [`DIR_EGRESS`] or [`DIR_INGRESS`].
+    pub direction: u8,
+    /// IP protocol; 0 for any (then the port prefix is 0 too).
+    pub proto: u8,
+    /// Port, network byte order (the trie compares bytes from the most significant
+    /// bit); only the first `prefixlen - 80` bits count.
+    pub port_be: u16,
+}
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 16);
+
+/// The part of a [`PolicyKey`] after the prefix length: the `data` of the trie key as
+/// the kernel and aya's `lpm_trie::Key<PolicyKeyData>` lay it out.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKeyData {
+    /// As [`PolicyKey::subject`].
+    pub subject: u32,
+    /// As [`PolicyKey::peer`].
+    pub peer: u32,
+    /// As [`PolicyKey::direction`].
+    pub direction: u8,
+    /// As [`PolicyKey::proto`].
+    pub proto: u8,
+    /// As [`PolicyKey::port_be`].
+    pub port_be: u16,
+}
+const _: () = assert!(core::mem::size_of::<PolicyKeyData>() == 12);
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 4 + core::mem::size_of::<PolicyKeyData>());
+
+impl PolicyKey {
+    /// The trie key's data part.
+    pub const fn data(&self) -> PolicyKeyData {
+        PolicyKeyData {
+            subject: self.subject,
+            peer: self.peer,
+            direction: self.direction,
+            proto: self.proto,
+            port_be: self.port_be,
+        }
+    }
+
+    /// Reassembles a key from its prefix length and data.
+    pub const fn from_parts(prefixlen: u32, d: PolicyKeyData) -> Self {
+        Self {
+            prefixlen,
+            subject: d.subject,
+            peer: d.peer,
+            direction: d.direction,
+            proto: d.proto,
+            port_be: d.port_be,
+        }
+    }
+}
+
+/// Bits of [`PolicyKey`] matched exactly: subject, peer, direction, protocol.
+pub const POLICY_FIXED_PREFIX: u32 = 80;
+
+/// Value of the POLICY map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyValue {
+    /// `POLICY_*` bits, host byte order.
+    pub flags: u32,
+    /// Index of the policy that produced the entry (for flow events), host byte order.
+    pub policy_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (all below): plain-old-data, repr(C), explicit padding, every bit pattern
+    // valid.
+    unsafe impl aya::Pod for super::EndpointValue {}
+    unsafe impl aya::Pod for super::IpcacheKey {}
+    unsafe impl aya::Pod for super::IpcacheValue {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PolicyKeyData {}
+    unsafe impl aya::Pod for super::PolicyValue {}
+}
