@@ -140,6 +140,9 @@ pub struct MapSizeArgs {
     /// POLICY: compiled policy entries of this node's pods.
     #[arg(long, default_value_t = MapSizes::default().policy, value_parser = clap::value_parser!(u32).range(1..))]
     pub map_size_policy: u32,
+    /// UDP_PEERS: peers local UDP sockets sent to, whose replies pass ingress policy (LRU).
+    #[arg(long, default_value_t = MapSizes::default().udp_peers, value_parser = clap::value_parser!(u32).range(1..))]
+    pub map_size_udp_peers: u32,
 }
 
 impl MapSizeArgs {
@@ -155,6 +158,7 @@ impl MapSizeArgs {
             endpoints: self.map_size_endpoints,
             ipcache: self.map_size_ipcache,
             policy: self.map_size_policy,
+            udp_peers: self.map_size_udp_peers,
         }
     }
 }

@@ -6,11 +6,13 @@
 #![no_std]
 
 pub mod addr;
+pub mod event;
 pub mod maps;
 pub mod policy;
 pub mod service;
 
 pub use addr::Addr;
+pub use event::FlowEvent;
 pub use policy::{EndpointValue, IpcacheKey, IpcacheValue, PolicyKey, PolicyKeyData, PolicyValue};
 pub use service::{
     AffinityKey, AffinityValue, Backend, BackendSlotKey, LbMetricsKey, RevNatKey, RevNatValue,

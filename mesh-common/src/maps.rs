@@ -24,10 +24,28 @@ pub const IPCACHE: &str = "IPCACHE_V1";
 /// (subject, direction, peer, protocol, port prefix) → allow / isolation (LPM trie).
 pub const POLICY: &str = "POLICY_V1";
 
+/// Flow events (ring buffer of `FlowEvent`), read by the agent.
+pub const EVENTS: &str = "EVENTS_V1";
+/// Datapath settings (array of u32, indexes in `event::config`).
+pub const CONFIG: &str = "CONFIG_V1";
+/// Per-CPU policy verdict counters: (direction, verdict) → count.
+pub const POLICY_METRICS: &str = "POLICY_METRICS_V1";
+
+/// UDP peers a local socket sent to (LRU): (socket cookie, peer, port) → 1, so ingress
+/// policy lets their replies in.
+pub const UDP_PEERS: &str = "UDP_PEERS_V1";
+
 /// Every map, for pinning, cleanup and status.
-pub const ALL: [&str; 9] = [
+pub const ALL: [&str; 13] = [
     SERVICES, SERVICE_BACKENDS, BACKENDS, AFFINITY, REV_NAT, LB_METRICS, ENDPOINTS, IPCACHE, POLICY,
+    EVENTS, CONFIG, POLICY_METRICS, UDP_PEERS,
 ];
+
+/// Capacity of [`UDP_PEERS`].
+pub const UDP_PEERS_CAPACITY: u32 = 65_536;
+
+/// Size of [`EVENTS`] in bytes (a power of two; 4,096 events of 64 bytes).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
 
 /// Default capacity of [`SERVICES`] (frontends, plus one VIP marker per cluster IP).
 pub const SERVICES_CAPACITY: u32 = 65_536;
@@ -68,8 +86,15 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "mesh_getpeername4";
     /// cgroup/getpeername6: the same over IPv6.
     pub const GETPEERNAME6: &str = "mesh_getpeername6";
+    /// cgroup_skb/ingress: ingress network policy where packets reach pod sockets.
+    pub const INGRESS: &str = "mesh_ingress";
 
-    /// Every program, in attach order.
-    pub const ALL: [&str; 8] =
+    /// The cgroup sock_addr programs, in attach order.
+    pub const SOCK_ADDR: [&str; 8] =
         [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6, GETPEERNAME4, GETPEERNAME6];
+    /// Every program.
+    pub const ALL: [&str; 9] = [
+        CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6, GETPEERNAME4, GETPEERNAME6,
+        INGRESS,
+    ];
 }

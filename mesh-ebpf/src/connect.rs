@@ -7,9 +7,12 @@
 
 use aya_ebpf::{helpers::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext};
 
+use mesh_common::{RevNatKey, service::PROTO_UDP};
+
 use crate::{
     ctx::SockAddr,
     lb::{self, Verdict},
+    maps::UDP_PEERS,
     policy,
 };
 
@@ -41,11 +44,16 @@ pub fn verdict<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     let sa = SockAddr::new(ctx);
     match lb::translate::<V6>(&sa) {
         Ok(Verdict::Pass | Verdict::Translated) => {
-            if policy::egress_allowed(&sa, &sa.addr::<V6>(), sa.port(), sa.protocol()) {
-                ALLOW
-            } else {
-                deny()
+            let (dst, port, proto) = (sa.addr::<V6>(), sa.port(), sa.protocol());
+            if !policy::egress_allowed(&sa, &dst, port, proto) {
+                return deny();
             }
+            if proto == PROTO_UDP {
+                // Replies to this socket from that peer are not new inbound flows.
+                let key = RevNatKey { cookie: sa.socket_cookie(), addr: dst, port, _pad: [0; 6] };
+                let _ = UDP_PEERS.insert(&key, &1, 0);
+            }
+            ALLOW
         }
         Ok(Verdict::Refuse) | Err(lb::Miss) => refuse(),
     }

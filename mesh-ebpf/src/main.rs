@@ -7,6 +7,7 @@
 
 mod connect;
 mod ctx;
+mod ingress;
 mod lb;
 mod maps;
 mod policy;

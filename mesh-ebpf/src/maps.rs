@@ -7,11 +7,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf},
 };
 use mesh_common::{
     Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, EndpointValue, IpcacheValue,
     LbMetricsKey, PolicyKeyData, PolicyValue, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
+    event::{VerdictKey, config},
     maps as names,
 };
 
@@ -58,3 +59,20 @@ pub static IPCACHE: LpmTrie<Addr, IpcacheValue> = LpmTrie::pinned(names::IPCACHE
 /// one isolation marker per isolated (subject, direction).
 #[map(name = "POLICY_V1")]
 pub static POLICY: LpmTrie<PolicyKeyData, PolicyValue> = LpmTrie::pinned(names::POLICY_CAPACITY, 0);
+
+/// Flow events for the agent (`mesh-agent observe`); full → events are dropped, never
+/// traffic.
+#[map(name = "EVENTS_V1")]
+pub static EVENTS: RingBuf = RingBuf::pinned(names::EVENTS_BYTES, 0);
+
+/// Datapath settings written by the agent (policy audit mode).
+#[map(name = "CONFIG_V1")]
+pub static CONFIG: Array<u32> = Array::pinned(config::LEN, 0);
+
+/// (direction, verdict, reason) → count, per CPU.
+#[map(name = "POLICY_METRICS_V1")]
+pub static POLICY_METRICS: PerCpuHashMap<VerdictKey, u64> = PerCpuHashMap::pinned(64, 0);
+
+/// UDP peers local sockets sent to: their replies are not new inbound flows.
+#[map(name = "UDP_PEERS_V1")]
+pub static UDP_PEERS: LruHashMap<RevNatKey, u8> = LruHashMap::pinned(names::UDP_PEERS_CAPACITY, 0);

@@ -1,18 +1,19 @@
-//! Egress network policy at socket level: after load balancing, a connect() or
-//! sendmsg() is checked against the compiled NetworkPolicy of the calling pod, with the
-//! selected backend as the peer. Denied calls fail at once with EPERM.
+//! Network policy decisions, shared by the egress check in the socket hooks and the
+//! ingress check in `ingress.rs`.
 //!
-//! Decision order (as documented in `mesh_common::policy`):
-//! 1. The caller's netns is not a known local pod (ENDPOINTS miss): allow. Processes of
-//!    the node itself are not pods, and a pod is known once the agent has seen it.
-//! 2. No isolation marker for (pod identity, egress): allow (no policy selects the pod).
-//! 3. Peer identity = longest-prefix match of the destination in IPCACHE (miss: world).
+//! Decision order (as documented in `mesh_common::policy`), for subject S, direction D:
+//! 1. No isolation marker for (S, D): allow (no policy selects the pod that way).
+//! 2. Peer identity = longest-prefix match of the peer address in IPCACHE (miss: world).
 //!    Allow iff an entry with POLICY_ALLOW matches (peer, proto, port), trying the exact
 //!    peer then any peer, and the exact protocol then any protocol; else deny.
+//! 3. A deny in audit mode (CONFIG[POLICY_AUDIT] = 1) is reported and let through.
+//!
+//! Every deny and audit is counted in POLICY_METRICS and reported on EVENTS.
 
-use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use mesh_common::{
-    Addr, PolicyKeyData,
+    Addr, FlowEvent, PolicyKeyData,
+    event::{REASON_POLICY_DENIED, VERDICT_AUDIT, VERDICT_DROPPED, VerdictKey, config},
     policy::{
         DIR_EGRESS, IDENTITY_ANY, IDENTITY_WORLD, POLICY_ALLOW, POLICY_FIXED_PREFIX,
         POLICY_ISOLATED,
@@ -21,34 +22,42 @@ use mesh_common::{
 
 use crate::{
     ctx::SockAddr,
-    maps::{ENDPOINTS, IPCACHE, POLICY},
+    maps::{CONFIG, ENDPOINTS, EVENTS, IPCACHE, POLICY, POLICY_METRICS},
 };
 
 /// Full key length of POLICY lookups: fixed fields plus all 16 port bits.
 const POLICY_FULL_PREFIX: u32 = POLICY_FIXED_PREFIX + 16;
 
-/// Whether the calling pod may send to `dst`:`port_be` over `proto`.
+/// The flow being judged.
+pub struct Flow {
+    pub src: Addr,
+    pub dst: Addr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+}
+
+/// Identity of an address: longest-prefix match in IPCACHE, else the world.
 #[inline(always)]
-pub fn egress_allowed(sa: &SockAddr, dst: &Addr, port_be: u16, proto: u8) -> bool {
-    // SAFETY (map reads here and below): plain data; a concurrent update can at worst
-    // give a stale copy.
-    let Some(endpoint) = (unsafe { ENDPOINTS.get(&sa.netns_cookie()) }) else {
-        return true;
+pub fn identity_of(addr: &Addr) -> u32 {
+    IPCACHE.get(Key::new(128, *addr)).map_or(IDENTITY_WORLD, |v| v.identity)
+}
+
+/// Whether `subject` may exchange `proto`/`port_be` with `peer` in `direction`.
+#[inline(always)]
+fn allowed(subject: u32, direction: u8, peer: u32, proto: u8, port_be: u16) -> bool {
+    let key = |peer, proto, port_be| {
+        Key::new(POLICY_FULL_PREFIX, PolicyKeyData { subject, peer, direction, proto, port_be })
     };
-    let subject = endpoint.identity;
     let isolated = POLICY
-        .get(Key::new(POLICY_FULL_PREFIX, data(subject, IDENTITY_ANY, 0, 0)))
+        .get(key(IDENTITY_ANY, 0, 0))
         .is_some_and(|v| v.flags & POLICY_ISOLATED != 0);
     if !isolated {
         return true;
     }
-    let peer = IPCACHE.get(Key::new(128, *dst)).map_or(IDENTITY_WORLD, |v| v.identity);
     for peer in [peer, IDENTITY_ANY] {
         for (proto, port) in [(proto, port_be), (0, 0)] {
-            let allowed = POLICY
-                .get(Key::new(POLICY_FULL_PREFIX, data(subject, peer, proto, port)))
-                .is_some_and(|v| v.flags & POLICY_ALLOW != 0);
-            if allowed {
+            if POLICY.get(key(peer, proto, port)).is_some_and(|v| v.flags & POLICY_ALLOW != 0) {
                 return true;
             }
         }
@@ -56,7 +65,60 @@ pub fn egress_allowed(sa: &SockAddr, dst: &Addr, port_be: u16, proto: u8) -> boo
     false
 }
 
+/// Judges `flow` for `subject` in `direction` with `peer` as the other side; reports and
+/// counts what policy denies. Returns whether the flow may pass (audit mode included).
 #[inline(always)]
-fn data(subject: u32, peer: u32, proto: u8, port_be: u16) -> PolicyKeyData {
-    PolicyKeyData { subject, peer, direction: DIR_EGRESS, proto, port_be }
+pub fn judge(subject: u32, peer: u32, direction: u8, flow: &Flow) -> bool {
+    // Both directions match the destination port: the service the subject dials
+    // (egress) or serves (ingress).
+    if allowed(subject, direction, peer, flow.proto, flow.dst_port) {
+        return true;
+    }
+    let audit = CONFIG.get(config::POLICY_AUDIT).is_some_and(|v| *v == 1);
+    let verdict = if audit { VERDICT_AUDIT } else { VERDICT_DROPPED };
+    count(direction, verdict);
+    let (src_identity, dst_identity) =
+        if direction == DIR_EGRESS { (subject, peer) } else { (peer, subject) };
+    let event = FlowEvent {
+        // SAFETY: helper without arguments.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        src: flow.src,
+        dst: flow.dst,
+        src_identity,
+        dst_identity,
+        src_port: flow.src_port,
+        dst_port: flow.dst_port,
+        proto: flow.proto,
+        direction,
+        verdict,
+        reason: REASON_POLICY_DENIED,
+        _pad: 0,
+    };
+    // A full ring buffer loses the event, never the verdict.
+    let _ = EVENTS.output::<FlowEvent>(&event, 0);
+    audit
+}
+
+fn count(direction: u8, verdict: u8) {
+    let key = VerdictKey { direction, verdict, reason: REASON_POLICY_DENIED, _pad: 0 };
+    match POLICY_METRICS.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value, not shared with other CPUs; no re-entry on this CPU.
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            let _ = POLICY_METRICS.insert(&key, &1, 0);
+        }
+    }
+}
+
+/// Egress check in the socket hooks: the calling pod (by netns cookie) sending to
+/// `dst`:`port_be`. Callers that are not known local pods (the node's own processes, a
+/// pod not discovered yet) pass.
+#[inline(always)]
+pub fn egress_allowed(sa: &SockAddr, dst: &Addr, port_be: u16, proto: u8) -> bool {
+    // SAFETY: plain data; a concurrent update can at worst give a stale copy.
+    let Some(endpoint) = (unsafe { ENDPOINTS.get(&sa.netns_cookie()) }) else {
+        return true;
+    };
+    let flow = Flow { src: Addr([0; 4]), dst: *dst, src_port: 0, dst_port: port_be, proto };
+    judge(endpoint.identity, identity_of(dst), DIR_EGRESS, &flow)
 }

@@ -14,9 +14,9 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, IterableMap as _, LpmTrie, Map, MapData, PerCpuHashMap},
+    maps::{Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, PerCpuHashMap, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSockAddr,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, Program,
         links::{FdLink, PinnedLink},
     },
 };
@@ -69,6 +69,8 @@ pub struct MapSizes {
     pub ipcache: u32,
     /// POLICY.
     pub policy: u32,
+    /// UDP_PEERS.
+    pub udp_peers: u32,
 }
 
 impl Default for MapSizes {
@@ -83,6 +85,7 @@ impl Default for MapSizes {
             endpoints: maps::ENDPOINTS_CAPACITY,
             ipcache: maps::IPCACHE_CAPACITY,
             policy: maps::POLICY_CAPACITY,
+            udp_peers: maps::UDP_PEERS_CAPACITY,
         }
     }
 }
@@ -97,6 +100,10 @@ pub struct DatapathMaps {
     pub metrics: PerCpuHashMap<MapData, LbMetricsKey, u64>,
     /// ENDPOINTS, IPCACHE, POLICY.
     pub policy: KernelPolicyMaps,
+    /// EVENTS: flow events to read.
+    pub events: RingBuf<MapData>,
+    /// CONFIG: datapath settings (policy audit mode).
+    pub config: Array<MapData, u32>,
     /// The real sizes (entries) of the maps, adopted ones included.
     pub sizes: MapSizes,
 }
@@ -137,11 +144,13 @@ impl Datapath {
             .map_max_entries(maps::ENDPOINTS, sizes.endpoints)
             .map_max_entries(maps::IPCACHE, sizes.ipcache)
             .map_max_entries(maps::POLICY, sizes.policy)
+            .map_max_entries(maps::UDP_PEERS, sizes.udp_peers)
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
-        for name in programs::ALL {
-            program(&mut ebpf, name)?.load().map_err(|e| program_error(name, e))?;
+        for name in programs::SOCK_ADDR {
+            sock_addr(&mut ebpf, name)?.load().map_err(|e| program_error(name, e))?;
         }
+        skb(&mut ebpf, programs::INGRESS)?.load().map_err(|e| program_error(programs::INGRESS, e))?;
         Ok(Self { ebpf, node_dir, links: Vec::new(), adopted })
     }
 
@@ -164,6 +173,10 @@ impl Datapath {
             .map_err(|e| DatapathError::Map { name: maps::IPCACHE, source: Box::new(e) })?;
         let policy = LpmTrie::try_from(take(&mut self.ebpf, maps::POLICY)?)
             .map_err(|e| DatapathError::Map { name: maps::POLICY, source: Box::new(e) })?;
+        let events = RingBuf::try_from(take(&mut self.ebpf, maps::EVENTS)?)
+            .map_err(|e| DatapathError::Map { name: maps::EVENTS, source: Box::new(e) })?;
+        let config = Array::try_from(take(&mut self.ebpf, maps::CONFIG)?)
+            .map_err(|e| DatapathError::Map { name: maps::CONFIG, source: Box::new(e) })?;
         let sizes = MapSizes {
             services: max_entries(services.map(), maps::SERVICES)?,
             slots: max_entries(slots.map(), maps::SERVICE_BACKENDS)?,
@@ -174,6 +187,7 @@ impl Datapath {
             endpoints: max_entries(endpoints.map(), maps::ENDPOINTS)?,
             ipcache: max_entries(ipcache.map(), maps::IPCACHE)?,
             policy: max_entries(policy.map(), maps::POLICY)?,
+            udp_peers: pinned_max_entries(&self.node_dir, maps::UDP_PEERS)?,
         };
         Ok(DatapathMaps {
             services: ServiceMaps {
@@ -188,6 +202,8 @@ impl Datapath {
                 ipcache: KernelTrie::new(maps::IPCACHE, ipcache),
                 policy: KernelTrie::new(maps::POLICY, policy),
             },
+            events,
+            config,
             sizes,
         })
     }
@@ -213,13 +229,20 @@ impl Datapath {
     fn attach_one(&mut self, name: &'static str, cgroup: &File) -> Result<PinnedLink, DatapathError> {
         let link_path = pins::link_pin(&self.node_dir, name);
         let stale = PinnedLink::from_pin(&link_path).ok();
-        let prog = program(&mut self.ebpf, name)?;
+        let link_error = |e| DatapathError::Link { path: link_path.clone(), source: Box::new(e) };
         // bpf_link attachments to a cgroup always coexist with others (multi semantics);
         // the kernel rejects any attach flag on them, so the mode must be `Single` (0).
-        let link_id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(|e| program_error(name, e))?;
-        let link = prog.take_link(link_id).map_err(|e| program_error(name, e))?;
-        let link = FdLink::try_from(link)
-            .map_err(|e| DatapathError::Link { path: link_path.clone(), source: Box::new(e) })?;
+        let link = if name == programs::INGRESS {
+            let prog = skb(&mut self.ebpf, name)?;
+            let id = prog
+                .attach(cgroup, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+                .map_err(|e| program_error(name, e))?;
+            FdLink::try_from(prog.take_link(id).map_err(|e| program_error(name, e))?).map_err(link_error)?
+        } else {
+            let prog = sock_addr(&mut self.ebpf, name)?;
+            let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(|e| program_error(name, e))?;
+            FdLink::try_from(prog.take_link(id).map_err(|e| program_error(name, e))?).map_err(link_error)?
+        };
         if let Some(stale) = stale {
             // Dropping the unpinned FdLink detaches the earlier agent's program.
             drop(stale.unpin().map_err(|source| DatapathError::Io {
@@ -295,11 +318,16 @@ pub fn uninstall_node(node_dir: &Path) -> Result<(), DatapathError> {
     Ok(())
 }
 
-fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, DatapathError> {
-    ebpf.program_mut(name)
-        .ok_or(DatapathError::Missing { kind: "program", name })?
-        .try_into()
-        .map_err(|e| program_error(name, e))
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Program, DatapathError> {
+    ebpf.program_mut(name).ok_or(DatapathError::Missing { kind: "program", name })
+}
+
+fn sock_addr<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, DatapathError> {
+    program(ebpf, name)?.try_into().map_err(|e| program_error(name, e))
+}
+
+fn skb<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSkb, DatapathError> {
+    program(ebpf, name)?.try_into().map_err(|e| program_error(name, e))
 }
 
 fn program_error(name: &'static str, e: aya::programs::ProgramError) -> DatapathError {
