@@ -319,6 +319,16 @@ pub fn next_json_line<T: DeserializeOwned>(child: &mut ChildGuard, timeout: Dura
 /// Runs `mesh-testpod bench` from `pod` to `addr`: `warmup` unmeasured iterations, then
 /// `count` measured ones.
 pub fn bench(pod: &Pod, addr: SocketAddr, count: u32, warmup: u32) -> Result<BenchSummary> {
+    run_bench(pod, addr, count, warmup, false)
+}
+
+/// Like [`bench`], but `count` request/response exchanges on one connection: the
+/// established path rather than connection setup.
+pub fn bench_persistent(pod: &Pod, addr: SocketAddr, count: u32, warmup: u32) -> Result<BenchSummary> {
+    run_bench(pod, addr, count, warmup, true)
+}
+
+fn run_bench(pod: &Pod, addr: SocketAddr, count: u32, warmup: u32, persistent: bool) -> Result<BenchSummary> {
     let mut cmd = Command::new(testpod_bin()?);
     cmd.args([
         "bench",
@@ -328,6 +338,9 @@ pub fn bench(pod: &Pod, addr: SocketAddr, count: u32, warmup: u32) -> Result<Ben
         &count.to_string(),
     ]);
     cmd.args(["--warmup", &warmup.to_string()]);
+    if persistent {
+        cmd.arg("--persistent");
+    }
     // The bench bounds itself at 60 s by default; leave it room to report.
     parse_json(&pod.run_timeout(cmd, Duration::from_secs(90))?)
         .with_context(|| format!("bench from pod {} to {addr}", pod.name()))

@@ -28,7 +28,7 @@ pub struct BenchArgs {
     /// Rounds per path; each round runs both paths of a phase, alternating the order.
     #[arg(long, default_value_t = 15)]
     rounds: u32,
-    /// Numbers of Services in force, comma separated.
+    /// Numbers of Services in force (lb), comma separated.
     #[arg(long, default_value = "1,1000,10000", value_delimiter = ',')]
     sizes: Vec<u32>,
 }
@@ -43,13 +43,14 @@ const FILLER_BACKENDS: u32 = 10;
 pub fn run(args: &BenchArgs) -> Result<()> {
     match args.which.as_str() {
         "lb" => lb(args),
-        other => bail!("unknown benchmark {other:?}; available: lb"),
+        "policy" => crate::bench_policy::run(args.count, args.rounds),
+        other => bail!("unknown benchmark {other:?}; available: lb, policy"),
     }
 }
 
 /// One path's results across rounds.
 #[derive(Default)]
-struct PathStats {
+pub struct PathStats {
     p50: Vec<u64>,
     p99: Vec<u64>,
     count: u64,
@@ -58,7 +59,8 @@ struct PathStats {
 }
 
 impl PathStats {
-    fn add(&mut self, s: &testpod::BenchSummary) {
+    /// Adds one round.
+    pub fn add(&mut self, s: &testpod::BenchSummary) {
         self.p50.push(s.p50_ns);
         self.p99.push(s.p99_ns);
         self.count += s.count;
@@ -73,11 +75,13 @@ impl PathStats {
         v.get(v.len() / 2).copied().unwrap_or(0) as f64
     }
 
-    fn p50_us(&self) -> f64 {
+    /// Median over rounds of the p50, in microseconds.
+    pub fn p50_us(&self) -> f64 {
         Self::median(&self.p50) / 1e3
     }
 
-    fn p99_us(&self) -> f64 {
+    /// Median over rounds of the p99, in microseconds.
+    pub fn p99_us(&self) -> f64 {
         Self::median(&self.p99) / 1e3
     }
 
@@ -87,7 +91,7 @@ impl PathStats {
 
     /// Median over rounds of this path's p50 divided by `base`'s p50 in the same round:
     /// the two ran back to back, so machine-wide drift between rounds cancels out.
-    fn paired_p50_ratio(&self, base: &Self) -> f64 {
+    pub fn paired_p50_ratio(&self, base: &Self) -> f64 {
         let mut ratios: Vec<f64> =
             self.p50.iter().zip(&base.p50).map(|(v, d)| *v as f64 / *d as f64).collect();
         ratios.sort_by(f64::total_cmp);

@@ -2,6 +2,7 @@
 //! or a green test run. Each task installs what it needs first (idempotently).
 
 mod bench;
+mod bench_policy;
 mod build;
 mod demo;
 mod setup;

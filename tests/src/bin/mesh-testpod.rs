@@ -176,6 +176,10 @@ struct BenchArgs {
     /// Stop early after this many seconds in total.
     #[arg(long, default_value_t = 60)]
     max_secs: u64,
+    /// Request/response on ONE connection instead of a new connection per iteration:
+    /// measures the established path, not connection setup.
+    #[arg(long)]
+    persistent: bool,
 }
 
 fn main() -> Result<()> {
@@ -616,6 +620,9 @@ fn bad_echo(sent: &str, got: &[u8]) -> io::Error {
 }
 
 fn bench(args: &BenchArgs) -> Result<()> {
+    if args.persistent {
+        return bench_persistent(args);
+    }
     let timeout = Duration::from_millis(args.timeout_ms);
     let budget = Duration::from_secs(args.max_secs);
     let payload = vec![b'x'; args.payload];
@@ -638,6 +645,52 @@ fn bench(args: &BenchArgs) -> Result<()> {
         match bench_iteration(args.addr, timeout, &payload) {
             Ok(()) => latencies.push(u64::try_from(begin.elapsed().as_nanos()).unwrap_or(u64::MAX)),
             Err(e) => *errors.entry(error_key(&e)).or_default() += 1,
+        }
+    }
+    let summary = BenchSummary::from_latencies(latencies, measured.elapsed(), errors);
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
+
+/// One connection; each iteration writes the payload and reads its echo.
+fn bench_persistent(args: &BenchArgs) -> Result<()> {
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let budget = Duration::from_secs(args.max_secs);
+    let payload = vec![b'x'; args.payload];
+    let start = Instant::now();
+    let stream = TcpStream::connect_timeout(&args.addr, timeout).context("connect")?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut reader = BufReader::new(&stream);
+    read_name_line(&mut reader).context("read the server's name")?;
+    let mut echo = vec![0u8; payload.len()];
+    let mut exchange = || -> io::Result<()> {
+        (&stream).write_all(&payload)?;
+        reader.read_exact(&mut echo)?;
+        if echo != payload {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "echo differs from payload"));
+        }
+        Ok(())
+    };
+    for _ in 0..args.warmup {
+        exchange()?;
+    }
+    let mut latencies = Vec::with_capacity(args.count as usize);
+    let mut errors = BTreeMap::new();
+    let measured = Instant::now();
+    for _ in 0..args.count {
+        if start.elapsed() > budget {
+            break;
+        }
+        let begin = Instant::now();
+        match exchange() {
+            Ok(()) => latencies.push(u64::try_from(begin.elapsed().as_nanos()).unwrap_or(u64::MAX)),
+            Err(e) => {
+                // A broken connection ends the run: later iterations could only fail.
+                *errors.entry(error_key(&e)).or_default() += 1;
+                break;
+            }
         }
     }
     let summary = BenchSummary::from_latencies(latencies, measured.elapsed(), errors);
