@@ -4,8 +4,9 @@
 //! the pod's own stack has reassembled it.
 //!
 //! Only new inbound flows are judged: TCP segments with SYN and without ACK, and UDP
-//! datagrams from a peer the receiving socket has not sent to (UDP_PEERS, written by
-//! the connect/sendmsg hooks). Replies to the pod's own connections pass. Everything
+//! datagrams from a peer the receiving socket has not exchanged with yet (UDP_PEERS,
+//! written by the connect/sendmsg hooks and by this program for allowed flows). Replies
+//! to the pod's own connections pass. Everything
 //! that is neither TCP nor UDP, non-first fragments and IPv6 with extension headers
 //! pass too. Denied packets are dropped (the sender sees a timeout, as with any
 //! firewall), counted, and reported.
@@ -72,16 +73,22 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<bool, ()> {
         if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
             return Ok(true);
         }
-    } else {
-        // SAFETY: helper call on the program's own context.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        let key = RevNatKey { cookie, addr: src, port: src_port, _pad: [0; 6] };
-        // SAFETY: plain data.
-        if unsafe { UDP_PEERS.get(&key) }.is_some() {
-            return Ok(true);
-        }
+        let flow = Flow { src, dst, src_port, dst_port, proto };
+        return Ok(policy::judge(policy::identity_of(&dst), policy::identity_of(&src), DIR_INGRESS, &flow));
+    }
+    // SAFETY: helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = RevNatKey { cookie, addr: src, port: src_port, _pad: [0; 6] };
+    // SAFETY: plain data.
+    if unsafe { UDP_PEERS.get(&key) }.is_some() {
+        return Ok(true);
     }
     let flow = Flow { src, dst, src_port, dst_port, proto };
-    let subject = policy::identity_of(&dst);
-    Ok(policy::judge(subject, policy::identity_of(&src), DIR_INGRESS, &flow))
+    let allowed = policy::judge(policy::identity_of(&dst), policy::identity_of(&src), DIR_INGRESS, &flow);
+    if allowed {
+        // The socket may now answer this peer even under egress isolation: a reply
+        // belongs to the flow ingress policy just allowed (see connect.rs).
+        let _ = UDP_PEERS.insert(&key, &1, 0);
+    }
+    Ok(allowed)
 }
