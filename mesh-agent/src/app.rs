@@ -1,6 +1,7 @@
 //! `mesh-agent run`: load the datapath (or adopt a pinned one), program it from the
-//! state, attach it, serve metrics, then follow state and health changes until
-//! SIGINT/SIGTERM; finally detach and unpin, or with `--keep-datapath` leave it running.
+//! state, attach it, serve metrics and the admin API, read flow events, then follow
+//! state and health changes until SIGINT/SIGTERM; finally detach and unpin, or with
+//! `--keep-datapath` leave it running.
 
 use std::{path::Path, sync::Arc, time::Duration};
 
@@ -9,17 +10,23 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
-use tracing::info;
+use tracing::{info, warn};
+
+use aya::maps::{Array, MapData};
+use mesh_common::event::config;
 
 use crate::{
+    admin,
     cli::RunArgs,
     datapath::{
-        loader::{self, Datapath},
+        DatapathError,
+        loader::{self, Datapath, DatapathMaps},
         mounts, pins,
     },
+    flows::{self, FlowLog, SharedView},
     health::HealthChecker,
     metrics,
-    reconcile::{Outcome, Reconciler},
+    reconcile::{Outcome, ReconcileMaps, Reconciler},
     telemetry::Telemetry,
     watch,
 };
@@ -74,8 +81,31 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
         let _ = metrics_stopped.await;
     }));
 
-    let mut reconciler =
-        Reconciler::new(&args.state, &args.node, cgroup, datapath.maps()?, health, telemetry)?;
+    let DatapathMaps { services, affinity, metrics, policy, events, mut config, sizes } = datapath.maps()?;
+    // Before attaching, and always written: an adopted datapath may still be in audit
+    // mode from an agent run with the flag.
+    set_audit(&mut config, args.policy_audit)?;
+    info!(audit = args.policy_audit, "policy audit mode");
+    let view = SharedView::default();
+    let flow_log = Arc::new(FlowLog::default());
+    let flow_reader = tokio::spawn({
+        let (view, flow_log) = (view.clone(), flow_log.clone());
+        async move {
+            // Flows are for operators: losing them must not stop enforcement.
+            if let Err(err) = flows::read_events(events, view, flow_log).await {
+                warn!(%err, "reading flow events failed; no more flows are recorded");
+            }
+        }
+    });
+    let admin_server = admin::bind(&args.run_dir, &args.node)?;
+    info!(path = %admin_server.path().display(), "serving the admin API");
+    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin_task = tokio::spawn(admin_server.run(view.clone(), flow_log, async {
+        let _ = admin_stopped.await;
+    }));
+
+    let maps = ReconcileMaps { services, affinity, metrics, policy, sizes };
+    let mut reconciler = Reconciler::new(&args.state, &args.node, cgroup, maps, health, telemetry, view)?;
     // Program the maps before attaching, so the first call already sees the table.
     let mut outcome = reconciler.reload();
     datapath.attach(cgroup)?;
@@ -105,6 +135,16 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
         }
     }
     let _ = stop_metrics.send(());
+    let _ = stop_admin.send(());
+    flow_reader.abort();
     metrics_task.await.context("metrics server task")??;
+    admin_task.await.context("admin server task")??;
     Ok(())
+}
+
+/// Switches policy audit mode (CONFIG[POLICY_AUDIT]) on or off.
+fn set_audit(config_map: &mut Array<MapData, u32>, audit: bool) -> Result<(), DatapathError> {
+    config_map
+        .set(config::POLICY_AUDIT, u32::from(audit), 0)
+        .map_err(|e| DatapathError::Map { name: mesh_common::maps::CONFIG, source: Box::new(e) })
 }

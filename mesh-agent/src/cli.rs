@@ -1,4 +1,4 @@
-//! Command line: `run`, `validate`, `services`.
+//! Command line: `run`, `validate`, `services`, `observe`, `policy`, `uninstall`.
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -6,8 +6,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use crate::{
+    admin::{self, FlowQuery, client},
     app,
     datapath::{self, loader::MapSizes},
+    flows::{FlowFilter, Verdict},
     health::HealthConfig,
     state,
 };
@@ -38,6 +40,43 @@ enum Command {
         #[arg(long, value_parser = node_name)]
         node: Option<String>,
         /// bpffs mount point.
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
+    /// Print the policy verdicts (drops, audits) the kernel reported, as Hubble does.
+    Observe {
+        /// Node whose agent to ask; may be omitted when one agent runs on this host.
+        #[arg(long, value_parser = node_name)]
+        node: Option<String>,
+        /// Keep printing new flows until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Only flows with this verdict.
+        #[arg(long, value_enum)]
+        verdict: Option<VerdictArg>,
+        /// Only flows from or to this pod.
+        #[arg(long, value_name = "NAMESPACE/NAME", value_parser = pod_name)]
+        pod: Option<String>,
+        /// Directory of the agents' admin sockets (`<run-dir>/<node>/agent.sock`).
+        #[arg(long, default_value = admin::DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+    },
+    /// Show the policies selecting a pod and the POLICY entries the kernel holds for it
+    /// (every local pod when --pod is omitted).
+    Policy {
+        /// Node whose agent to ask; may be omitted when one agent runs on this host.
+        #[arg(long, value_parser = node_name)]
+        node: Option<String>,
+        /// The pod.
+        #[arg(long, value_name = "NAMESPACE/NAME", value_parser = pod_name)]
+        pod: Option<String>,
+        /// Directory of the agents' admin sockets.
+        #[arg(long, default_value = admin::DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+        /// bpffs mount point (the POLICY map is read from the node's pins).
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
     },
@@ -78,6 +117,14 @@ pub struct RunArgs {
     /// Address of the Prometheus endpoint (/metrics, /healthz).
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub metrics_addr: SocketAddr,
+    /// Policy audit mode: report what policy would deny (verdict AUDIT) but let it pass.
+    /// Without the flag, audit mode is switched off, also in an adopted datapath.
+    #[arg(long)]
+    pub policy_audit: bool,
+    /// Directory of the admin socket (`<run-dir>/<node>/agent.sock`, directory mode
+    /// 0700), which serves flows and policy to `mesh-agent observe` and `policy`.
+    #[arg(long, default_value = admin::DEFAULT_RUN_DIR)]
+    pub run_dir: PathBuf,
     /// Probe TCP backends and take failing ones out of load balancing.
     #[arg(long)]
     pub health_checks: bool,
@@ -163,6 +210,23 @@ impl MapSizeArgs {
     }
 }
 
+/// `--verdict` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum VerdictArg {
+    /// Denied flows.
+    Dropped,
+    /// Flows audit mode let pass.
+    Audit,
+}
+
+/// `NAMESPACE/NAME`, both parts non-empty.
+fn pod_name(name: &str) -> Result<String, String> {
+    match name.split_once('/') {
+        Some((ns, pod)) if !ns.is_empty() && !pod.is_empty() && !pod.contains('/') => Ok(name.to_owned()),
+        _ => Err(format!("{name:?}: use NAMESPACE/NAME")),
+    }
+}
+
 /// A node name usable as a bpffs directory: bpffs refuses names containing '.', so
 /// only letters, digits, '-' and '_' are allowed (at most 64).
 fn node_name(name: &str) -> Result<String, String> {
@@ -200,6 +264,34 @@ impl Cli {
                 let table = datapath::inspect::read_services(&datapath::pins::node_dir(&bpffs, &node))
                     .with_context(|| format!("reading the datapath of node {node}"))?;
                 print!("{table}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Observe { node, follow, json, verdict, pod, run_dir } => {
+                let (_, socket) = client::agent_socket(&run_dir, node.as_deref())?;
+                let verdict = verdict.map(|v| match v {
+                    VerdictArg::Dropped => Verdict::Dropped,
+                    VerdictArg::Audit => Verdict::Audit,
+                });
+                let query = FlowQuery { follow, filter: FlowFilter { verdict, pod } };
+                client::observe(&socket, &query, json)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Policy { node, pod, run_dir, bpffs } => {
+                let (node, socket) = client::agent_socket(&run_dir, node.as_deref())?;
+                let report = client::policy_report(&socket)?;
+                let pods: Vec<String> = match pod {
+                    Some(pod) => vec![pod],
+                    None => report.local_pods.iter().map(|p| p.pod.clone()).collect(),
+                };
+                let node_dir = datapath::pins::node_dir(&bpffs, &node);
+                for pod in pods {
+                    let Some(local) = report.local_pods.iter().find(|p| p.pod == pod) else {
+                        let known = report.local_pods.iter().map(|p| p.pod.as_str()).collect::<Vec<_>>().join(", ");
+                        return Err(client::ClientError::UnknownPod { pod, node, known }.into());
+                    };
+                    let entries = client::kernel_policy(&node_dir, local.identity)?;
+                    print!("{}", client::render_pod_policy(&report, &pod, &entries));
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Command::Uninstall { node, bpffs } => {
@@ -250,7 +342,15 @@ fn validate(path: &std::path::Path) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::node_name;
+    use super::{node_name, pod_name};
+
+    #[test]
+    fn pod_names_are_namespace_slash_name() {
+        assert_eq!(pod_name("prod/web-1").as_deref(), Ok("prod/web-1"));
+        for bad in ["web-1", "/web", "prod/", "a/b/c"] {
+            assert!(pod_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn node_names_must_be_valid_bpffs_names() {

@@ -1,14 +1,17 @@
 //! `mesh-agent`: the node agent of a sidecar-less, kernel-native service mesh.
 //!
-//! Layout: `cli` (commands), `app` (the `run` loop), `state` (cluster objects and their
+//! Layout: `cli` (commands), `app` (the `run` loop), `admin` (the Unix-socket API for
+//! flows and policy, and its client), `flows` (policy verdict events, named), `state` (cluster objects and their
 //! files), `plan` (state → desired map contents, pure), `reconcile` (state → plan →
 //! maps), `datapath` (load, attach, pin, diff-apply maps, read them back, destroy stale
 //! sockets), `health` (active backend probes), `metrics` + `telemetry` (Prometheus),
 //! `watch` (file change notification).
 
+mod admin;
 mod app;
 mod cli;
 mod datapath;
+mod flows;
 mod health;
 mod metrics;
 mod plan;

@@ -2,7 +2,7 @@
 //! `GET /healthz`.
 //!
 //! The agent keeps no metric state of its own. The kernel already counts translated and
-//! refused connections in per-CPU maps, so every scrape asks a [`SnapshotSource`] for a
+//! refused connections, and policy verdicts, in per-CPU maps, so every scrape asks a [`SnapshotSource`] for a
 //! fresh [`Snapshot`] and [`render`]s it through a registry built for that scrape alone.
 //! Counters therefore carry the kernel's cumulative values, and a service or map that left
 //! the datapath leaves the exposition with it instead of lingering as a stale series.
@@ -42,7 +42,28 @@ pub struct Snapshot {
     pub reconcile_errors: u64,
     /// Whether the most recent reconcile validated and applied its state.
     pub last_reconcile_ok: bool,
+    /// Policy verdicts the kernel counted (denials and audits).
+    pub policy_verdicts: Vec<VerdictCount>,
 }
+
+/// A kernel count of policy verdicts.
+#[derive(Debug, Clone)]
+pub struct VerdictCount {
+    /// One of [`DIRECTIONS`].
+    pub direction: &'static str,
+    /// One of [`VERDICTS`], or `forwarded`.
+    pub verdict: &'static str,
+    /// Why, e.g. `policy-denied`.
+    pub reason: &'static str,
+    /// Flows so judged since the datapath was created.
+    pub count: u64,
+}
+
+/// Directions `mesh_policy_verdicts_total` always reports.
+pub const DIRECTIONS: [&str; 2] = ["egress", "ingress"];
+/// Verdicts `mesh_policy_verdicts_total` always reports, zero or not, so that a rate
+/// over a series that has not counted yet is 0 rather than absent.
+pub const VERDICTS: [&str; 2] = ["dropped", "audit"];
 
 /// Kernel counters of one service frontend.
 #[derive(Debug, Clone)]
@@ -290,6 +311,18 @@ struct ProgramLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    direction: &'static str,
+    verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    direction: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabels {
     map: String,
 }
@@ -307,6 +340,7 @@ pub fn render(snapshot: &Snapshot) -> String {
     register_lb(&mut registry, &snapshot.services);
     register_datapath(&mut registry, snapshot);
     register_reconcile(&mut registry, snapshot);
+    register_policy(&mut registry, &snapshot.policy_verdicts);
     let mut text = String::new();
     prometheus_text::encode(&mut text, &registry).expect("writing to a String cannot fail");
     text
@@ -428,6 +462,37 @@ fn register_reconcile(registry: &mut Registry, snapshot: &Snapshot) {
     );
 }
 
+fn register_policy(registry: &mut Registry, counts: &[VerdictCount]) {
+    let verdicts = Family::<VerdictLabels, Counter>::default();
+    let drops = Family::<DropLabels, Counter>::default();
+    for direction in DIRECTIONS {
+        for verdict in VERDICTS {
+            verdicts.get_or_create(&VerdictLabels { direction, verdict }).inc_by(0);
+        }
+    }
+    for c in counts {
+        verdicts
+            .get_or_create(&VerdictLabels { direction: c.direction, verdict: c.verdict })
+            .inc_by(c.count);
+        if c.verdict == "dropped" {
+            drops
+                .get_or_create(&DropLabels { direction: c.direction, reason: c.reason })
+                .inc_by(c.count);
+        }
+    }
+    registry.register(
+        "mesh_policy_verdicts",
+        "Flows network policy denied (dropped) or would have denied (audit, let through), \
+         by direction, as counted by the kernel since the datapath was created",
+        verdicts,
+    );
+    registry.register(
+        "mesh_drops",
+        "Flows the datapath dropped (ingress) or refused with EPERM (egress), by reason",
+        drops,
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -478,6 +543,10 @@ mod tests {
             }],
             reconcile_errors: 5,
             last_reconcile_ok: true,
+            policy_verdicts: vec![
+                VerdictCount { direction: "egress", verdict: "dropped", reason: "policy-denied", count: 4 },
+                VerdictCount { direction: "ingress", verdict: "audit", reason: "policy-denied", count: 2 },
+            ],
         }
     }
 
@@ -506,6 +575,12 @@ mod tests {
             r#"mesh_datapath_map_memory_bytes{map="MESH_SERVICES"} 1234567"#,
             "mesh_reconcile_errors_total 5",
             "mesh_reconcile_last_success 1",
+            r#"mesh_policy_verdicts_total{direction="egress",verdict="dropped"} 4"#,
+            r#"mesh_policy_verdicts_total{direction="ingress",verdict="audit"} 2"#,
+            r#"mesh_policy_verdicts_total{direction="ingress",verdict="dropped"} 0"#,
+            r#"mesh_drops_total{direction="egress",reason="policy-denied"} 4"#,
+            "# TYPE mesh_policy_verdicts_total counter",
+            "# TYPE mesh_drops_total counter",
             "# TYPE mesh_lb_connections_total counter",
             "# TYPE mesh_lb_refused_total counter",
             "# TYPE mesh_lb_backends gauge",
@@ -545,6 +620,8 @@ mod tests {
             "mesh_datapath_map_memory_bytes",
             "mesh_reconcile_errors_total",
             "mesh_reconcile_last_success",
+            "mesh_policy_verdicts_total",
+            "mesh_drops_total",
         ]
         .into();
         assert_eq!(help, want);
@@ -593,6 +670,9 @@ newline"#
         assert!(got.contains("mesh_reconcile_errors_total 0"), "{text}");
         assert!(got.contains("mesh_reconcile_last_success 0"), "{text}");
         assert!(!text.contains("mesh_lb_connections_total{"), "{text}");
+        // Verdict series exist at 0 from the start; drops appear once counted.
+        assert!(got.contains(r#"mesh_policy_verdicts_total{direction="egress",verdict="dropped"} 0"#), "{text}");
+        assert!(!text.contains("mesh_drops_total{"), "{text}");
     }
 
     #[test]

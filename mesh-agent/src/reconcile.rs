@@ -2,7 +2,8 @@
 //! follow-ups of a change (stale affinity and counters purged, UDP sockets to removed
 //! backends destroyed, health-check targets updated). Both plans are made before either
 //! is applied, so a state that fails either is rejected whole; the last good state stays
-//! in force and the problem is logged with the file, document and field involved.
+//! in force and the problem is logged with the file, document and field involved. After
+//! each apply, the names flows and the admin API show are swapped in ([`SharedView`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -11,16 +12,22 @@ use std::{
     sync::Arc,
 };
 
-use mesh_common::service::PROTO_UDP;
+use aya::maps::{MapData, PerCpuHashMap};
+use mesh_common::{
+    Addr, AffinityKey, AffinityValue, IpcacheKey, IpcacheValue, LbMetricsKey,
+    policy::IDENTITY_HOST, service::PROTO_UDP,
+};
 use tracing::{error, info, warn};
 
 use crate::{
     datapath::{
         endpoints,
-        loader::DatapathMaps,
+        loader::{KernelPolicyMaps, KernelServiceMaps, MapSizes},
         sockdestroy,
+        sync::KernelMap,
         sync::{MapStore as _, stale_affinity, stale_metrics},
     },
+    flows::{SharedView, View},
     health::HealthChecker,
     plan::{
         self, BackendAddr, Capacities, Ids, Plan, PlanContext,
@@ -41,22 +48,40 @@ pub enum Outcome {
     Failed,
 }
 
+/// The maps a reconcile writes: [`crate::datapath::loader::DatapathMaps`] without the
+/// ones the agent only reads (EVENTS) or sets once at startup (CONFIG).
+pub struct ReconcileMaps {
+    /// SERVICES, SVC_BACKENDS, BACKENDS.
+    pub services: KernelServiceMaps,
+    /// AFFINITY.
+    pub affinity: KernelMap<AffinityKey, AffinityValue>,
+    /// LB_METRICS.
+    pub metrics: PerCpuHashMap<MapData, LbMetricsKey, u64>,
+    /// ENDPOINTS, IPCACHE, POLICY.
+    pub policy: KernelPolicyMaps,
+    /// The real sizes of the maps.
+    pub sizes: MapSizes,
+}
+
 /// Owns the maps and the memory of what was applied.
 pub struct Reconciler {
     state_path: PathBuf,
     node: String,
     cgroup: PathBuf,
-    maps: DatapathMaps,
+    maps: ReconcileMaps,
     capacities: Capacities,
     ids: Ids,
     policy_capacities: PolicyCapacities,
     identity_ids: IdentityIds,
     /// Local pod IP → its network namespace cookie, from the last discovery.
     local_netns: BTreeMap<IpAddr, u64>,
+    /// The node's own addresses, given the host identity in IPCACHE.
+    node_addrs: Vec<IpAddr>,
     state: Option<State>,
     applied: Option<Plan>,
     health: Option<HealthChecker>,
     telemetry: Arc<Telemetry>,
+    view: SharedView,
 }
 
 impl Reconciler {
@@ -66,9 +91,10 @@ impl Reconciler {
         state_path: &Path,
         node: &str,
         cgroup: &Path,
-        maps: DatapathMaps,
+        maps: ReconcileMaps,
         health: Option<HealthChecker>,
         telemetry: Arc<Telemetry>,
+        view: SharedView,
     ) -> Result<Self, crate::datapath::sync::SyncError> {
         let ids = maps.services.ids()?;
         let capacities = Capacities {
@@ -91,16 +117,27 @@ impl Reconciler {
             policy_capacities,
             identity_ids: IdentityIds::default(),
             local_netns: BTreeMap::new(),
+            node_addrs: Vec::new(),
             state: None,
             applied: None,
             health,
             telemetry,
+            view,
         })
     }
 
     /// Looks for the network namespaces of local pods again (pods start and stop between
     /// state changes); replans when they changed. Returns None when nothing changed.
     pub fn rediscover(&mut self) -> Option<Outcome> {
+        let node_addrs = match endpoints::node_addrs() {
+            Ok(addrs) => addrs,
+            Err(err) => {
+                warn!(%err, "listing the node's addresses failed");
+                self.node_addrs.clone()
+            }
+        };
+        let node_changed = node_addrs != self.node_addrs;
+        self.node_addrs = node_addrs;
         let cgroup = self.cgroup.clone();
         // Entering namespaces blocks this worker briefly; let the runtime move other tasks.
         let found = tokio::task::block_in_place(|| endpoints::discover(&cgroup));
@@ -111,7 +148,7 @@ impl Reconciler {
                 return None;
             }
         };
-        if local == self.local_netns {
+        if local == self.local_netns && !node_changed {
             return None;
         }
         self.local_netns = local;
@@ -160,8 +197,17 @@ impl Reconciler {
                 return Outcome::Rejected;
             }
         };
+        // The node's addresses are the host identity, which ingress policy always lets
+        // in (a pod address never collides with them; if it did, the pod would win).
+        let mut ipcache = policy.ipcache.clone();
+        for ip in &self.node_addrs {
+            let addr = Addr::from(*ip);
+            ipcache
+                .entry(IpcacheKey { prefixlen: 128, addr })
+                .or_insert(IpcacheValue { identity: IDENTITY_HOST, _pad: 0 });
+        }
         let applied = self.maps.services.apply(&plan).and_then(|lb| {
-            let p = self.maps.policy.apply(&policy.endpoints, &policy.ipcache, &policy.policy)?;
+            let p = self.maps.policy.apply(&policy.endpoints, &ipcache, &policy.policy)?;
             Ok((lb, p))
         });
         let (stats, policy_stats) = match applied {
@@ -174,6 +220,9 @@ impl Reconciler {
         };
         self.ids = next_ids;
         self.identity_ids = next_identity_ids;
+        if let Some(state) = &self.state {
+            self.view.publish(View::new(state, &policy, &self.node, &self.local_netns));
+        }
         self.after_apply(&plan);
         info!(
             frontends = plan.frontends.len(),

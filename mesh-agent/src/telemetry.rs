@@ -1,6 +1,6 @@
 //! The metrics snapshot, read from the pinned maps at scrape time: per-CPU connection
-//! counters joined with the last applied plan's names, map fill levels and memory, which
-//! programs are attached, and the reconcile record.
+//! counters joined with the last applied plan's names, policy verdict counters, map fill
+//! levels and memory, which programs are attached, and the reconcile record.
 
 use std::{
     collections::BTreeMap,
@@ -16,13 +16,15 @@ use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuHashMap};
 use mesh_common::{
     Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, EndpointValue, IpcacheValue,
     LbMetricsKey, PolicyKeyData, PolicyValue, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
+    event::{REASON_POLICY_DENIED, VERDICT_AUDIT, VERDICT_DROPPED, VerdictKey},
     maps::{self, programs},
+    policy::DIR_EGRESS,
     service::{BACKEND_ACTIVE, BACKEND_TERMINATING, PROTO_TCP},
 };
 
 use crate::{
     datapath::pins,
-    metrics::{BackendCounter, MapFill, ServiceCounters, Snapshot, SnapshotSource},
+    metrics::{BackendCounter, MapFill, ServiceCounters, Snapshot, SnapshotSource, VerdictCount},
     plan::FrontendInfo,
 };
 
@@ -65,6 +67,33 @@ impl Telemetry {
             return BTreeMap::new();
         };
         map.iter().filter_map(Result::ok).map(|(k, per_cpu)| (k, per_cpu.iter().sum())).collect()
+    }
+
+    /// POLICY_METRICS summed over CPUs; empty when it cannot be read (no datapath yet).
+    fn verdicts(&self) -> Vec<VerdictCount> {
+        let Ok(data) = MapData::from_pin(self.node_dir.join(maps::POLICY_METRICS)) else {
+            return Vec::new();
+        };
+        let Ok(map) = PerCpuHashMap::<_, VerdictKey, u64>::try_from(Map::PerCpuHashMap(data)) else {
+            return Vec::new();
+        };
+        map.iter()
+            .filter_map(Result::ok)
+            .filter_map(|(k, per_cpu)| {
+                let verdict = match k.verdict {
+                    VERDICT_DROPPED => "dropped",
+                    VERDICT_AUDIT => "audit",
+                    // Forwarded flows are not counted by this datapath.
+                    _ => return None,
+                };
+                Some(VerdictCount {
+                    direction: if k.direction == DIR_EGRESS { "egress" } else { "ingress" },
+                    verdict,
+                    reason: if k.reason == REASON_POLICY_DENIED { "policy-denied" } else { "unknown" },
+                    count: per_cpu.iter().sum(),
+                })
+            })
+            .collect()
     }
 
     fn map_fill(&self, name: &'static str) -> Option<MapFill> {
@@ -155,6 +184,7 @@ impl SnapshotSource for Telemetry {
             maps: maps::ALL.iter().filter_map(|m| self.map_fill(m)).collect(),
             reconcile_errors: self.reconcile_errors.load(Ordering::Relaxed),
             last_reconcile_ok: self.last_ok.load(Ordering::Relaxed),
+            policy_verdicts: self.verdicts(),
         }
     }
 }

@@ -16,6 +16,9 @@
 
 use crate::Addr;
 
+/// Identity of the node's own addresses: the node may always reach its pods (as
+/// kubelet health probes need; Cilium's default too), whatever their ingress policy.
+pub const IDENTITY_HOST: u32 = 1;
 /// Identity of addresses no policy peer covers (outside the cluster).
 pub const IDENTITY_WORLD: u32 = 2;
 /// First identity handed to pods and CIDRs; lower ones are reserved.

@@ -3,7 +3,8 @@
 //! per-pod attachment and sees exactly the traffic the pods' processes receive, after
 //! the pod's own stack has reassembled it.
 //!
-//! Only new inbound flows are judged: TCP segments with SYN and without ACK, and UDP
+//! The node's own addresses (IPCACHE identity host) always pass. Only new inbound
+//! flows are judged: TCP segments with SYN and without ACK, and UDP
 //! datagrams from a peer the receiving socket has not exchanged with yet (UDP_PEERS,
 //! written by the connect/sendmsg hooks and by this program for allowed flows). Replies
 //! to the pod's own connections pass. Everything
@@ -14,7 +15,7 @@
 use aya_ebpf::{EbpfContext, helpers::bpf_get_socket_cookie, macros::cgroup_skb, programs::SkBuffContext};
 use mesh_common::{
     Addr, RevNatKey,
-    policy::DIR_INGRESS,
+    policy::{DIR_INGRESS, IDENTITY_HOST},
     service::{PROTO_TCP, PROTO_UDP},
 };
 
@@ -68,13 +69,17 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<bool, ()> {
     // Ports stay in network byte order, as the maps store them.
     let src_port = u16::from_ne_bytes([ports[0], ports[1]]);
     let dst_port = u16::from_ne_bytes([ports[2], ports[3]]);
+    let peer = policy::identity_of(&src);
+    if peer == IDENTITY_HOST {
+        return Ok(true);
+    }
     if proto == PROTO_TCP {
         let flags: u8 = ctx.load(l4 + 13).map_err(|_| ())?;
         if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
             return Ok(true);
         }
         let flow = Flow { src, dst, src_port, dst_port, proto };
-        return Ok(policy::judge(policy::identity_of(&dst), policy::identity_of(&src), DIR_INGRESS, &flow));
+        return Ok(policy::judge(policy::identity_of(&dst), peer, DIR_INGRESS, &flow));
     }
     // SAFETY: helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -84,7 +89,7 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<bool, ()> {
         return Ok(true);
     }
     let flow = Flow { src, dst, src_port, dst_port, proto };
-    let allowed = policy::judge(policy::identity_of(&dst), policy::identity_of(&src), DIR_INGRESS, &flow);
+    let allowed = policy::judge(policy::identity_of(&dst), peer, DIR_INGRESS, &flow);
     if allowed {
         // The socket may now answer this peer even under egress isolation: a reply
         // belongs to the flow ingress policy just allowed (see connect.rs).

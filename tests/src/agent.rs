@@ -247,6 +247,46 @@ impl Agent {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `mesh-agent observe --json --node <this agent> <args>` (the CLI talks to the
+    /// agent's admin socket, reachable from any netns): the flows, one JSON object each.
+    pub fn flows(&self, args: &[&str]) -> Result<Vec<serde_json::Value>> {
+        let out = self.cli(&[&["observe", "--json", "--node", &self.node_name], args].concat())?;
+        ensure!(
+            out.status.success(),
+            "mesh-agent observe failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("flow line {l:?}")))
+            .collect()
+    }
+
+    /// Starts `mesh-agent observe --follow --json --node <this agent> <args>` with its
+    /// stdout piped (read it with [`ChildGuard::wait_for_stdout_line`]); placed in
+    /// `node`'s netns, outside its cgroup, as the agent is.
+    pub fn follow_flows(&self, node: &Node, args: &[&str]) -> Result<ChildGuard> {
+        let mut cmd = Command::new(agent_bin()?);
+        cmd.args(["observe", "--follow", "--json", "--node", &self.node_name])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        node.spawn_outside_cgroup(cmd)
+    }
+
+    /// `mesh-agent policy --node <this agent> <args>`: its output.
+    pub fn policy(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(&[&["policy", "--node", &self.node_name, "--bpffs", BPFFS], args].concat())?;
+        ensure!(
+            out.status.success(),
+            "mesh-agent policy failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Number of "state applied" lines in the log: grows by one per successful apply.
     pub fn applied_count(&self) -> usize {
         self.log().matches("state applied").count()

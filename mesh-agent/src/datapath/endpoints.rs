@@ -59,6 +59,17 @@ pub enum EndpointsError {
         /// The underlying error.
         source: Errno,
     },
+    /// Listing the agent's own (the node's) addresses failed.
+    #[error("listing the node's addresses: {0}")]
+    NodeAddresses(#[source] Errno),
+}
+
+/// The node's own addresses: those of the namespace the agent runs in (same filter as
+/// for pods). Traffic from them to a pod is the node's (health probes), which ingress
+/// policy always lets in.
+pub fn node_addrs() -> Result<Vec<IpAddr>, EndpointsError> {
+    let ifaddrs = nix::ifaddrs::getifaddrs().map_err(EndpointsError::NodeAddresses)?;
+    Ok(pod_addrs(ifaddrs.map(|ifa| (ifa.flags, ifa.address))))
 }
 
 /// Network namespaces of the processes in `cgroup`'s subtree, each with its cookie and the

@@ -1,0 +1,98 @@
+use super::*;
+
+#[test]
+fn flow_queries_parse_and_round_trip() {
+    let q = FlowQuery::parse("follow=true&verdict=DROPPED&pod=prod%2Fweb-1").expect("parse");
+    assert!(q.follow);
+    assert_eq!(q.filter.verdict, Some(Verdict::Dropped));
+    assert_eq!(q.filter.pod.as_deref(), Some("prod/web-1"));
+    assert_eq!(FlowQuery::parse(&q.to_query()), Ok(q));
+    assert_eq!(FlowQuery::parse(""), Ok(FlowQuery::default()));
+    for bad in ["verdict=forwarded", "pod=web", "follow=maybe", "colour=red"] {
+        assert!(FlowQuery::parse(bad).is_err(), "{bad} accepted");
+    }
+}
+
+#[tokio::test]
+async fn serves_flows_policy_and_follows_over_the_socket() {
+    let dir = std::env::temp_dir().join(format!("mesh-admin-test-{}", std::process::id()));
+    let server = bind(&dir, "n1").expect("bind");
+    let path = server.path().to_owned();
+    assert_eq!(std::fs::metadata(dir.join("n1")).expect("dir").permissions().mode() & 0o777, 0o700);
+    let log = Arc::new(FlowLog::default());
+    let view = SharedView::default();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(view, log.clone(), async {
+        let _ = stopped.await;
+    }));
+    let sample = |time: &str| Flow {
+        time: time.into(),
+        verdict: Verdict::Dropped,
+        direction: crate::flows::Direction::Egress,
+        reason: crate::flows::Reason::PolicyDenied,
+        proto: "TCP".into(),
+        source: crate::flows::Peer {
+            ip: None,
+            port: 0,
+            identity: 256,
+            identity_name: "prod {app=client}".into(),
+            pod: Some("prod/client".into()),
+            labels: BTreeMap::new(),
+        },
+        destination: crate::flows::Peer {
+            ip: Some("10.244.1.11".parse().expect("ip")),
+            port: 8081,
+            identity: 257,
+            identity_name: "prod {app=db}".into(),
+            pod: Some("prod/db".into()),
+            labels: BTreeMap::new(),
+        },
+    };
+    log.push(sample("1"));
+
+    // The blocking client, as the CLI uses it, on a blocking thread.
+    let p = path.clone();
+    let report = tokio::task::spawn_blocking(move || client::policy_report(&p)).await.expect("join").expect("report");
+    assert_eq!(report, PolicyReport::default());
+
+    let p = path.clone();
+    let follower = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead as _;
+        let query = FlowQuery { follow: true, filter: FlowFilter { verdict: Some(Verdict::Dropped), pod: Some("prod/db".into()) } };
+        let mut s = std::os::unix::net::UnixStream::connect(&p).expect("connect");
+        std::io::Write::write_all(&mut s, format!("GET /v1/flows?{} HTTP/1.1\r\nHost: x\r\n\r\n", query.to_query()).as_bytes())
+            .expect("write");
+        let reader = std::io::BufReader::new(s);
+        // Headers, then chunk-size/data lines: collect the JSON lines until two came.
+        reader.lines().map_while(Result::ok).filter(|l| l.starts_with('{')).take(2).collect::<Vec<_>>()
+    });
+    // Give the follower time to subscribe; a flow pushed before is in its backlog anyway.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    log.push(sample("2"));
+    let lines = tokio::time::timeout(Duration::from_secs(5), follower).await.expect("follow in time").expect("join");
+    let times: Vec<String> = lines.iter().map(|l| serde_json::from_str::<Flow>(l).expect("flow").time).collect();
+    assert_eq!(times, ["1", "2"]);
+
+    stop.send(()).expect("running");
+    tokio::time::timeout(Duration::from_secs(5), task).await.expect("stops").expect("join").expect("clean");
+    assert!(!path.exists(), "socket removed on exit");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_live_socket_is_not_taken_over() {
+    let dir = std::env::temp_dir().join(format!("mesh-admin-live-{}", std::process::id()));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    rt.block_on(async {
+        let first = bind(&dir, "n1").expect("bind");
+        assert!(matches!(bind(&dir, "n1"), Err(AdminError::InUse(_))));
+        drop(first);
+        // A socket file nobody answers on (an agent that was killed) is replaced.
+        std::fs::create_dir_all(dir.join("n1")).expect("dir");
+        let stale = std::os::unix::net::UnixListener::bind(socket_path(&dir, "n1")).expect("stale");
+        drop(stale);
+        let again = bind(&dir, "n1").expect("rebind over a stale socket");
+        drop(again);
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,483 @@
+//! The flow log: policy verdicts the datapath reports on the EVENTS ring buffer, decoded
+//! and named (pods, identities, labels) the way Hubble shows flows, kept in memory (the
+//! last [`FLOW_CAPACITY`]) and fanned out to followers of `GET /v1/flows?follow=true`.
+//!
+//! Names come from a [`View`] of the last applied state, which the reconciler swaps in
+//! whole after each successful apply ([`SharedView`]), so a flow is always named from
+//! one consistent state. The kernel only knows identities and addresses: an egress event
+//! has no source address (it is judged at connect(), before the socket is bound), so its
+//! source pod is taken from the source identity when exactly one pod has it.
+//!
+//! Times are RFC 3339 in UTC with nanoseconds (`2026-11-26T08:20:01.123456789Z`): the
+//! kernel stamps events with CLOCK_MONOTONIC, converted here with the offset between the
+//! two clocks at decode time (so a wall clock step moves later flows, not earlier ones).
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::IpAddr,
+    sync::{Arc, Mutex, RwLock},
+};
+
+use aya::maps::{MapData, RingBuf};
+use mesh_common::{
+    FlowEvent,
+    event::{REASON_POLICY_DENIED, VERDICT_AUDIT, VERDICT_FORWARDED},
+    policy::{DIR_INGRESS, IDENTITY_WORLD},
+};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::broadcast,
+};
+use tracing::{debug, warn};
+
+use crate::{
+    admin::{IdentityReport, LocalPodReport, PolicyReport, PolicyRuleReport},
+    plan::policy::{IdentityKey, PolicyPlan},
+    state::{ObjectKey, State, pod_ips},
+};
+
+/// Flows kept in memory for `GET /v1/flows` (as many as the EVENTS ring buffer holds).
+pub const FLOW_CAPACITY: usize = 4096;
+/// Flows a slow follower may fall behind by before it skips ahead.
+const FOLLOW_BACKLOG: usize = 1024;
+
+/// What the kernel decided about a flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Verdict {
+    /// Denied: connect()/sendmsg() failed with EPERM (egress) or the packet was dropped
+    /// (ingress).
+    Dropped,
+    /// Policy would have denied it; audit mode let it pass.
+    Audit,
+    /// Allowed.
+    Forwarded,
+}
+
+/// Why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    /// No policy rule allows the flow.
+    PolicyDenied,
+    /// A reason code this agent does not know (a newer datapath).
+    Unknown,
+}
+
+/// Which way the flow goes, seen from the pod whose policy judged it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Direction {
+    /// Sent by a local pod.
+    Egress,
+    /// Received by a local pod.
+    Ingress,
+}
+
+/// One side of a flow.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    /// Address; `None` when the kernel did not know it (the source of an egress flow
+    /// whose pod is ambiguous).
+    pub ip: Option<IpAddr>,
+    /// Port; 0 when not bound yet (the source of an egress flow).
+    pub port: u16,
+    /// Security identity.
+    pub identity: u32,
+    /// What the identity stands for: `prod {app=web}`, `cidr 10.0.0.0/8`, `world`.
+    pub identity_name: String,
+    /// The pod, as `namespace/name`, when known.
+    pub pod: Option<String>,
+    /// The identity's labels (empty for CIDR identities and the world).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One flow record, as `GET /v1/flows` serves it (one JSON object per line).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flow {
+    /// When the kernel decided, RFC 3339 UTC with nanoseconds.
+    pub time: String,
+    /// The decision.
+    pub verdict: Verdict,
+    /// The direction of the policy that decided.
+    pub direction: Direction,
+    /// Why.
+    pub reason: Reason,
+    /// `TCP`, `UDP`, `SCTP`, or the protocol number.
+    pub proto: String,
+    /// Who sent.
+    pub source: Peer,
+    /// Who was sent to.
+    pub destination: Peer,
+}
+
+impl Flow {
+    /// One Hubble-like line: `2026-11-26T08:20:01.123Z prod/client (ID:256) ->
+    /// prod/db:8081 (ID:258) EGRESS DROPPED TCP policy-denied`.
+    pub fn line(&self) -> String {
+        // Milliseconds are enough to read; the JSON keeps nanoseconds.
+        let time = match self.time.get(..23) {
+            Some(ms) if self.time.len() > 23 => format!("{ms}Z"),
+            _ => self.time.clone(),
+        };
+        format!(
+            "{time} {} -> {} {} {} {} {}",
+            peer_text(&self.source),
+            peer_text(&self.destination),
+            self.direction.as_str(),
+            self.verdict.as_str(),
+            self.proto,
+            self.reason.as_str(),
+        )
+    }
+}
+
+impl Verdict {
+    /// The serde name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Dropped => "DROPPED",
+            Verdict::Audit => "AUDIT",
+            Verdict::Forwarded => "FORWARDED",
+        }
+    }
+}
+
+impl Direction {
+    /// The serde name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Egress => "EGRESS",
+            Direction::Ingress => "INGRESS",
+        }
+    }
+}
+
+impl Reason {
+    /// The serde name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::PolicyDenied => "policy-denied",
+            Reason::Unknown => "unknown",
+        }
+    }
+}
+
+fn peer_text(p: &Peer) -> String {
+    let who = match (&p.pod, p.ip) {
+        (Some(pod), _) => pod.clone(),
+        (None, Some(IpAddr::V6(ip))) if p.port != 0 => format!("[{ip}]"),
+        (None, Some(ip)) => ip.to_string(),
+        (None, None) => p.identity_name.clone(),
+    };
+    let port = if p.port == 0 { String::new() } else { format!(":{}", p.port) };
+    let id = if p.identity == IDENTITY_WORLD { "world".to_owned() } else { format!("ID:{}", p.identity) };
+    format!("{who}{port} ({id})")
+}
+
+/// Which flows a reader wants.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowFilter {
+    /// Only flows with this verdict.
+    pub verdict: Option<Verdict>,
+    /// Only flows from or to this pod (`namespace/name`).
+    pub pod: Option<String>,
+}
+
+impl FlowFilter {
+    /// Whether `flow` passes.
+    pub fn matches(&self, flow: &Flow) -> bool {
+        self.verdict.is_none_or(|v| v == flow.verdict)
+            && self.pod.as_ref().is_none_or(|pod| {
+                flow.source.pod.as_ref() == Some(pod) || flow.destination.pod.as_ref() == Some(pod)
+            })
+    }
+}
+
+/// A pod as flows name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PodName {
+    name: String,
+    ips: Vec<IpAddr>,
+}
+
+/// What an identity is called and who has it.
+#[derive(Debug)]
+struct IdentityNames {
+    /// `namespace {labels}` or `cidr PREFIX`.
+    name: String,
+    labels: BTreeMap<String, String>,
+    pods: Vec<PodName>,
+}
+
+/// Names for the identities and addresses of the last applied state.
+#[derive(Debug, Default)]
+pub struct View {
+    identities: HashMap<u32, IdentityNames>,
+    /// Pod address → pod name.
+    pods_by_ip: HashMap<IpAddr, String>,
+    /// What `GET /v1/policy` serves.
+    report: PolicyReport,
+}
+
+impl View {
+    /// Names from a validated state and the policy plan applied from it. `local_netns`
+    /// tells which local pods the agent has found a network namespace for.
+    pub fn new(
+        state: &State,
+        plan: &PolicyPlan,
+        node: &str,
+        local_netns: &BTreeMap<IpAddr, u64>,
+    ) -> Self {
+        let pods: BTreeMap<&ObjectKey, Vec<IpAddr>> =
+            state.pods().map(|(key, pod)| (key, pod_ips(pod))).collect();
+        let pod_nodes: BTreeMap<&ObjectKey, Option<&str>> = state
+            .pods()
+            .map(|(key, pod)| (key, pod.spec.as_ref().and_then(|s| s.node_name.as_deref())))
+            .collect();
+        let mut view = Self::default();
+        for info in &plan.identities {
+            let (name, labels) = match &info.key {
+                IdentityKey::Pods { labels, .. } => (info.key.to_string(), labels.clone()),
+                IdentityKey::Cidr(_) => (info.key.to_string(), BTreeMap::new()),
+            };
+            let mut members = Vec::with_capacity(info.pods.len());
+            for key in &info.pods {
+                let pod = PodName { name: key.to_string(), ips: pods.get(key).cloned().unwrap_or_default() };
+                for &ip in &pod.ips {
+                    view.pods_by_ip.entry(ip).or_insert_with(|| pod.name.clone());
+                }
+                let local = pod_nodes.get(key).copied().flatten().is_some_and(|n| !node.is_empty() && n == node);
+                if local {
+                    view.report.local_pods.push(LocalPodReport {
+                        pod: pod.name.clone(),
+                        ips: pod.ips.clone(),
+                        identity: info.id,
+                        discovered: pod.ips.iter().any(|ip| local_netns.contains_key(ip)),
+                    });
+                }
+                members.push(pod);
+            }
+            view.report.identities.push(IdentityReport {
+                id: info.id,
+                name: name.clone(),
+                labels: labels.clone(),
+                pods: members.iter().map(|p| p.name.clone()).collect(),
+            });
+            view.identities.insert(info.id, IdentityNames { name, labels, pods: members });
+        }
+        view.report.local_pods.sort_by(|a, b| a.pod.cmp(&b.pod));
+        view.report.policies = plan
+            .policies
+            .iter()
+            .map(|p| PolicyRuleReport {
+                id: p.id,
+                name: p.policy.to_string(),
+                ingress: p.ingress,
+                egress: p.egress,
+                selects: p.selected.iter().map(ToString::to_string).collect(),
+            })
+            .collect();
+        view
+    }
+
+    /// What `GET /v1/policy` serves.
+    pub fn report(&self) -> &PolicyReport {
+        &self.report
+    }
+
+    fn identity_name(&self, id: u32) -> String {
+        match self.identities.get(&id) {
+            Some(names) => names.name.clone(),
+            None if id == IDENTITY_WORLD => "world".to_owned(),
+            None => "unknown".to_owned(),
+        }
+    }
+
+    /// Names one side of a flow. `ip` is `None` when the kernel did not report it;
+    /// then the pod comes from the identity when exactly one pod has it.
+    fn peer(&self, ip: Option<IpAddr>, port: u16, identity: u32, family_of: Option<IpAddr>) -> Peer {
+        let labels = self.identities.get(&identity).map(|n| n.labels.clone()).unwrap_or_default();
+        let (ip, pod) = match ip {
+            Some(ip) => (Some(ip), self.pods_by_ip.get(&ip).cloned()),
+            None => match self.identities.get(&identity).map(|n| n.pods.as_slice()) {
+                Some([only]) => {
+                    // The address the pod most likely used: one of the peer's family.
+                    let same_family = only
+                        .ips
+                        .iter()
+                        .find(|a| family_of.is_none_or(|f| f.is_ipv4() == a.is_ipv4()))
+                        .copied();
+                    (same_family, Some(only.name.clone()))
+                }
+                _ => (None, None),
+            },
+        };
+        Peer { ip, port, identity, identity_name: self.identity_name(identity), pod, labels }
+    }
+
+    /// Decodes and names one event; `time` is its RFC 3339 timestamp.
+    pub fn flow(&self, event: &FlowEvent, time: String) -> Flow {
+        let addr = |a: mesh_common::Addr| {
+            let ip = IpAddr::from(a);
+            // The unspecified address means "not known" (egress events carry no source).
+            (!ip.is_unspecified()).then_some(ip)
+        };
+        let (src, dst) = (addr(event.src), addr(event.dst));
+        let src_port = u16::from_be(event.src_port);
+        let dst_port = u16::from_be(event.dst_port);
+        Flow {
+            time,
+            verdict: match event.verdict {
+                VERDICT_AUDIT => Verdict::Audit,
+                VERDICT_FORWARDED => Verdict::Forwarded,
+                // VERDICT_DROPPED, or a code of a newer datapath: read as the stricter
+                // outcome.
+                _ => Verdict::Dropped,
+            },
+            direction: if event.direction == DIR_INGRESS { Direction::Ingress } else { Direction::Egress },
+            reason: if event.reason == REASON_POLICY_DENIED { Reason::PolicyDenied } else { Reason::Unknown },
+            proto: match event.proto {
+                6 => "TCP".to_owned(),
+                17 => "UDP".to_owned(),
+                132 => "SCTP".to_owned(),
+                n => n.to_string(),
+            },
+            source: self.peer(src, src_port, event.src_identity, dst),
+            destination: self.peer(dst, dst_port, event.dst_identity, src),
+        }
+    }
+}
+
+/// The view the reconciler publishes and the flow reader and admin API read; swapped
+/// whole, so readers never see half an update.
+#[derive(Clone, Default)]
+pub struct SharedView(Arc<RwLock<Arc<View>>>);
+
+impl SharedView {
+    /// Replaces the view.
+    pub fn publish(&self, view: View) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+    }
+
+    /// The current view.
+    pub fn get(&self) -> Arc<View> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// The last [`FLOW_CAPACITY`] flows, and a channel of new ones for followers.
+pub struct FlowLog {
+    flows: Mutex<VecDeque<Arc<Flow>>>,
+    new: broadcast::Sender<Arc<Flow>>,
+}
+
+impl Default for FlowLog {
+    fn default() -> Self {
+        Self { flows: Mutex::new(VecDeque::with_capacity(FLOW_CAPACITY)), new: broadcast::channel(FOLLOW_BACKLOG).0 }
+    }
+}
+
+impl FlowLog {
+    /// Stores a flow (dropping the oldest beyond capacity) and tells followers.
+    pub fn push(&self, flow: Flow) {
+        let flow = Arc::new(flow);
+        let mut flows = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        if flows.len() == FLOW_CAPACITY {
+            flows.pop_front();
+        }
+        flows.push_back(flow.clone());
+        // Sent under the lock, so that `follow` sees every flow exactly once. No
+        // follower is fine.
+        let _ = self.new.send(flow);
+    }
+
+    /// The stored flows, oldest first.
+    pub fn stored(&self) -> Vec<Arc<Flow>> {
+        self.flows.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+    }
+
+    /// The stored flows and a receiver of every later one, with no gap or overlap.
+    pub fn follow(&self) -> (Vec<Arc<Flow>>, broadcast::Receiver<Arc<Flow>>) {
+        let flows = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        (flows.iter().cloned().collect(), self.new.subscribe())
+    }
+}
+
+/// Reads EVENTS until the task is dropped: each event is decoded, named from the current
+/// view and stored in `log`. Readiness comes from epoll on the ring buffer's fd (the
+/// kernel wakes it when a consumer has caught up), as aya documents.
+///
+/// # Errors
+/// Registering the fd with the runtime, or a failed wait on it.
+pub async fn read_events(events: RingBuf<MapData>, view: SharedView, log: Arc<FlowLog>) -> std::io::Result<()> {
+    // SAFETY: the RingBuf owns its map's fd (MapData holds an OwnedFd) for as long as
+    // the AsyncFd owns the RingBuf, and always reports that same fd.
+    let mut fd = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        let names = view.get();
+        let offset = clock_offset_ns();
+        while let Some(item) = ring.next() {
+            let Some(event) = decode(&item) else {
+                warn!(len = item.len(), "flow event of unexpected size; skipped");
+                continue;
+            };
+            let time = rfc3339(i128::from(event.timestamp_ns) + offset);
+            let flow = names.flow(&event, time);
+            debug!(verdict = ?flow.verdict, direction = ?flow.direction, "flow");
+            log.push(flow);
+        }
+        guard.clear_ready();
+    }
+}
+
+/// A FlowEvent from ring buffer bytes (which need not be aligned for it).
+fn decode(bytes: &[u8]) -> Option<FlowEvent> {
+    if bytes.len() != size_of::<FlowEvent>() {
+        return None;
+    }
+    // SAFETY: the length matches, FlowEvent is plain old data valid for every bit
+    // pattern (aya::Pod), and read_unaligned copes with any alignment.
+    Some(unsafe { bytes.as_ptr().cast::<FlowEvent>().read_unaligned() })
+}
+
+/// Nanoseconds to add to a CLOCK_MONOTONIC time (`bpf_ktime_get_ns`) to get Unix time.
+fn clock_offset_ns() -> i128 {
+    let now = |clock| {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: a valid clock id and a pointer to a live timespec.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+    };
+    now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC)
+}
+
+/// Unix time in nanoseconds as RFC 3339 UTC with nanoseconds.
+fn rfc3339(unix_ns: i128) -> String {
+    let secs = unix_ns.div_euclid(1_000_000_000);
+    let nanos = unix_ns.rem_euclid(1_000_000_000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i128::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests;
