@@ -40,6 +40,21 @@ pub struct SyncError {
     source: Box<MapError>,
 }
 
+impl SyncError {
+    /// A failed `op` on `key` (formatted with Debug, or "*" for the whole map).
+    fn new(op: &'static str, map: &'static str, key: impl Debug, source: MapError) -> Self {
+        Self { op, map, key: format!("{key:?}"), source: Box::new(source) }
+    }
+}
+
+/// Removal that treats an absent key as done.
+fn removed(result: Result<(), MapError>, map: &'static str, key: impl Debug) -> Result<(), SyncError> {
+    match result {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(SyncError::new("delete", map, key, e)),
+    }
+}
+
 /// A key/value map as the sync logic sees it.
 pub trait MapStore<K, V> {
     /// Every entry the map holds now.
@@ -65,39 +80,15 @@ impl<K: Pod, V: Pod> KernelMap<K, V> {
 
 impl<K: Pod + Ord + Debug, V: Pod> MapStore<K, V> for KernelMap<K, V> {
     fn entries(&self) -> Result<BTreeMap<K, V>, SyncError> {
-        self.map
-            .iter()
-            .map(|r| {
-                r.map_err(|e| SyncError {
-                    op: "iterate",
-                    map: self.name,
-                    key: "*".into(),
-                    source: Box::new(e),
-                })
-            })
-            .collect()
+        self.map.iter().map(|r| r.map_err(|e| SyncError::new("iterate", self.name, "*", e))).collect()
     }
 
     fn upsert(&mut self, key: &K, value: &V) -> Result<(), SyncError> {
-        self.map.insert(key, value, 0).map_err(|e| SyncError {
-            op: "update",
-            map: self.name,
-            key: format!("{key:?}"),
-            source: Box::new(e),
-        })
+        self.map.insert(key, value, 0).map_err(|e| SyncError::new("update", self.name, key, e))
     }
 
     fn remove(&mut self, key: &K) -> Result<(), SyncError> {
-        match self.map.remove(key) {
-            Ok(()) => Ok(()),
-            Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(SyncError {
-                op: "delete",
-                map: self.name,
-                key: format!("{key:?}"),
-                source: Box::new(e),
-            }),
-        }
+        removed(self.map.remove(key), self.name, key)
     }
 }
 
@@ -150,37 +141,22 @@ impl<K: TrieKey, V: Pod> MapStore<K, V> for KernelTrie<K, V> {
         self.map
             .iter()
             .map(|r| {
-                r.map(|(k, v)| (K::join(k.prefix_len(), k.data()), v)).map_err(|e| SyncError {
-                    op: "iterate",
-                    map: self.name,
-                    key: "*".into(),
-                    source: Box::new(e),
-                })
+                r.map(|(k, v)| (K::join(k.prefix_len(), k.data()), v))
+                    .map_err(|e| SyncError::new("iterate", self.name, "*", e))
             })
             .collect()
     }
 
     fn upsert(&mut self, key: &K, value: &V) -> Result<(), SyncError> {
         let (len, data) = key.split();
-        self.map.insert(&TrieKeyOf::new(len, data), value, 0).map_err(|e| SyncError {
-            op: "update",
-            map: self.name,
-            key: format!("{key:?}"),
-            source: Box::new(e),
-        })
+        self.map
+            .insert(&TrieKeyOf::new(len, data), value, 0)
+            .map_err(|e| SyncError::new("update", self.name, key, e))
     }
 
     fn remove(&mut self, key: &K) -> Result<(), SyncError> {
         let (len, data) = key.split();
-        match self.map.remove(&TrieKeyOf::new(len, data)) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(SyncError {
-                op: "delete",
-                map: self.name,
-                key: format!("{key:?}"),
-                source: Box::new(e),
-            }),
-        }
+        removed(self.map.remove(&TrieKeyOf::new(len, data)), self.name, key)
     }
 }
 
