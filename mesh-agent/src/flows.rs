@@ -110,6 +110,11 @@ pub struct Flow {
     pub source: Peer,
     /// Who was sent to.
     pub destination: Peer,
+    /// The NetworkPolicies that isolate the judged pod (the source for egress, the
+    /// destination for ingress) in this direction: the ones whose rules did not allow
+    /// the flow. Empty when unknown.
+    #[serde(default)]
+    pub policies: Vec<String>,
 }
 
 impl Flow {
@@ -121,7 +126,7 @@ impl Flow {
             Some(ms) if self.time.len() > 23 => format!("{ms}Z"),
             _ => self.time.clone(),
         };
-        format!(
+        let mut line = format!(
             "{time} {} -> {} {} {} {} {}",
             peer_text(&self.source),
             peer_text(&self.destination),
@@ -129,7 +134,11 @@ impl Flow {
             self.verdict.as_str(),
             self.proto,
             self.reason.as_str(),
-        )
+        );
+        if !self.policies.is_empty() {
+            line.push_str(&format!(" (isolated by {})", self.policies.join(", ")));
+        }
+        line
     }
 }
 
@@ -327,6 +336,19 @@ impl View {
         let (src, dst) = (addr(event.src), addr(event.dst));
         let src_port = u16::from_be(event.src_port);
         let dst_port = u16::from_be(event.dst_port);
+        let source = self.peer(src, src_port, event.src_identity, dst);
+        let destination = self.peer(dst, dst_port, event.dst_identity, src);
+        let ingress = event.direction == DIR_INGRESS;
+        let judged = if ingress { destination.pod.as_deref() } else { source.pod.as_deref() };
+        let policies = judged.map_or_else(Vec::new, |pod| {
+            self.report
+                .policies
+                .iter()
+                .filter(|p| if ingress { p.ingress } else { p.egress })
+                .filter(|p| p.selects.iter().any(|s| s == pod))
+                .map(|p| p.name.clone())
+                .collect()
+        });
         Flow {
             time,
             verdict: match event.verdict {
@@ -344,8 +366,9 @@ impl View {
                 132 => "SCTP".to_owned(),
                 n => n.to_string(),
             },
-            source: self.peer(src, src_port, event.src_identity, dst),
-            destination: self.peer(dst, dst_port, event.dst_identity, src),
+            source,
+            destination,
+            policies,
         }
     }
 }

@@ -47,6 +47,7 @@ async fn serves_flows_policy_and_follows_over_the_socket() {
             pod: Some("prod/db".into()),
             labels: BTreeMap::new(),
         },
+        policies: vec!["prod/client-egress".into()],
     };
     log.push(sample("1"));
 

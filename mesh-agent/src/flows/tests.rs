@@ -117,6 +117,9 @@ fn ingress_peers_are_named_by_address_and_json_round_trips() {
     assert_eq!(json["proto"], "TCP");
     assert_eq!(serde_json::from_value::<Flow>(json).expect("parse"), flow);
     assert!(flow.line().starts_with("T 10.0.0.9:40000 (world) -> prod/db-1:8081"), "{}", flow.line());
+    // The judged pod is the destination (ingress): the policy isolating it is named.
+    assert_eq!(flow.policies, vec!["prod/db-in".to_owned()]);
+    assert!(flow.line().ends_with("(isolated by prod/db-in)"), "{}", flow.line());
 }
 
 #[test]
