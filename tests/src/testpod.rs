@@ -236,7 +236,9 @@ pub fn udp_query(pod: &Pod, addr: SocketAddr, count: u32) -> Result<ConnectSumma
     run_client(pod, "udp-query", addr, count, &[])
 }
 
-fn run_client(
+/// Runs `mesh-testpod <command> --addr <addr> --count <count> --json <extra…>` from
+/// `pod` and parses its summary.
+pub(crate) fn run_client(
     pod: &Pod,
     command: &str,
     addr: SocketAddr,

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use mesh_tests::{
-    Agent, ChildGuard, Cluster, Node, StateDir, agent, assert_eventually, require_root,
+    Agent, ChildGuard, Cluster, Node, StateDir, agent, assert_eventually, require_root, scenario,
     testpod::{self, ConnectSummary, HoldReport, HoldStarted},
     testpod_bin,
 };
@@ -34,6 +34,15 @@ const PROGRAMS: [&str; 8] = [
     "mesh_recvmsg6",
     "mesh_getpeername4",
     "mesh_getpeername6",
+];
+
+/// The client pod of every test: node, name, IP.
+const CLIENT: (&str, &str, &str) = ("n1", "client", "10.244.1.10");
+/// A client and two backends on n1.
+const CLIENT_AND_TWO_WEBS: &[(&str, &str, &str)] = &[
+    CLIENT,
+    ("n1", "web-1", "10.244.1.11"),
+    ("n1", "web-2", "10.244.1.12"),
 ];
 
 /// How a backend Pod looks in the state.
@@ -149,6 +158,21 @@ impl Bed {
         )
     }
 
+    /// Waits until `agent` lists backend `pod` as in no slot for `reason`.
+    fn wait_out_of_slots(&self, agent: &Agent, pod: &str, reason: &str) -> Result<()> {
+        let idle = format!("{}:{POD_PORT}/TCP", self.ip(pod));
+        let shown = format!("(backend in no slot: {reason})");
+        assert_eventually!(
+            agent.services().is_ok_and(|t| t
+                .lines()
+                .any(|l| l.starts_with(&idle) && l.contains(&shown))),
+            CONVERGE,
+            "{pod} not shown as {reason}:\n{}",
+            agent.services()?
+        );
+        Ok(())
+    }
+
     /// Writes `yaml` as the whole state and waits until `agent` has applied it.
     fn apply(&self, agent: &Agent, yaml: &str) -> Result<()> {
         let applied = agent.applied_count();
@@ -210,7 +234,7 @@ fn client_ip_affinity_holds_then_expires() -> Result<()> {
         "rsaffinity",
         &["n1"],
         &[
-            ("n1", "client", "10.244.1.10"),
+            CLIENT,
             ("n1", "client2", "10.244.1.9"),
             ("n1", "web-1", "10.244.1.11"),
             ("n1", "web-2", "10.244.1.12"),
@@ -278,7 +302,7 @@ fn terminating_backend_keeps_its_connections_but_gets_no_new_ones() -> Result<()
         "rsterm",
         &["n1"],
         &[
-            ("n1", "client", "10.244.1.10"),
+            CLIENT,
             ("n1", "web-1", "10.244.1.11"),
             ("n1", "web-2", "10.244.1.12"),
             ("n1", "web-3", "10.244.1.13"),
@@ -318,15 +342,7 @@ fn terminating_backend_keeps_its_connections_but_gets_no_new_ones() -> Result<()
         )
     });
     bed.apply(&agent, &bed.web_state("", &backends))?;
-    let idle = format!("{}:{POD_PORT}/TCP", bed.ip(x));
-    assert_eventually!(
-        agent.services().is_ok_and(|t| t
-            .lines()
-            .any(|l| l.starts_with(&idle) && l.contains("(backend in no slot: terminating)"))),
-        CONVERGE,
-        "{x} not shown as terminating:\n{}",
-        agent.services()?
-    );
+    bed.wait_out_of_slots(&agent, x, "terminating")?;
 
     let summary = bed.dial("client", VIP, 100)?;
     assert_eq!(summary.ok, 100, "{summary:?}");
@@ -356,15 +372,7 @@ fn service_without_ready_backends_refuses_at_once() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let bed = Bed::new(
-        "rsnotready",
-        &["n1"],
-        &[
-            ("n1", "client", "10.244.1.10"),
-            ("n1", "web-1", "10.244.1.11"),
-            ("n1", "web-2", "10.244.1.12"),
-        ],
-    )?;
+    let bed = Bed::new("rsnotready", &["n1"], CLIENT_AND_TWO_WEBS)?;
     // The pods run and listen, but their Ready condition says "False".
     let not_ready = PodState {
         not_ready: true,
@@ -405,7 +413,7 @@ fn health_checks_take_a_dead_backend_out_and_bring_it_back() -> Result<()> {
         "rshealth",
         &["n1"],
         &[
-            ("n1", "client", "10.244.1.10"),
+            CLIENT,
             ("n1", "web-1", "10.244.1.11"),
             ("n1", "web-2", "10.244.1.12"),
             ("n1", "web-3", "10.244.1.13"),
@@ -431,15 +439,7 @@ fn health_checks_take_a_dead_backend_out_and_bring_it_back() -> Result<()> {
     assert_eq!((before.ok, before.by_backend.len()), (60, 3), "{before:?}");
 
     bed.servers.remove("web-2").context("web-2 server")?.kill();
-    let idle = format!("{}:{POD_PORT}/TCP", bed.ip("web-2"));
-    assert_eventually!(
-        agent.services().is_ok_and(|t| t
-            .lines()
-            .any(|l| l.starts_with(&idle) && l.contains("(backend in no slot: unhealthy)"))),
-        CONVERGE,
-        "web-2 never marked unhealthy:\n{}",
-        agent.services()?
-    );
+    bed.wait_out_of_slots(&agent, "web-2", "unhealthy")?;
     let without = bed.dial("client", VIP, 100)?;
     assert_eq!(
         without.ok, 100,
@@ -478,7 +478,7 @@ fn prefer_close_keeps_traffic_on_the_node_while_it_has_backends() -> Result<()> 
         "rsclose",
         &["n1", "n2"],
         &[
-            ("n1", "client", "10.244.1.10"),
+            CLIENT,
             ("n1", "web-1", "10.244.1.11"),
             ("n1", "web-2", "10.244.1.12"),
             ("n2", "web-3", "10.244.2.11"),
@@ -532,15 +532,7 @@ fn metrics_count_connections_refusals_and_the_datapath() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let bed = Bed::new(
-        "rsmetrics",
-        &["n1"],
-        &[
-            ("n1", "client", "10.244.1.10"),
-            ("n1", "web-1", "10.244.1.11"),
-            ("n1", "web-2", "10.244.1.12"),
-        ],
-    )?;
+    let bed = Bed::new("rsmetrics", &["n1"], CLIENT_AND_TWO_WEBS)?;
     let ready = PodState::default();
     let mut yaml = bed.web_state("", &[("web-1", ready), ("web-2", ready)]);
     yaml.push_str(&service_yaml("empty", EMPTY_VIP, ""));
@@ -605,15 +597,7 @@ fn agent_restart_and_exit_keep_the_datapath_serving() -> Result<()> {
         return Ok(());
     }
     let names = ["web-1", "web-2"];
-    let bed = Bed::new(
-        "rsrestart",
-        &["n1"],
-        &[
-            ("n1", "client", "10.244.1.10"),
-            ("n1", "web-1", "10.244.1.11"),
-            ("n1", "web-2", "10.244.1.12"),
-        ],
-    )?;
+    let bed = Bed::new("rsrestart", &["n1"], CLIENT_AND_TWO_WEBS)?;
     bed.state.write(
         "state.yaml",
         &bed.web_state("", &names.map(|n| (n, PodState::default()))),
@@ -632,19 +616,8 @@ fn agent_restart_and_exit_keep_the_datapath_serving() -> Result<()> {
     .stdout(Stdio::piped());
     let mut client = bed.cluster.pod("client").spawn(cmd)?;
     std::thread::sleep(Duration::from_millis(200));
-    let pinned = first.kill();
-    let restart = Instant::now();
-    let second = pinned.adopt(bed.node("n1"), bed.state.path(), &keep)?;
-    eprintln!("restarted agent ready after {:?}", restart.elapsed());
-    ensure!(
-        client.try_wait()?.is_none(),
-        "the client finished before the new agent was ready: the restart was not under load"
-    );
-    assert!(
-        second.log().contains("adopting the datapath"),
-        "{}",
-        second.log()
-    );
+    let second =
+        scenario::restart_under_load(first, bed.node("n1"), &bed.state, &keep, &mut client)?;
     // The same state over an adopted datapath: nothing to write, so no lookup can miss.
     assert!(
         second.log().contains("written=0 removed=0"),
@@ -770,7 +743,7 @@ fn ten_thousand_services_apply_quickly_and_serve() -> Result<()> {
     let real: Vec<(String, String)> = (0..SCALE_BACKENDS)
         .map(|j| (format!("web-{j}"), format!("10.244.1.{}", 20 + j)))
         .collect();
-    let mut pods = vec![("n1", "client", "10.244.1.10")];
+    let mut pods = vec![CLIENT];
     pods.extend(
         real.iter()
             .map(|(name, ip)| ("n1", name.as_str(), ip.as_str())),
@@ -849,10 +822,7 @@ fn a_state_beyond_map_capacity_is_rejected_whole() -> Result<()> {
     let bed = Bed::new(
         "rscapacity",
         &["n1"],
-        &[
-            ("n1", "client", "10.244.1.10"),
-            ("n1", "web-1", "10.244.1.11"),
-        ],
+        &[CLIENT, ("n1", "web-1", "10.244.1.11")],
     )?;
     let real = [SocketAddr::from((bed.ip("web-1"), POD_PORT))];
     bed.state.write("state.yaml", &scale_state(10, &real))?;

@@ -22,283 +22,28 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result};
 use mesh_tests::{
-    Agent, ChildGuard, Cluster, Pod, StateDir, agent, assert_eventually, eventually, require_root,
+    ChildGuard, require_root,
+    scenario::{
+        self, Bed, CONVERGE, Matrix,
+        Mode::{Tcp, Udp},
+        PROBE_COUNT, PodDef, Probe, host, key, outcome, pod,
+    },
     testpod::{self, ConnectSummary},
     testpod_bin,
 };
 
-/// Bound on every convergence wait (state applied, pod discovered, policy in force).
-/// Generous: the targets (about a second) are measured by benchmarks, not asserted here.
-const CONVERGE: Duration = Duration::from_secs(10);
-/// Connections per probe.
-const PROBE_COUNT: u32 = 2;
-
-/// Namespaces of every test's state. `kubernetes.io/metadata.name` is not written: the
-/// agent adds it, as the API server does.
-const NAMESPACES: &str = "---
-apiVersion: v1
-kind: Namespace
-metadata: {name: prod, labels: {team: a}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: dev, labels: {team: b}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {name: kube-system}
-";
-
-/// A pod of the test bed.
-#[derive(Clone, Copy, Debug)]
-struct PodDef {
-    node: &'static str,
-    /// Pod name, in the test bed and in the state (`metadata.name`).
-    name: &'static str,
-    ip: &'static str,
-    /// Namespace in the state; `None`: a pod of the test bed that is NOT in the state,
-    /// i.e. an address that is no pod (a "host" outside the cluster, for ipBlocks).
-    namespace: Option<&'static str>,
-    /// Labels as the body of a YAML flow mapping, e.g. `app: web, tier: front`.
-    labels: &'static str,
-    /// Container ports `(name, port, protocol)`; every distinct port is served over TCP
-    /// and UDP by a `mesh-testpod serve` announcing the pod's name.
-    ports: &'static [(&'static str, u16, &'static str)],
-}
-
-const fn pod(
-    node: &'static str,
-    namespace: &'static str,
-    name: &'static str,
-    ip: &'static str,
-    labels: &'static str,
-    ports: &'static [(&'static str, u16, &'static str)],
-) -> PodDef {
-    PodDef {
-        node,
-        name,
-        ip,
-        namespace: Some(namespace),
-        labels,
-        ports,
-    }
-}
-
-/// A test bed pod that is not in the state, serving `ports`.
-const fn host(
-    node: &'static str,
-    name: &'static str,
-    ip: &'static str,
-    ports: &'static [(&'static str, u16, &'static str)],
-) -> PodDef {
-    PodDef {
-        node,
-        name,
-        ip,
-        namespace: None,
-        labels: "",
-        ports,
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Proto {
-    Tcp,
-    Udp,
-}
-
-/// One probe of a matrix: destination pod, port, protocol.
-type Probe = (&'static str, u16, Proto);
-
-/// A cluster whose pods serve their ports, and a state directory.
-struct Bed {
-    // Field order is drop order: processes and state before the cluster.
-    anchors: Vec<ChildGuard>,
-    _servers: Vec<ChildGuard>,
-    state: StateDir,
-    pods: Vec<PodDef>,
-    cluster: Cluster,
-}
-
-impl Bed {
-    fn new(prefix: &str, nodes: &[&str], pods: &[PodDef]) -> Result<Self> {
-        let mut builder = Cluster::builder(prefix);
-        for node in nodes {
-            builder = builder.node(node);
-        }
-        for p in pods {
-            builder = builder.pod(p.node, p.name, p.ip);
-        }
-        let cluster = builder.build()?;
-        let mut servers = Vec::new();
-        for p in pods {
-            let mut ports: Vec<u16> = p.ports.iter().map(|&(_, port, _)| port).collect();
-            ports.sort_unstable();
-            ports.dedup();
-            for port in ports {
-                servers.push(testpod::start_server(cluster.pod(p.name), port, p.name)?);
-            }
-        }
-        Ok(Self {
-            anchors: Vec::new(),
-            _servers: servers,
-            state: StateDir::new(prefix)?,
-            pods: pods.to_vec(),
-            cluster,
-        })
-    }
-
-    fn pod(&self, name: &str) -> &Pod {
-        self.cluster.pod(name)
-    }
-
-    fn ip(&self, name: &str) -> Ipv4Addr {
-        self.cluster.pod(name).ip()
-    }
-
-    /// Starts an idle process in pod `name`, so that the agent finds its netns (a pod
-    /// whose only processes are short `connect` runs would be found by chance).
-    fn anchor(&mut self, name: &str) -> Result<()> {
-        let mut cmd = Command::new("sleep");
-        cmd.arg("600").stdin(Stdio::null()).stdout(Stdio::null());
-        self.anchors.push(self.pod(name).spawn(cmd)?);
-        Ok(())
-    }
-
-    /// The Namespaces and every Pod of the bed that is in the state.
-    fn pods_yaml(&self) -> String {
-        let mut yaml = NAMESPACES.to_owned();
-        for p in &self.pods {
-            let Some(namespace) = p.namespace else {
-                continue;
-            };
-            let node = agent::node_name(self.cluster.node(p.node));
-            let ports = p
-                .ports
-                .iter()
-                .map(|(name, port, proto)| {
-                    format!("{{name: {name}, containerPort: {port}, protocol: {proto}}}")
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
-            yaml.push_str(&format!(
-                "---
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}}}
-spec:
-  nodeName: {node}
-  containers:
-  - name: main
-    image: mesh-testpod
-    ports: [{ports}]
-status: {{podIP: {ip}}}
-",
-                name = p.name,
-                labels = p.labels,
-                ip = p.ip,
-            ));
-        }
-        yaml
-    }
-
-    /// Starts the agent on `node` over the state written so far.
-    fn start_agent(&self, node: &str, args: &[&str]) -> Result<Agent> {
-        Agent::start_with(self.cluster.node(node), self.state.path(), args)
-    }
-
-    /// Writes `yaml` as `file` and waits until `agent` has applied a new state.
-    fn apply(&self, agent: &Agent, file: &str, yaml: &str) -> Result<()> {
-        let applied = agent.applied_count();
-        self.state.write(file, yaml)?;
-        assert_eventually!(
-            agent.applied_count() > applied,
-            CONVERGE,
-            "agent did not re-apply after {file} changed:\n{}",
-            agent.log()
-        );
-        Ok(())
-    }
-
-    /// The outcome of [`PROBE_COUNT`] connections from pod `from` to pod `to`.
-    fn probe(&self, from: &str, (to, port, proto): Probe) -> Result<String> {
-        let addr = SocketAddr::from((self.ip(to), port));
-        let summary = dial(self.pod(from), addr, proto, PROBE_COUNT)?;
-        Ok(outcome(&summary, PROBE_COUNT, to))
-    }
-
-    /// The outcome of every probe from `from`, keyed `pod:port/PROTO`.
-    fn matrix(&self, from: &str, probes: &[Probe]) -> Result<BTreeMap<String, String>> {
-        probes
-            .iter()
-            .map(|&probe| Ok((key(probe), self.probe(from, probe)?)))
-            .collect()
-    }
-
-    /// Waits until `from`'s connection to `denied` is refused: the agent has found the
-    /// pod's netns and applied its policy. Every probe in this file that expects a deny
-    /// first goes through here, so what follows is deterministic.
-    fn wait_enforced(&self, agent: &Agent, from: &str, denied: Probe) {
-        let mut last = String::new();
-        let enforced = eventually(CONVERGE, || {
-            last = self
-                .probe(from, denied)
-                .unwrap_or_else(|e| format!("probe failed: {e:#}"));
-            last == "EPERM"
-        });
-        assert!(
-            enforced,
-            "{from} -> {} never refused within {CONVERGE:?}; last outcome: {last}\nagent log:\n{}",
-            key(denied),
-            agent.log()
-        );
-    }
-}
-
-fn key((to, port, proto): Probe) -> String {
-    let proto = match proto {
-        Tcp => "TCP",
-        Udp => "UDP",
-    };
-    format!("{to}:{port}/{proto}")
-}
-
-fn dial(from: &Pod, addr: SocketAddr, proto: Proto, count: u32) -> Result<ConnectSummary> {
-    match proto {
-        Proto::Tcp => testpod::connect(from, addr, count),
-        Proto::Udp => testpod::connect_udp(from, addr, count),
-    }
-}
-
-/// "ok" when all `count` exchanges reached `to`; "EPERM" when every connect() failed
-/// with EPERM (the policy deny); anything else described in full.
-fn outcome(s: &ConnectSummary, count: u32, to: &str) -> String {
-    let count = u64::from(count);
-    let all_to = s.by_backend.get(to) == Some(&count) && s.by_backend.len() == 1;
-    if s.attempts == count && s.ok == count && all_to {
-        "ok".to_owned()
-    } else if s.attempts == count
-        && s.ok == 0
-        && s.errors.len() == 1
-        && s.errors.get("EPERM") == Some(&count)
-        && s.connect_errno_first.as_deref() == Some("EPERM")
-    {
-        "EPERM".to_owned()
-    } else {
-        format!(
-            "attempts={} ok={} by_backend={:?} errors={:?} first_error={:?}",
-            s.attempts, s.ok, s.by_backend, s.errors, s.first_error
-        )
-    }
-}
-
 /// The expected matrix from `(probe, outcome)` pairs.
-fn expect(rows: &[(Probe, &str)]) -> BTreeMap<String, String> {
+fn expect(rows: &[(Probe, &str)]) -> Matrix {
     rows.iter()
         .map(|&(probe, outcome)| (key(probe), outcome.to_owned()))
         .collect()
+}
+
+/// Every probe of `probes` "ok" to the pods of `allowed`, "EPERM" to the others.
+fn allowed_to(probes: &[Probe], allowed: &[&str]) -> Matrix {
+    scenario::expect_allowed(probes, |p| allowed.contains(&p.0), "EPERM")
 }
 
 /// A NetworkPolicy in namespace prod isolating `app: client` for egress, with the
@@ -321,7 +66,27 @@ spec:
     )
 }
 
-use Proto::{Tcp, Udp};
+/// prod/client (anchored), prod/web and prod/db serving 8080, and a policy that lets
+/// the client reach app=web only; the Pods and the policy written.
+fn web_allowed_db_denied(prefix: &str) -> Result<Bed> {
+    const PORT: &[(&str, u16, &str)] = &[("http", 8080, "TCP")];
+    #[rustfmt::skip]
+    const PODS: &[PodDef] = &[
+        pod("n1", "prod", "prod-client", "10.244.1.10", "app: client", &[]),
+        pod("n1", "prod", "prod-web", "10.244.1.11", "app: web", PORT),
+        pod("n1", "prod", "prod-db", "10.244.1.12", "app: db", PORT),
+    ];
+    let mut bed = Bed::new(prefix, &["n1"], PODS)?;
+    bed.anchor_idle_pods()?;
+    let policy = client_egress_policy(
+        "client-web",
+        "  - to: [{podSelector: {matchLabels: {app: web}}}]
+",
+    );
+    bed.state.write("pods.yaml", &bed.pods_yaml())?;
+    bed.state.write("policy.yaml", &policy)?;
+    Ok(bed)
+}
 
 #[test]
 fn egress_reachability_matrix_follows_the_policies() -> Result<()> {
@@ -330,54 +95,16 @@ fn egress_reachability_matrix_follows_the_policies() -> Result<()> {
     }
     // The agent runs on n1 only: egress is enforced on the client's node, and the
     // destinations on n2 are known to it only by their IPs in the state.
+    #[rustfmt::skip]
     const PODS: &[PodDef] = &[
-        pod(
-            "n1",
-            "prod",
-            "prod-client",
-            "10.244.1.10",
-            "app: client",
-            &[],
-        ),
-        pod(
-            "n1",
-            "prod",
-            "prod-web",
-            "10.244.1.11",
-            "app: web",
-            &[("http", 8080, "TCP"), ("metrics", 9090, "TCP")],
-        ),
-        pod(
-            "n1",
-            "dev",
-            "dev-web",
-            "10.244.1.12",
-            "app: web",
-            &[("http", 8080, "TCP")],
-        ),
-        pod(
-            "n2",
-            "prod",
-            "prod-db",
-            "10.244.2.11",
-            "app: db",
-            &[("sql", 8081, "TCP"), ("admin", 8200, "TCP")],
-        ),
-        pod(
-            "n2",
-            "kube-system",
-            "ks-dns",
-            "10.244.2.12",
-            "k8s-app: kube-dns",
-            &[
-                ("dns", 53, "UDP"),
-                ("dns-tcp", 53, "TCP"),
-                ("metrics", 9153, "TCP"),
-            ],
-        ),
+        pod("n1", "prod", "prod-client", "10.244.1.10", "app: client", &[]),
+        pod("n1", "prod", "prod-web", "10.244.1.11", "app: web", &[("http", 8080, "TCP"), ("metrics", 9090, "TCP")]),
+        pod("n1", "dev", "dev-web", "10.244.1.12", "app: web", &[("http", 8080, "TCP")]),
+        pod("n2", "prod", "prod-db", "10.244.2.11", "app: db", &[("sql", 8081, "TCP"), ("admin", 8200, "TCP")]),
+        pod("n2", "kube-system", "ks-dns", "10.244.2.12", "k8s-app: kube-dns", &[("dns", 53, "UDP"), ("dns-tcp", 53, "TCP"), ("metrics", 9153, "TCP")]),
     ];
     let mut bed = Bed::new("pematrix", &["n1", "n2"], PODS)?;
-    bed.anchor("prod-client")?;
+    bed.anchor_idle_pods()?;
     // Two policies select the client; their rules add up.
     let web_and_dns = client_egress_policy(
         "client-web-dns",
@@ -399,7 +126,13 @@ fn egress_reachability_matrix_follows_the_policies() -> Result<()> {
     bed.state
         .write("policies.yaml", &format!("{web_and_dns}{db}"))?;
     let agent = bed.start_agent("n1", &[])?;
-    bed.wait_enforced(&agent, "prod-client", ("dev-web", 8080, Tcp));
+    bed.wait_for(
+        &[&agent],
+        "prod-client",
+        ("dev-web", 8080, Tcp),
+        PROBE_COUNT,
+        "EPERM",
+    );
 
     let expected = expect(&[
         // Named port "http": 8080/TCP of the prod app=web pods; a port rule without a
@@ -435,21 +168,20 @@ fn egress_reachability_matrix_follows_the_policies() -> Result<()> {
     .flat_map(|(to, port)| [(to, port, Tcp), (to, port, Udp)])
     .collect();
     assert_eq!(
-        bed.matrix("prod-client", &probes)?,
+        bed.outcomes("prod-client", &probes),
         expected,
         "egress of prod/client"
     );
 
     // Pods no policy selects are not isolated: dev/web (no policy in dev) and prod/web
     // (the prod policies select app=client only) reach everything.
-    let open = bed.matrix("dev-web", &probes)?;
-    let all_ok: BTreeMap<String, String> =
-        probes.iter().map(|&p| (key(p), "ok".to_owned())).collect();
+    let open = bed.outcomes("dev-web", &probes);
+    let all_ok = scenario::expect_allowed(&probes, |_| true, "EPERM");
     assert_eq!(open, all_ok, "egress of dev/web (no policy)");
-    let from_web = bed.matrix(
+    let from_web = bed.outcomes(
         "prod-web",
         &[("dev-web", 8080, Tcp), ("prod-db", 8200, Udp)],
-    )?;
+    );
     assert!(
         from_web.values().all(|o| o == "ok"),
         "egress of prod/web (not selected): {from_web:?}"
@@ -463,50 +195,16 @@ fn namespace_and_pod_selector_in_one_peer_is_and_in_two_peers_or() -> Result<()>
         return Ok(());
     }
     const DNS: &[(&str, u16, &str)] = &[("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")];
+    #[rustfmt::skip]
     const PODS: &[PodDef] = &[
-        pod(
-            "n1",
-            "prod",
-            "prod-client",
-            "10.244.1.10",
-            "app: client",
-            &[],
-        ),
-        pod(
-            "n1",
-            "kube-system",
-            "ks-dns",
-            "10.244.1.11",
-            "k8s-app: kube-dns",
-            DNS,
-        ),
-        pod(
-            "n1",
-            "kube-system",
-            "ks-other",
-            "10.244.1.12",
-            "app: metrics",
-            DNS,
-        ),
-        pod(
-            "n1",
-            "prod",
-            "prod-dns",
-            "10.244.1.13",
-            "k8s-app: kube-dns",
-            DNS,
-        ),
-        pod(
-            "n1",
-            "dev",
-            "dev-dns",
-            "10.244.1.14",
-            "k8s-app: kube-dns",
-            DNS,
-        ),
+        pod("n1", "prod", "prod-client", "10.244.1.10", "app: client", &[]),
+        pod("n1", "kube-system", "ks-dns", "10.244.1.11", "k8s-app: kube-dns", DNS),
+        pod("n1", "kube-system", "ks-other", "10.244.1.12", "app: metrics", DNS),
+        pod("n1", "prod", "prod-dns", "10.244.1.13", "k8s-app: kube-dns", DNS),
+        pod("n1", "dev", "dev-dns", "10.244.1.14", "k8s-app: kube-dns", DNS),
     ];
     let mut bed = Bed::new("peandor", &["n1"], PODS)?;
-    bed.anchor("prod-client")?;
+    bed.anchor_idle_pods()?;
     let and = client_egress_policy(
         "client-dns",
         "  - to:
@@ -524,29 +222,22 @@ fn namespace_and_pod_selector_in_one_peer_is_and_in_two_peers_or() -> Result<()>
     bed.state.write("pods.yaml", &bed.pods_yaml())?;
     bed.state.write("policy.yaml", &and)?;
     let agent = bed.start_agent("n1", &[])?;
-    bed.wait_enforced(&agent, "prod-client", ("ks-other", 53, Tcp));
+    bed.wait_for(
+        &[&agent],
+        "prod-client",
+        ("ks-other", 53, Tcp),
+        PROBE_COUNT,
+        "EPERM",
+    );
 
     let probes: Vec<Probe> = ["ks-dns", "ks-other", "prod-dns", "dev-dns"]
         .into_iter()
         .flat_map(|to| [(to, 53, Tcp), (to, 53, Udp)])
         .collect();
-    let rows = |allowed: &[&str]| -> BTreeMap<String, String> {
-        probes
-            .iter()
-            .map(|&p| {
-                let outcome = if allowed.contains(&p.0) {
-                    "ok"
-                } else {
-                    "EPERM"
-                };
-                (key(p), outcome.to_owned())
-            })
-            .collect()
-    };
     // One peer with both selectors: the kube-dns pods OF kube-system.
     assert_eq!(
-        bed.matrix("prod-client", &probes)?,
-        rows(&["ks-dns"]),
+        bed.outcomes("prod-client", &probes),
+        allowed_to(&probes, &["ks-dns"]),
         "namespaceSelector AND podSelector"
     );
 
@@ -555,16 +246,16 @@ fn namespace_and_pod_selector_in_one_peer_is_and_in_two_peers_or() -> Result<()>
     // stays denied).
     bed.apply(&agent, "policy.yaml", &or)?;
     assert_eq!(
-        bed.matrix("prod-client", &probes)?,
-        rows(&["ks-dns", "ks-other", "prod-dns"]),
+        bed.outcomes("prod-client", &probes),
+        allowed_to(&probes, &["ks-dns", "ks-other", "prod-dns"]),
         "namespaceSelector OR podSelector"
     );
 
     // And back: the update narrows again.
     bed.apply(&agent, "policy.yaml", &and)?;
     assert_eq!(
-        bed.matrix("prod-client", &probes)?,
-        rows(&["ks-dns"]),
+        bed.outcomes("prod-client", &probes),
+        allowed_to(&probes, &["ks-dns"]),
         "back to namespaceSelector AND podSelector"
     );
     Ok(())
@@ -576,31 +267,18 @@ fn ip_block_with_except_matches_only_addresses_that_are_not_pods() -> Result<()>
         return Ok(());
     }
     const WEB: &[(&str, u16, &str)] = &[("web", 9000, "TCP")];
+    #[rustfmt::skip]
     const PODS: &[PodDef] = &[
-        pod(
-            "n1",
-            "prod",
-            "prod-client",
-            "10.244.1.10",
-            "app: client",
-            &[],
-        ),
+        pod("n1", "prod", "prod-client", "10.244.1.10", "app: client", &[]),
         // Not in the state: addresses outside the cluster as far as policy knows.
         host("n1", "host-a", "10.244.1.50", WEB),
         host("n1", "host-b", "10.244.1.51", WEB),
         host("n1", "host-out", "10.244.1.70", WEB),
         // A Pod of the state whose address lies inside the ipBlock.
-        pod(
-            "n1",
-            "prod",
-            "prod-inside",
-            "10.244.1.52",
-            "app: inside",
-            WEB,
-        ),
+        pod("n1", "prod", "prod-inside", "10.244.1.52", "app: inside", WEB),
     ];
     let mut bed = Bed::new("peipblock", &["n1"], PODS)?;
-    bed.anchor("prod-client")?;
+    bed.anchor_idle_pods()?;
     let policy = client_egress_policy(
         "client-hosts",
         "  - to: [{ipBlock: {cidr: 10.244.1.48/28, except: [10.244.1.51/32]}}]
@@ -609,25 +287,18 @@ fn ip_block_with_except_matches_only_addresses_that_are_not_pods() -> Result<()>
     bed.state.write("pods.yaml", &bed.pods_yaml())?;
     bed.state.write("policy.yaml", &policy)?;
     let agent = bed.start_agent("n1", &[])?;
-    bed.wait_enforced(&agent, "prod-client", ("host-out", 9000, Tcp));
+    bed.wait_for(
+        &[&agent],
+        "prod-client",
+        ("host-out", 9000, Tcp),
+        PROBE_COUNT,
+        "EPERM",
+    );
 
     let probes: Vec<Probe> = ["host-a", "host-b", "host-out", "prod-inside"]
         .into_iter()
         .flat_map(|to| [(to, 9000, Tcp), (to, 9000, Udp)])
         .collect();
-    let rows = |allowed: &[&str]| -> BTreeMap<String, String> {
-        probes
-            .iter()
-            .map(|&p| {
-                let outcome = if allowed.contains(&p.0) {
-                    "ok"
-                } else {
-                    "EPERM"
-                };
-                (key(p), outcome.to_owned())
-            })
-            .collect()
-    };
     // host-a: in the CIDR, not excepted → allowed. host-b: excepted. host-out: outside
     // the CIDR (world). prod-inside: its address lies in the CIDR, but a pod address
     // always resolves to the pod's identity (longest-prefix match, the pod's /32 wins),
@@ -636,8 +307,8 @@ fn ip_block_with_except_matches_only_addresses_that_are_not_pods() -> Result<()>
     // pod IPs inside an ipBlock implementation-defined ("ipBlock is meant for
     // cluster-external IPs").
     assert_eq!(
-        bed.matrix("prod-client", &probes)?,
-        rows(&["host-a"]),
+        bed.outcomes("prod-client", &probes),
+        allowed_to(&probes, &["host-a"]),
         "ipBlock 10.244.1.48/28 except 10.244.1.51/32"
     );
     Ok(())
@@ -650,27 +321,14 @@ fn service_traffic_is_checked_against_the_selected_backend() -> Result<()> {
     }
     const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
     const HTTP: &[(&str, u16, &str)] = &[("http", 8080, "TCP")];
+    #[rustfmt::skip]
     const PODS: &[PodDef] = &[
-        pod(
-            "n1",
-            "prod",
-            "prod-client",
-            "10.244.1.10",
-            "app: client",
-            &[],
-        ),
-        pod(
-            "n1",
-            "prod",
-            "web-1",
-            "10.244.1.11",
-            "app: web, access: granted",
-            HTTP,
-        ),
+        pod("n1", "prod", "prod-client", "10.244.1.10", "app: client", &[]),
+        pod("n1", "prod", "web-1", "10.244.1.11", "app: web, access: granted", HTTP),
         pod("n1", "prod", "web-2", "10.244.1.12", "app: web", HTTP),
     ];
     let mut bed = Bed::new("pesvc", &["n1"], PODS)?;
-    bed.anchor("prod-client")?;
+    bed.anchor_idle_pods()?;
     let service = format!(
         "---
 apiVersion: v1
@@ -694,8 +352,14 @@ spec:
         .write("pods.yaml", &format!("{}{service}", bed.pods_yaml()))?;
     bed.state.write("policy.yaml", &policy)?;
     let agent = bed.start_agent("n1", &[])?;
-    bed.wait_enforced(&agent, "prod-client", ("web-2", 8080, Tcp));
-    assert_eq!(bed.probe("prod-client", ("web-1", 8080, Tcp))?, "ok");
+    bed.wait_for(
+        &[&agent],
+        "prod-client",
+        ("web-2", 8080, Tcp),
+        PROBE_COUNT,
+        "EPERM",
+    );
+    assert_eq!(bed.probe("prod-client", ("web-1", 8080, Tcp)), "ok");
 
     let total = 100;
     let s = testpod::connect(bed.pod("prod-client"), SocketAddr::from((VIP, 80)), total)?;
@@ -733,30 +397,15 @@ fn denied_egress_fails_at_once_with_eperm() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    const PORT: &[(&str, u16, &str)] = &[("http", 8080, "TCP")];
-    const PODS: &[PodDef] = &[
-        pod(
-            "n1",
-            "prod",
-            "prod-client",
-            "10.244.1.10",
-            "app: client",
-            &[],
-        ),
-        pod("n1", "prod", "prod-web", "10.244.1.11", "app: web", PORT),
-        pod("n1", "prod", "prod-db", "10.244.1.12", "app: db", PORT),
-    ];
-    let mut bed = Bed::new("peeperm", &["n1"], PODS)?;
-    bed.anchor("prod-client")?;
-    let policy = client_egress_policy(
-        "client-web",
-        "  - to: [{podSelector: {matchLabels: {app: web}}}]
-",
-    );
-    bed.state.write("pods.yaml", &bed.pods_yaml())?;
-    bed.state.write("policy.yaml", &policy)?;
+    let bed = web_allowed_db_denied("peeperm")?;
     let agent = bed.start_agent("n1", &[])?;
-    bed.wait_enforced(&agent, "prod-client", ("prod-db", 8080, Tcp));
+    bed.wait_for(
+        &[&agent],
+        "prod-client",
+        ("prod-db", 8080, Tcp),
+        PROBE_COUNT,
+        "EPERM",
+    );
 
     let client = bed.pod("prod-client");
     let db = SocketAddr::from((bed.ip("prod-db"), 8080));
@@ -825,57 +474,33 @@ fn policy_updates_apply_without_a_restart() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
+    #[rustfmt::skip]
     const PODS: &[PodDef] = &[
-        pod(
-            "n1",
-            "prod",
-            "prod-client",
-            "10.244.1.10",
-            "app: client",
-            &[],
-        ),
-        pod(
-            "n1",
-            "prod",
-            "prod-web",
-            "10.244.1.11",
-            "app: web",
-            &[("http", 8080, "TCP")],
-        ),
+        pod("n1", "prod", "prod-client", "10.244.1.10", "app: client", &[]),
+        pod("n1", "prod", "prod-web", "10.244.1.11", "app: web", &[("http", 8080, "TCP")]),
     ];
     let mut bed = Bed::new("peupdate", &["n1"], PODS)?;
-    bed.anchor("prod-client")?;
+    bed.anchor_idle_pods()?;
     bed.state.write("pods.yaml", &bed.pods_yaml())?;
     let agent = bed.start_agent("n1", &[])?;
     let web: Probe = ("prod-web", 8080, Tcp);
     // No policy selects the client yet: allowed, whether or not the agent has found it.
-    assert_eq!(bed.probe("prod-client", web)?, "ok");
+    assert_eq!(bed.probe("prod-client", web), "ok");
 
     // Deny all egress: a policy selecting the client with Egress and no rules.
     let deny_all = client_egress_policy("client-deny-all", "");
     let start = Instant::now();
     bed.state.write("policy.yaml", &deny_all)?;
-    bed.wait_enforced(&agent, "prod-client", web);
+    bed.wait_for(&[&agent], "prod-client", web, PROBE_COUNT, "EPERM");
     eprintln!("deny-all in force {:?} after the write", start.elapsed());
-    assert_eq!(bed.probe("prod-client", ("prod-web", 8080, Udp))?, "EPERM");
+    assert_eq!(bed.probe("prod-client", ("prod-web", 8080, Udp)), "EPERM");
 
     // Deleting the policy lifts the isolation.
     let start = Instant::now();
     std::fs::remove_file(bed.state.path().join("policy.yaml")).context("remove policy.yaml")?;
-    let mut last = String::new();
-    let lifted = eventually(CONVERGE, || {
-        last = bed
-            .probe("prod-client", web)
-            .unwrap_or_else(|e| format!("probe failed: {e:#}"));
-        last == "ok"
-    });
-    assert!(
-        lifted,
-        "still not allowed {CONVERGE:?} after the policy was deleted; last outcome: {last}\n{}",
-        agent.log()
-    );
+    bed.wait_for(&[&agent], "prod-client", web, PROBE_COUNT, "ok");
     eprintln!("allowed again {:?} after the delete", start.elapsed());
-    assert_eq!(bed.probe("prod-client", ("prod-web", 8080, Udp))?, "ok");
+    assert_eq!(bed.probe("prod-client", ("prod-web", 8080, Udp)), "ok");
 
     let log = agent.log();
     assert_eq!(
@@ -930,31 +555,16 @@ fn agent_restart_never_lets_denied_traffic_through() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    const PORT: &[(&str, u16, &str)] = &[("http", 8080, "TCP")];
-    const PODS: &[PodDef] = &[
-        pod(
-            "n1",
-            "prod",
-            "prod-client",
-            "10.244.1.10",
-            "app: client",
-            &[],
-        ),
-        pod("n1", "prod", "prod-web", "10.244.1.11", "app: web", PORT),
-        pod("n1", "prod", "prod-db", "10.244.1.12", "app: db", PORT),
-    ];
-    let mut bed = Bed::new("perestart", &["n1"], PODS)?;
-    bed.anchor("prod-client")?;
-    let policy = client_egress_policy(
-        "client-web",
-        "  - to: [{podSelector: {matchLabels: {app: web}}}]
-",
-    );
-    bed.state.write("pods.yaml", &bed.pods_yaml())?;
-    bed.state.write("policy.yaml", &policy)?;
+    let bed = web_allowed_db_denied("perestart")?;
     let keep = ["--keep-datapath"];
     let first = bed.start_agent("n1", &keep)?;
-    bed.wait_enforced(&first, "prod-client", ("prod-db", 8080, Tcp));
+    bed.wait_for(
+        &[&first],
+        "prod-client",
+        ("prod-db", 8080, Tcp),
+        PROBE_COUNT,
+        "EPERM",
+    );
 
     // A client dialling the denied db throughout the restart: batches of 2000 connects
     // (a refused connect takes microseconds, so one batch is far too short to span a
@@ -979,19 +589,13 @@ echo done"#,
         .stdout(Stdio::piped());
     let mut client = bed.pod("prod-client").spawn(cmd)?;
     std::thread::sleep(Duration::from_millis(300));
-    let pinned = first.kill();
-    let restart = Instant::now();
-    let second = pinned.adopt(bed.cluster.node("n1"), bed.state.path(), &keep)?;
-    eprintln!("restarted agent ready after {:?}", restart.elapsed());
-    ensure!(
-        client.try_wait()?.is_none(),
-        "the client finished before the new agent was ready: the restart was not under load"
-    );
-    assert!(
-        second.log().contains("adopting the datapath"),
-        "{}",
-        second.log()
-    );
+    let _second = scenario::restart_under_load(
+        first,
+        bed.cluster.node("n1"),
+        &bed.state,
+        &keep,
+        &mut client,
+    )?;
     // A few more batches against the new agent, then stop.
     std::thread::sleep(Duration::from_millis(500));
     drop(flag);
@@ -1019,8 +623,8 @@ echo done"#,
         "{total:?}"
     );
     // The adopted datapath still tells allowed from denied.
-    assert_eq!(bed.probe("prod-client", ("prod-web", 8080, Tcp))?, "ok");
-    assert_eq!(bed.probe("prod-client", ("prod-db", 8080, Tcp))?, "EPERM");
+    assert_eq!(bed.probe("prod-client", ("prod-web", 8080, Tcp)), "ok");
+    assert_eq!(bed.probe("prod-client", ("prod-db", 8080, Tcp)), "EPERM");
     Ok(())
 }
 
@@ -1030,15 +634,9 @@ fn a_new_pod_process_is_covered_within_the_discovery_window() -> Result<()> {
         return Ok(());
     }
     const PORT: &[(&str, u16, &str)] = &[("http", 8080, "TCP")];
+    #[rustfmt::skip]
     const PODS: &[PodDef] = &[
-        pod(
-            "n1",
-            "prod",
-            "prod-client",
-            "10.244.1.10",
-            "app: client",
-            &[],
-        ),
+        pod("n1", "prod", "prod-client", "10.244.1.10", "app: client", &[]),
         pod("n1", "prod", "prod-db", "10.244.1.12", "app: db", PORT),
     ];
     // No anchor: the client pod has no process when the agent starts.
@@ -1083,7 +681,7 @@ echo done"#,
         })?;
         let s: ConnectSummary =
             serde_json::from_str(&line).with_context(|| format!("parse {line:?}"))?;
-        match outcome(&s, 1, "prod-db").as_str() {
+        match outcome(&s, Tcp, 1, "prod-db").as_str() {
             "EPERM" => break,
             other => before.push(other.to_owned()),
         }
@@ -1100,7 +698,7 @@ echo done"#,
         let line = client.wait_for_stdout_line(Duration::from_secs(5), |l| l.starts_with('{'))?;
         let s: ConnectSummary =
             serde_json::from_str(&line).with_context(|| format!("parse {line:?}"))?;
-        assert_eq!(outcome(&s, 1, "prod-db"), "EPERM", "{s:?}");
+        assert_eq!(outcome(&s, Tcp, 1, "prod-db"), "EPERM", "{s:?}");
     }
     Ok(())
 }

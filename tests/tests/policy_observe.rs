@@ -9,115 +9,25 @@
 //! known-denied probe is refused or dropped before asserting anything. Flow events are
 //! asynchronous, so flows are awaited with a bound, never assumed.
 
-use std::{
-    net::{Ipv4Addr, SocketAddr},
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use mesh_tests::{
-    Agent, ChildGuard, Cluster, StateDir, agent, eventually, require_root,
-    testpod::{self, ConnectSummary},
-    testpod_bin,
+    Agent, eventually, require_root,
+    scenario::{Bed, CONVERGE, DROPPED, Mode::Tcp, PodDef, pod},
 };
 use serde_json::Value;
 
-/// Bound on every convergence wait (policy in force, flow recorded).
-const CONVERGE: Duration = Duration::from_secs(10);
 /// Per-step timeout of probing clients: what a dropped SYN costs.
-const TIMEOUT_MS: &str = "300";
+const TIMEOUT: Duration = Duration::from_millis(300);
 
-/// A pod of the test bed: node, namespace, name, IP, labels (YAML flow mapping body),
-/// TCP ports it serves.
-type PodDef = (&'static str, &'static str, &'static str, &'static str, &'static str, &'static [u16]);
-
-/// A cluster whose pods serve their ports and whose clients have anchors, with a state.
-struct Bed {
-    // Field order is drop order: processes and state before the cluster.
-    _processes: Vec<ChildGuard>,
-    state: StateDir,
-    cluster: Cluster,
-}
-
-impl Bed {
-    /// Builds the cluster, starts servers and anchors, writes the Pods and `policies`.
-    fn new(prefix: &str, nodes: &[&str], pods: &[PodDef], policies: &str) -> Result<Self> {
-        let mut builder = Cluster::builder(prefix);
-        for node in nodes {
-            builder = builder.node(node);
-        }
-        for &(node, _, name, ip, _, _) in pods {
-            builder = builder.pod(node, name, ip);
-        }
-        let cluster = builder.build()?;
-        let mut processes = Vec::new();
-        let mut yaml = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: prod}\n".to_owned();
-        for &(node, ns, name, ip, labels, ports) in pods {
-            let pod = cluster.pod(name);
-            for &port in ports {
-                processes.push(testpod::start_server(pod, port, name)?);
-            }
-            if ports.is_empty() {
-                let mut cmd = Command::new("sleep");
-                cmd.arg("600").stdin(Stdio::null()).stdout(Stdio::null());
-                processes.push(pod.spawn(cmd)?);
-            }
-            yaml.push_str(&format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\n\
-                 spec: {{nodeName: {}, containers: [{{name: main}}]}}\nstatus: {{podIP: {ip}}}\n",
-                agent::node_name(cluster.node(node))
-            ));
-        }
-        let state = StateDir::new(prefix)?;
-        state.write("pods.yaml", &yaml)?;
-        state.write("policies.yaml", policies)?;
-        Ok(Self { _processes: processes, state, cluster })
-    }
-
-    fn start_agent(&self, node: &str, args: &[&str]) -> Result<Agent> {
-        Agent::start_with(self.cluster.node(node), self.state.path(), args)
-    }
-
-    /// `count` TCP exchanges from pod `from` to `to`:`port`, short timeouts.
-    fn dial(&self, from: &str, to: &str, port: u16, count: u32) -> Result<ConnectSummary> {
-        let addr = SocketAddr::from((self.cluster.pod(to).ip(), port));
-        let mut cmd = Command::new(testpod_bin()?);
-        cmd.args(["connect", "--addr", &addr.to_string(), "--count", &count.to_string()])
-            .args(["--json", "--timeout-ms", TIMEOUT_MS]);
-        testpod::parse_json(&self.cluster.pod(from).run(cmd)?)
-            .with_context(|| format!("connect from {from} to {addr}"))
-    }
-
-    fn ip(&self, pod: &str) -> Ipv4Addr {
-        self.cluster.pod(pod).ip()
-    }
-}
-
-/// "ok", "EPERM" (refused at connect by egress policy), "dropped" (no answer: ingress
-/// policy dropped the SYN), or the summary.
-fn outcome(s: &ConnectSummary, count: u32) -> String {
-    let count = u64::from(count);
-    if s.attempts == count && s.ok == count {
-        "ok".to_owned()
-    } else if s.ok == 0 && s.connect_errno_first.as_deref() == Some("EPERM") {
-        "EPERM".to_owned()
-    } else if s.attempts == count && s.ok == 0 && s.connect_errno_first.is_some() {
-        "dropped".to_owned()
-    } else {
-        format!("{s:?}")
-    }
-}
-
-/// Waits until `from` -> `to`:`port` has `want` as outcome.
-fn wait_outcome(bed: &Bed, agents: &[&Agent], from: &str, to: &str, port: u16, want: &str) {
-    let mut last = String::new();
-    let reached = eventually(CONVERGE, || {
-        last = bed.dial(from, to, port, 1).map_or_else(|e| format!("{e:#}"), |s| outcome(&s, 1));
-        last == want
-    });
-    let logs: Vec<String> = agents.iter().map(|a| a.log()).collect();
-    assert!(reached, "{from} -> {to}:{port} never {want}; last: {last}\nlogs:\n{}", logs.join("\n---\n"));
+/// A bed on `nodes` with `pods` (servers and anchors), the Pods and `policies` written.
+fn bed(prefix: &str, nodes: &[&str], pods: &[PodDef], policies: &str) -> Result<Bed> {
+    let mut bed = Bed::new(prefix, nodes, pods)?.with_client_timeout(TIMEOUT);
+    bed.anchor_idle_pods()?;
+    bed.state.write("pods.yaml", &bed.pods_yaml())?;
+    bed.state.write("policies.yaml", policies)?;
+    Ok(bed)
 }
 
 /// The first flow of `agent` (with observe `args`) that `matches`, waiting for it.
@@ -175,17 +85,17 @@ fn denied_flows_are_observed_filtered_explained_and_counted() -> Result<()> {
         return Ok(());
     }
     const PODS: &[PodDef] = &[
-        ("n1", "prod", "client", "10.244.1.10", "app: client", &[]),
-        ("n1", "prod", "other", "10.244.1.12", "app: other", &[]),
-        ("n2", "prod", "db", "10.244.2.11", "app: db", &[8081, 8200]),
+        pod("n1", "prod", "client", "10.244.1.10", "app: client", &[]),
+        pod("n1", "prod", "other", "10.244.1.12", "app: other", &[]),
+        pod("n2", "prod", "db", "10.244.2.11", "app: db", &[("sql", 8081, "TCP"), ("admin", 8200, "TCP")]),
     ];
-    let bed = Bed::new("pobs", &["n1", "n2"], PODS, POLICIES)?;
+    let bed = bed("pobs", &["n1", "n2"], PODS, POLICIES)?;
     let a1 = bed.start_agent("n1", &[])?;
     let a2 = bed.start_agent("n2", &[])?;
 
     // (a) Egress: client may reach db:8081 only; 8200 is refused at connect().
-    wait_outcome(&bed, &[&a1], "client", "db", 8200, "EPERM");
-    assert_eq!(outcome(&bed.dial("client", "db", 8081, 2)?, 2), "ok", "client -> db:8081 allowed both ways");
+    bed.wait_for(&[&a1], "client", ("db", 8200, Tcp), 1, "EPERM");
+    assert_eq!(bed.probe_count("client", ("db", 8081, Tcp), 2), "ok", "client -> db:8081 allowed both ways");
     let egress = wait_flow(&a1, &[], |f| is(f, "EGRESS", "DROPPED", "prod/client", "prod/db", 8200));
     assert_eq!(egress["reason"], "policy-denied", "{egress}");
     assert_eq!(egress["proto"], "TCP", "{egress}");
@@ -195,7 +105,7 @@ fn denied_flows_are_observed_filtered_explained_and_counted() -> Result<()> {
 
     // (b) Ingress: other is not isolated for egress, but db only admits app=client: the
     // SYN is dropped at db's node, the client times out.
-    wait_outcome(&bed, &[&a1, &a2], "other", "db", 8081, "dropped");
+    bed.wait_for(&[&a1, &a2], "other", ("db", 8081, Tcp), 1, DROPPED);
     let ingress = wait_flow(&a2, &[], |f| is(f, "INGRESS", "DROPPED", "prod/other", "prod/db", 8081));
     assert_eq!(ingress["source"]["ip"], bed.ip("other").to_string(), "{ingress}");
     assert_eq!(ingress["reason"], "policy-denied", "{ingress}");
@@ -217,7 +127,7 @@ fn denied_flows_are_observed_filtered_explained_and_counted() -> Result<()> {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        text.lines().any(|l| l.contains(" prod/client (ID:") && l.contains("-> prod/db:8200 (ID:") && l.ends_with("EGRESS DROPPED TCP policy-denied")),
+        text.lines().any(|l| l.contains(" prod/client (ID:") && l.contains("-> prod/db:8200 (ID:") && l.contains("EGRESS DROPPED TCP policy-denied (isolated by prod/")),
         "{text}"
     );
 
@@ -227,7 +137,7 @@ fn denied_flows_are_observed_filtered_explained_and_counted() -> Result<()> {
     for _ in 0..stored {
         follower.wait_for_stdout_line(CONVERGE, |_| true)?;
     }
-    assert_eq!(outcome(&bed.dial("client", "db", 8200, 1)?, 1), "EPERM");
+    assert_eq!(bed.probe_count("client", ("db", 8200, Tcp), 1), "EPERM");
     let line = follower.wait_for_stdout_line(CONVERGE, |_| true)?;
     let live: Value = serde_json::from_str(&line)?;
     assert!(is(&live, "EGRESS", "DROPPED", "prod/client", "prod/db", 8200), "{live}");
@@ -265,16 +175,16 @@ fn audit_mode_lets_denied_flows_pass_and_reports_them() -> Result<()> {
         return Ok(());
     }
     const PODS: &[PodDef] = &[
-        ("n1", "prod", "client", "10.244.1.10", "app: client", &[]),
-        ("n1", "prod", "db", "10.244.1.11", "app: db", &[8200]),
+        pod("n1", "prod", "client", "10.244.1.10", "app: client", &[]),
+        pod("n1", "prod", "db", "10.244.1.11", "app: db", &[("admin", 8200, "TCP")]),
     ];
-    let bed = Bed::new("paudit", &["n1"], PODS, POLICIES)?;
+    let bed = bed("paudit", &["n1"], PODS, POLICIES)?;
     let a1 = bed.start_agent("n1", &["--policy-audit"])?;
     // Denied twice over (client egress allows 8081 only, db ingress too), yet every
     // connection goes through; the agent reports both would-be denials.
     let mut outcomes = Vec::new();
     let egress = eventually(CONVERGE, || {
-        outcomes.push(bed.dial("client", "db", 8200, 1).map_or_else(|e| format!("{e:#}"), |s| outcome(&s, 1)));
+        outcomes.push(bed.probe_count("client", ("db", 8200, Tcp), 1));
         a1.flows(&["--verdict", "audit"])
             .is_ok_and(|flows| flows.iter().any(|f| is(f, "EGRESS", "AUDIT", "prod/client", "prod/db", 8200)))
     });
@@ -294,6 +204,6 @@ fn audit_mode_lets_denied_flows_pass_and_reports_them() -> Result<()> {
     // A restart without the flag switches audit off: the same connection is refused.
     drop(a1);
     let a1 = bed.start_agent("n1", &[])?;
-    wait_outcome(&bed, &[&a1], "client", "db", 8200, "EPERM");
+    bed.wait_for(&[&a1], "client", ("db", 8200, Tcp), 1, "EPERM");
     Ok(())
 }
