@@ -79,7 +79,9 @@ pub fn run(count: u32, rounds: u32) -> Result<()> {
         let a = (cluster.pod("client-a"), "10.244.1.11:8080");
         let b = (cluster.pod("client-b"), "10.244.1.21:8080");
         let setup = measure(count, rounds, a, b, false)?;
-        let rr = measure(count, rounds, a, b, true)?;
+        // One exchange costs a fraction of a connection setup and is dominated by thread
+        // wake-ups; more of them per round keep its per-round p50 steady.
+        let rr = measure(count * 5, rounds, a, b, true)?;
         println!(
             "  {n:>4} policies: setup A/B {:.3}x, request/response A/B {:.3}x",
             setup.0.paired_p50_ratio(&setup.1),
@@ -108,10 +110,20 @@ pub fn run(count: u32, rounds: u32) -> Result<()> {
         }
     }
     print!("{table}");
-    println!("target: under 3% added at p50 (A/B <= 1.03)");
+    // With 0 policies A and B are the same setup: their ratio is the measurement's own
+    // bias and noise on this machine, and the other rows are read against it.
+    let control = rows.first().map(|(_, s, r)| (s.0.paired_p50_ratio(&s.1), r.0.paired_p50_ratio(&r.1)));
+    println!("target: under 3% added at p50; A/B divided by the 0-policy control must be <= 1.03");
     for (n, setup, rr) in &rows {
-        let worst = setup.0.paired_p50_ratio(&setup.1).max(rr.0.paired_p50_ratio(&rr.1));
-        println!("  {n:>4} policies: {}", if worst <= 1.03 { "met" } else { "NOT met" });
+        let (s, r) = (setup.0.paired_p50_ratio(&setup.1), rr.0.paired_p50_ratio(&rr.1));
+        let (cs, cr) = control.unwrap_or((1.0, 1.0));
+        let worst = (s / cs).max(r / cr);
+        println!(
+            "  {n:>4} policies: setup {:.3}x, request/response {:.3}x against the control: {}",
+            s / cs,
+            r / cr,
+            if worst <= 1.03 { "met" } else { "NOT met" }
+        );
     }
     Ok(())
 }
