@@ -39,7 +39,11 @@ fn main() -> anyhow::Result<()> {
     // mesh-common is a path dependency of mesh-ebpf: rebuild when the map layouts change.
     println!("cargo:rerun-if-changed={root_dir}/../mesh-common/src");
     aya_build::build_ebpf(
-        [Package { name: "mesh-ebpf", root_dir, ..Default::default() }],
+        [Package {
+            name: "mesh-ebpf",
+            root_dir,
+            ..Default::default()
+        }],
         Toolchain::Custom("nightly"),
     )
     .context(

@@ -167,8 +167,15 @@ pub struct AdminServer {
 pub fn bind(run_dir: &Path, node: &str) -> Result<AdminServer, AdminError> {
     let path = socket_path(run_dir, node);
     let dir = run_dir.join(node);
-    let dir_err = |source| AdminError::Dir { path: dir.clone(), source };
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(dir_err)?;
+    let dir_err = |source| AdminError::Dir {
+        path: dir.clone(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(dir_err)?;
     // An existing directory keeps its mode through create(); tighten it.
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(dir_err)?;
     if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
@@ -177,7 +184,10 @@ pub fn bind(run_dir: &Path, node: &str) -> Result<AdminServer, AdminError> {
         }
         let _ = std::fs::remove_file(&path);
     }
-    let listener = UnixListener::bind(&path).map_err(|source| AdminError::Bind { path: path.clone(), source })?;
+    let listener = UnixListener::bind(&path).map_err(|source| AdminError::Bind {
+        path: path.clone(),
+        source,
+    })?;
     Ok(AdminServer { listener, path })
 }
 
@@ -234,7 +244,9 @@ impl AdminServer {
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(
                     TokioIo::new(stream),
-                    service_fn(move |request| handle(request, view.clone(), log.clone(), stopping.clone())),
+                    service_fn(move |request| {
+                        handle(request, view.clone(), log.clone(), stopping.clone())
+                    }),
                 );
             let connection = graceful.watch(connection);
             tokio::spawn(async move {
@@ -245,8 +257,14 @@ impl AdminServer {
         }
         // Followers would hold their connections forever: end their streams first.
         let _ = stop_followers.send(true);
-        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
-            warn!(component = "admin", "connections still open after shutdown grace; dropped");
+        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            warn!(
+                component = "admin",
+                "connections still open after shutdown grace; dropped"
+            );
         }
         Ok(())
     }
@@ -264,10 +282,15 @@ impl Body for ApiBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match self.get_mut() {
             ApiBody::Full(body) => Poll::Ready(body.take().map(|b| Ok(Frame::data(b)))),
-            ApiBody::Stream(rx) => rx.poll_recv(cx).map(|chunk| chunk.map(|b| Ok(Frame::data(b)))),
+            ApiBody::Stream(rx) => rx
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|b| Ok(Frame::data(b)))),
         }
     }
 
@@ -277,7 +300,9 @@ impl Body for ApiBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ApiBody::Full(body) => SizeHint::with_exact(body.as_ref().map_or(0, |b| b.len() as u64)),
+            ApiBody::Full(body) => {
+                SizeHint::with_exact(body.as_ref().map_or(0, |b| b.len() as u64))
+            }
             ApiBody::Stream(_) => SizeHint::default(),
         }
     }
@@ -317,7 +342,11 @@ impl FlowQuery {
                         _ => return Err(format!("verdict={value}: use dropped or audit")),
                     })
                 }
-                "pod" if value.split_once('/').is_some_and(|(ns, n)| !ns.is_empty() && !n.is_empty()) => {
+                "pod"
+                    if value
+                        .split_once('/')
+                        .is_some_and(|(ns, n)| !ns.is_empty() && !n.is_empty()) =>
+                {
                     q.filter.pod = Some(value);
                 }
                 "pod" => return Err(format!("pod={value}: use NAMESPACE/NAME")),
@@ -337,7 +366,10 @@ impl FlowQuery {
             parts.push(format!("verdict={}", v.as_str().to_ascii_lowercase()));
         }
         if let Some(pod) = &self.filter.pod {
-            parts.push(format!("pod={}", pod.replace('%', "%25").replace('&', "%26")));
+            parts.push(format!(
+                "pod={}",
+                pod.replace('%', "%25").replace('&', "%26")
+            ));
         }
         parts.join("&")
     }
@@ -348,7 +380,9 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
         match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
             (b'%', Some(b)) => {
                 out.push(b);
@@ -374,29 +408,52 @@ async fn handle(
     stopping: watch::Receiver<bool>,
 ) -> Result<Response<ApiBody>, Infallible> {
     let response = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/v1/flows") => match FlowQuery::parse(request.uri().query().unwrap_or_default()) {
-            Ok(query) if query.follow => follow(&log, query.filter, stopping),
-            Ok(query) => {
-                let body: String = log.stored().iter().filter(|f| query.filter.matches(f)).map(|f| ndjson(f)).collect();
-                reply(StatusCode::OK, NDJSON, body)
+        (&Method::GET, "/v1/flows") => {
+            match FlowQuery::parse(request.uri().query().unwrap_or_default()) {
+                Ok(query) if query.follow => follow(&log, query.filter, stopping),
+                Ok(query) => {
+                    let body: String = log
+                        .stored()
+                        .iter()
+                        .filter(|f| query.filter.matches(f))
+                        .map(|f| ndjson(f))
+                        .collect();
+                    reply(StatusCode::OK, NDJSON, body)
+                }
+                Err(problem) => reply(StatusCode::BAD_REQUEST, PLAIN_TEXT, format!("{problem}\n")),
             }
-            Err(problem) => reply(StatusCode::BAD_REQUEST, PLAIN_TEXT, format!("{problem}\n")),
-        },
+        }
         (&Method::GET, "/v1/policy") => match serde_json::to_string_pretty(view.get().report()) {
             Ok(body) => reply(StatusCode::OK, JSON, body + "\n"),
-            Err(err) => reply(StatusCode::INTERNAL_SERVER_ERROR, PLAIN_TEXT, format!("{err}\n")),
+            Err(err) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                PLAIN_TEXT,
+                format!("{err}\n"),
+            ),
         },
-        _ => reply(StatusCode::NOT_FOUND, PLAIN_TEXT, "not found (GET /v1/flows, GET /v1/policy)\n".to_owned()),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            PLAIN_TEXT,
+            "not found (GET /v1/flows, GET /v1/policy)\n".to_owned(),
+        ),
     };
     Ok(response)
 }
 
 /// The stored flows, then every new one, until the client leaves or the agent stops.
-fn follow(log: &FlowLog, filter: FlowFilter, mut stopping: watch::Receiver<bool>) -> Response<ApiBody> {
+fn follow(
+    log: &FlowLog,
+    filter: FlowFilter,
+    mut stopping: watch::Receiver<bool>,
+) -> Response<ApiBody> {
     let (stored, mut new) = log.follow();
     let (tx, rx) = mpsc::channel(FOLLOW_BUFFER);
     tokio::spawn(async move {
-        let backlog: String = stored.iter().filter(|f| filter.matches(f)).map(|f| ndjson(f)).collect();
+        let backlog: String = stored
+            .iter()
+            .filter(|f| filter.matches(f))
+            .map(|f| ndjson(f))
+            .collect();
         if !backlog.is_empty() && tx.send(Bytes::from(backlog)).await.is_err() {
             return;
         }
@@ -414,14 +471,20 @@ fn follow(log: &FlowLog, filter: FlowFilter, mut stopping: watch::Receiver<bool>
                 }
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(skipped)) => {
-                    warn!(component = "admin", skipped, "flow follower too slow; flows skipped");
+                    warn!(
+                        component = "admin",
+                        skipped, "flow follower too slow; flows skipped"
+                    );
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             }
         }
     });
     let mut response = Response::new(ApiBody::Stream(rx));
-    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(NDJSON));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(NDJSON),
+    );
     response
 }
 
@@ -439,7 +502,10 @@ const NDJSON: &str = "application/x-ndjson";
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<ApiBody> {
     let mut response = Response::new(ApiBody::Full(Some(Bytes::from(body))));
     *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     response
 }
 

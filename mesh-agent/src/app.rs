@@ -72,7 +72,9 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
     let (changed_tx, mut changed) = mpsc::channel(1);
     let _watcher = watch::watch(&args.state, changed_tx)?;
     let (health_tx, mut health_changed) = mpsc::channel(1);
-    let health = args.health_checks.then(|| HealthChecker::spawn(args.health_config(), health_tx));
+    let health = args
+        .health_checks
+        .then(|| HealthChecker::spawn(args.health_config(), health_tx));
     let telemetry = Arc::new(Telemetry::new(pins::node_dir(&args.bpffs, &args.node)));
     let metrics_server = metrics::bind(args.metrics_addr).await?;
     info!(addr = %metrics_server.local_addr(), "serving metrics");
@@ -81,7 +83,15 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
         let _ = metrics_stopped.await;
     }));
 
-    let DatapathMaps { services, affinity, metrics, policy, events, mut config, sizes } = datapath.maps()?;
+    let DatapathMaps {
+        services,
+        affinity,
+        metrics,
+        policy,
+        events,
+        mut config,
+        sizes,
+    } = datapath.maps()?;
     // Before attaching, and always written: an adopted datapath may still be in audit
     // mode from an agent run with the flag.
     set_audit(&mut config, args.policy_audit)?;
@@ -104,8 +114,22 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
         let _ = admin_stopped.await;
     }));
 
-    let maps = ReconcileMaps { services, affinity, metrics, policy, sizes };
-    let mut reconciler = Reconciler::new(&args.state, &args.node, cgroup, maps, health, telemetry, view)?;
+    let maps = ReconcileMaps {
+        services,
+        affinity,
+        metrics,
+        policy,
+        sizes,
+    };
+    let mut reconciler = Reconciler::new(
+        &args.state,
+        &args.node,
+        cgroup,
+        maps,
+        health,
+        telemetry,
+        view,
+    )?;
     // Program the maps before attaching, so the first call already sees the table.
     let mut outcome = reconciler.reload();
     datapath.attach(cgroup)?;
@@ -146,5 +170,8 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
 fn set_audit(config_map: &mut Array<MapData, u32>, audit: bool) -> Result<(), DatapathError> {
     config_map
         .set(config::POLICY_AUDIT, u32::from(audit), 0)
-        .map_err(|e| DatapathError::Map { name: mesh_common::maps::CONFIG, source: Box::new(e) })
+        .map_err(|e| DatapathError::Map {
+            name: mesh_common::maps::CONFIG,
+            source: Box::new(e),
+        })
 }

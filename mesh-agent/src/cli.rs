@@ -222,7 +222,9 @@ enum VerdictArg {
 /// `NAMESPACE/NAME`, both parts non-empty.
 fn pod_name(name: &str) -> Result<String, String> {
     match name.split_once('/') {
-        Some((ns, pod)) if !ns.is_empty() && !pod.is_empty() && !pod.contains('/') => Ok(name.to_owned()),
+        Some((ns, pod)) if !ns.is_empty() && !pod.is_empty() && !pod.contains('/') => {
+            Ok(name.to_owned())
+        }
         _ => Err(format!("{name:?}: use NAMESPACE/NAME")),
     }
 }
@@ -232,7 +234,9 @@ fn pod_name(name: &str) -> Result<String, String> {
 fn node_name(name: &str) -> Result<String, String> {
     let valid = !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if valid {
         Ok(name.to_owned())
     } else {
@@ -261,22 +265,38 @@ impl Cli {
                     Some(node) => node,
                     None => datapath::pins::only_node(&bpffs)?,
                 };
-                let table = datapath::inspect::read_services(&datapath::pins::node_dir(&bpffs, &node))
-                    .with_context(|| format!("reading the datapath of node {node}"))?;
+                let table =
+                    datapath::inspect::read_services(&datapath::pins::node_dir(&bpffs, &node))
+                        .with_context(|| format!("reading the datapath of node {node}"))?;
                 print!("{table}");
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Observe { node, follow, json, verdict, pod, run_dir } => {
+            Command::Observe {
+                node,
+                follow,
+                json,
+                verdict,
+                pod,
+                run_dir,
+            } => {
                 let (_, socket) = client::agent_socket(&run_dir, node.as_deref())?;
                 let verdict = verdict.map(|v| match v {
                     VerdictArg::Dropped => Verdict::Dropped,
                     VerdictArg::Audit => Verdict::Audit,
                 });
-                let query = FlowQuery { follow, filter: FlowFilter { verdict, pod } };
+                let query = FlowQuery {
+                    follow,
+                    filter: FlowFilter { verdict, pod },
+                };
                 client::observe(&socket, &query, json)?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Policy { node, pod, run_dir, bpffs } => {
+            Command::Policy {
+                node,
+                pod,
+                run_dir,
+                bpffs,
+            } => {
                 let (node, socket) = client::agent_socket(&run_dir, node.as_deref())?;
                 let report = client::policy_report(&socket)?;
                 let pods: Vec<String> = match pod {
@@ -286,7 +306,12 @@ impl Cli {
                 let node_dir = datapath::pins::node_dir(&bpffs, &node);
                 for pod in pods {
                     let Some(local) = report.local_pods.iter().find(|p| p.pod == pod) else {
-                        let known = report.local_pods.iter().map(|p| p.pod.as_str()).collect::<Vec<_>>().join(", ");
+                        let known = report
+                            .local_pods
+                            .iter()
+                            .map(|p| p.pod.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ");
                         return Err(client::ClientError::UnknownPod { pod, node, known }.into());
                     };
                     let entries = client::kernel_policy(&node_dir, local.identity)?;
@@ -312,27 +337,34 @@ impl Cli {
 
 /// Planning context for `validate`: default capacities, no node preference, all healthy.
 fn validate_context() -> crate::plan::PlanContext<'static> {
-    static NONE: std::collections::BTreeSet<crate::plan::BackendAddr> = std::collections::BTreeSet::new();
-    crate::plan::PlanContext { node: "", unhealthy: &NONE, capacities: crate::plan::Capacities::default() }
+    static NONE: std::collections::BTreeSet<crate::plan::BackendAddr> =
+        std::collections::BTreeSet::new();
+    crate::plan::PlanContext {
+        node: "",
+        unhealthy: &NONE,
+        capacities: crate::plan::Capacities::default(),
+    }
 }
 
 fn validate(path: &std::path::Path) -> ExitCode {
     match state::load(path) {
-        Ok(state) => match crate::plan::plan(&state, &crate::plan::Ids::default(), &validate_context()) {
-            Ok((plan, _)) => {
-                println!(
-                    "{}: valid ({} frontends, {} backends)",
-                    path.display(),
-                    plan.frontends.len(),
-                    plan.backends.len()
-                );
-                ExitCode::SUCCESS
+        Ok(state) => {
+            match crate::plan::plan(&state, &crate::plan::Ids::default(), &validate_context()) {
+                Ok((plan, _)) => {
+                    println!(
+                        "{}: valid ({} frontends, {} backends)",
+                        path.display(),
+                        plan.frontends.len(),
+                        plan.backends.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("{}: {err}", path.display());
+                    ExitCode::FAILURE
+                }
             }
-            Err(err) => {
-                eprintln!("{}: {err}", path.display());
-                ExitCode::FAILURE
-            }
-        },
+        }
         Err(err) => {
             eprintln!("{err}");
             ExitCode::FAILURE

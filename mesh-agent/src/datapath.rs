@@ -39,7 +39,10 @@ pub enum DatapathError {
     #[error("load eBPF object: {0}")]
     Load(#[source] Box<aya::EbpfError>),
     #[error("eBPF object has no {kind} named {name}")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("program {name}: {source}")]
     Program {
         name: &'static str,

@@ -180,8 +180,16 @@ fn peer_text(p: &Peer) -> String {
         (None, Some(ip)) => ip.to_string(),
         (None, None) => p.identity_name.clone(),
     };
-    let port = if p.port == 0 { String::new() } else { format!(":{}", p.port) };
-    let id = if p.identity == IDENTITY_WORLD { "world".to_owned() } else { format!("ID:{}", p.identity) };
+    let port = if p.port == 0 {
+        String::new()
+    } else {
+        format!(":{}", p.port)
+    };
+    let id = if p.identity == IDENTITY_WORLD {
+        "world".to_owned()
+    } else {
+        format!("ID:{}", p.identity)
+    };
     format!("{who}{port} ({id})")
 }
 
@@ -253,11 +261,20 @@ impl View {
             };
             let mut members = Vec::with_capacity(info.pods.len());
             for key in &info.pods {
-                let pod = PodName { name: key.to_string(), ips: pods.get(key).cloned().unwrap_or_default() };
+                let pod = PodName {
+                    name: key.to_string(),
+                    ips: pods.get(key).cloned().unwrap_or_default(),
+                };
                 for &ip in &pod.ips {
-                    view.pods_by_ip.entry(ip).or_insert_with(|| pod.name.clone());
+                    view.pods_by_ip
+                        .entry(ip)
+                        .or_insert_with(|| pod.name.clone());
                 }
-                let local = pod_nodes.get(key).copied().flatten().is_some_and(|n| !node.is_empty() && n == node);
+                let local = pod_nodes
+                    .get(key)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|n| !node.is_empty() && n == node);
                 if local {
                     view.report.local_pods.push(LocalPodReport {
                         pod: pod.name.clone(),
@@ -274,7 +291,14 @@ impl View {
                 labels: labels.clone(),
                 pods: members.iter().map(|p| p.name.clone()).collect(),
             });
-            view.identities.insert(info.id, IdentityNames { name, labels, pods: members });
+            view.identities.insert(
+                info.id,
+                IdentityNames {
+                    name,
+                    labels,
+                    pods: members,
+                },
+            );
         }
         view.report.local_pods.sort_by(|a, b| a.pod.cmp(&b.pod));
         view.report.policies = plan
@@ -306,8 +330,18 @@ impl View {
 
     /// Names one side of a flow. `ip` is `None` when the kernel did not report it;
     /// then the pod comes from the identity when exactly one pod has it.
-    fn peer(&self, ip: Option<IpAddr>, port: u16, identity: u32, family_of: Option<IpAddr>) -> Peer {
-        let labels = self.identities.get(&identity).map(|n| n.labels.clone()).unwrap_or_default();
+    fn peer(
+        &self,
+        ip: Option<IpAddr>,
+        port: u16,
+        identity: u32,
+        family_of: Option<IpAddr>,
+    ) -> Peer {
+        let labels = self
+            .identities
+            .get(&identity)
+            .map(|n| n.labels.clone())
+            .unwrap_or_default();
         let (ip, pod) = match ip {
             Some(ip) => (Some(ip), self.pods_by_ip.get(&ip).cloned()),
             None => match self.identities.get(&identity).map(|n| n.pods.as_slice()) {
@@ -323,7 +357,14 @@ impl View {
                 _ => (None, None),
             },
         };
-        Peer { ip, port, identity, identity_name: self.identity_name(identity), pod, labels }
+        Peer {
+            ip,
+            port,
+            identity,
+            identity_name: self.identity_name(identity),
+            pod,
+            labels,
+        }
     }
 
     /// Decodes and names one event; `time` is its RFC 3339 timestamp.
@@ -339,7 +380,11 @@ impl View {
         let source = self.peer(src, src_port, event.src_identity, dst);
         let destination = self.peer(dst, dst_port, event.dst_identity, src);
         let ingress = event.direction == DIR_INGRESS;
-        let judged = if ingress { destination.pod.as_deref() } else { source.pod.as_deref() };
+        let judged = if ingress {
+            destination.pod.as_deref()
+        } else {
+            source.pod.as_deref()
+        };
         let policies = judged.map_or_else(Vec::new, |pod| {
             self.report
                 .policies
@@ -358,8 +403,16 @@ impl View {
                 // outcome.
                 _ => Verdict::Dropped,
             },
-            direction: if event.direction == DIR_INGRESS { Direction::Ingress } else { Direction::Egress },
-            reason: if event.reason == REASON_POLICY_DENIED { Reason::PolicyDenied } else { Reason::Unknown },
+            direction: if event.direction == DIR_INGRESS {
+                Direction::Ingress
+            } else {
+                Direction::Egress
+            },
+            reason: if event.reason == REASON_POLICY_DENIED {
+                Reason::PolicyDenied
+            } else {
+                Reason::Unknown
+            },
             proto: match event.proto {
                 6 => "TCP".to_owned(),
                 17 => "UDP".to_owned(),
@@ -398,7 +451,10 @@ pub struct FlowLog {
 
 impl Default for FlowLog {
     fn default() -> Self {
-        Self { flows: Mutex::new(VecDeque::with_capacity(FLOW_CAPACITY)), new: broadcast::channel(FOLLOW_BACKLOG).0 }
+        Self {
+            flows: Mutex::new(VecDeque::with_capacity(FLOW_CAPACITY)),
+            new: broadcast::channel(FOLLOW_BACKLOG).0,
+        }
     }
 }
 
@@ -418,7 +474,12 @@ impl FlowLog {
 
     /// The stored flows, oldest first.
     pub fn stored(&self) -> Vec<Arc<Flow>> {
-        self.flows.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+        self.flows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// The stored flows and a receiver of every later one, with no gap or overlap.
@@ -434,7 +495,11 @@ impl FlowLog {
 ///
 /// # Errors
 /// Registering the fd with the runtime, or a failed wait on it.
-pub async fn read_events(events: RingBuf<MapData>, view: SharedView, log: Arc<FlowLog>) -> std::io::Result<()> {
+pub async fn read_events(
+    events: RingBuf<MapData>,
+    view: SharedView,
+    log: Arc<FlowLog>,
+) -> std::io::Result<()> {
     // SAFETY: the RingBuf owns its map's fd (MapData holds an OwnedFd) for as long as
     // the AsyncFd owns the RingBuf, and always reports that same fd.
     let mut fd = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
@@ -471,7 +536,10 @@ fn decode(bytes: &[u8]) -> Option<FlowEvent> {
 /// Nanoseconds to add to a CLOCK_MONOTONIC time (`bpf_ktime_get_ns`) to get Unix time.
 fn clock_offset_ns() -> i128 {
     let now = |clock| {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: a valid clock id and a pointer to a live timespec.
         unsafe { libc::clock_gettime(clock, &mut ts) };
         i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)

@@ -467,16 +467,24 @@ fn register_policy(registry: &mut Registry, counts: &[VerdictCount]) {
     let drops = Family::<DropLabels, Counter>::default();
     for direction in DIRECTIONS {
         for verdict in VERDICTS {
-            verdicts.get_or_create(&VerdictLabels { direction, verdict }).inc_by(0);
+            verdicts
+                .get_or_create(&VerdictLabels { direction, verdict })
+                .inc_by(0);
         }
     }
     for c in counts {
         verdicts
-            .get_or_create(&VerdictLabels { direction: c.direction, verdict: c.verdict })
+            .get_or_create(&VerdictLabels {
+                direction: c.direction,
+                verdict: c.verdict,
+            })
             .inc_by(c.count);
         if c.verdict == "dropped" {
             drops
-                .get_or_create(&DropLabels { direction: c.direction, reason: c.reason })
+                .get_or_create(&DropLabels {
+                    direction: c.direction,
+                    reason: c.reason,
+                })
                 .inc_by(c.count);
         }
     }
@@ -544,8 +552,18 @@ mod tests {
             reconcile_errors: 5,
             last_reconcile_ok: true,
             policy_verdicts: vec![
-                VerdictCount { direction: "egress", verdict: "dropped", reason: "policy-denied", count: 4 },
-                VerdictCount { direction: "ingress", verdict: "audit", reason: "policy-denied", count: 2 },
+                VerdictCount {
+                    direction: "egress",
+                    verdict: "dropped",
+                    reason: "policy-denied",
+                    count: 4,
+                },
+                VerdictCount {
+                    direction: "ingress",
+                    verdict: "audit",
+                    reason: "policy-denied",
+                    count: 2,
+                },
             ],
         }
     }
@@ -671,7 +689,10 @@ newline"#
         assert!(got.contains("mesh_reconcile_last_success 0"), "{text}");
         assert!(!text.contains("mesh_lb_connections_total{"), "{text}");
         // Verdict series exist at 0 from the start; drops appear once counted.
-        assert!(got.contains(r#"mesh_policy_verdicts_total{direction="egress",verdict="dropped"} 0"#), "{text}");
+        assert!(
+            got.contains(r#"mesh_policy_verdicts_total{direction="egress",verdict="dropped"} 0"#),
+            "{text}"
+        );
         assert!(!text.contains("mesh_drops_total{"), "{text}");
     }
 

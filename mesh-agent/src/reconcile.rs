@@ -175,13 +175,24 @@ impl Reconciler {
 
     /// Plans the last good state again (health changed, or a retry) and applies it.
     pub fn replan(&mut self) -> Outcome {
-        let Some(state) = &self.state else { return Outcome::Rejected };
+        let Some(state) = &self.state else {
+            return Outcome::Rejected;
+        };
         let unhealthy: BTreeSet<BackendAddr> = self
             .health
             .as_ref()
-            .map(|h| h.unhealthy().into_iter().map(|(addr, proto)| BackendAddr { addr, proto }).collect())
+            .map(|h| {
+                h.unhealthy()
+                    .into_iter()
+                    .map(|(addr, proto)| BackendAddr { addr, proto })
+                    .collect()
+            })
             .unwrap_or_default();
-        let ctx = PlanContext { node: &self.node, unhealthy: &unhealthy, capacities: self.capacities };
+        let ctx = PlanContext {
+            node: &self.node,
+            unhealthy: &unhealthy,
+            capacities: self.capacities,
+        };
         let pctx = PolicyContext {
             node: &self.node,
             local_netns: &self.local_netns,
@@ -203,11 +214,20 @@ impl Reconciler {
         for ip in &self.node_addrs {
             let addr = Addr::from(*ip);
             ipcache
-                .entry(IpcacheKey { prefixlen: 128, addr })
-                .or_insert(IpcacheValue { identity: IDENTITY_HOST, _pad: 0 });
+                .entry(IpcacheKey {
+                    prefixlen: 128,
+                    addr,
+                })
+                .or_insert(IpcacheValue {
+                    identity: IDENTITY_HOST,
+                    _pad: 0,
+                });
         }
         let applied = self.maps.services.apply(&plan).and_then(|lb| {
-            let p = self.maps.policy.apply(&policy.endpoints, &ipcache, &policy.policy)?;
+            let p = self
+                .maps
+                .policy
+                .apply(&policy.endpoints, &ipcache, &policy.policy)?;
             Ok((lb, p))
         });
         let (stats, policy_stats) = match applied {
@@ -221,7 +241,8 @@ impl Reconciler {
         self.ids = next_ids;
         self.identity_ids = next_identity_ids;
         if let Some(state) = &self.state {
-            self.view.publish(View::new(state, &policy, &self.node, &self.local_netns));
+            self.view
+                .publish(View::new(state, &policy, &self.node, &self.local_netns));
         }
         self.after_apply(&plan);
         info!(
@@ -277,13 +298,20 @@ impl Reconciler {
                             destroyed = report.destroyed,
                             "destroyed UDP sockets connected to removed backends"
                         ),
-                        Err(err) => warn!(%err, "destroying UDP sockets of removed backends failed"),
+                        Err(err) => {
+                            warn!(%err, "destroying UDP sockets of removed backends failed")
+                        }
                     }
                 });
             }
         }
         if let Some(health) = &self.health {
-            health.set_targets(plan.probe_targets().into_iter().map(|b| (b.addr, b.proto)).collect());
+            health.set_targets(
+                plan.probe_targets()
+                    .into_iter()
+                    .map(|b| (b.addr, b.proto))
+                    .collect(),
+            );
         }
     }
 }

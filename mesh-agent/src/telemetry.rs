@@ -63,10 +63,14 @@ impl Telemetry {
         let Ok(data) = MapData::from_pin(self.node_dir.join(maps::LB_METRICS)) else {
             return BTreeMap::new();
         };
-        let Ok(map) = PerCpuHashMap::<_, LbMetricsKey, u64>::try_from(Map::PerCpuHashMap(data)) else {
+        let Ok(map) = PerCpuHashMap::<_, LbMetricsKey, u64>::try_from(Map::PerCpuHashMap(data))
+        else {
             return BTreeMap::new();
         };
-        map.iter().filter_map(Result::ok).map(|(k, per_cpu)| (k, per_cpu.iter().sum())).collect()
+        map.iter()
+            .filter_map(Result::ok)
+            .map(|(k, per_cpu)| (k, per_cpu.iter().sum()))
+            .collect()
     }
 
     /// POLICY_METRICS summed over CPUs; empty when it cannot be read (no datapath yet).
@@ -74,7 +78,8 @@ impl Telemetry {
         let Ok(data) = MapData::from_pin(self.node_dir.join(maps::POLICY_METRICS)) else {
             return Vec::new();
         };
-        let Ok(map) = PerCpuHashMap::<_, VerdictKey, u64>::try_from(Map::PerCpuHashMap(data)) else {
+        let Ok(map) = PerCpuHashMap::<_, VerdictKey, u64>::try_from(Map::PerCpuHashMap(data))
+        else {
             return Vec::new();
         };
         map.iter()
@@ -87,9 +92,17 @@ impl Telemetry {
                     _ => return None,
                 };
                 Some(VerdictCount {
-                    direction: if k.direction == DIR_EGRESS { "egress" } else { "ingress" },
+                    direction: if k.direction == DIR_EGRESS {
+                        "egress"
+                    } else {
+                        "ingress"
+                    },
                     verdict,
-                    reason: if k.reason == REASON_POLICY_DENIED { "policy-denied" } else { "unknown" },
+                    reason: if k.reason == REASON_POLICY_DENIED {
+                        "policy-denied"
+                    } else {
+                        "unknown"
+                    },
                     count: per_cpu.iter().sum(),
                 })
             })
@@ -128,14 +141,18 @@ impl Telemetry {
 }
 
 fn count<K: aya::Pod, V: aya::Pod>(map: Map) -> Option<usize> {
-    HashMap::<_, K, V>::try_from(map).ok().map(|m| m.keys().count())
+    HashMap::<_, K, V>::try_from(map)
+        .ok()
+        .map(|m| m.keys().count())
 }
 
 /// Locked memory of a map, from /proc/self/fdinfo (what `bpftool map show` reports).
 fn memlock(map: &MapData) -> Option<u64> {
     let fd = map.fd().as_fd().as_raw_fd();
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
-    info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok())
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn state_name(state: u8) -> &'static str {
@@ -155,9 +172,19 @@ impl SnapshotSource for Telemetry {
     fn snapshot(&self) -> Snapshot {
         let counters = self.counters();
         let count = |service_id, backend_id| {
-            counters.get(&LbMetricsKey { service_id, backend_id }).copied().unwrap_or(0)
+            counters
+                .get(&LbMetricsKey {
+                    service_id,
+                    backend_id,
+                })
+                .copied()
+                .unwrap_or(0)
         };
-        let frontends = self.frontends.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let frontends = self
+            .frontends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let services = frontends
             .iter()
             .map(|f| ServiceCounters {

@@ -35,15 +35,24 @@ pub fn watch(path: &Path, changed: mpsc::Sender<()>) -> Result<RecommendedWatche
             // Our own reads show up as access events: reacting would reload forever.
             (Ok(ev), _) if ev.kind.is_access() => false,
             (Ok(_), None) => true,
-            (Ok(ev), Some(name)) => ev.paths.iter().any(|p| p.file_name() == Some(name.as_os_str())),
+            (Ok(ev), Some(name)) => ev
+                .paths
+                .iter()
+                .any(|p| p.file_name() == Some(name.as_os_str())),
         };
         if relevant {
             let _ = changed.try_send(());
         }
     })
-    .map_err(|source| WatchError { path: dir.clone(), source })?;
+    .map_err(|source| WatchError {
+        path: dir.clone(),
+        source,
+    })?;
     watcher
         .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|source| WatchError { path: dir.clone(), source })?;
+        .map_err(|source| WatchError {
+            path: dir.clone(),
+            source,
+        })?;
     Ok(watcher)
 }

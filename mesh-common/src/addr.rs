@@ -81,7 +81,10 @@ mod user {
         fn v4_round_trips_through_the_mapped_form() {
             let ip: IpAddr = "10.96.0.10".parse().unwrap();
             let a = Addr::from(ip);
-            assert_eq!(a.v4_be(), Some(u32::from(Ipv4Addr::new(10, 96, 0, 10)).to_be()));
+            assert_eq!(
+                a.v4_be(),
+                Some(u32::from(Ipv4Addr::new(10, 96, 0, 10)).to_be())
+            );
             assert_eq!(IpAddr::from(a), ip);
             // The same bytes as the IPv6 address ::ffff:10.96.0.10.
             let mapped: Ipv6Addr = "::ffff:10.96.0.10".parse().unwrap();

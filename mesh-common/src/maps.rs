@@ -37,8 +37,19 @@ pub const UDP_PEERS: &str = "UDP_PEERS_V1";
 
 /// Every map, for pinning, cleanup and status.
 pub const ALL: [&str; 13] = [
-    SERVICES, SERVICE_BACKENDS, BACKENDS, AFFINITY, REV_NAT, LB_METRICS, ENDPOINTS, IPCACHE, POLICY,
-    EVENTS, CONFIG, POLICY_METRICS, UDP_PEERS,
+    SERVICES,
+    SERVICE_BACKENDS,
+    BACKENDS,
+    AFFINITY,
+    REV_NAT,
+    LB_METRICS,
+    ENDPOINTS,
+    IPCACHE,
+    POLICY,
+    EVENTS,
+    CONFIG,
+    POLICY_METRICS,
+    UDP_PEERS,
 ];
 
 /// Capacity of [`UDP_PEERS`].
@@ -90,11 +101,26 @@ pub mod programs {
     pub const INGRESS: &str = "mesh_ingress";
 
     /// The cgroup sock_addr programs, in attach order.
-    pub const SOCK_ADDR: [&str; 8] =
-        [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6, GETPEERNAME4, GETPEERNAME6];
+    pub const SOCK_ADDR: [&str; 8] = [
+        CONNECT4,
+        CONNECT6,
+        SENDMSG4,
+        SENDMSG6,
+        RECVMSG4,
+        RECVMSG6,
+        GETPEERNAME4,
+        GETPEERNAME6,
+    ];
     /// Every program.
     pub const ALL: [&str; 9] = [
-        CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6, GETPEERNAME4, GETPEERNAME6,
+        CONNECT4,
+        CONNECT6,
+        SENDMSG4,
+        SENDMSG6,
+        RECVMSG4,
+        RECVMSG6,
+        GETPEERNAME4,
+        GETPEERNAME6,
         INGRESS,
     ];
 }

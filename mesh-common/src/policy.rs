@@ -110,7 +110,8 @@ pub struct PolicyKeyData {
     pub port_be: u16,
 }
 const _: () = assert!(core::mem::size_of::<PolicyKeyData>() == 12);
-const _: () = assert!(core::mem::size_of::<PolicyKey>() == 4 + core::mem::size_of::<PolicyKeyData>());
+const _: () =
+    assert!(core::mem::size_of::<PolicyKey>() == 4 + core::mem::size_of::<PolicyKeyData>());
 
 impl PolicyKey {
     /// The trie key's data part.

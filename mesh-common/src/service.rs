@@ -48,7 +48,12 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 impl ServiceKey {
     /// The frontend `addr:port/proto` (`port` in host byte order).
     pub const fn new(addr: Addr, port: u16, proto: u8) -> Self {
-        Self { addr, port: port.to_be(), proto, _pad: 0 }
+        Self {
+            addr,
+            port: port.to_be(),
+            proto,
+            _pad: 0,
+        }
     }
 
     /// The marker entry that says `addr` is a cluster IP.
@@ -81,7 +86,12 @@ const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 
 impl ServiceValue {
     /// Value of a VIP marker entry.
-    pub const MARKER: Self = Self { id: 0, count: 0, flags: 0, affinity_timeout_s: 0 };
+    pub const MARKER: Self = Self {
+        id: 0,
+        count: 0,
+        flags: 0,
+        affinity_timeout_s: 0,
+    };
 }
 
 /// Key of the SERVICE_BACKENDS map.
@@ -114,7 +124,12 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 impl Backend {
     /// The active backend `addr:port/proto` (`port` in host byte order).
     pub const fn new(addr: Addr, port: u16, proto: u8) -> Self {
-        Self { addr, port: port.to_be(), proto, state: BACKEND_ACTIVE }
+        Self {
+            addr,
+            port: port.to_be(),
+            proto,
+            state: BACKEND_ACTIVE,
+        }
     }
 }
 

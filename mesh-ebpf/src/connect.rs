@@ -46,12 +46,21 @@ pub fn verdict<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         Ok(Verdict::Pass | Verdict::Translated) => {
             let (dst, port, proto) = (sa.addr::<V6>(), sa.port(), sa.protocol());
             if proto != PROTO_UDP {
-                return if policy::egress_allowed(&sa, &dst, port, proto) { ALLOW } else { deny() };
+                return if policy::egress_allowed(&sa, &dst, port, proto) {
+                    ALLOW
+                } else {
+                    deny()
+                };
             }
             // UDP has no handshake: a socket already exchanging with this peer (it sent
             // there, or ingress policy let the peer's datagram in) continues the flow,
             // like a reply; only a new peer is judged.
-            let key = RevNatKey { cookie: sa.socket_cookie(), addr: dst, port, _pad: [0; 6] };
+            let key = RevNatKey {
+                cookie: sa.socket_cookie(),
+                addr: dst,
+                port,
+                _pad: [0; 6],
+            };
             // SAFETY: plain data.
             if unsafe { UDP_PEERS.get(&key) }.is_some() {
                 return ALLOW;

@@ -35,7 +35,12 @@ impl<'a> SockAddr<'a> {
         // SAFETY: as in `addr4`, for the IPv6 hooks.
         unsafe {
             let r = self.raw();
-            Addr([(*r).user_ip6[0], (*r).user_ip6[1], (*r).user_ip6[2], (*r).user_ip6[3]])
+            Addr([
+                (*r).user_ip6[0],
+                (*r).user_ip6[1],
+                (*r).user_ip6[2],
+                (*r).user_ip6[3],
+            ])
         }
     }
 

@@ -12,7 +12,9 @@
 //! pass too. Denied packets are dropped (the sender sees a timeout, as with any
 //! firewall), counted, and reported.
 
-use aya_ebpf::{EbpfContext, helpers::bpf_get_socket_cookie, macros::cgroup_skb, programs::SkBuffContext};
+use aya_ebpf::{
+    EbpfContext, helpers::bpf_get_socket_cookie, macros::cgroup_skb, programs::SkBuffContext,
+};
 use mesh_common::{
     Addr, RevNatKey,
     policy::{DIR_INGRESS, IDENTITY_HOST},
@@ -51,7 +53,12 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<bool, ()> {
                 return Ok(true);
             }
             let v4 = |o: usize| u32::from_ne_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
-            (Addr::from_v4_be(v4(12)), Addr::from_v4_be(v4(16)), h[9], usize::from(h[0] & 0x0f) * 4)
+            (
+                Addr::from_v4_be(v4(12)),
+                Addr::from_v4_be(v4(16)),
+                h[9],
+                usize::from(h[0] & 0x0f) * 4,
+            )
         }
         ETH_P_IPV6 => {
             let h: [u8; 40] = ctx.load(0).map_err(|_| ())?;
@@ -78,17 +85,39 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<bool, ()> {
         if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
             return Ok(true);
         }
-        let flow = Flow { src, dst, src_port, dst_port, proto };
-        return Ok(policy::judge(policy::identity_of(&dst), peer, DIR_INGRESS, &flow));
+        let flow = Flow {
+            src,
+            dst,
+            src_port,
+            dst_port,
+            proto,
+        };
+        return Ok(policy::judge(
+            policy::identity_of(&dst),
+            peer,
+            DIR_INGRESS,
+            &flow,
+        ));
     }
     // SAFETY: helper call on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = RevNatKey { cookie, addr: src, port: src_port, _pad: [0; 6] };
+    let key = RevNatKey {
+        cookie,
+        addr: src,
+        port: src_port,
+        _pad: [0; 6],
+    };
     // SAFETY: plain data.
     if unsafe { UDP_PEERS.get(&key) }.is_some() {
         return Ok(true);
     }
-    let flow = Flow { src, dst, src_port, dst_port, proto };
+    let flow = Flow {
+        src,
+        dst,
+        src_port,
+        dst_port,
+        proto,
+    };
     let allowed = policy::judge(policy::identity_of(&dst), peer, DIR_INGRESS, &flow);
     if allowed {
         // The socket may now answer this peer even under egress isolation: a reply

@@ -40,11 +40,21 @@ pub struct Miss;
 #[inline(always)]
 pub fn translate<const V6: bool>(sa: &SockAddr) -> Result<Verdict, Miss> {
     let addr = sa.addr::<V6>();
-    let key = ServiceKey { addr, port: sa.port(), proto: sa.protocol(), _pad: 0 };
+    let key = ServiceKey {
+        addr,
+        port: sa.port(),
+        proto: sa.protocol(),
+        _pad: 0,
+    };
     // SAFETY (map reads here and below): values are plain data; a concurrent update can
     // at worst give a stale copy.
     let Some(svc) = (unsafe { SERVICES.get(&key) }) else {
-        let marker = ServiceKey { addr, port: 0, proto: 0, _pad: 0 };
+        let marker = ServiceKey {
+            addr,
+            port: 0,
+            proto: 0,
+            _pad: 0,
+        };
         return Ok(match unsafe { SERVICES.get(&marker) } {
             Some(_) => Verdict::Refuse,
             None => Verdict::Pass,
@@ -59,8 +69,18 @@ pub fn translate<const V6: bool>(sa: &SockAddr) -> Result<Verdict, Miss> {
     if !sa.set::<V6>(&backend.addr, backend.port) {
         return Err(Miss);
     }
-    let rev_key = RevNatKey { cookie: sa.socket_cookie(), addr: backend.addr, port: backend.port, _pad: [0; 6] };
-    let rev = RevNatValue { addr, port: key.port, _pad: 0, service_id: svc.id };
+    let rev_key = RevNatKey {
+        cookie: sa.socket_cookie(),
+        addr: backend.addr,
+        port: backend.port,
+        _pad: [0; 6],
+    };
+    let rev = RevNatValue {
+        addr,
+        port: key.port,
+        _pad: 0,
+        service_id: svc.id,
+    };
     // A full LRU map evicts the oldest entry; the insert itself cannot fail for lack of room.
     let _ = REV_NAT.insert(&rev_key, &rev, 0);
     count(svc.id, backend_id);
@@ -74,7 +94,11 @@ fn choose(sa: &SockAddr, svc: &ServiceValue) -> Result<(u32, Backend), Miss> {
     }
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let key = AffinityKey { netns_cookie: sa.netns_cookie(), service_id: svc.id, _pad: 0 };
+    let key = AffinityKey {
+        netns_cookie: sa.netns_cookie(),
+        service_id: svc.id,
+        _pad: 0,
+    };
     if let Some(entry) = AFFINITY.get_ptr_mut(&key) {
         // SAFETY: the pointer is valid for the program's run; a racing writer can only
         // make the read stale.
@@ -93,7 +117,11 @@ fn choose(sa: &SockAddr, svc: &ServiceValue) -> Result<(u32, Backend), Miss> {
         }
     }
     let (backend_id, backend) = random_backend(svc)?;
-    let value = AffinityValue { backend_id, _pad: 0, last_used_ns: now };
+    let value = AffinityValue {
+        backend_id,
+        _pad: 0,
+        last_used_ns: now,
+    };
     let _ = AFFINITY.insert(&key, &value, 0);
     Ok((backend_id, backend))
 }
@@ -104,7 +132,10 @@ fn random_backend(svc: &ServiceValue) -> Result<(u32, Backend), Miss> {
     // `checked_rem`: the compiler cannot see that count != 0 here, and a division-by-zero
     // panic path would make the program unverifiable.
     let slot = random.checked_rem(svc.count).ok_or(Miss)? + 1;
-    let slot_key = BackendSlotKey { service_id: svc.id, slot };
+    let slot_key = BackendSlotKey {
+        service_id: svc.id,
+        slot,
+    };
     let backend_id = *unsafe { SERVICE_BACKENDS.get(&slot_key) }.ok_or(Miss)?;
     let backend = *unsafe { BACKENDS.get(&backend_id) }.ok_or(Miss)?;
     Ok((backend_id, backend))
@@ -112,7 +143,10 @@ fn random_backend(svc: &ServiceValue) -> Result<(u32, Backend), Miss> {
 
 /// Counts one translation (or, with `backend_id` 0, one refusal) on this CPU.
 fn count(service_id: u32, backend_id: u32) {
-    let key = LbMetricsKey { service_id, backend_id };
+    let key = LbMetricsKey {
+        service_id,
+        backend_id,
+    };
     match LB_METRICS.get_ptr_mut(&key) {
         // SAFETY: per-CPU value: no other CPU writes it, and this program is not
         // re-entered on the same CPU.

@@ -40,14 +40,25 @@ pub struct Flow {
 /// Identity of an address: longest-prefix match in IPCACHE, else the world.
 #[inline(always)]
 pub fn identity_of(addr: &Addr) -> u32 {
-    IPCACHE.get(Key::new(128, *addr)).map_or(IDENTITY_WORLD, |v| v.identity)
+    IPCACHE
+        .get(Key::new(128, *addr))
+        .map_or(IDENTITY_WORLD, |v| v.identity)
 }
 
 /// Whether `subject` may exchange `proto`/`port_be` with `peer` in `direction`.
 #[inline(always)]
 fn allowed(subject: u32, direction: u8, peer: u32, proto: u8, port_be: u16) -> bool {
     let key = |peer, proto, port_be| {
-        Key::new(POLICY_FULL_PREFIX, PolicyKeyData { subject, peer, direction, proto, port_be })
+        Key::new(
+            POLICY_FULL_PREFIX,
+            PolicyKeyData {
+                subject,
+                peer,
+                direction,
+                proto,
+                port_be,
+            },
+        )
     };
     let isolated = POLICY
         .get(key(IDENTITY_ANY, 0, 0))
@@ -57,7 +68,10 @@ fn allowed(subject: u32, direction: u8, peer: u32, proto: u8, port_be: u16) -> b
     }
     for peer in [peer, IDENTITY_ANY] {
         for (proto, port) in [(proto, port_be), (0, 0)] {
-            if POLICY.get(key(peer, proto, port)).is_some_and(|v| v.flags & POLICY_ALLOW != 0) {
+            if POLICY
+                .get(key(peer, proto, port))
+                .is_some_and(|v| v.flags & POLICY_ALLOW != 0)
+            {
                 return true;
             }
         }
@@ -75,10 +89,17 @@ pub fn judge(subject: u32, peer: u32, direction: u8, flow: &Flow) -> bool {
         return true;
     }
     let audit = CONFIG.get(config::POLICY_AUDIT).is_some_and(|v| *v == 1);
-    let verdict = if audit { VERDICT_AUDIT } else { VERDICT_DROPPED };
+    let verdict = if audit {
+        VERDICT_AUDIT
+    } else {
+        VERDICT_DROPPED
+    };
     count(direction, verdict);
-    let (src_identity, dst_identity) =
-        if direction == DIR_EGRESS { (subject, peer) } else { (peer, subject) };
+    let (src_identity, dst_identity) = if direction == DIR_EGRESS {
+        (subject, peer)
+    } else {
+        (peer, subject)
+    };
     let event = FlowEvent {
         // SAFETY: helper without arguments.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
@@ -100,7 +121,12 @@ pub fn judge(subject: u32, peer: u32, direction: u8, flow: &Flow) -> bool {
 }
 
 fn count(direction: u8, verdict: u8) {
-    let key = VerdictKey { direction, verdict, reason: REASON_POLICY_DENIED, _pad: 0 };
+    let key = VerdictKey {
+        direction,
+        verdict,
+        reason: REASON_POLICY_DENIED,
+        _pad: 0,
+    };
     match POLICY_METRICS.get_ptr_mut(&key) {
         // SAFETY: per-CPU value, not shared with other CPUs; no re-entry on this CPU.
         Some(n) => unsafe { *n += 1 },
@@ -119,6 +145,12 @@ pub fn egress_allowed(sa: &SockAddr, dst: &Addr, port_be: u16, proto: u8) -> boo
     let Some(endpoint) = (unsafe { ENDPOINTS.get(&sa.netns_cookie()) }) else {
         return true;
     };
-    let flow = Flow { src: Addr([0; 4]), dst: *dst, src_port: 0, dst_port: port_be, proto };
+    let flow = Flow {
+        src: Addr([0; 4]),
+        dst: *dst,
+        src_port: 0,
+        dst_port: port_be,
+        proto,
+    };
     judge(endpoint.identity, identity_of(dst), DIR_EGRESS, &flow)
 }

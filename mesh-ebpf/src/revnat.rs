@@ -11,7 +11,12 @@ use crate::{connect::ALLOW, ctx::SockAddr, maps::REV_NAT};
 #[inline(always)]
 fn reverse<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     let sa = SockAddr::new(ctx);
-    let key = RevNatKey { cookie: sa.socket_cookie(), addr: sa.addr::<V6>(), port: sa.port(), _pad: [0; 6] };
+    let key = RevNatKey {
+        cookie: sa.socket_cookie(),
+        addr: sa.addr::<V6>(),
+        port: sa.port(),
+        _pad: [0; 6],
+    };
     // SAFETY: plain data; a concurrent update can at worst give a stale copy.
     if let Some(vip) = unsafe { REV_NAT.get(&key) } {
         // Never fails here: the VIP has the family of the address it replaces.

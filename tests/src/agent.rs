@@ -277,7 +277,13 @@ impl Agent {
 
     /// `mesh-agent policy --node <this agent> <args>`: its output.
     pub fn policy(&self, args: &[&str]) -> Result<String> {
-        let out = self.cli(&[&["policy", "--node", &self.node_name, "--bpffs", BPFFS], args].concat())?;
+        let out = self.cli(
+            &[
+                &["policy", "--node", &self.node_name, "--bpffs", BPFFS],
+                args,
+            ]
+            .concat(),
+        )?;
         ensure!(
             out.status.success(),
             "mesh-agent policy failed ({}): {}",

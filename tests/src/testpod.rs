@@ -326,11 +326,22 @@ pub fn bench(pod: &Pod, addr: SocketAddr, count: u32, warmup: u32) -> Result<Ben
 
 /// Like [`bench`], but `count` request/response exchanges on one connection: the
 /// established path rather than connection setup.
-pub fn bench_persistent(pod: &Pod, addr: SocketAddr, count: u32, warmup: u32) -> Result<BenchSummary> {
+pub fn bench_persistent(
+    pod: &Pod,
+    addr: SocketAddr,
+    count: u32,
+    warmup: u32,
+) -> Result<BenchSummary> {
     run_bench(pod, addr, count, warmup, true)
 }
 
-fn run_bench(pod: &Pod, addr: SocketAddr, count: u32, warmup: u32, persistent: bool) -> Result<BenchSummary> {
+fn run_bench(
+    pod: &Pod,
+    addr: SocketAddr,
+    count: u32,
+    warmup: u32,
+    persistent: bool,
+) -> Result<BenchSummary> {
     let mut cmd = Command::new(testpod_bin()?);
     cmd.args([
         "bench",

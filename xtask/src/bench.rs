@@ -86,14 +86,22 @@ impl PathStats {
     }
 
     fn cps(&self) -> f64 {
-        if self.elapsed_ns == 0 { 0.0 } else { self.count as f64 * 1e9 / self.elapsed_ns as f64 }
+        if self.elapsed_ns == 0 {
+            0.0
+        } else {
+            self.count as f64 * 1e9 / self.elapsed_ns as f64
+        }
     }
 
     /// Median over rounds of this path's p50 divided by `base`'s p50 in the same round:
     /// the two ran back to back, so machine-wide drift between rounds cancels out.
     pub fn paired_p50_ratio(&self, base: &Self) -> f64 {
-        let mut ratios: Vec<f64> =
-            self.p50.iter().zip(&base.p50).map(|(v, d)| *v as f64 / *d as f64).collect();
+        let mut ratios: Vec<f64> = self
+            .p50
+            .iter()
+            .zip(&base.p50)
+            .map(|(v, d)| *v as f64 / *d as f64)
+            .collect();
         ratios.sort_by(f64::total_cmp);
         ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN)
     }
@@ -177,7 +185,10 @@ fn measure_size(args: &BenchArgs, node: &Node, client: &Pod, size: u32) -> Resul
     let start = Instant::now();
     iptables_restore(node, &iptables_rules(size))?;
     let iptables_load_s = start.elapsed().as_secs_f64();
-    println!("  iptables: {} rules loaded in {iptables_load_s:.2} s", 1 + size * (2 + 2 * FILLER_BACKENDS));
+    println!(
+        "  iptables: {} rules loaded in {iptables_load_s:.2} s",
+        1 + size * (2 + 2 * FILLER_BACKENDS)
+    );
     let measured = rounds(args, client, direct, vip, "iptables");
     iptables_restore(node, "*nat\n-F\n-X\nCOMMIT\n")?;
     let (direct_ipt, iptables) = measured?;
@@ -204,7 +215,8 @@ fn rounds(
     let (mut d, mut v) = (PathStats::default(), PathStats::default());
     for round in 1..=args.rounds {
         let run = |addr, what: &str| {
-            testpod::bench(client, addr, args.count, 100).with_context(|| format!("{what} round {round}"))
+            testpod::bench(client, addr, args.count, 100)
+                .with_context(|| format!("{what} round {round}"))
         };
         let (sd, sv) = if round % 2 == 1 {
             let sd = run(direct, "direct")?;
@@ -228,7 +240,9 @@ fn rounds(
 /// The filler Service i: its VIP and its backends (never dialled).
 fn filler(i: u32) -> (String, Vec<String>) {
     let vip = format!("10.96.{}.{}", 1 + i / 256, i % 256);
-    let backends = (0..FILLER_BACKENDS).map(|j| format!("10.{}.{}.{}", 246 + j, i / 256, i % 256)).collect();
+    let backends = (0..FILLER_BACKENDS)
+        .map(|j| format!("10.{}.{}.{}", 246 + j, i / 256, i % 256))
+        .collect();
     (vip, backends)
 }
 
@@ -250,7 +264,10 @@ status: {podIP: 10.244.1.11}
     );
     for i in 0..size.saturating_sub(1) {
         let (vip, backends) = filler(i);
-        let endpoints: Vec<String> = backends.iter().map(|b| format!("{{addresses: [{b}]}}")).collect();
+        let endpoints: Vec<String> = backends
+            .iter()
+            .map(|b| format!("{{addresses: [{b}]}}"))
+            .collect();
         let _ = write!(
             y,
             "---
@@ -282,18 +299,27 @@ fn iptables_rules(size: u32) -> String {
     let fillers = size.saturating_sub(1);
     let mut add_service = |name: &str, vip: &str, backends: &[String]| {
         let _ = writeln!(chains, ":KUBE-SVC-{name} - [0:0]");
-        let _ = writeln!(rules, "-A KUBE-SERVICES -d {vip}/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-{name}");
+        let _ = writeln!(
+            rules,
+            "-A KUBE-SERVICES -d {vip}/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-{name}"
+        );
         let n = backends.len();
         for (j, b) in backends.iter().enumerate() {
             let _ = writeln!(chains, ":KUBE-SEP-{name}-{j} - [0:0]");
             // kube-proxy: endpoint j of n is taken with probability 1/(n-j); the last always.
             if j + 1 < n {
                 let p = 1.0 / (n - j) as f64;
-                let _ = writeln!(rules, "-A KUBE-SVC-{name} -m statistic --mode random --probability {p:.10} -j KUBE-SEP-{name}-{j}");
+                let _ = writeln!(
+                    rules,
+                    "-A KUBE-SVC-{name} -m statistic --mode random --probability {p:.10} -j KUBE-SEP-{name}-{j}"
+                );
             } else {
                 let _ = writeln!(rules, "-A KUBE-SVC-{name} -j KUBE-SEP-{name}-{j}");
             }
-            let _ = writeln!(rules, "-A KUBE-SEP-{name}-{j} -p tcp -m tcp -j DNAT --to-destination {b}:8080");
+            let _ = writeln!(
+                rules,
+                "-A KUBE-SEP-{name}-{j} -p tcp -m tcp -j DNAT --to-destination {b}:8080"
+            );
         }
     };
     for i in 0..fillers {
@@ -315,7 +341,10 @@ fn map_memory(pin_dir: &std::path::Path) -> Result<u64> {
     let mut total = 0;
     for name in mesh_common::maps::ALL {
         let path = pin_dir.join(name);
-        let out = Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(&path).output()?;
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(&path)
+            .output()?;
         let info: serde_json::Value = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("bpftool map show {}", path.display()))?;
         total += info["bytes_memlock"].as_u64().unwrap_or(0);
@@ -335,10 +364,17 @@ fn iptables_restore(node: &Node, rules: &str) -> Result<()> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().context("run iptables-legacy-restore")?;
-    child.stdin.take().context("stdin")?.write_all(rules.as_bytes())?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(rules.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!("iptables-restore failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "iptables-restore failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
@@ -383,7 +419,11 @@ fn print_table(results: &[SizeResult]) {
             "{:>8} services: mesh {mesh:.3}x direct ({}); iptables {ipt:.3}x direct; mesh {} iptables (p50 {:.1} vs {:.1} us)",
             r.services,
             if mesh <= 1.05 { "met" } else { "NOT met" },
-            if r.mesh.p50_us() < r.iptables.p50_us() { "ahead of" } else { "NOT ahead of" },
+            if r.mesh.p50_us() < r.iptables.p50_us() {
+                "ahead of"
+            } else {
+                "NOT ahead of"
+            },
             r.mesh.p50_us(),
             r.iptables.p50_us(),
         );
@@ -391,9 +431,7 @@ fn print_table(results: &[SizeResult]) {
 }
 
 fn write_report(results: &[SizeResult]) -> Result<()> {
-    let entry = |p: &PathStats| {
-        serde_json::json!({"p50_us": p.p50_us(), "p99_us": p.p99_us(), "conn_per_sec": p.cps(), "errors": p.errors})
-    };
+    let entry = |p: &PathStats| serde_json::json!({"p50_us": p.p50_us(), "p99_us": p.p99_us(), "conn_per_sec": p.cps(), "errors": p.errors});
     let report: Vec<_> = results
         .iter()
         .map(|r| {

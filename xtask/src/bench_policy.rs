@@ -11,10 +11,7 @@ use std::{fmt::Write as _, process::Command};
 use anyhow::{Context as _, Result};
 use mesh_tests::{Agent, Cluster, Pod, StateDir, testpod};
 
-use crate::{
-    bench::PathStats,
-    build, setup,
-};
+use crate::{bench::PathStats, build, setup};
 
 /// Policies in force per measured size.
 const SIZES: [u32; 3] = [0, 100, 1000];
@@ -112,10 +109,15 @@ pub fn run(count: u32, rounds: u32) -> Result<()> {
     print!("{table}");
     // With 0 policies A and B are the same setup: their ratio is the measurement's own
     // bias and noise on this machine, and the other rows are read against it.
-    let control = rows.first().map(|(_, s, r)| (s.0.paired_p50_ratio(&s.1), r.0.paired_p50_ratio(&r.1)));
+    let control = rows
+        .first()
+        .map(|(_, s, r)| (s.0.paired_p50_ratio(&s.1), r.0.paired_p50_ratio(&r.1)));
     println!("target: under 3% added at p50; A/B divided by the 0-policy control must be <= 1.03");
     for (n, setup, rr) in &rows {
-        let (s, r) = (setup.0.paired_p50_ratio(&setup.1), rr.0.paired_p50_ratio(&rr.1));
+        let (s, r) = (
+            setup.0.paired_p50_ratio(&setup.1),
+            rr.0.paired_p50_ratio(&rr.1),
+        );
         let (cs, cr) = control.unwrap_or((1.0, 1.0));
         let worst = (s / cs).max(r / cr);
         println!(
@@ -191,11 +193,39 @@ fn state_yaml(node: &str, n: u32) -> String {
              \x20 - {peer_key}: [{{podSelector: {{matchLabels: {{app: {peer}}}}}}}]\n    ports: [{{port: {port}, protocol: TCP}}]\n"
         );
     };
-    policy(&mut y, "allow-egress".into(), "client-a", "egress", "web-a", 8080);
-    policy(&mut y, "allow-ingress".into(), "web-a", "ingress", "client-a", 8080);
+    policy(
+        &mut y,
+        "allow-egress".into(),
+        "client-a",
+        "egress",
+        "web-a",
+        8080,
+    );
+    policy(
+        &mut y,
+        "allow-ingress".into(),
+        "web-a",
+        "ingress",
+        "client-a",
+        8080,
+    );
     for i in 0..n.saturating_sub(1) {
-        policy(&mut y, format!("e{i}"), "client-a", "egress", "web-a", 10_000 + i);
-        policy(&mut y, format!("i{i}"), "web-a", "ingress", "client-a", 10_000 + i);
+        policy(
+            &mut y,
+            format!("e{i}"),
+            "client-a",
+            "egress",
+            "web-a",
+            10_000 + i,
+        );
+        policy(
+            &mut y,
+            format!("i{i}"),
+            "web-a",
+            "ingress",
+            "client-a",
+            10_000 + i,
+        );
     }
     y
 }

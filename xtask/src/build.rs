@@ -50,7 +50,8 @@ pub struct Binaries {
 /// A cargo command in the workspace with the tools on PATH.
 pub fn cargo() -> anyhow::Result<Command> {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(workspace_root()).env("PATH", setup::path_with_tools()?);
+    cmd.current_dir(workspace_root())
+        .env("PATH", setup::path_with_tools()?);
     Ok(cmd)
 }
 
@@ -69,5 +70,8 @@ pub fn run(profile: Profile) -> anyhow::Result<Binaries> {
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"))
         .join(profile.dir());
-    Ok(Binaries { agent: target.join("mesh-agent"), testpod: target.join("mesh-testpod") })
+    Ok(Binaries {
+        agent: target.join("mesh-agent"),
+        testpod: target.join("mesh-testpod"),
+    })
 }

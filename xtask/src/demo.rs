@@ -74,7 +74,11 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         .iter()
         .map(|node| Agent::start(cluster.node(node), &state))
         .collect::<Result<Vec<_>>>()?;
-    println!("\n== cluster {}: 2 nodes, {} pods, agents attached", cluster.id(), PODS.len());
+    println!(
+        "\n== cluster {}: 2 nodes, {} pods, agents attached",
+        cluster.id(),
+        PODS.len()
+    );
     for agent in &agents {
         println!("\n$ mesh-agent services --node {}", agent.pin_name());
         print!("{}", agent.services()?);
@@ -87,7 +91,10 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             // UDP the DNS way: one unconnected socket, sendto/recvfrom per query.
             let (summary, what) = match proto {
                 "UDP" => (testpod::udp_query(pod, addr, args.connections)?, "queries"),
-                _ => (testpod::connect(pod, addr, args.connections)?, "connections"),
+                _ => (
+                    testpod::connect(pod, addr, args.connections)?,
+                    "connections",
+                ),
             };
             println!(
                 "\n{client} (node {}) -> {service} {vip}/{proto}: {} of {} {what} answered",
@@ -134,12 +141,27 @@ fn keep_running(cluster: &Cluster, agents: &[Agent], state: &std::path::Path) ->
     let node = cluster.node("n1");
     println!("\n== running; press Ctrl-C to tear down");
     println!("state (edit it, the agents re-apply): {}", state.display());
-    println!("a shell in pod client:   nsenter --net={} bash", client.netns_path().display());
-    println!("  then e.g.:             {} connect --addr 10.96.0.10:80 --count 10", mesh_tests::testpod_bin()?.display());
-    println!("  (join its node's cgroup first so the mesh sees it: echo $$ > {}/cgroup.procs)", node.cgroup_dir().display());
+    println!(
+        "a shell in pod client:   nsenter --net={} bash",
+        client.netns_path().display()
+    );
+    println!(
+        "  then e.g.:             {} connect --addr 10.96.0.10:80 --count 10",
+        mesh_tests::testpod_bin()?.display()
+    );
+    println!(
+        "  (join its node's cgroup first so the mesh sees it: echo $$ > {}/cgroup.procs)",
+        node.cgroup_dir().display()
+    );
     for agent in agents {
-        println!("kernel table:            mesh-agent services --node {}", agent.pin_name());
-        println!("                         bpftool map dump pinned {}/SERVICES_V1", agent.pin_dir().display());
+        println!(
+            "kernel table:            mesh-agent services --node {}",
+            agent.pin_name()
+        );
+        println!(
+            "                         bpftool map dump pinned {}/SERVICES_V1",
+            agent.pin_dir().display()
+        );
     }
     while !STOP.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));

@@ -26,7 +26,9 @@ pub fn tools_dir() -> anyhow::Result<PathBuf> {
 pub fn path_with_tools() -> anyhow::Result<std::ffi::OsString> {
     let bin = tools_dir()?.join("bin");
     let path = std::env::var_os("PATH").unwrap_or_default();
-    Ok(std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(&path)))?)
+    Ok(std::env::join_paths(
+        std::iter::once(bin).chain(std::env::split_paths(&path)),
+    )?)
 }
 
 /// Runs every setup step.
@@ -39,7 +41,10 @@ pub fn run() -> anyhow::Result<()> {
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -54,7 +59,11 @@ fn status(cmd: &mut Command) -> anyhow::Result<()> {
 
 fn rust_src() -> anyhow::Result<()> {
     let installed = output(Command::new("rustup").args([
-        "component", "list", "--installed", "--toolchain", "nightly",
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
     ]))?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
@@ -77,7 +86,10 @@ fn nightly_llvm() -> anyhow::Result<(PathBuf, String, u32)> {
             }
         }
     }
-    bail!("no libLLVM.so.<version> in {}: is the nightly toolchain complete?", lib.display())
+    bail!(
+        "no libLLVM.so.<version> in {}: is the nightly toolchain complete?",
+        lib.display()
+    )
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
@@ -85,16 +97,19 @@ fn bpf_linker() -> anyhow::Result<()> {
     let bin = tools.join("bin/bpf-linker");
     let (llvm_file, llvm_name, major) = nightly_llvm()?;
     let llvm_lib = tools.join("llvm/lib");
-    let link_ok = |name: &str| std::fs::read_link(llvm_lib.join(name)).is_ok_and(|t| t == llvm_file);
-    let installed = Command::new(&bin)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+    let link_ok =
+        |name: &str| std::fs::read_link(llvm_lib.join(name)).is_ok_and(|t| t == llvm_file);
+    let installed = Command::new(&bin).arg("--version").output().is_ok_and(|o| {
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+    });
     if installed && link_ok("libLLVM.so") && link_ok(&llvm_name) {
         return Ok(());
     }
-    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM {major} (about 2 minutes)");
-    std::fs::create_dir_all(&llvm_lib).with_context(|| format!("creating {}", llvm_lib.display()))?;
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM {major} (about 2 minutes)"
+    );
+    std::fs::create_dir_all(&llvm_lib)
+        .with_context(|| format!("creating {}", llvm_lib.display()))?;
     for name in ["libLLVM.so", llvm_name.as_str()] {
         let link = llvm_lib.join(name);
         let _ = std::fs::remove_file(&link);
@@ -103,8 +118,19 @@ fn bpf_linker() -> anyhow::Result<()> {
     }
     status(
         Command::new("cargo")
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"])
-            .args(["--no-default-features", "--features", &format!("llvm-{major}")])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--force",
+            ])
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major}"),
+            ])
             .arg("--root")
             .arg(&tools)
             .env("LLVM_PREFIX", tools.join("llvm")),

@@ -22,7 +22,9 @@ use crate::flows::Flow;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// No agent socket where one was expected.
-    #[error("no agent socket at {0} (is `mesh-agent run` running for this node? see --node and --run-dir)")]
+    #[error(
+        "no agent socket at {0} (is `mesh-agent run` running for this node? see --node and --run-dir)"
+    )]
     NoSocket(PathBuf),
     /// No node directory at all.
     #[error("no agent sockets under {0} (is `mesh-agent run` running? see --run-dir)")]
@@ -39,13 +41,22 @@ pub enum ClientError {
     },
     /// The agent answered with an error.
     #[error("{path}: GET {request}: {status}: {body}")]
-    Status { path: PathBuf, request: String, status: String, body: String },
+    Status {
+        path: PathBuf,
+        request: String,
+        status: String,
+        body: String,
+    },
     /// The agent's answer did not parse.
     #[error("{path}: {problem}")]
     Protocol { path: PathBuf, problem: String },
     /// The pod is not one of this node's.
     #[error("pod {pod} is not a pod of node {node} that policy applies to (local pods: {known})")]
-    UnknownPod { pod: String, node: String, known: String },
+    UnknownPod {
+        pod: String,
+        node: String,
+        known: String,
+    },
     /// The pinned POLICY map could not be read.
     #[error("read {path}: {source} (is the datapath pinned? see --bpffs)")]
     Map {
@@ -74,18 +85,30 @@ pub fn agent_socket(run_dir: &Path, node: Option<&str>) -> Result<(String, PathB
             let path = socket_path(run_dir, &node);
             Ok((node, path))
         }
-        _ => Err(ClientError::AmbiguousNode { dir: run_dir.into(), nodes: nodes.join(", ") }),
+        _ => Err(ClientError::AmbiguousNode {
+            dir: run_dir.into(),
+            nodes: nodes.join(", "),
+        }),
     }
 }
 
 /// `GET request` on the socket; the body, de-chunked, to read as it arrives.
 fn get(socket: &Path, request: &str) -> Result<Box<dyn BufRead>, ClientError> {
-    let io_err = |source| ClientError::Io { path: socket.into(), source };
+    let io_err = |source| ClientError::Io {
+        path: socket.into(),
+        source,
+    };
     let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => ClientError::NoSocket(socket.into()),
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            ClientError::NoSocket(socket.into())
+        }
         _ => io_err(e),
     })?;
-    write!(stream, "GET {request} HTTP/1.1\r\nHost: mesh-agent\r\nConnection: close\r\n\r\n").map_err(io_err)?;
+    write!(
+        stream,
+        "GET {request} HTTP/1.1\r\nHost: mesh-agent\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(io_err)?;
     let mut reader = BufReader::new(stream);
     let mut status = String::new();
     reader.read_line(&mut status).map_err(io_err)?;
@@ -94,7 +117,10 @@ fn get(socket: &Path, request: &str) -> Result<Box<dyn BufRead>, ClientError> {
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).map_err(io_err)? == 0 {
-            return Err(ClientError::Protocol { path: socket.into(), problem: "response ends in its headers".into() });
+            return Err(ClientError::Protocol {
+                path: socket.into(),
+                problem: "response ends in its headers".into(),
+            });
         }
         let line = line.trim_end();
         if line.is_empty() {
@@ -110,7 +136,11 @@ fn get(socket: &Path, request: &str) -> Result<Box<dyn BufRead>, ClientError> {
         }
     }
     let body: Box<dyn BufRead> = match (chunked, length) {
-        (true, _) => Box::new(BufReader::new(Chunked { inner: reader, left: 0, done: false })),
+        (true, _) => Box::new(BufReader::new(Chunked {
+            inner: reader,
+            left: 0,
+            done: false,
+        })),
         (false, Some(n)) => Box::new(BufReader::new(reader.take(n))),
         (false, None) => Box::new(reader),
     };
@@ -148,8 +178,12 @@ impl<R: BufRead> Read for Chunked<R> {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
             let size = line.trim_end().split(';').next().unwrap_or_default();
-            self.left = u64::from_str_radix(size.trim(), 16)
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad chunk size {size:?}")))?;
+            self.left = u64::from_str_radix(size.trim(), 16).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad chunk size {size:?}"),
+                )
+            })?;
             if self.left == 0 {
                 // Trailers (none from the agent) end with an empty line; the connection
                 // closes after it anyway.
@@ -157,7 +191,9 @@ impl<R: BufRead> Read for Chunked<R> {
                 return Ok(0);
             }
         }
-        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..want])?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
@@ -179,13 +215,18 @@ pub fn observe(socket: &Path, query: &FlowQuery, json: bool) -> Result<(), Clien
     let body = get(socket, &request)?;
     let stdout = io::stdout();
     for line in body.lines() {
-        let line = line.map_err(|source| ClientError::Io { path: socket.into(), source })?;
+        let line = line.map_err(|source| ClientError::Io {
+            path: socket.into(),
+            source,
+        })?;
         let mut out = stdout.lock();
         let written = if json {
             writeln!(out, "{line}")
         } else {
-            let flow: Flow = serde_json::from_str(&line)
-                .map_err(|e| ClientError::Protocol { path: socket.into(), problem: format!("flow {line:?}: {e}") })?;
+            let flow: Flow = serde_json::from_str(&line).map_err(|e| ClientError::Protocol {
+                path: socket.into(),
+                problem: format!("flow {line:?}: {e}"),
+            })?;
             writeln!(out, "{}", flow.line())
         };
         // A closed stdout (`observe | head`) ends the command quietly.
@@ -201,8 +242,14 @@ pub fn policy_report(socket: &Path) -> Result<PolicyReport, ClientError> {
     let mut text = String::new();
     get(socket, "/v1/policy")?
         .read_to_string(&mut text)
-        .map_err(|source| ClientError::Io { path: socket.into(), source })?;
-    serde_json::from_str(&text).map_err(|e| ClientError::Protocol { path: socket.into(), problem: format!("policy report: {e}") })
+        .map_err(|source| ClientError::Io {
+            path: socket.into(),
+            source,
+        })?;
+    serde_json::from_str(&text).map_err(|e| ClientError::Protocol {
+        path: socket.into(),
+        problem: format!("policy report: {e}"),
+    })
 }
 
 /// One entry of the pinned POLICY map.
@@ -219,9 +266,13 @@ pub struct PolicyEntry {
 /// The POLICY entries pinned under `node_dir` whose subject is `identity`, in key order.
 pub fn kernel_policy(node_dir: &Path, identity: u32) -> Result<Vec<PolicyEntry>, ClientError> {
     let path = node_dir.join(maps::POLICY);
-    let map_err = |e| ClientError::Map { path: path.clone(), source: Box::new(e) };
+    let map_err = |e| ClientError::Map {
+        path: path.clone(),
+        source: Box::new(e),
+    };
     let data = MapData::from_pin(&path).map_err(map_err)?;
-    let trie = LpmTrie::<_, PolicyKeyData, PolicyValue>::try_from(Map::LpmTrie(data)).map_err(map_err)?;
+    let trie =
+        LpmTrie::<_, PolicyKeyData, PolicyValue>::try_from(Map::LpmTrie(data)).map_err(map_err)?;
     let mut entries: Vec<PolicyEntry> = trie
         .iter()
         .filter_map(Result::ok)
@@ -232,7 +283,15 @@ pub fn kernel_policy(node_dir: &Path, identity: u32) -> Result<Vec<PolicyEntry>,
             value,
         })
         .collect();
-    entries.sort_by_key(|e| (e.key.direction, e.value.flags & POLICY_ALLOW, e.key.peer, e.key.proto, u16::from_be(e.key.port_be)));
+    entries.sort_by_key(|e| {
+        (
+            e.key.direction,
+            e.value.flags & POLICY_ALLOW,
+            e.key.peer,
+            e.key.proto,
+            u16::from_be(e.key.port_be),
+        )
+    });
     Ok(entries)
 }
 
@@ -246,7 +305,12 @@ pub fn render_pod_policy(report: &PolicyReport, pod: &str, entries: &[PolicyEntr
             None => "world".to_owned(),
         }
     };
-    let policy_name = |id: u32| report.policies.get(id as usize).map_or_else(|| format!("#{id}"), |p| p.name.clone());
+    let policy_name = |id: u32| {
+        report
+            .policies
+            .get(id as usize)
+            .map_or_else(|| format!("#{id}"), |p| p.name.clone())
+    };
     let mut out = String::new();
     let local = report.local_pods.iter().find(|p| p.pod == pod);
     let _ = match local {
@@ -255,12 +319,24 @@ pub fn render_pod_policy(report: &PolicyReport, pod: &str, entries: &[PolicyEntr
             "pod {pod} (ID:{} {}){}",
             p.identity,
             identity_name(p.identity),
-            if p.discovered { "" } else { " [netns not found yet: egress not enforced]" }
+            if p.discovered {
+                ""
+            } else {
+                " [netns not found yet: egress not enforced]"
+            }
         ),
         None => writeln!(out, "pod {pod}"),
     };
-    let selecting: Vec<_> = report.policies.iter().filter(|p| p.selects.iter().any(|s| s == pod)).collect();
-    let _ = writeln!(out, "policies selecting it:{}", if selecting.is_empty() { " none" } else { "" });
+    let selecting: Vec<_> = report
+        .policies
+        .iter()
+        .filter(|p| p.selects.iter().any(|s| s == pod))
+        .collect();
+    let _ = writeln!(
+        out,
+        "policies selecting it:{}",
+        if selecting.is_empty() { " none" } else { "" }
+    );
     for p in selecting {
         let dirs = [(p.ingress, "ingress"), (p.egress, "egress")]
             .iter()
@@ -268,11 +344,28 @@ pub fn render_pod_policy(report: &PolicyReport, pod: &str, entries: &[PolicyEntr
             .map(|(_, d)| *d)
             .collect::<Vec<_>>()
             .join(", ");
-        let _ = writeln!(out, "  {} (isolates: {})", p.name, if dirs.is_empty() { "nothing" } else { &dirs });
+        let _ = writeln!(
+            out,
+            "  {} (isolates: {})",
+            p.name,
+            if dirs.is_empty() { "nothing" } else { &dirs }
+        );
     }
-    let _ = writeln!(out, "kernel POLICY entries:{}", if entries.is_empty() { " none (not isolated)" } else { "" });
+    let _ = writeln!(
+        out,
+        "kernel POLICY entries:{}",
+        if entries.is_empty() {
+            " none (not isolated)"
+        } else {
+            ""
+        }
+    );
     for e in entries {
-        let dir = if e.key.direction == DIR_EGRESS { "EGRESS " } else { "INGRESS" };
+        let dir = if e.key.direction == DIR_EGRESS {
+            "EGRESS "
+        } else {
+            "INGRESS"
+        };
         let what = if e.value.flags & POLICY_ALLOW != 0 {
             "allow"
         } else if e.value.flags & POLICY_ISOLATED != 0 {
@@ -330,7 +423,13 @@ mod tests {
     fn chunked_bodies_are_decoded_across_chunks() {
         let raw = "5\r\nhello\r\n7;ext=1\r\n world\n\r\n0\r\n\r\n";
         let mut text = String::new();
-        Chunked { inner: Cursor::new(raw), left: 0, done: false }.read_to_string(&mut text).expect("read");
+        Chunked {
+            inner: Cursor::new(raw),
+            left: 0,
+            done: false,
+        }
+        .read_to_string(&mut text)
+        .expect("read");
         assert_eq!(text, "hello world\n");
     }
 

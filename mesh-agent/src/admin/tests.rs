@@ -18,7 +18,14 @@ async fn serves_flows_policy_and_follows_over_the_socket() {
     let dir = std::env::temp_dir().join(format!("mesh-admin-test-{}", std::process::id()));
     let server = bind(&dir, "n1").expect("bind");
     let path = server.path().to_owned();
-    assert_eq!(std::fs::metadata(dir.join("n1")).expect("dir").permissions().mode() & 0o777, 0o700);
+    assert_eq!(
+        std::fs::metadata(dir.join("n1"))
+            .expect("dir")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
     let log = Arc::new(FlowLog::default());
     let view = SharedView::default();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -53,29 +60,60 @@ async fn serves_flows_policy_and_follows_over_the_socket() {
 
     // The blocking client, as the CLI uses it, on a blocking thread.
     let p = path.clone();
-    let report = tokio::task::spawn_blocking(move || client::policy_report(&p)).await.expect("join").expect("report");
+    let report = tokio::task::spawn_blocking(move || client::policy_report(&p))
+        .await
+        .expect("join")
+        .expect("report");
     assert_eq!(report, PolicyReport::default());
 
     let p = path.clone();
     let follower = tokio::task::spawn_blocking(move || {
         use std::io::BufRead as _;
-        let query = FlowQuery { follow: true, filter: FlowFilter { verdict: Some(Verdict::Dropped), pod: Some("prod/db".into()) } };
+        let query = FlowQuery {
+            follow: true,
+            filter: FlowFilter {
+                verdict: Some(Verdict::Dropped),
+                pod: Some("prod/db".into()),
+            },
+        };
         let mut s = std::os::unix::net::UnixStream::connect(&p).expect("connect");
-        std::io::Write::write_all(&mut s, format!("GET /v1/flows?{} HTTP/1.1\r\nHost: x\r\n\r\n", query.to_query()).as_bytes())
-            .expect("write");
+        std::io::Write::write_all(
+            &mut s,
+            format!(
+                "GET /v1/flows?{} HTTP/1.1\r\nHost: x\r\n\r\n",
+                query.to_query()
+            )
+            .as_bytes(),
+        )
+        .expect("write");
         let reader = std::io::BufReader::new(s);
         // Headers, then chunk-size/data lines: collect the JSON lines until two came.
-        reader.lines().map_while(Result::ok).filter(|l| l.starts_with('{')).take(2).collect::<Vec<_>>()
+        reader
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| l.starts_with('{'))
+            .take(2)
+            .collect::<Vec<_>>()
     });
     // Give the follower time to subscribe; a flow pushed before is in its backlog anyway.
     tokio::time::sleep(Duration::from_millis(200)).await;
     log.push(sample("2"));
-    let lines = tokio::time::timeout(Duration::from_secs(5), follower).await.expect("follow in time").expect("join");
-    let times: Vec<String> = lines.iter().map(|l| serde_json::from_str::<Flow>(l).expect("flow").time).collect();
+    let lines = tokio::time::timeout(Duration::from_secs(5), follower)
+        .await
+        .expect("follow in time")
+        .expect("join");
+    let times: Vec<String> = lines
+        .iter()
+        .map(|l| serde_json::from_str::<Flow>(l).expect("flow").time)
+        .collect();
     assert_eq!(times, ["1", "2"]);
 
     stop.send(()).expect("running");
-    tokio::time::timeout(Duration::from_secs(5), task).await.expect("stops").expect("join").expect("clean");
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("stops")
+        .expect("join")
+        .expect("clean");
     assert!(!path.exists(), "socket removed on exit");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -83,7 +121,10 @@ async fn serves_flows_policy_and_follows_over_the_socket() {
 #[test]
 fn a_live_socket_is_not_taken_over() {
     let dir = std::env::temp_dir().join(format!("mesh-admin-live-{}", std::process::id()));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
     rt.block_on(async {
         let first = bind(&dir, "n1").expect("bind");
         assert!(matches!(bind(&dir, "n1"), Err(AdminError::InUse(_))));

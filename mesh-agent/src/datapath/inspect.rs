@@ -47,13 +47,20 @@ fn open<K: aya::Pod, V: aya::Pod>(
 ) -> Result<KernelMap<K, V>, DatapathError> {
     let path = node_dir.join(name);
     let data = MapData::from_pin(&path).map_err(|e| match &e {
-        aya::maps::MapError::SyscallError(s) if s.io_error.kind() == std::io::ErrorKind::NotFound => {
+        aya::maps::MapError::SyscallError(s)
+            if s.io_error.kind() == std::io::ErrorKind::NotFound =>
+        {
             DatapathError::NotPinned(node_dir.into())
         }
-        _ => DatapathError::Map { name, source: Box::new(e) },
+        _ => DatapathError::Map {
+            name,
+            source: Box::new(e),
+        },
     })?;
-    let map = HashMap::try_from(Map::HashMap(data))
-        .map_err(|e| DatapathError::Map { name, source: Box::new(e) })?;
+    let map = HashMap::try_from(Map::HashMap(data)).map_err(|e| DatapathError::Map {
+        name,
+        source: Box::new(e),
+    })?;
     Ok(KernelMap::new(name, map))
 }
 
@@ -82,8 +89,11 @@ fn build_table(
 ) -> ServiceTable {
     let mut table = ServiceTable::default();
     let in_slot: BTreeSet<u32> = slots.values().copied().collect();
-    table.idle_backends =
-        backends.iter().filter(|(id, _)| !in_slot.contains(id)).map(|(id, b)| (*id, *b)).collect();
+    table.idle_backends = backends
+        .iter()
+        .filter(|(id, _)| !in_slot.contains(id))
+        .map(|(id, b)| (*id, *b))
+        .collect();
     for (key, value) in services {
         if key.is_vip_marker() {
             table.vips.push(key.addr);
@@ -92,12 +102,19 @@ fn build_table(
         let backends = (1..=value.count)
             .map(|slot| {
                 slots
-                    .get(&BackendSlotKey { service_id: value.id, slot })
+                    .get(&BackendSlotKey {
+                        service_id: value.id,
+                        slot,
+                    })
                     .and_then(|id| backends.get(id))
                     .copied()
             })
             .collect();
-        table.frontends.push(FrontendRow { key: *key, value: *value, backends });
+        table.frontends.push(FrontendRow {
+            key: *key,
+            value: *value,
+            backends,
+        });
     }
     let order = |k: &ServiceKey| (IpAddr::from(k.addr), u16::from_be(k.port), k.proto);
     table.frontends.sort_by_key(|r| order(&r.key));
@@ -129,7 +146,11 @@ impl fmt::Display for ServiceTable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "{:<32} {:>5}  BACKENDS", "FRONTEND", "ID")?;
         for row in &self.frontends {
-            let mut frontend = format!("{}/{}", socket(row.key.addr, row.key.port), proto_name(row.key.proto));
+            let mut frontend = format!(
+                "{}/{}",
+                socket(row.key.addr, row.key.port),
+                proto_name(row.key.proto)
+            );
             if row.value.flags & SVC_FLAG_AFFINITY != 0 {
                 frontend.push_str(&format!(" affinity={}s", row.value.affinity_timeout_s));
             }
@@ -148,11 +169,21 @@ impl fmt::Display for ServiceTable {
             writeln!(f, "{frontend:<32} {:>5}  {backends}", row.value.id)?;
         }
         for vip in &self.vips {
-            writeln!(f, "{:<32} {:>5}  (cluster IP: other ports refused)", IpAddr::from(*vip).to_string(), "-")?;
+            writeln!(
+                f,
+                "{:<32} {:>5}  (cluster IP: other ports refused)",
+                IpAddr::from(*vip).to_string(),
+                "-"
+            )?;
         }
         for (id, b) in &self.idle_backends {
             let backend = format!("{}/{}", socket(b.addr, b.port), proto_name(b.proto));
-            writeln!(f, "{:<32} {id:>5}  (backend in no slot: {})", backend, state_name(b.state))?;
+            writeln!(
+                f,
+                "{:<32} {id:>5}  (backend in no slot: {})",
+                backend,
+                state_name(b.state)
+            )?;
         }
         Ok(())
     }
@@ -167,7 +198,12 @@ mod tests {
     }
 
     fn value(id: u32, count: u32) -> ServiceValue {
-        ServiceValue { id, count, flags: 0, affinity_timeout_s: 0 }
+        ServiceValue {
+            id,
+            count,
+            flags: 0,
+            affinity_timeout_s: 0,
+        }
     }
 
     #[test]
@@ -179,14 +215,37 @@ mod tests {
             (ServiceKey::new(vip, 53, PROTO_UDP), value(5, 0)),
             (
                 ServiceKey::new(vip6, 80, PROTO_TCP),
-                ServiceValue { id: 6, count: 1, flags: SVC_FLAG_AFFINITY, affinity_timeout_s: 30 },
+                ServiceValue {
+                    id: 6,
+                    count: 1,
+                    flags: SVC_FLAG_AFFINITY,
+                    affinity_timeout_s: 30,
+                },
             ),
             (ServiceKey::vip_marker(vip), ServiceValue::MARKER),
         ]);
         let slots = BTreeMap::from([
-            (BackendSlotKey { service_id: 4, slot: 1 }, 7),
-            (BackendSlotKey { service_id: 4, slot: 2 }, 3),
-            (BackendSlotKey { service_id: 6, slot: 1 }, 8),
+            (
+                BackendSlotKey {
+                    service_id: 4,
+                    slot: 1,
+                },
+                7,
+            ),
+            (
+                BackendSlotKey {
+                    service_id: 4,
+                    slot: 2,
+                },
+                3,
+            ),
+            (
+                BackendSlotKey {
+                    service_id: 6,
+                    slot: 1,
+                },
+                8,
+            ),
         ]);
         let mut terminating = Backend::new(addr("10.244.2.4"), 8080, PROTO_TCP);
         terminating.state = BACKEND_TERMINATING;
@@ -203,16 +262,31 @@ mod tests {
         assert_eq!(lines.len(), 6, "{text}");
         assert!(lines[1].starts_with("10.96.0.10:53/UDP") && lines[1].contains("connect refused"));
         assert!(lines[2].starts_with("10.96.0.10:80/TCP"));
-        assert!(lines[2].ends_with("10.244.1.7:8080 10.244.2.3:8080"), "{}", lines[2]);
-        assert!(lines[3].starts_with("[fd00::10]:80/TCP affinity=30s"), "{}", lines[3]);
+        assert!(
+            lines[2].ends_with("10.244.1.7:8080 10.244.2.3:8080"),
+            "{}",
+            lines[2]
+        );
+        assert!(
+            lines[3].starts_with("[fd00::10]:80/TCP affinity=30s"),
+            "{}",
+            lines[3]
+        );
         assert!(lines[3].ends_with("[fd00:244::8]:8080"), "{}", lines[3]);
         assert!(lines[4].starts_with("10.96.0.10 ") && lines[4].contains("cluster IP"));
-        assert!(lines[5].starts_with("10.244.2.4:8080/TCP") && lines[5].contains("terminating"), "{}", lines[5]);
+        assert!(
+            lines[5].starts_with("10.244.2.4:8080/TCP") && lines[5].contains("terminating"),
+            "{}",
+            lines[5]
+        );
     }
 
     #[test]
     fn missing_slot_is_shown_not_hidden() {
-        let services = BTreeMap::from([(ServiceKey::new(addr("10.96.0.1"), 80, PROTO_TCP), value(1, 1))]);
+        let services = BTreeMap::from([(
+            ServiceKey::new(addr("10.96.0.1"), 80, PROTO_TCP),
+            value(1, 1),
+        )]);
         let table = build_table(&services, &BTreeMap::new(), &BTreeMap::new());
         assert_eq!(table.frontends[0].backends, vec![None]);
         assert!(table.to_string().contains("(missing)"));

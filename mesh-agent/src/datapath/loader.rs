@@ -148,10 +148,19 @@ impl Datapath {
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         for name in programs::SOCK_ADDR {
-            sock_addr(&mut ebpf, name)?.load().map_err(|e| program_error(name, e))?;
+            sock_addr(&mut ebpf, name)?
+                .load()
+                .map_err(|e| program_error(name, e))?;
         }
-        skb(&mut ebpf, programs::INGRESS)?.load().map_err(|e| program_error(programs::INGRESS, e))?;
-        Ok(Self { ebpf, node_dir, links: Vec::new(), adopted })
+        skb(&mut ebpf, programs::INGRESS)?
+            .load()
+            .map_err(|e| program_error(programs::INGRESS, e))?;
+        Ok(Self {
+            ebpf,
+            node_dir,
+            links: Vec::new(),
+            adopted,
+        })
     }
 
     /// Whether the maps were adopted from an earlier agent rather than created.
@@ -161,22 +170,43 @@ impl Datapath {
 
     /// Takes the maps the agent writes out of the object.
     pub fn maps(&mut self) -> Result<DatapathMaps, DatapathError> {
-        let services: HashMap<_, ServiceKey, ServiceValue> = open_map(&mut self.ebpf, maps::SERVICES)?;
-        let slots: HashMap<_, BackendSlotKey, u32> = open_map(&mut self.ebpf, maps::SERVICE_BACKENDS)?;
+        let services: HashMap<_, ServiceKey, ServiceValue> =
+            open_map(&mut self.ebpf, maps::SERVICES)?;
+        let slots: HashMap<_, BackendSlotKey, u32> =
+            open_map(&mut self.ebpf, maps::SERVICE_BACKENDS)?;
         let backends: HashMap<_, u32, Backend> = open_map(&mut self.ebpf, maps::BACKENDS)?;
-        let affinity: HashMap<_, AffinityKey, AffinityValue> = open_map(&mut self.ebpf, maps::AFFINITY)?;
+        let affinity: HashMap<_, AffinityKey, AffinityValue> =
+            open_map(&mut self.ebpf, maps::AFFINITY)?;
         let metrics_map = take(&mut self.ebpf, maps::LB_METRICS)?;
-        let metrics = PerCpuHashMap::try_from(metrics_map)
-            .map_err(|e| DatapathError::Map { name: maps::LB_METRICS, source: Box::new(e) })?;
+        let metrics = PerCpuHashMap::try_from(metrics_map).map_err(|e| DatapathError::Map {
+            name: maps::LB_METRICS,
+            source: Box::new(e),
+        })?;
         let endpoints: HashMap<_, u64, EndpointValue> = open_map(&mut self.ebpf, maps::ENDPOINTS)?;
-        let ipcache = LpmTrie::try_from(take(&mut self.ebpf, maps::IPCACHE)?)
-            .map_err(|e| DatapathError::Map { name: maps::IPCACHE, source: Box::new(e) })?;
-        let policy = LpmTrie::try_from(take(&mut self.ebpf, maps::POLICY)?)
-            .map_err(|e| DatapathError::Map { name: maps::POLICY, source: Box::new(e) })?;
-        let events = RingBuf::try_from(take(&mut self.ebpf, maps::EVENTS)?)
-            .map_err(|e| DatapathError::Map { name: maps::EVENTS, source: Box::new(e) })?;
-        let config = Array::try_from(take(&mut self.ebpf, maps::CONFIG)?)
-            .map_err(|e| DatapathError::Map { name: maps::CONFIG, source: Box::new(e) })?;
+        let ipcache = LpmTrie::try_from(take(&mut self.ebpf, maps::IPCACHE)?).map_err(|e| {
+            DatapathError::Map {
+                name: maps::IPCACHE,
+                source: Box::new(e),
+            }
+        })?;
+        let policy = LpmTrie::try_from(take(&mut self.ebpf, maps::POLICY)?).map_err(|e| {
+            DatapathError::Map {
+                name: maps::POLICY,
+                source: Box::new(e),
+            }
+        })?;
+        let events = RingBuf::try_from(take(&mut self.ebpf, maps::EVENTS)?).map_err(|e| {
+            DatapathError::Map {
+                name: maps::EVENTS,
+                source: Box::new(e),
+            }
+        })?;
+        let config = Array::try_from(take(&mut self.ebpf, maps::CONFIG)?).map_err(|e| {
+            DatapathError::Map {
+                name: maps::CONFIG,
+                source: Box::new(e),
+            }
+        })?;
         let sizes = MapSizes {
             services: max_entries(services.map(), maps::SERVICES)?,
             slots: max_entries(slots.map(), maps::SERVICE_BACKENDS)?,
@@ -226,22 +256,37 @@ impl Datapath {
         Ok(())
     }
 
-    fn attach_one(&mut self, name: &'static str, cgroup: &File) -> Result<PinnedLink, DatapathError> {
+    fn attach_one(
+        &mut self,
+        name: &'static str,
+        cgroup: &File,
+    ) -> Result<PinnedLink, DatapathError> {
         let link_path = pins::link_pin(&self.node_dir, name);
         let stale = PinnedLink::from_pin(&link_path).ok();
-        let link_error = |e| DatapathError::Link { path: link_path.clone(), source: Box::new(e) };
+        let link_error = |e| DatapathError::Link {
+            path: link_path.clone(),
+            source: Box::new(e),
+        };
         // bpf_link attachments to a cgroup always coexist with others (multi semantics);
         // the kernel rejects any attach flag on them, so the mode must be `Single` (0).
         let link = if name == programs::INGRESS {
             let prog = skb(&mut self.ebpf, name)?;
             let id = prog
-                .attach(cgroup, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+                .attach(
+                    cgroup,
+                    CgroupSkbAttachType::Ingress,
+                    CgroupAttachMode::Single,
+                )
                 .map_err(|e| program_error(name, e))?;
-            FdLink::try_from(prog.take_link(id).map_err(|e| program_error(name, e))?).map_err(link_error)?
+            FdLink::try_from(prog.take_link(id).map_err(|e| program_error(name, e))?)
+                .map_err(link_error)?
         } else {
             let prog = sock_addr(&mut self.ebpf, name)?;
-            let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(|e| program_error(name, e))?;
-            FdLink::try_from(prog.take_link(id).map_err(|e| program_error(name, e))?).map_err(link_error)?
+            let id = prog
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(|e| program_error(name, e))?;
+            FdLink::try_from(prog.take_link(id).map_err(|e| program_error(name, e))?)
+                .map_err(link_error)?
         };
         if let Some(stale) = stale {
             // Dropping the unpinned FdLink detaches the earlier agent's program.
@@ -252,14 +297,18 @@ impl Datapath {
             })?);
             tracing::info!(link = %link_path.display(), "replaced the link of an earlier agent");
         }
-        let pinned = link
-            .pin(&link_path)
-            .map_err(|e| DatapathError::Pin { path: link_path.clone(), source: Box::new(e) })?;
+        let pinned = link.pin(&link_path).map_err(|e| DatapathError::Pin {
+            path: link_path.clone(),
+            source: Box::new(e),
+        })?;
         let prog_path = self.node_dir.join(name);
         remove_if_exists(&prog_path)?;
         program(&mut self.ebpf, name)?
             .pin(&prog_path)
-            .map_err(|e| DatapathError::Pin { path: prog_path, source: Box::new(e) })?;
+            .map_err(|e| DatapathError::Pin {
+                path: prog_path,
+                source: Box::new(e),
+            })?;
         Ok(pinned)
     }
 
@@ -286,7 +335,12 @@ impl Datapath {
 
     /// Detaches every program and removes every pin of this node.
     pub fn remove(self) -> Result<(), DatapathError> {
-        let Self { ebpf, node_dir, links, .. } = self;
+        let Self {
+            ebpf,
+            node_dir,
+            links,
+            ..
+        } = self;
         for link in links {
             drop(link.unpin().map_err(|source| DatapathError::Io {
                 op: "unpin",
@@ -319,41 +373,63 @@ pub fn uninstall_node(node_dir: &Path) -> Result<(), DatapathError> {
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Program, DatapathError> {
-    ebpf.program_mut(name).ok_or(DatapathError::Missing { kind: "program", name })
+    ebpf.program_mut(name).ok_or(DatapathError::Missing {
+        kind: "program",
+        name,
+    })
 }
 
-fn sock_addr<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, DatapathError> {
-    program(ebpf, name)?.try_into().map_err(|e| program_error(name, e))
+fn sock_addr<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, DatapathError> {
+    program(ebpf, name)?
+        .try_into()
+        .map_err(|e| program_error(name, e))
 }
 
 fn skb<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSkb, DatapathError> {
-    program(ebpf, name)?.try_into().map_err(|e| program_error(name, e))
+    program(ebpf, name)?
+        .try_into()
+        .map_err(|e| program_error(name, e))
 }
 
 fn program_error(name: &'static str, e: aya::programs::ProgramError) -> DatapathError {
-    DatapathError::Program { name, source: Box::new(e) }
+    DatapathError::Program {
+        name,
+        source: Box::new(e),
+    }
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DatapathError> {
-    ebpf.take_map(name).ok_or(DatapathError::Missing { kind: "map", name })
+    ebpf.take_map(name)
+        .ok_or(DatapathError::Missing { kind: "map", name })
 }
 
 fn open_map<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<HashMap<MapData, K, V>, DatapathError> {
-    HashMap::try_from(take(ebpf, name)?).map_err(|e| DatapathError::Map { name, source: Box::new(e) })
+    HashMap::try_from(take(ebpf, name)?).map_err(|e| DatapathError::Map {
+        name,
+        source: Box::new(e),
+    })
 }
 
 fn max_entries(map: &MapData, name: &'static str) -> Result<u32, DatapathError> {
     map.info()
         .map(|i| i.max_entries())
-        .map_err(|e| DatapathError::Map { name, source: Box::new(e) })
+        .map_err(|e| DatapathError::Map {
+            name,
+            source: Box::new(e),
+        })
 }
 
 fn pinned_max_entries(node_dir: &Path, name: &'static str) -> Result<u32, DatapathError> {
-    let map = MapData::from_pin(node_dir.join(name))
-        .map_err(|e| DatapathError::Map { name, source: Box::new(e) })?;
+    let map = MapData::from_pin(node_dir.join(name)).map_err(|e| DatapathError::Map {
+        name,
+        source: Box::new(e),
+    })?;
     max_entries(&map, name)
 }
 
@@ -361,6 +437,10 @@ fn remove_if_exists(path: &Path) -> Result<(), DatapathError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(DatapathError::Io { op: "remove", path: path.into(), source }),
+        Err(source) => Err(DatapathError::Io {
+            op: "remove",
+            path: path.into(),
+            source,
+        }),
     }
 }

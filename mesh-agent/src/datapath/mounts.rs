@@ -20,7 +20,9 @@ fn unescape(field: &str) -> String {
     let mut rest = field;
     while let Some(pos) = rest.find('\\') {
         out.push_str(&rest[..pos]);
-        let code = rest.get(pos + 1..pos + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
+        let code = rest
+            .get(pos + 1..pos + 4)
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
         match code {
             Some(byte) => {
                 out.push(char::from(byte));
@@ -46,7 +48,9 @@ fn read_mounts() -> Result<String, DatapathError> {
 
 /// The cgroup2 root of this machine.
 pub fn cgroup2_root() -> Result<PathBuf, DatapathError> {
-    mount_points(&read_mounts()?, "cgroup2").next().ok_or(DatapathError::NoCgroup2)
+    mount_points(&read_mounts()?, "cgroup2")
+        .next()
+        .ok_or(DatapathError::NoCgroup2)
 }
 
 /// Makes sure `bpffs` is a mounted bpf filesystem, mounting it when it is not.
@@ -67,7 +71,10 @@ pub fn ensure_bpffs(bpffs: &Path) -> Result<(), DatapathError> {
         nix::mount::MsFlags::empty(),
         None::<&str>,
     )
-    .map_err(|source| DatapathError::MountBpffs { path: bpffs.into(), source })
+    .map_err(|source| DatapathError::MountBpffs {
+        path: bpffs.into(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -91,7 +98,10 @@ bpf /tmp/my\\040bpf bpf rw 0 0
     #[test]
     fn unescapes_octal_in_mount_points() {
         let found: Vec<_> = mount_points(MOUNTS, "bpf").collect();
-        assert_eq!(found, vec![PathBuf::from("/sys/fs/bpf"), PathBuf::from("/tmp/my bpf")]);
+        assert_eq!(
+            found,
+            vec![PathBuf::from("/sys/fs/bpf"), PathBuf::from("/tmp/my bpf")]
+        );
     }
 
     #[test]

@@ -40,13 +40,20 @@ pub fn only_node(bpffs: &Path) -> Result<String, DatapathError> {
     match nodes.len() {
         0 => Err(DatapathError::NotPinned(dir)),
         1 => Ok(nodes.remove(0)),
-        _ => Err(DatapathError::AmbiguousNode { dir, nodes: nodes.join(", ") }),
+        _ => Err(DatapathError::AmbiguousNode {
+            dir,
+            nodes: nodes.join(", "),
+        }),
     }
 }
 
 /// Names of the pins in a node directory.
 pub fn entries(node_dir: &Path) -> Result<Vec<String>, DatapathError> {
-    let io = |source| DatapathError::Io { op: "list", path: node_dir.into(), source };
+    let io = |source| DatapathError::Io {
+        op: "list",
+        path: node_dir.into(),
+        source,
+    };
     let mut names = Vec::new();
     for entry in std::fs::read_dir(node_dir).map_err(io)? {
         if let Some(name) = entry.map_err(io)?.file_name().to_str() {

@@ -16,10 +16,7 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{
-        HashMap, LpmTrie, MapData, MapError,
-        lpm_trie::Key as TrieKeyOf,
-    },
+    maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key as TrieKeyOf},
 };
 use mesh_common::{
     Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, EndpointValue, IpcacheKey,
@@ -43,12 +40,21 @@ pub struct SyncError {
 impl SyncError {
     /// A failed `op` on `key` (formatted with Debug, or "*" for the whole map).
     fn new(op: &'static str, map: &'static str, key: impl Debug, source: MapError) -> Self {
-        Self { op, map, key: format!("{key:?}"), source: Box::new(source) }
+        Self {
+            op,
+            map,
+            key: format!("{key:?}"),
+            source: Box::new(source),
+        }
     }
 }
 
 /// Removal that treats an absent key as done.
-fn removed(result: Result<(), MapError>, map: &'static str, key: impl Debug) -> Result<(), SyncError> {
+fn removed(
+    result: Result<(), MapError>,
+    map: &'static str,
+    key: impl Debug,
+) -> Result<(), SyncError> {
     match result {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(e) => Err(SyncError::new("delete", map, key, e)),
@@ -80,11 +86,16 @@ impl<K: Pod, V: Pod> KernelMap<K, V> {
 
 impl<K: Pod + Ord + Debug, V: Pod> MapStore<K, V> for KernelMap<K, V> {
     fn entries(&self) -> Result<BTreeMap<K, V>, SyncError> {
-        self.map.iter().map(|r| r.map_err(|e| SyncError::new("iterate", self.name, "*", e))).collect()
+        self.map
+            .iter()
+            .map(|r| r.map_err(|e| SyncError::new("iterate", self.name, "*", e)))
+            .collect()
     }
 
     fn upsert(&mut self, key: &K, value: &V) -> Result<(), SyncError> {
-        self.map.insert(key, value, 0).map_err(|e| SyncError::new("update", self.name, key, e))
+        self.map
+            .insert(key, value, 0)
+            .map_err(|e| SyncError::new("update", self.name, key, e))
     }
 
     fn remove(&mut self, key: &K) -> Result<(), SyncError> {
@@ -201,8 +212,10 @@ where
             self.endpoints.upsert(k, v)?;
         }
         let current = self.policy.entries()?;
-        let (stale_markers, stale_allows): (Vec<_>, Vec<_>) =
-            p.removals.iter().partition(|k| current.get(k).is_some_and(is_marker));
+        let (stale_markers, stale_allows): (Vec<_>, Vec<_>) = p
+            .removals
+            .iter()
+            .partition(|k| current.get(k).is_some_and(is_marker));
         for k in stale_markers.iter().chain(&stale_allows) {
             self.policy.remove(k)?;
         }
@@ -246,7 +259,10 @@ where
 {
     /// The ids the maps use now, for planning against an adopted datapath.
     pub fn ids(&self) -> Result<Ids, SyncError> {
-        Ok(Ids::from_datapath(&self.services.entries()?, &self.backends.entries()?))
+        Ok(Ids::from_datapath(
+            &self.services.entries()?,
+            &self.backends.entries()?,
+        ))
     }
 
     /// Brings the maps to the plan's contents, reading what they hold now first (so a
@@ -297,7 +313,12 @@ pub fn stale_affinity(
 /// Counter keys to drop after an apply: those of services or backends that no longer
 /// exist. Ids are reused later, and a new service must not inherit an old count.
 pub fn stale_metrics(keys: &[LbMetricsKey], plan: &Plan) -> Vec<LbMetricsKey> {
-    let services: BTreeSet<u32> = plan.services.values().map(|v| v.id).filter(|id| *id != 0).collect();
+    let services: BTreeSet<u32> = plan
+        .services
+        .values()
+        .map(|v| v.id)
+        .filter(|id| *id != 0)
+        .collect();
     keys.iter()
         .filter(|k| {
             !services.contains(&k.service_id)
@@ -327,12 +348,16 @@ mod tests {
             Ok(self.data.clone())
         }
         fn upsert(&mut self, key: &K, value: &V) -> Result<(), SyncError> {
-            self.log.borrow_mut().push(format!("put {} {key:?}={value:?}", self.name));
+            self.log
+                .borrow_mut()
+                .push(format!("put {} {key:?}={value:?}", self.name));
             self.data.insert(key.clone(), value.clone());
             Ok(())
         }
         fn remove(&mut self, key: &K) -> Result<(), SyncError> {
-            self.log.borrow_mut().push(format!("del {} {key:?}", self.name));
+            self.log
+                .borrow_mut()
+                .push(format!("del {} {key:?}", self.name));
             self.data.remove(key);
             Ok(())
         }
@@ -347,9 +372,21 @@ mod tests {
     fn fake() -> (Fake, Rc<RefCell<Vec<String>>>) {
         let log = Rc::new(RefCell::new(Vec::new()));
         let maps = ServiceMaps {
-            services: FakeMap { name: "svc", data: BTreeMap::new(), log: log.clone() },
-            slots: FakeMap { name: "slot", data: BTreeMap::new(), log: log.clone() },
-            backends: FakeMap { name: "be", data: BTreeMap::new(), log: log.clone() },
+            services: FakeMap {
+                name: "svc",
+                data: BTreeMap::new(),
+                log: log.clone(),
+            },
+            slots: FakeMap {
+                name: "slot",
+                data: BTreeMap::new(),
+                log: log.clone(),
+            },
+            backends: FakeMap {
+                name: "be",
+                data: BTreeMap::new(),
+                log: log.clone(),
+            },
         };
         (maps, log)
     }
@@ -361,20 +398,37 @@ mod tests {
 
     fn plan_with(n: u32) -> Plan {
         let mut plan = Plan::default();
-        plan.services.insert(ServiceKey::vip_marker(v4(0x0a60_0001)), ServiceValue::MARKER);
+        plan.services.insert(
+            ServiceKey::vip_marker(v4(0x0a60_0001)),
+            ServiceValue::MARKER,
+        );
         plan.services.insert(
             ServiceKey::new(v4(0x0a60_0001), 80, 6),
-            ServiceValue { id: 1, count: n, flags: 0, affinity_timeout_s: 0 },
+            ServiceValue {
+                id: 1,
+                count: n,
+                flags: 0,
+                affinity_timeout_s: 0,
+            },
         );
         for i in 1..=n {
-            plan.backends.insert(i, Backend::new(v4(0x0af4_0100 + i), 8080, 6));
-            plan.slots.insert(BackendSlotKey { service_id: 1, slot: i }, i);
+            plan.backends
+                .insert(i, Backend::new(v4(0x0af4_0100 + i), 8080, 6));
+            plan.slots.insert(
+                BackendSlotKey {
+                    service_id: 1,
+                    slot: i,
+                },
+                i,
+            );
         }
         plan
     }
 
     fn position(log: &[String], prefix: &str) -> usize {
-        log.iter().position(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix} not in {log:?}"))
+        log.iter()
+            .position(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("{prefix} not in {log:?}"))
     }
 
     #[test]
@@ -382,13 +436,23 @@ mod tests {
         let (mut maps, log) = fake();
         let plan = plan_with(3);
         let stats = maps.apply(&plan).unwrap();
-        assert_eq!(stats, ApplyStats { written: 2 + 3 + 3, removed: 0 });
+        assert_eq!(
+            stats,
+            ApplyStats {
+                written: 2 + 3 + 3,
+                removed: 0
+            }
+        );
         assert_eq!(maps.services.data, plan.services);
         assert_eq!(maps.slots.data, plan.slots);
         assert_eq!(maps.backends.data, plan.backends);
         log.borrow_mut().clear();
         assert_eq!(maps.apply(&plan).unwrap(), ApplyStats::default());
-        assert!(log.borrow().is_empty(), "idempotent apply wrote {:?}", log.borrow());
+        assert!(
+            log.borrow().is_empty(),
+            "idempotent apply wrote {:?}",
+            log.borrow()
+        );
     }
 
     #[test]
@@ -409,7 +473,13 @@ mod tests {
         maps.apply(&plan_with(3)).unwrap();
         log.borrow_mut().clear();
         let stats = maps.apply(&plan_with(2)).unwrap();
-        assert_eq!(stats, ApplyStats { written: 1, removed: 2 });
+        assert_eq!(
+            stats,
+            ApplyStats {
+                written: 1,
+                removed: 2
+            }
+        );
         let log = log.borrow();
         assert!(position(&log, "put svc") < position(&log, "del slot"));
         assert!(position(&log, "del slot") < position(&log, "del be 3"));
@@ -421,10 +491,23 @@ mod tests {
         let (mut maps, _log) = fake();
         maps.services.data.insert(
             ServiceKey::new(v4(0x0a60_0063), 53, 17),
-            ServiceValue { id: 9, count: 1, flags: 0, affinity_timeout_s: 0 },
+            ServiceValue {
+                id: 9,
+                count: 1,
+                flags: 0,
+                affinity_timeout_s: 0,
+            },
         );
-        maps.slots.data.insert(BackendSlotKey { service_id: 9, slot: 1 }, 9);
-        maps.backends.data.insert(9, Backend::new(v4(0x0af4_0909), 53, 17));
+        maps.slots.data.insert(
+            BackendSlotKey {
+                service_id: 9,
+                slot: 1,
+            },
+            9,
+        );
+        maps.backends
+            .data
+            .insert(9, Backend::new(v4(0x0af4_0909), 53, 17));
         let plan = plan_with(1);
         maps.apply(&plan).unwrap();
         assert_eq!(maps.services.data, plan.services);
@@ -434,23 +517,47 @@ mod tests {
 
     #[test]
     fn affinity_to_a_backend_without_slot_is_stale() {
-        let key = |netns_cookie, service_id| AffinityKey { netns_cookie, service_id, _pad: 0 };
-        let val = |backend_id| AffinityValue { backend_id, _pad: 0, last_used_ns: 1 };
+        let key = |netns_cookie, service_id| AffinityKey {
+            netns_cookie,
+            service_id,
+            _pad: 0,
+        };
+        let val = |backend_id| AffinityValue {
+            backend_id,
+            _pad: 0,
+            last_used_ns: 1,
+        };
         let entries = BTreeMap::from([
-            (key(1, 1), val(1)),  // still in a slot of service 1
-            (key(2, 1), val(3)),  // backend 3 left service 1
-            (key(3, 2), val(1)),  // service 2 is gone
+            (key(1, 1), val(1)), // still in a slot of service 1
+            (key(2, 1), val(3)), // backend 3 left service 1
+            (key(3, 2), val(1)), // service 2 is gone
         ]);
         let active = BTreeSet::from([(1, 1), (1, 2)]);
-        assert_eq!(stale_affinity(&entries, &active), vec![key(2, 1), key(3, 2)]);
+        assert_eq!(
+            stale_affinity(&entries, &active),
+            vec![key(2, 1), key(3, 2)]
+        );
     }
 
     #[test]
     fn counters_of_vanished_services_and_backends_are_stale() {
         let plan = plan_with(2);
-        let key = |service_id, backend_id| LbMetricsKey { service_id, backend_id };
-        let keys = [key(1, 0), key(1, 1), key(1, 2), key(1, 3), key(7, 1), key(7, 0)];
-        assert_eq!(stale_metrics(&keys, &plan), vec![key(1, 3), key(7, 1), key(7, 0)]);
+        let key = |service_id, backend_id| LbMetricsKey {
+            service_id,
+            backend_id,
+        };
+        let keys = [
+            key(1, 0),
+            key(1, 1),
+            key(1, 2),
+            key(1, 3),
+            key(7, 1),
+            key(7, 0),
+        ];
+        assert_eq!(
+            stale_metrics(&keys, &plan),
+            vec![key(1, 3), key(7, 1), key(7, 0)]
+        );
     }
 
     fn pkey(subject: u32, peer: u32, port: u16) -> PolicyKey {
@@ -466,12 +573,27 @@ mod tests {
 
     fn policy_maps(
         log: &Rc<RefCell<Vec<String>>>,
-    ) -> PolicyMaps<FakeMap<u64, EndpointValue>, FakeMap<IpcacheKey, IpcacheValue>, FakeMap<PolicyKey, PolicyValue>>
-    {
+    ) -> PolicyMaps<
+        FakeMap<u64, EndpointValue>,
+        FakeMap<IpcacheKey, IpcacheValue>,
+        FakeMap<PolicyKey, PolicyValue>,
+    > {
         PolicyMaps {
-            endpoints: FakeMap { name: "ep", data: BTreeMap::new(), log: log.clone() },
-            ipcache: FakeMap { name: "ipc", data: BTreeMap::new(), log: log.clone() },
-            policy: FakeMap { name: "pol", data: BTreeMap::new(), log: log.clone() },
+            endpoints: FakeMap {
+                name: "ep",
+                data: BTreeMap::new(),
+                log: log.clone(),
+            },
+            ipcache: FakeMap {
+                name: "ipc",
+                data: BTreeMap::new(),
+                log: log.clone(),
+            },
+            policy: FakeMap {
+                name: "pol",
+                data: BTreeMap::new(),
+                log: log.clone(),
+            },
         }
     }
 
@@ -483,10 +605,28 @@ mod tests {
         let marker = pkey(300, 0, 0);
         let allow = pkey(300, 301, 80);
         let policy = BTreeMap::from([
-            (marker, PolicyValue { flags: POLICY_ISOLATED, policy_id: 0 }),
-            (allow, PolicyValue { flags: POLICY_ALLOW, policy_id: 0 }),
+            (
+                marker,
+                PolicyValue {
+                    flags: POLICY_ISOLATED,
+                    policy_id: 0,
+                },
+            ),
+            (
+                allow,
+                PolicyValue {
+                    flags: POLICY_ALLOW,
+                    policy_id: 0,
+                },
+            ),
         ]);
-        let endpoints = BTreeMap::from([(7, EndpointValue { identity: 300, _pad: 0 })]);
+        let endpoints = BTreeMap::from([(
+            7,
+            EndpointValue {
+                identity: 300,
+                _pad: 0,
+            },
+        )]);
         let ipcache = BTreeMap::new();
         maps.apply(&endpoints, &ipcache, &policy).unwrap();
         {
@@ -496,7 +636,8 @@ mod tests {
             assert!(put(&marker) < position(&log, "put ep"), "{log:?}");
         }
         log.borrow_mut().clear();
-        maps.apply(&BTreeMap::new(), &ipcache, &BTreeMap::new()).unwrap();
+        maps.apply(&BTreeMap::new(), &ipcache, &BTreeMap::new())
+            .unwrap();
         let log = log.borrow();
         let del = |k: &PolicyKey| position(&log, &format!("del pol {k:?}"));
         assert!(del(&marker) < del(&allow), "{log:?}");

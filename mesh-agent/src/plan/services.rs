@@ -27,9 +27,16 @@ fn slices_by_service(state: &State) -> BTreeMap<(&str, &str), Vec<&EndpointSlice
         if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
             continue;
         }
-        let service = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
+        let service = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL));
         if let Some(service) = service {
-            index.entry((key.namespace.as_str(), service.as_str())).or_default().push(slice);
+            index
+                .entry((key.namespace.as_str(), service.as_str()))
+                .or_default()
+                .push(slice);
         }
     }
     index

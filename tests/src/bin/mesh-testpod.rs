@@ -669,7 +669,10 @@ fn bench_persistent(args: &BenchArgs) -> Result<()> {
         (&stream).write_all(&payload)?;
         reader.read_exact(&mut echo)?;
         if echo != payload {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "echo differs from payload"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "echo differs from payload",
+            ));
         }
         Ok(())
     };
