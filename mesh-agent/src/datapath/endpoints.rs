@@ -356,7 +356,7 @@ mod tests {
                     add_pod_netns(sandbox, &a, &["10.250.1.1/32", "fd00:250:1::1/128"]);
                     add_pod_netns(sandbox, &b, &["10.250.2.1/32", "fd00:250:2::1/128"]);
 
-                    let root = sandbox.add_cgroup(cgroup2_mount().join(&tag));
+                    let root = sandbox.add_cgroup(cgroup2_mount().join(tag));
                     // Processes only in leaves, as cgroup2 requires once controllers are enabled.
                     let pod_a = sandbox.add_cgroup(root.join("pod-a"));
                     let pod_b = sandbox.add_cgroup(root.join("pod-b"));

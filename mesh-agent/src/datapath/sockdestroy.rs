@@ -601,10 +601,10 @@ except OSError as e:
                 "sdtest",
                 "destroying sockets in a new netns",
                 |sandbox, name| {
-                    sandbox.add_netns(&name);
-                    let cgroup = sandbox.add_cgroup(cgroup2_mount().join(&name));
+                    sandbox.add_netns(name);
+                    let cgroup = sandbox.add_cgroup(cgroup2_mount().join(name));
                     let pod = Pod {
-                        netns: &name,
+                        netns: name,
                         cgroup: &cgroup,
                     };
 
