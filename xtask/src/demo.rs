@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: the cluster of deploy/local/demo.yaml built from network
 //! namespaces (2 nodes, 7 dual-stack pods), one agent per node, real connections from a
 //! client pod on each node to the Service VIPs (TCP over IPv4 and IPv6, DNS-style UDP),
-//! and a report of which backend answered and which peer the application saw.
+//! and a report of which backend answered and which peer the application saw; then
+//! network policy at work (an egress EPERM, an ingress drop) and the agents' flow log.
 //! Everything is removed at the end; `--keep` holds it up until Ctrl-C.
 
 use std::{
@@ -12,7 +13,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use mesh_tests::{Agent, ChildGuard, Cluster, testpod};
+use mesh_tests::{Agent, ChildGuard, Cluster, StateDir, agent::node_name, testpod};
 
 use crate::{build, setup};
 
@@ -28,7 +29,7 @@ pub struct DemoArgs {
 }
 
 /// Pods of deploy/local/demo.yaml: (node, name, IP, port it serves or 0 for clients).
-const PODS: [(&str, &str, &str, u16); 7] = [
+const PODS: [(&str, &str, &str, u16); 8] = [
     ("n1", "client", "10.244.1.10", 0),
     ("n2", "client-2", "10.244.2.10", 0),
     ("n1", "web-1", "10.244.1.11", 8080),
@@ -36,6 +37,7 @@ const PODS: [(&str, &str, &str, u16); 7] = [
     ("n2", "web-3", "10.244.2.12", 8080),
     ("n1", "api-1", "10.244.1.21", 9090),
     ("n2", "api-2", "10.244.2.21", 9090),
+    ("n1", "batch", "10.244.1.30", 0),
 ];
 
 /// Frontends of deploy/local/demo.yaml: (Service, VIP:port, protocol).
@@ -58,7 +60,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     setup::run()?;
     let bins = build::run(build::Profile::Release)?;
     crate::use_binaries(&bins);
-    let state = build::workspace_root().join("deploy/local/demo.yaml");
+    let template = build::workspace_root().join("deploy/local/demo.yaml");
 
     let mut builder = Cluster::builder("demo").dual_stack().node("n1").node("n2");
     for (node, name, ip, _) in PODS {
@@ -70,6 +72,27 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         .filter(|(_, _, _, port)| *port != 0)
         .map(|(_, name, _, port)| testpod::start_server(cluster.pod(name), *port, name))
         .collect::<Result<_>>()?;
+    // Policy applies to the pods of an agent's own node (spec.nodeName), and the agents
+    // run under names unique to this run: write the state with those names.
+    let mut yaml = std::fs::read_to_string(&template)
+        .with_context(|| format!("reading {}", template.display()))?;
+    for node in ["n1", "n2"] {
+        let name = node_name(cluster.node(node));
+        yaml = yaml.replace(
+            &format!("nodeName: {node}\n"),
+            &format!("nodeName: {name}\n"),
+        );
+    }
+    let state_dir = StateDir::new("demo")?;
+    state_dir.write("demo.yaml", &yaml)?;
+    let state = state_dir.path().join("demo.yaml");
+    // The agent finds a pod's network namespace through a process in it; batch only
+    // runs short-lived clients, so it keeps an idle one.
+    let _batch_idle = cluster.pod("batch").spawn({
+        let mut idle = std::process::Command::new("sleep");
+        idle.arg("3600");
+        idle
+    })?;
     let agents = ["n1", "n2"]
         .iter()
         .map(|node| Agent::start(cluster.node(node), &state))
@@ -111,6 +134,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     println!("\nclient -> 10.96.0.10:81 (a port web does not expose):");
     print_counts(&refused.by_backend, &refused.errors);
 
+    policy_scene(&cluster, &agents)?;
+
     if args.keep {
         keep_running(&cluster, &agents, &state)?;
     }
@@ -121,12 +146,45 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     Ok(())
 }
 
+/// Network policy at work: batch may reach web but not api (egress, EPERM at once);
+/// web-1 is not a client, so api drops its connection (ingress); then the flow log.
+fn policy_scene(cluster: &Cluster, agents: &[Agent]) -> Result<()> {
+    println!("\n== network policy (deploy/local/demo.yaml: batch-egress, api-ingress)");
+    let batch = cluster.pod("batch");
+    for (target, addr) in [("web", "10.96.0.10:80"), ("api", "10.96.0.20:9000")] {
+        let summary = testpod::connect(batch, addr.parse()?, 3)?;
+        println!(
+            "batch -> {target} {addr}: {} of {} answered",
+            summary.ok, summary.attempts
+        );
+        print_counts(&summary.by_backend, &summary.errors);
+    }
+    let summary = testpod::connect(cluster.pod("web-1"), "10.96.0.20:9000".parse()?, 2)?;
+    println!(
+        "web-1 -> api 10.96.0.20:9000: {} of {} answered",
+        summary.ok, summary.attempts
+    );
+    print_counts(&summary.by_backend, &summary.errors);
+    for agent in agents {
+        println!("\n$ mesh-agent observe --node {}", agent.pin_name());
+        let out = agent.cli(&["observe", "--node", agent.pin_name()])?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    Ok(())
+}
+
 fn print_counts(by_backend: &BTreeMap<String, u64>, errors: &BTreeMap<String, u64>) {
     for (backend, n) in by_backend {
         println!("  {backend:<8} {n:>4}  {}", "#".repeat(*n as usize));
     }
     for (error, n) in errors {
-        println!("  {error:<8} {n:>4}  (refused by the connect hook)");
+        let why = match error.as_str() {
+            "ECONNREFUSED" => "refused by the connect hook: no such Service port",
+            "EPERM" => "denied by egress policy in the connect hook",
+            "ETIMEDOUT" => "dropped by ingress policy at the destination",
+            _ => "",
+        };
+        println!("  {error:<8} {n:>4}  {why}");
     }
 }
 
@@ -141,6 +199,7 @@ fn keep_running(cluster: &Cluster, agents: &[Agent], state: &std::path::Path) ->
     let node = cluster.node("n1");
     println!("\n== running; press Ctrl-C to tear down");
     println!("state (edit it, the agents re-apply): {}", state.display());
+    println!("flows:                   mesh-agent observe --follow --node <node>");
     println!(
         "a shell in pod client:   nsenter --net={} bash",
         client.netns_path().display()
