@@ -13,10 +13,7 @@ use std::{
 };
 
 use aya::maps::{MapData, PerCpuHashMap};
-use mesh_common::{
-    Addr, AffinityKey, AffinityValue, IpcacheKey, IpcacheValue, LbMetricsKey,
-    policy::IDENTITY_HOST, service::PROTO_UDP,
-};
+use mesh_common::{AffinityKey, AffinityValue, LbMetricsKey, service::PROTO_UDP};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -196,6 +193,7 @@ impl Reconciler {
         let pctx = PolicyContext {
             node: &self.node,
             local_netns: &self.local_netns,
+            node_addrs: &self.node_addrs,
             capacities: self.policy_capacities,
         };
         let planned = plan::plan(state, &self.ids, &ctx)
@@ -208,26 +206,11 @@ impl Reconciler {
                 return Outcome::Rejected;
             }
         };
-        // The node's addresses are the host identity, which ingress policy always lets
-        // in (a pod address never collides with them; if it did, the pod would win).
-        let mut ipcache = policy.ipcache.clone();
-        for ip in &self.node_addrs {
-            let addr = Addr::from(*ip);
-            ipcache
-                .entry(IpcacheKey {
-                    prefixlen: 128,
-                    addr,
-                })
-                .or_insert(IpcacheValue {
-                    identity: IDENTITY_HOST,
-                    _pad: 0,
-                });
-        }
         let applied = self.maps.services.apply(&plan).and_then(|lb| {
             let p = self
                 .maps
                 .policy
-                .apply(&policy.endpoints, &ipcache, &policy.policy)?;
+                .apply(&policy.endpoints, &policy.ipcache, &policy.policy)?;
             Ok((lb, p))
         });
         let (stats, policy_stats) = match applied {

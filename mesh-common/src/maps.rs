@@ -111,16 +111,14 @@ pub mod programs {
         GETPEERNAME4,
         GETPEERNAME6,
     ];
-    /// Every program.
-    pub const ALL: [&str; 9] = [
-        CONNECT4,
-        CONNECT6,
-        SENDMSG4,
-        SENDMSG6,
-        RECVMSG4,
-        RECVMSG6,
-        GETPEERNAME4,
-        GETPEERNAME6,
-        INGRESS,
-    ];
+    /// Every program: the sock_addr ones, then the ingress program.
+    pub const ALL: [&str; 9] = {
+        let mut all = [INGRESS; 9];
+        let mut i = 0;
+        while i < SOCK_ADDR.len() {
+            all[i] = SOCK_ADDR[i];
+            i += 1;
+        }
+        all
+    };
 }

@@ -76,39 +76,30 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<bool, ()> {
     // Ports stay in network byte order, as the maps store them.
     let src_port = u16::from_ne_bytes([ports[0], ports[1]]);
     let dst_port = u16::from_ne_bytes([ports[2], ports[3]]);
-    let peer = policy::identity_of(&src);
-    if peer == IDENTITY_HOST {
-        return Ok(true);
-    }
-    if proto == PROTO_TCP {
+    // Established traffic returns before any map lookup: this runs for every packet.
+    let key = if proto == PROTO_TCP {
         let flags: u8 = ctx.load(l4 + 13).map_err(|_| ())?;
         if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
             return Ok(true);
         }
-        let flow = Flow {
-            src,
-            dst,
-            src_port,
-            dst_port,
-            proto,
+        None
+    } else {
+        // SAFETY: helper call on the program's own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let key = RevNatKey {
+            cookie,
+            addr: src,
+            port: src_port,
+            _pad: [0; 6],
         };
-        return Ok(policy::judge(
-            policy::identity_of(&dst),
-            peer,
-            DIR_INGRESS,
-            &flow,
-        ));
-    }
-    // SAFETY: helper call on the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = RevNatKey {
-        cookie,
-        addr: src,
-        port: src_port,
-        _pad: [0; 6],
+        // SAFETY: plain data.
+        if unsafe { UDP_PEERS.get(&key) }.is_some() {
+            return Ok(true);
+        }
+        Some(key)
     };
-    // SAFETY: plain data.
-    if unsafe { UDP_PEERS.get(&key) }.is_some() {
+    let peer = policy::identity_of(&src);
+    if peer == IDENTITY_HOST {
         return Ok(true);
     }
     let flow = Flow {
@@ -119,7 +110,7 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<bool, ()> {
         proto,
     };
     let allowed = policy::judge(policy::identity_of(&dst), peer, DIR_INGRESS, &flow);
-    if allowed {
+    if let (true, Some(key)) = (allowed, key) {
         // The socket may now answer this peer even under egress isolation: a reply
         // belongs to the flow ingress policy just allowed (see connect.rs).
         let _ = UDP_PEERS.insert(&key, &1, 0);

@@ -199,7 +199,8 @@ where
     ) -> Result<ApplyStats, SyncError> {
         let e = diff(&self.endpoints.entries()?, endpoints);
         let i = diff(&self.ipcache.entries()?, ipcache);
-        let p = diff(&self.policy.entries()?, policy);
+        let current_policy = self.policy.entries()?;
+        let p = diff(&current_policy, policy);
         let is_marker = |v: &PolicyValue| v.flags & POLICY_ISOLATED != 0;
         let (markers, allows): (Vec<_>, Vec<_>) = p.upserts.iter().partition(|(_, v)| is_marker(v));
         for (k, v) in allows.iter().chain(&markers) {
@@ -211,11 +212,12 @@ where
         for (k, v) in &e.upserts {
             self.endpoints.upsert(k, v)?;
         }
-        let current = self.policy.entries()?;
+        // Removed keys are absent from the desired set, so the upserts above did not
+        // touch them: their values are still the ones read before.
         let (stale_markers, stale_allows): (Vec<_>, Vec<_>) = p
             .removals
             .iter()
-            .partition(|k| current.get(k).is_some_and(is_marker));
+            .partition(|k| current_policy.get(k).is_some_and(is_marker));
         for k in stale_markers.iter().chain(&stale_allows) {
             self.policy.remove(k)?;
         }

@@ -49,6 +49,7 @@ fn view() -> View {
     let ctx = PolicyContext {
         node: "n1",
         local_netns: &local,
+        node_addrs: &[],
         capacities: PolicyCapacities::default(),
     };
     let (plan, _) = plan_policy(&state, &IdentityIds::default(), &ctx).expect("plan");

@@ -42,8 +42,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_common::Addr;
 use mesh_common::maps;
 use mesh_common::policy::{
-    DIR_EGRESS, DIR_INGRESS, EndpointValue, IDENTITY_ANY, IDENTITY_WORLD, IpcacheKey, IpcacheValue,
-    POLICY_ALLOW, POLICY_FIXED_PREFIX, POLICY_ISOLATED, PolicyKey, PolicyValue,
+    DIR_EGRESS, DIR_INGRESS, EndpointValue, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD,
+    IpcacheKey, IpcacheValue, POLICY_ALLOW, POLICY_FIXED_PREFIX, POLICY_ISOLATED, PolicyKey,
+    PolicyValue,
 };
 
 use super::PlanError;
@@ -58,6 +59,8 @@ pub struct PolicyContext<'a> {
     pub node: &'a str,
     /// Local pod address → network namespace cookie, as the agent discovered them.
     pub local_netns: &'a BTreeMap<IpAddr, u64>,
+    /// The node's own addresses: host identity, which ingress policy always lets in.
+    pub node_addrs: &'a [IpAddr],
     /// Entries the policy maps hold.
     pub capacities: PolicyCapacities,
 }
@@ -350,6 +353,11 @@ pub fn plan_policy(
     let mapped = Cidr::new(IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0)), 96);
     if prefixes.iter().any(|p| p.contains(&mapped)) {
         ipcache_insert(&mut plan.ipcache, mapped, IDENTITY_WORLD);
+    }
+    // After the pods: an address both a pod and the node claim stays the pod's.
+    for &ip in ctx.node_addrs {
+        let len = if ip.is_ipv4() { 32 } else { 128 };
+        ipcache_insert(&mut plan.ipcache, Cidr::new(ip, len), IDENTITY_HOST);
     }
 
     for (pod, &id) in pods.iter().zip(&pod_ids) {

@@ -1,5 +1,6 @@
 use super::*;
 use crate::state::parse_str;
+use mesh_common::policy::IDENTITY_HOST;
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -45,6 +46,7 @@ fn plan_with(
     let ctx = PolicyContext {
         node: "n1",
         local_netns: &local_netns,
+        node_addrs: &[],
         capacities,
     };
     plan_policy(&state, prev, &ctx)
@@ -168,6 +170,26 @@ fn no_policy_allows_everything_and_plans_no_entries() {
     assert_eq!(plan.ipcache.len(), 4);
     assert_eq!(plan.endpoints.len(), 4);
     assert_matrix(&plan, &[A1, A2, B1, C1], TCP, 80, &["1111"; 4]);
+}
+
+#[test]
+fn node_addresses_are_the_host_identity_but_pods_keep_theirs() {
+    let state = state(&cluster());
+    let node_addrs: Vec<IpAddr> = ["169.254.1.1", "fd00:250::1", A1]
+        .iter()
+        .map(|a| a.parse().expect("ip"))
+        .collect();
+    let ctx = PolicyContext {
+        node: "n1",
+        local_netns: &BTreeMap::new(),
+        node_addrs: &node_addrs,
+        capacities: PolicyCapacities::default(),
+    };
+    let (plan, _) = plan_policy(&state, &IdentityIds::default(), &ctx).expect("plan");
+    assert_eq!(identity_of(&plan, "169.254.1.1"), IDENTITY_HOST);
+    assert_eq!(identity_of(&plan, "fd00:250::1"), IDENTITY_HOST);
+    // A1 is a pod's address too: the pod's identity wins.
+    assert!(identity_of(&plan, A1) >= mesh_common::policy::IDENTITY_FIRST_ALLOCATED);
 }
 
 #[test]
@@ -514,6 +536,7 @@ fn only_local_subjects_get_policy_entries() {
     let ctx = PolicyContext {
         node: "n1",
         local_netns: &local_netns,
+        node_addrs: &[],
         capacities: PolicyCapacities::default(),
     };
     let (plan, _) = plan_policy(&state, &IdentityIds::default(), &ctx).expect("plan");

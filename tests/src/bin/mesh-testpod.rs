@@ -624,38 +624,15 @@ fn bench(args: &BenchArgs) -> Result<()> {
         return bench_persistent(args);
     }
     let timeout = Duration::from_millis(args.timeout_ms);
-    let budget = Duration::from_secs(args.max_secs);
     let payload = vec![b'x'; args.payload];
-    let start = Instant::now();
-    for _ in 0..args.warmup {
-        if start.elapsed() > budget {
-            break;
-        }
-        // Warm-up failures show up again in the measured phase; no need to count them.
-        let _ = bench_iteration(args.addr, timeout, &payload);
-    }
-    let mut latencies = Vec::with_capacity(args.count as usize);
-    let mut errors = BTreeMap::new();
-    let measured = Instant::now();
-    for _ in 0..args.count {
-        if start.elapsed() > budget {
-            break;
-        }
-        let begin = Instant::now();
-        match bench_iteration(args.addr, timeout, &payload) {
-            Ok(()) => latencies.push(u64::try_from(begin.elapsed().as_nanos()).unwrap_or(u64::MAX)),
-            Err(e) => *errors.entry(error_key(&e)).or_default() += 1,
-        }
-    }
-    let summary = BenchSummary::from_latencies(latencies, measured.elapsed(), errors);
-    println!("{}", serde_json::to_string(&summary)?);
-    Ok(())
+    measure(args, Instant::now(), false, || {
+        bench_iteration(args.addr, timeout, &payload)
+    })
 }
 
 /// One connection; each iteration writes the payload and reads its echo.
 fn bench_persistent(args: &BenchArgs) -> Result<()> {
     let timeout = Duration::from_millis(args.timeout_ms);
-    let budget = Duration::from_secs(args.max_secs);
     let payload = vec![b'x'; args.payload];
     let start = Instant::now();
     let stream = TcpStream::connect_timeout(&args.addr, timeout).context("connect")?;
@@ -665,7 +642,7 @@ fn bench_persistent(args: &BenchArgs) -> Result<()> {
     let mut reader = BufReader::new(&stream);
     read_name_line(&mut reader).context("read the server's name")?;
     let mut echo = vec![0u8; payload.len()];
-    let mut exchange = || -> io::Result<()> {
+    measure(args, start, true, || {
         (&stream).write_all(&payload)?;
         reader.read_exact(&mut echo)?;
         if echo != payload {
@@ -675,9 +652,29 @@ fn bench_persistent(args: &BenchArgs) -> Result<()> {
             ));
         }
         Ok(())
-    };
+    })
+}
+
+/// Runs `--warmup` unmeasured and `--count` measured iterations of `op` within the
+/// `--max-secs` budget counted from `start`, and prints the summary. On one connection
+/// (`persistent`) a failure ends the run, since later iterations could only fail; with
+/// a connection per iteration, failures are counted and the run goes on.
+fn measure(
+    args: &BenchArgs,
+    start: Instant,
+    persistent: bool,
+    mut op: impl FnMut() -> io::Result<()>,
+) -> Result<()> {
+    let budget = Duration::from_secs(args.max_secs);
     for _ in 0..args.warmup {
-        exchange()?;
+        if start.elapsed() > budget {
+            break;
+        }
+        match op() {
+            Err(e) if persistent => return Err(e).context("warm-up"),
+            // Warm-up failures show up again in the measured phase; no need to count them.
+            _ => {}
+        }
     }
     let mut latencies = Vec::with_capacity(args.count as usize);
     let mut errors = BTreeMap::new();
@@ -687,12 +684,13 @@ fn bench_persistent(args: &BenchArgs) -> Result<()> {
             break;
         }
         let begin = Instant::now();
-        match exchange() {
+        match op() {
             Ok(()) => latencies.push(u64::try_from(begin.elapsed().as_nanos()).unwrap_or(u64::MAX)),
             Err(e) => {
-                // A broken connection ends the run: later iterations could only fail.
                 *errors.entry(error_key(&e)).or_default() += 1;
-                break;
+                if persistent {
+                    break;
+                }
             }
         }
     }
