@@ -132,7 +132,7 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
     )?;
     // Program the maps before attaching, so the first call already sees the table.
     let mut outcome = reconciler.reload();
-    datapath.attach(cgroup)?;
+    datapath.attach(cgroup, args.sockmap)?;
     info!(node = %args.node, cgroup = %cgroup.display(), "datapath ready");
 
     let mut rediscover = tokio::time::interval(REDISCOVER);

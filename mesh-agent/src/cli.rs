@@ -11,7 +11,9 @@ use crate::{
     datapath::{self, loader::MapSizes},
     flows::{FlowFilter, Verdict},
     health::HealthConfig,
-    state,
+    metrics::SnapshotSource as _,
+    state, status,
+    telemetry::Telemetry,
 };
 
 /// Default bpffs mount point (mounted by the agent when missing, as Cilium does).
@@ -36,6 +38,17 @@ enum Command {
     },
     /// Print the load-balancing table the kernel holds (read from the pinned maps).
     Services {
+        /// Node whose datapath to read; may be omitted when exactly one is pinned.
+        #[arg(long, value_parser = node_name)]
+        node: Option<String>,
+        /// bpffs mount point.
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
+    /// Print a node's datapath status from its pins: attached programs, same-node
+    /// socket redirection (sockets, redirected messages and bytes), policy verdicts and
+    /// map fill levels.
+    Status {
         /// Node whose datapath to read; may be omitted when exactly one is pinned.
         #[arg(long, value_parser = node_name)]
         node: Option<String>,
@@ -125,6 +138,14 @@ pub struct RunArgs {
     /// 0700), which serves flows and policy to `mesh-agent observe` and `policy`.
     #[arg(long, default_value = admin::DEFAULT_RUN_DIR)]
     pub run_dir: PathBuf,
+    /// Same-node socket redirection with sockmap: established TCP connections whose
+    /// both ends are on this node hand data socket to socket, bypassing the TCP/IP
+    /// stack. Off by default: on the kernels we know (up to 6.18), a *blocking* read on
+    /// a redirected socket can return EAGAIN when the socket gets a wakeup that brings
+    /// no data (its own FIN acknowledged, a reset); applications on non-blocking
+    /// sockets (epoll/poll: Go, Java NIO, Node, Envoy, tokio) retry and are unaffected.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub sockmap: bool,
     /// Probe TCP backends and take failing ones out of load balancing.
     #[arg(long)]
     pub health_checks: bool,
@@ -190,6 +211,9 @@ pub struct MapSizeArgs {
     /// UDP_PEERS: peers local UDP sockets sent to, whose replies pass ingress policy (LRU).
     #[arg(long, default_value_t = MapSizes::default().udp_peers, value_parser = clap::value_parser!(u32).range(1..))]
     pub map_size_udp_peers: u32,
+    /// SOCKS: established same-node sockets redirected by sockmap.
+    #[arg(long, default_value_t = MapSizes::default().socks, value_parser = clap::value_parser!(u32).range(1..))]
+    pub map_size_socks: u32,
 }
 
 impl MapSizeArgs {
@@ -206,6 +230,7 @@ impl MapSizeArgs {
             ipcache: self.map_size_ipcache,
             policy: self.map_size_policy,
             udp_peers: self.map_size_udp_peers,
+            socks: self.map_size_socks,
         }
     }
 }
@@ -269,6 +294,21 @@ impl Cli {
                     datapath::inspect::read_services(&datapath::pins::node_dir(&bpffs, &node))
                         .with_context(|| format!("reading the datapath of node {node}"))?;
                 print!("{table}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Status { node, bpffs } => {
+                let node = match node {
+                    Some(node) => node,
+                    None => datapath::pins::only_node(&bpffs)?,
+                };
+                let node_dir = datapath::pins::node_dir(&bpffs, &node);
+                anyhow::ensure!(
+                    node_dir.is_dir(),
+                    "no datapath of node {node} is pinned under {}",
+                    node_dir.display()
+                );
+                let snapshot = Telemetry::new(node_dir).snapshot();
+                print!("{}", status::render(&node, &snapshot));
                 Ok(ExitCode::SUCCESS)
             }
             Command::Observe {
@@ -374,7 +414,25 @@ fn validate(path: &std::path::Path) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::{node_name, pod_name};
+    use super::{Cli, Command, node_name, pod_name};
+    use clap::Parser as _;
+
+    #[test]
+    fn sockmap_is_opt_in() {
+        let sockmap = |extra: &[&str]| {
+            let args = ["mesh-agent", "run", "--node", "n1", "--state", "s.yaml"];
+            match Cli::try_parse_from(args.iter().chain(extra))
+                .expect("parse")
+                .command
+            {
+                Command::Run(run) => run.sockmap,
+                _ => unreachable!("parsed as run"),
+            }
+        };
+        assert!(!sockmap(&[]));
+        assert!(sockmap(&["--sockmap=true"]));
+        assert!(!sockmap(&["--sockmap=false"]));
+    }
 
     #[test]
     fn pod_names_are_namespace_slash_name() {

@@ -4,7 +4,8 @@
 //! flows and policy, and its client), `flows` (policy verdict events, named), `state` (cluster objects and their
 //! files), `plan` (state → desired map contents, pure), `reconcile` (state → plan →
 //! maps), `datapath` (load, attach, pin, diff-apply maps, read them back, destroy stale
-//! sockets), `health` (active backend probes), `metrics` + `telemetry` (Prometheus),
+//! sockets), `health` (active backend probes), `metrics` + `telemetry` (Prometheus), `status`
+//! (the datapath at a glance),
 //! `watch` (file change notification).
 
 mod admin;
@@ -17,6 +18,7 @@ mod metrics;
 mod plan;
 mod reconcile;
 mod state;
+mod status;
 mod telemetry;
 mod watch;
 

@@ -44,6 +44,23 @@ pub struct Snapshot {
     pub last_reconcile_ok: bool,
     /// Policy verdicts the kernel counted (denials and audits).
     pub policy_verdicts: Vec<VerdictCount>,
+    /// Same-node socket redirection.
+    pub sockmap: SockmapCounters,
+}
+
+/// Same-node socket redirection (sockmap), as the kernel counted it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SockmapCounters {
+    /// Whether sock_ops is attached (the agent runs with `--sockmap=true`).
+    pub enabled: bool,
+    /// Established same-node sockets currently in the SOCKS map.
+    pub sockets: u64,
+    /// Messages handed socket to socket.
+    pub redirected_messages: u64,
+    /// Bytes of those messages.
+    pub redirected_bytes: u64,
+    /// Messages of same-node sockets that went through the TCP/IP stack instead.
+    pub stack_messages: u64,
 }
 
 /// A kernel count of policy verdicts.
@@ -341,6 +358,7 @@ pub fn render(snapshot: &Snapshot) -> String {
     register_datapath(&mut registry, snapshot);
     register_reconcile(&mut registry, snapshot);
     register_policy(&mut registry, &snapshot.policy_verdicts);
+    register_sockmap(&mut registry, &snapshot.sockmap);
     let mut text = String::new();
     prometheus_text::encode(&mut text, &registry).expect("writing to a String cannot fail");
     text
@@ -501,6 +519,46 @@ fn register_policy(registry: &mut Registry, counts: &[VerdictCount]) {
     );
 }
 
+fn register_sockmap(registry: &mut Registry, s: &SockmapCounters) {
+    let gauge = |v: u64| {
+        let g = U64Gauge::default();
+        g.set(v);
+        g
+    };
+    let counter = |v: u64| {
+        let c = Counter::<u64>::default();
+        c.inc_by(v);
+        c
+    };
+    registry.register(
+        "mesh_sockmap_enabled",
+        "Whether same-node socket redirection is on (1: sock_ops attached) or off (0)",
+        gauge(u64::from(s.enabled)),
+    );
+    registry.register(
+        "mesh_sockmap_sockets",
+        "Established TCP sockets with both ends on this node, currently in the sockmap",
+        gauge(s.sockets),
+    );
+    registry.register(
+        "mesh_sockmap_redirected_messages",
+        "Messages (sendmsg calls) handed straight to the peer socket, bypassing the \
+         TCP/IP stack, since the datapath was created",
+        counter(s.redirected_messages),
+    );
+    registry.register(
+        "mesh_sockmap_redirected_bytes",
+        "Bytes handed straight to the peer socket, since the datapath was created",
+        counter(s.redirected_bytes),
+    );
+    registry.register(
+        "mesh_sockmap_stack_messages",
+        "Messages of same-node sockets sent through the TCP/IP stack because their \
+         direction's first message went out before the peer socket was in the sockmap",
+        counter(s.stack_messages),
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -565,6 +623,13 @@ mod tests {
                     count: 2,
                 },
             ],
+            sockmap: SockmapCounters {
+                enabled: true,
+                sockets: 4,
+                redirected_messages: 10,
+                redirected_bytes: 65_536,
+                stack_messages: 1,
+            },
         }
     }
 
@@ -597,6 +662,12 @@ mod tests {
             r#"mesh_policy_verdicts_total{direction="ingress",verdict="audit"} 2"#,
             r#"mesh_policy_verdicts_total{direction="ingress",verdict="dropped"} 0"#,
             r#"mesh_drops_total{direction="egress",reason="policy-denied"} 4"#,
+            "mesh_sockmap_enabled 1",
+            "mesh_sockmap_sockets 4",
+            "mesh_sockmap_redirected_messages_total 10",
+            "mesh_sockmap_redirected_bytes_total 65536",
+            "mesh_sockmap_stack_messages_total 1",
+            "# TYPE mesh_sockmap_redirected_bytes_total counter",
             "# TYPE mesh_policy_verdicts_total counter",
             "# TYPE mesh_drops_total counter",
             "# TYPE mesh_lb_connections_total counter",
@@ -640,6 +711,11 @@ mod tests {
             "mesh_reconcile_last_success",
             "mesh_policy_verdicts_total",
             "mesh_drops_total",
+            "mesh_sockmap_enabled",
+            "mesh_sockmap_sockets",
+            "mesh_sockmap_redirected_messages_total",
+            "mesh_sockmap_redirected_bytes_total",
+            "mesh_sockmap_stack_messages_total",
         ]
         .into();
         assert_eq!(help, want);

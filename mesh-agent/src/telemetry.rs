@@ -12,19 +12,24 @@ use std::{
     },
 };
 
-use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuHashMap};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, SockHash};
 use mesh_common::{
     Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, EndpointValue, IpcacheValue,
     LbMetricsKey, PolicyKeyData, PolicyValue, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
+    SockKey,
     event::{REASON_POLICY_DENIED, VERDICT_AUDIT, VERDICT_DROPPED, VerdictKey},
     maps::{self, programs},
     policy::DIR_EGRESS,
+    redirect::counter,
     service::{BACKEND_ACTIVE, BACKEND_TERMINATING, PROTO_TCP},
 };
 
 use crate::{
     datapath::pins,
-    metrics::{BackendCounter, MapFill, ServiceCounters, Snapshot, SnapshotSource, VerdictCount},
+    metrics::{
+        BackendCounter, MapFill, ServiceCounters, Snapshot, SnapshotSource, SockmapCounters,
+        VerdictCount,
+    },
     plan::FrontendInfo,
 };
 
@@ -109,6 +114,30 @@ impl Telemetry {
             .collect()
     }
 
+    /// SOCKMAP_METRICS summed over CPUs, and the sockets in SOCKS; zeros when they
+    /// cannot be read (no datapath yet).
+    fn sockmap(&self) -> SockmapCounters {
+        let array = MapData::from_pin(self.node_dir.join(maps::SOCKMAP_METRICS))
+            .ok()
+            .and_then(|data| PerCpuArray::<_, u64>::try_from(Map::PerCpuArray(data)).ok());
+        let sum = |index: u32| -> u64 {
+            array
+                .as_ref()
+                .and_then(|a| a.get(&index, 0).ok())
+                .map_or(0, |per_cpu| per_cpu.iter().sum())
+        };
+        SockmapCounters {
+            enabled: pins::link_pin(&self.node_dir, programs::SOCKOPS).exists(),
+            sockets: MapData::from_pin(self.node_dir.join(maps::SOCKS))
+                .ok()
+                .and_then(|data| count_sockets(Map::SockHash(data)))
+                .unwrap_or(0) as u64,
+            redirected_messages: sum(counter::REDIRECTED_MSGS),
+            redirected_bytes: sum(counter::REDIRECTED_BYTES),
+            stack_messages: sum(counter::PASSED_MSGS),
+        }
+    }
+
     fn map_fill(&self, name: &'static str) -> Option<MapFill> {
         let data = MapData::from_pin(self.node_dir.join(name)).ok()?;
         let info = data.info().ok()?;
@@ -127,6 +156,9 @@ impl Telemetry {
             maps::POLICY => LpmTrie::<_, PolicyKeyData, PolicyValue>::try_from(Map::LpmTrie(data))
                 .ok()
                 .map(|m| m.keys().count()),
+            maps::SOCKS => count_sockets(Map::SockHash(data)),
+            maps::SOCK_PATHS => count::<SockKey, u32>(Map::LruHashMap(data)),
+            maps::SOCKMAP_METRICS => Some(counter::LEN as usize),
             _ => PerCpuHashMap::<_, LbMetricsKey, u64>::try_from(Map::PerCpuHashMap(data))
                 .ok()
                 .map(|m| m.keys().count()),
@@ -142,6 +174,12 @@ impl Telemetry {
 
 fn count<K: aya::Pod, V: aya::Pod>(map: Map) -> Option<usize> {
     HashMap::<_, K, V>::try_from(map)
+        .ok()
+        .map(|m| m.keys().count())
+}
+
+fn count_sockets(map: Map) -> Option<usize> {
+    SockHash::<_, SockKey>::try_from(map)
         .ok()
         .map(|m| m.keys().count())
 }
@@ -206,12 +244,14 @@ impl SnapshotSource for Telemetry {
             services,
             programs_attached: programs::ALL
                 .iter()
+                .chain([&programs::SOCKOPS])
                 .map(|p| (p.to_string(), pins::link_pin(&self.node_dir, p).exists()))
                 .collect(),
             maps: maps::ALL.iter().filter_map(|m| self.map_fill(m)).collect(),
             reconcile_errors: self.reconcile_errors.load(Ordering::Relaxed),
             last_reconcile_ok: self.last_ok.load(Ordering::Relaxed),
             policy_verdicts: self.verdicts(),
+            sockmap: self.sockmap(),
         }
     }
 }

@@ -9,11 +9,13 @@ pub mod addr;
 pub mod event;
 pub mod maps;
 pub mod policy;
+pub mod redirect;
 pub mod service;
 
 pub use addr::Addr;
 pub use event::FlowEvent;
 pub use policy::{EndpointValue, IpcacheKey, IpcacheValue, PolicyKey, PolicyKeyData, PolicyValue};
+pub use redirect::SockKey;
 pub use service::{
     AffinityKey, AffinityValue, Backend, BackendSlotKey, LbMetricsKey, RevNatKey, RevNatValue,
     ServiceKey, ServiceValue,

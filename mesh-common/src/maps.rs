@@ -35,8 +35,15 @@ pub const POLICY_METRICS: &str = "POLICY_METRICS_V1";
 /// policy lets their replies in.
 pub const UDP_PEERS: &str = "UDP_PEERS_V1";
 
+/// Established same-node TCP sockets (sockhash), keyed by 4-tuple.
+pub const SOCKS: &str = "SOCKS_V1";
+/// Per socket of SOCKS: whether its messages are redirected (LRU hash, SockKey → u32).
+pub const SOCK_PATHS: &str = "SOCK_PATHS_V1";
+/// Per-CPU sockmap counters (array, indexes in `redirect::counter`).
+pub const SOCKMAP_METRICS: &str = "SOCKMAP_METRICS_V1";
+
 /// Every map, for pinning, cleanup and status.
-pub const ALL: [&str; 13] = [
+pub const ALL: [&str; 16] = [
     SERVICES,
     SERVICE_BACKENDS,
     BACKENDS,
@@ -50,7 +57,13 @@ pub const ALL: [&str; 13] = [
     CONFIG,
     POLICY_METRICS,
     UDP_PEERS,
+    SOCKS,
+    SOCK_PATHS,
+    SOCKMAP_METRICS,
 ];
+
+/// Capacity of [`SOCKS`] (established sockets of the node's pods).
+pub const SOCKS_CAPACITY: u32 = 65_536;
 
 /// Capacity of [`UDP_PEERS`].
 pub const UDP_PEERS_CAPACITY: u32 = 65_536;
@@ -99,6 +112,10 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "mesh_getpeername6";
     /// cgroup_skb/ingress: ingress network policy where packets reach pod sockets.
     pub const INGRESS: &str = "mesh_ingress";
+    /// sock_ops: established same-node TCP sockets into SOCKS.
+    pub const SOCKOPS: &str = "mesh_sockops";
+    /// sk_msg on SOCKS: socket-to-socket redirection.
+    pub const SK_MSG: &str = "mesh_redirect";
 
     /// The cgroup sock_addr programs, in attach order.
     pub const SOCK_ADDR: [&str; 8] = [

@@ -66,10 +66,14 @@ const _: () = assert!(core::mem::size_of::<IpcacheKey>() == 20);
 pub struct IpcacheValue {
     /// Identity of the prefix, host byte order.
     pub identity: u32,
-    /// Explicit padding, always 0.
-    pub _pad: u32,
+    /// [`IPCACHE_LOCAL`] or 0.
+    pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<IpcacheValue>() == 8);
+
+/// [`IpcacheValue::flags`]: the address lives on this node (a local pod's, or one of
+/// the node's own), so a connection to it may be redirected socket to socket.
+pub const IPCACHE_LOCAL: u32 = 1;
 
 /// Key of the POLICY LPM trie. Every field before `port` is matched exactly (the
 /// prefix always covers them: 80 bits); the remaining 0..=16 prefix bits match the port.

@@ -11,8 +11,10 @@ mod ingress;
 mod lb;
 mod maps;
 mod policy;
+mod redirect;
 mod revnat;
 mod sendmsg;
+mod sockops;
 
 #[cfg(not(test))]
 #[panic_handler]

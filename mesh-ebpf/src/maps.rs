@@ -7,13 +7,15 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SockHash},
 };
 use mesh_common::{
     Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, EndpointValue, IpcacheValue,
     LbMetricsKey, PolicyKeyData, PolicyValue, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
+    SockKey,
     event::{VerdictKey, config},
     maps as names,
+    redirect::counter,
 };
 
 /// Frontends (VIP, port, proto) → service id, backend count, affinity; plus VIP markers.
@@ -76,3 +78,15 @@ pub static POLICY_METRICS: PerCpuHashMap<VerdictKey, u64> = PerCpuHashMap::pinne
 /// UDP peers local sockets sent to: their replies are not new inbound flows.
 #[map(name = "UDP_PEERS_V1")]
 pub static UDP_PEERS: LruHashMap<RevNatKey, u8> = LruHashMap::pinned(names::UDP_PEERS_CAPACITY, 0);
+
+/// Established TCP sockets of the node's pods, by 4-tuple (sockhash).
+#[map(name = "SOCKS_V1")]
+pub static SOCKS: SockHash<SockKey> = SockHash::pinned(names::SOCKS_CAPACITY, 0);
+
+/// Per socket of SOCKS: whether its messages are redirected (`redirect::path`).
+#[map(name = "SOCK_PATHS_V1")]
+pub static SOCK_PATHS: LruHashMap<SockKey, u32> = LruHashMap::pinned(names::SOCKS_CAPACITY, 0);
+
+/// Redirected messages and bytes, passed messages, per CPU.
+#[map(name = "SOCKMAP_METRICS_V1")]
+pub static SOCKMAP_METRICS: PerCpuArray<u64> = PerCpuArray::pinned(counter::LEN, 0);

@@ -247,6 +247,18 @@ impl Agent {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `mesh-agent status --node <this node>`: the datapath at a glance.
+    pub fn status(&self) -> Result<String> {
+        let out = self.cli(&["status", "--node", &self.node_name, "--bpffs", BPFFS])?;
+        if !out.status.success() {
+            bail!(
+                "mesh-agent status failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// `mesh-agent observe --json --node <this agent> <args>` (the CLI talks to the
     /// agent's admin socket, reachable from any netns): the flows, one JSON object each.
     pub fn flows(&self, args: &[&str]) -> Result<Vec<serde_json::Value>> {

@@ -376,6 +376,295 @@ pub fn parse_json<T: DeserializeOwned>(output: &Output) -> Result<T> {
     })
 }
 
+// ---------------------------------------------------------------------------------
+// Streams: `sink`, `stream` and `churn` (bulk data through one connection, checked
+// end to end by byte count and checksum).
+// ---------------------------------------------------------------------------------
+
+/// FNV-1a, 64 bits: the stream checksum of `stream` and `sink` (std-only, stable,
+/// order-sensitive, so a reordered, duplicated or lost byte shows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fnv64(u64);
+
+impl Default for Fnv64 {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv64 {
+    /// Feeds `bytes`.
+    pub fn update(&mut self, bytes: &[u8]) {
+        let mut h = self.0;
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+
+    /// The checksum of everything fed so far.
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Length of the repeating block of a [`Pattern`]: odd, so that no power-of-two chunk
+/// size lines up with it.
+const PATTERN_BLOCK: usize = (1 << 20) + 13;
+
+/// The deterministic byte stream `stream` sends: byte `i` is `block[i % len]`, the block
+/// drawn from a xorshift64 generator seeded with `seed`.
+pub struct Pattern {
+    block: Vec<u8>,
+}
+
+impl Pattern {
+    /// The pattern of `seed`.
+    pub fn new(seed: u64) -> Self {
+        let mut x = seed | 1;
+        let block = (0..PATTERN_BLOCK)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect();
+        Self { block }
+    }
+
+    /// Up to `len` (at least 1 when `len` > 0) contiguous bytes of the stream from
+    /// `offset`: shorter where the block wraps.
+    pub fn at(&self, offset: u64, len: usize) -> &[u8] {
+        let start = (offset % PATTERN_BLOCK as u64) as usize;
+        let end = start + len.min(PATTERN_BLOCK - start);
+        &self.block[start..end]
+    }
+
+    /// The checksum of the first `len` bytes of the stream.
+    pub fn checksum(&self, len: u64) -> u64 {
+        let mut hash = Fnv64::default();
+        let mut offset = 0;
+        while offset < len {
+            let chunk = self.at(offset, usize::try_from(len - offset).unwrap_or(usize::MAX));
+            hash.update(chunk);
+            offset += chunk.len() as u64;
+        }
+        hash.finish()
+    }
+}
+
+/// How `stream` hands its bytes to the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamMode {
+    /// `write()` of large chunks (`--chunk`, default 1 MiB).
+    Write,
+    /// Many small `write()`s (1..=64 bytes, varying; `--chunk` fixes the size), with
+    /// TCP_NODELAY.
+    Small,
+    /// `writev()` with 8 iovecs of varying sizes per call.
+    Writev,
+    /// `sendfile()` from a temporary file holding the pattern.
+    Sendfile,
+}
+
+impl StreamMode {
+    /// The name on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Write => "write",
+            Self::Small => "small",
+            Self::Writev => "writev",
+            Self::Sendfile => "sendfile",
+        }
+    }
+}
+
+/// Output of `mesh-testpod stream`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamSummary {
+    /// The send mode (`write`, `small`, `writev`, `sendfile`).
+    pub mode: String,
+    /// Bytes the kernel accepted from the client.
+    pub sent: u64,
+    /// [`Fnv64`] of those bytes.
+    pub sent_checksum: u64,
+    /// Send calls that accepted data (write/writev/sendfile syscalls).
+    pub writes: u64,
+    /// Bytes the sink says it received (its reply line); `None` without a reply.
+    pub received_by_server: Option<u64>,
+    /// The sink's checksum of what it received; `None` without a reply.
+    pub server_checksum: Option<u64>,
+    /// `--bidir`: bytes echoed back and read by the client.
+    pub echoed: Option<u64>,
+    /// `--bidir`: checksum of the echoed bytes.
+    pub echo_checksum: Option<u64>,
+    /// `--reset`: the client closed with SO_LINGER 0 (an RST) after half the data.
+    pub reset: bool,
+    /// The first failure, `step: error`.
+    pub error: Option<String>,
+    /// Its key (see [`error_key`]), e.g. "ECONNRESET", "EPIPE", "EOF".
+    pub error_key: Option<String>,
+    /// Wall time from before connect to the end (reply read, or reset sent).
+    pub elapsed_ns: u64,
+    /// CPU time (user + system) the client process used meanwhile.
+    pub cpu_ns: u64,
+    /// Blocking reads that failed with EAGAIN although their timeout had not run out
+    /// (or there was none): not allowed for a blocking socket, counted and retried so
+    /// that the data can still be checked.
+    #[serde(default)]
+    pub spurious_eagain: u64,
+}
+
+impl StreamSummary {
+    /// Whether the sink received exactly what was sent (count and checksum), and with
+    /// `--bidir` the echo came back whole too.
+    pub fn intact(&self) -> bool {
+        let to_server = self.received_by_server == Some(self.sent)
+            && self.server_checksum == Some(self.sent_checksum);
+        let echo = self.echoed.is_none()
+            || (self.echoed == Some(self.sent) && self.echo_checksum == Some(self.sent_checksum));
+        self.error.is_none() && to_server && echo
+    }
+}
+
+/// One line `mesh-testpod sink` prints per connection once it is done with it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SinkConn {
+    /// The client's address.
+    pub peer: String,
+    /// Bytes read from the client.
+    pub bytes: u64,
+    /// [`Fnv64`] of them.
+    pub checksum: u64,
+    /// Bytes echoed back (`--echo`).
+    pub echoed: u64,
+    /// Whether the reply line `<bytes> <checksum>` was written (after the client's EOF).
+    pub replied: bool,
+    /// Whether the sink reset the connection itself (`--reset-after`).
+    pub reset: bool,
+    /// The failure that ended the connection, `step: error`.
+    pub error: Option<String>,
+    /// Its key (see [`error_key`]).
+    pub error_key: Option<String>,
+    /// Time from accept to done.
+    pub elapsed_ns: u64,
+    /// Reads that failed with EAGAIN before their timeout (retried).
+    #[serde(default)]
+    pub spurious_eagain: u64,
+}
+
+/// Options of `mesh-testpod sink` (see [`start_sink`]).
+#[derive(Debug, Clone, Default)]
+pub struct SinkOptions {
+    /// Echo everything back as it is read (no reply line then).
+    pub echo: bool,
+    /// Slow reader: pause this long after each read.
+    pub read_delay: Option<Duration>,
+    /// Bytes per read (default 64 KiB).
+    pub read_chunk: Option<usize>,
+    /// Reset the connection (SO_LINGER 0 + close) after reading this many bytes.
+    pub reset_after: Option<u64>,
+}
+
+/// Starts `mesh-testpod sink` on `port` in `pod` and waits until it is bound. Its
+/// [`SinkConn`] lines are read with [`next_json_line`].
+pub fn start_sink(pod: &Pod, port: u16, opts: &SinkOptions) -> Result<ChildGuard> {
+    let mut cmd = Command::new(testpod_bin()?);
+    cmd.args(["sink", "--port", &port.to_string()]);
+    if opts.echo {
+        cmd.arg("--echo");
+    }
+    if let Some(delay) = opts.read_delay {
+        cmd.args(["--read-delay-ms", &delay.as_millis().to_string()]);
+    }
+    if let Some(chunk) = opts.read_chunk {
+        cmd.args(["--read-chunk", &chunk.to_string()]);
+    }
+    if let Some(limit) = opts.reset_after {
+        cmd.args(["--reset-after", &limit.to_string()]);
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+    let mut sink = pod.spawn(cmd)?;
+    sink.wait_for_stdout_line(START_TIMEOUT, |line| line == READY_LINE)
+        .with_context(|| format!("start sink in pod {} on port {port}", pod.name()))?;
+    Ok(sink)
+}
+
+/// Options of `mesh-testpod stream` (see [`stream`]).
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// Bytes to send.
+    pub bytes: u64,
+    /// How to send them.
+    pub mode: StreamMode,
+    /// Bytes per send call (mode-specific default when `None`).
+    pub chunk: Option<usize>,
+    /// Reset (SO_LINGER 0 + close) after half the bytes.
+    pub reset: bool,
+    /// Read the echo of a `sink --echo` concurrently.
+    pub bidir: bool,
+    /// Pattern seed.
+    pub seed: u64,
+    /// Timeout of each blocking step (connect, one send, one read); zero: plain
+    /// blocking sockets without SO_RCVTIMEO/SO_SNDTIMEO (the run is still killed
+    /// after 60 s).
+    pub timeout: Duration,
+}
+
+impl StreamOptions {
+    /// `bytes` in `mode`, seed 1, 5 s step timeout, no reset, one direction.
+    pub fn new(bytes: u64, mode: StreamMode) -> Self {
+        Self {
+            bytes,
+            mode,
+            chunk: None,
+            reset: false,
+            bidir: false,
+            seed: 1,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Runs `mesh-testpod stream` from `pod` to a sink at `addr` and parses its summary.
+/// Killed (an error) after 60 s.
+pub fn stream(pod: &Pod, addr: SocketAddr, opts: &StreamOptions) -> Result<StreamSummary> {
+    let mut cmd = Command::new(testpod_bin()?);
+    cmd.args([
+        "stream",
+        "--addr",
+        &addr.to_string(),
+        "--bytes",
+        &opts.bytes.to_string(),
+        "--mode",
+        opts.mode.as_str(),
+        "--seed",
+        &opts.seed.to_string(),
+        "--timeout-ms",
+        &opts.timeout.as_millis().to_string(),
+    ]);
+    if let Some(chunk) = opts.chunk {
+        cmd.args(["--chunk", &chunk.to_string()]);
+    }
+    if opts.reset {
+        cmd.arg("--reset");
+    }
+    if opts.bidir {
+        cmd.arg("--bidir");
+    }
+    parse_json(&pod.run_timeout(cmd, Duration::from_secs(60))?)
+        .with_context(|| format!("stream {opts:?} from pod {} to {addr}", pod.name()))
+}
+
+/// Runs `mesh-testpod churn` from `pod`: `count` sequential short connections to a
+/// `sink --echo` at `addr` (connect, 16 bytes out, their echo back, close).
+pub fn churn(pod: &Pod, addr: SocketAddr, count: u32) -> Result<ConnectSummary> {
+    run_client(pod, "churn", addr, count, &[])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -447,5 +736,21 @@ mod tests {
             serde_json::from_str(r#"{"round":2,"ok":false,"backend":null,"error":"ECONNABORTED"}"#)
                 .unwrap();
         assert_eq!(round.error.as_deref(), Some("ECONNABORTED"));
+    }
+
+    #[test]
+    fn pattern_and_checksum_are_stable() {
+        let p = Pattern::new(1);
+        let mut h = Fnv64::default();
+        let mut off = 0u64;
+        while off < 3_000_000 {
+            let c = p.at(off, 777_777.min((3_000_000 - off) as usize));
+            h.update(c);
+            off += c.len() as u64;
+        }
+        assert_eq!(off, 3_000_000);
+        assert_eq!(h.finish(), p.checksum(3_000_000));
+        assert_ne!(p.checksum(3_000_000), Pattern::new(2).checksum(3_000_000));
+        assert_eq!(Fnv64::default().finish(), 0xcbf2_9ce4_8422_2325);
     }
 }

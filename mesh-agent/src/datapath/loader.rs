@@ -14,15 +14,17 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, PerCpuHashMap, RingBuf},
+    maps::{
+        Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, PerCpuHashMap, RingBuf, SockHash,
+    },
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, Program,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, Program, SkMsg, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
 use mesh_common::{
     AffinityKey, AffinityValue, Backend, BackendSlotKey, EndpointValue, IpcacheKey, IpcacheValue,
-    LbMetricsKey, PolicyKey, PolicyValue, ServiceKey, ServiceValue,
+    LbMetricsKey, PolicyKey, PolicyValue, ServiceKey, ServiceValue, SockKey,
     maps::{self, programs},
 };
 
@@ -71,6 +73,8 @@ pub struct MapSizes {
     pub policy: u32,
     /// UDP_PEERS.
     pub udp_peers: u32,
+    /// SOCKS.
+    pub socks: u32,
 }
 
 impl Default for MapSizes {
@@ -86,6 +90,7 @@ impl Default for MapSizes {
             ipcache: maps::IPCACHE_CAPACITY,
             policy: maps::POLICY_CAPACITY,
             udp_peers: maps::UDP_PEERS_CAPACITY,
+            socks: maps::SOCKS_CAPACITY,
         }
     }
 }
@@ -145,6 +150,8 @@ impl Datapath {
             .map_max_entries(maps::IPCACHE, sizes.ipcache)
             .map_max_entries(maps::POLICY, sizes.policy)
             .map_max_entries(maps::UDP_PEERS, sizes.udp_peers)
+            .map_max_entries(maps::SOCKS, sizes.socks)
+            .map_max_entries(maps::SOCK_PATHS, sizes.socks)
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         for name in programs::SOCK_ADDR {
@@ -155,6 +162,12 @@ impl Datapath {
         skb(&mut ebpf, programs::INGRESS)?
             .load()
             .map_err(|e| program_error(programs::INGRESS, e))?;
+        sock_ops(&mut ebpf)?
+            .load()
+            .map_err(|e| program_error(programs::SOCKOPS, e))?;
+        sk_msg(&mut ebpf)?
+            .load()
+            .map_err(|e| program_error(programs::SK_MSG, e))?;
         Ok(Self {
             ebpf,
             node_dir,
@@ -218,6 +231,7 @@ impl Datapath {
             ipcache: max_entries(ipcache.map(), maps::IPCACHE)?,
             policy: max_entries(policy.map(), maps::POLICY)?,
             udp_peers: pinned_max_entries(&self.node_dir, maps::UDP_PEERS)?,
+            socks: pinned_max_entries(&self.node_dir, maps::SOCKS)?,
         };
         Ok(DatapathMaps {
             services: ServiceMaps {
@@ -240,8 +254,9 @@ impl Datapath {
 
     /// Attaches every program to `cgroup` and pins the links, replacing the links of an
     /// earlier agent only once the new ones are attached; then removes pins this version
-    /// does not use (an older layout's maps).
-    pub fn attach(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
+    /// (or this configuration) does not use. With `sockmap`, also same-node socket
+    /// redirection: sk_msg on the SOCKS map, then sock_ops on the cgroup.
+    pub fn attach(&mut self, cgroup: &Path, sockmap: bool) -> Result<(), DatapathError> {
         let cgroup_file = File::open(cgroup).map_err(|source| DatapathError::Io {
             op: "open cgroup",
             path: cgroup.into(),
@@ -251,8 +266,41 @@ impl Datapath {
             let pinned = self.attach_one(name, &cgroup_file)?;
             self.links.push(pinned);
         }
-        self.remove_foreign_pins()?;
-        tracing::info!(cgroup = %cgroup.display(), programs = programs::ALL.len(), "attached");
+        if sockmap {
+            self.attach_sk_msg()?;
+            let pinned = self.attach_one(programs::SOCKOPS, &cgroup_file)?;
+            self.links.push(pinned);
+        }
+        self.remove_foreign_pins(sockmap)?;
+        tracing::info!(cgroup = %cgroup.display(), sockmap, "attached");
+        Ok(())
+    }
+
+    /// Attaches sk_msg to SOCKS. The attachment belongs to the map (pinned), not to this
+    /// process: it must outlive the agent like the pinned links do, so the link handle
+    /// is forgotten instead of dropped (dropping it would detach the program).
+    fn attach_sk_msg(&mut self) -> Result<(), DatapathError> {
+        let name = maps::SOCKS;
+        let map: &Map = self
+            .ebpf
+            .map(name)
+            .ok_or(DatapathError::Missing { kind: "map", name })?;
+        let socks = SockHash::<_, SockKey>::try_from(map).map_err(|e| DatapathError::Map {
+            name,
+            source: Box::new(e),
+        })?;
+        let fd = socks.fd().try_clone().map_err(|e| DatapathError::Map {
+            name,
+            source: Box::new(e.into()),
+        })?;
+        let prog = sk_msg(&mut self.ebpf)?;
+        let id = prog
+            .attach(&fd)
+            .map_err(|e| program_error(programs::SK_MSG, e))?;
+        let link = prog
+            .take_link(id)
+            .map_err(|e| program_error(programs::SK_MSG, e))?;
+        std::mem::forget(link);
         Ok(())
     }
 
@@ -269,7 +317,14 @@ impl Datapath {
         };
         // bpf_link attachments to a cgroup always coexist with others (multi semantics);
         // the kernel rejects any attach flag on them, so the mode must be `Single` (0).
-        let link = if name == programs::INGRESS {
+        let link = if name == programs::SOCKOPS {
+            let prog = sock_ops(&mut self.ebpf)?;
+            let id = prog
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(|e| program_error(name, e))?;
+            FdLink::try_from(prog.take_link(id).map_err(|e| program_error(name, e))?)
+                .map_err(link_error)?
+        } else if name == programs::INGRESS {
             let prog = skb(&mut self.ebpf, name)?;
             let id = prog
                 .attach(
@@ -312,9 +367,12 @@ impl Datapath {
         Ok(pinned)
     }
 
-    fn remove_foreign_pins(&self) -> Result<(), DatapathError> {
+    fn remove_foreign_pins(&self, sockmap: bool) -> Result<(), DatapathError> {
+        let sockops = sockmap.then_some(programs::SOCKOPS);
         let ours: BTreeSet<String> = programs::ALL
             .iter()
+            .copied()
+            .chain(sockops)
             .flat_map(|p| [p.to_string(), format!("{p}_link")])
             .chain(maps::ALL.iter().map(|m| m.to_string()))
             .collect();
@@ -386,6 +444,18 @@ fn sock_addr<'a>(
     program(ebpf, name)?
         .try_into()
         .map_err(|e| program_error(name, e))
+}
+
+fn sock_ops(ebpf: &mut Ebpf) -> Result<&mut SockOps, DatapathError> {
+    program(ebpf, programs::SOCKOPS)?
+        .try_into()
+        .map_err(|e| program_error(programs::SOCKOPS, e))
+}
+
+fn sk_msg(ebpf: &mut Ebpf) -> Result<&mut SkMsg, DatapathError> {
+    program(ebpf, programs::SK_MSG)?
+        .try_into()
+        .map_err(|e| program_error(programs::SK_MSG, e))
 }
 
 fn skb<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSkb, DatapathError> {

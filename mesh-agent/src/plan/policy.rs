@@ -43,8 +43,8 @@ use mesh_common::Addr;
 use mesh_common::maps;
 use mesh_common::policy::{
     DIR_EGRESS, DIR_INGRESS, EndpointValue, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD,
-    IpcacheKey, IpcacheValue, POLICY_ALLOW, POLICY_FIXED_PREFIX, POLICY_ISOLATED, PolicyKey,
-    PolicyValue,
+    IPCACHE_LOCAL, IpcacheKey, IpcacheValue, POLICY_ALLOW, POLICY_FIXED_PREFIX, POLICY_ISOLATED,
+    PolicyKey, PolicyValue,
 };
 
 use super::PlanError;
@@ -335,9 +335,10 @@ pub fn plan_policy(
     // (a /32 or /128 block): pods are always matched by their pod identity. Of two pods
     // claiming one address (a stale object), the first by namespace/name keeps it.
     for (pod, &id) in pods.iter().zip(&pod_ids) {
+        let flags = if pod.local { IPCACHE_LOCAL } else { 0 };
         for &ip in &pod.ips {
             let len = if ip.is_ipv4() { 32 } else { 128 };
-            ipcache_insert(&mut plan.ipcache, Cidr::new(ip, len), id);
+            ipcache_insert(&mut plan.ipcache, Cidr::new(ip, len), id, flags);
         }
     }
     for &prefix in &prefixes {
@@ -345,6 +346,7 @@ pub fn plan_policy(
             &mut plan.ipcache,
             prefix,
             ids.get(&IdentityKey::Cidr(prefix)),
+            0,
         );
     }
     // IPv4 addresses are IPv4-mapped IPv6 in the trie, so an IPv6 prefix that covers
@@ -352,12 +354,17 @@ pub fn plan_policy(
     // world. An IPv4 0.0.0.0/0 block has this very key, and keeps it.
     let mapped = Cidr::new(IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0)), 96);
     if prefixes.iter().any(|p| p.contains(&mapped)) {
-        ipcache_insert(&mut plan.ipcache, mapped, IDENTITY_WORLD);
+        ipcache_insert(&mut plan.ipcache, mapped, IDENTITY_WORLD, 0);
     }
     // After the pods: an address both a pod and the node claim stays the pod's.
     for &ip in ctx.node_addrs {
         let len = if ip.is_ipv4() { 32 } else { 128 };
-        ipcache_insert(&mut plan.ipcache, Cidr::new(ip, len), IDENTITY_HOST);
+        ipcache_insert(
+            &mut plan.ipcache,
+            Cidr::new(ip, len),
+            IDENTITY_HOST,
+            IPCACHE_LOCAL,
+        );
     }
 
     for (pod, &id) in pods.iter().zip(&pod_ids) {
@@ -480,14 +487,21 @@ pub fn plan_policy(
     Ok((plan, ids))
 }
 
-fn ipcache_insert(ipcache: &mut BTreeMap<IpcacheKey, IpcacheValue>, prefix: Cidr, identity: u32) {
+/// Adds `prefix` unless an entry holds it already; `flags` is [`IPCACHE_LOCAL`] for
+/// addresses on this node.
+fn ipcache_insert(
+    ipcache: &mut BTreeMap<IpcacheKey, IpcacheValue>,
+    prefix: Cidr,
+    identity: u32,
+    flags: u32,
+) {
     let key = IpcacheKey {
         prefixlen: u32::from(prefix.len) + if prefix.addr.is_ipv4() { 96 } else { 0 },
         addr: Addr::from(prefix.addr),
     };
     ipcache
         .entry(key)
-        .or_insert(IpcacheValue { identity, _pad: 0 });
+        .or_insert(IpcacheValue { identity, flags });
 }
 
 /// (subject, direction, peer, protocol, port, port prefix bits).

@@ -192,6 +192,36 @@ fn node_addresses_are_the_host_identity_but_pods_keep_theirs() {
     assert!(identity_of(&plan, A1) >= mesh_common::policy::IDENTITY_FIRST_ALLOCATED);
 }
 
+/// The flags of the IPCACHE entry holding exactly `ip`.
+fn flags_of(plan: &PolicyPlan, ip: &str) -> Option<u32> {
+    let bits = trie_bits(ip.parse().expect("ip"));
+    plan.ipcache
+        .iter()
+        .find(|(k, _)| k.prefixlen == 128 && trie_bits(IpAddr::from(k.addr)) == bits)
+        .map(|(_, v)| v.flags)
+}
+
+#[test]
+fn local_pods_and_node_addresses_are_marked_local_for_sockmap() {
+    let yaml = cluster() + &pod("prod", "far", "{app: web}", "10.244.9.9", "n2");
+    let node_addrs: Vec<IpAddr> = vec!["169.254.1.1".parse().expect("ip")];
+    let ctx = PolicyContext {
+        node: "n1",
+        local_netns: &BTreeMap::new(),
+        node_addrs: &node_addrs,
+        capacities: PolicyCapacities::default(),
+    };
+    let (plan, _) = plan_policy(&state(&yaml), &IdentityIds::default(), &ctx).expect("plan");
+    for local in [A1, B1, "169.254.1.1"] {
+        assert_eq!(flags_of(&plan, local), Some(IPCACHE_LOCAL), "{local}");
+    }
+    assert_eq!(
+        flags_of(&plan, "10.244.9.9"),
+        Some(0),
+        "a pod on another node"
+    );
+}
+
 #[test]
 fn default_deny_ingress_is_the_marker_only() {
     let yaml = cluster()

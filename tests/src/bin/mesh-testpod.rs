@@ -15,11 +15,23 @@
 //! - `bench`: N sequential connect/echo/close iterations; reports latency
 //!   percentiles as JSON ([`BenchSummary`]).
 //!
+//! - `sink`: a TCP server that reads each connection to EOF while checksumming
+//!   ([`Fnv64`]), optionally slowly (`--read-delay-ms`, `--read-chunk`), then replies
+//!   `<bytes> <checksum>\n`; or echoes everything (`--echo`); or resets the
+//!   connection after `--reset-after` bytes. One JSON line per connection
+//!   ([`SinkConn`]).
+//! - `stream`: one connection sending N bytes of a seeded [`Pattern`] by write,
+//!   small writes, writev or sendfile, then half-closing and reading the sink's reply
+//!   ([`StreamSummary`]); `--reset` aborts it with an RST halfway, `--bidir` reads the
+//!   echo of a `sink --echo` concurrently.
+//! - `churn`: N sequential short connections to a `sink --echo` (16 bytes and their
+//!   echo each), as [`ConnectSummary`].
+//!
 //! Every network wait is bounded by a timeout, and client runs by a total time budget.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 use std::collections::BTreeMap;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
 use std::net::{
     IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV6, TcpListener, TcpStream,
     UdpSocket,
@@ -29,11 +41,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use mesh_tests::testpod::{
-    BenchSummary, ConnectSummary, DEFAULT_TIMEOUT_MS, HoldReport, HoldStarted, READY_LINE,
-    UdpRound, error_key,
+    BenchSummary, ConnectSummary, DEFAULT_TIMEOUT_MS, Fnv64, HoldReport, HoldStarted, Pattern,
+    READY_LINE, SinkConn, StreamMode, StreamSummary, UdpRound, error_key,
 };
 use serde::Serialize;
-use socket2::{Domain, Socket, Type};
+use socket2::{Domain, SockRef, Socket, Type};
 
 /// A server that idles longer than this on one connection gives up on it, so a stuck
 /// client cannot pin a thread forever.
@@ -62,6 +74,91 @@ enum Cmd {
     Hold(HoldArgs),
     /// Measure connect + echo + close latency over N sequential iterations.
     Bench(BenchArgs),
+    /// Accept TCP connections and read each to EOF, checksumming; reply
+    /// `<bytes> <checksum>` (or echo with --echo).
+    Sink(SinkArgs),
+    /// Send N bytes on one connection to a sink and report both checksums.
+    Stream(StreamArgs),
+    /// N sequential short connections to a `sink --echo`.
+    Churn(ChurnArgs),
+}
+
+#[derive(Args)]
+struct SinkArgs {
+    /// Port to listen on.
+    #[arg(long)]
+    port: u16,
+    /// Address to bind; `::` (the default) accepts IPv4 too.
+    #[arg(long, default_value_t = IpAddr::V6(Ipv6Addr::UNSPECIFIED))]
+    bind: IpAddr,
+    /// Echo everything back as it is read, instead of the reply line.
+    #[arg(long)]
+    echo: bool,
+    /// Slow reader: sleep this long after each read.
+    #[arg(long, default_value_t = 0)]
+    read_delay_ms: u64,
+    /// Bytes per read.
+    #[arg(long, default_value_t = 64 * 1024)]
+    read_chunk: usize,
+    /// Reset the connection (SO_LINGER 0, close) once this many bytes were read.
+    #[arg(long)]
+    reset_after: Option<u64>,
+    /// Timeout of each read and write, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    timeout_ms: u64,
+}
+
+#[derive(Args)]
+struct StreamArgs {
+    /// Address and port of a `sink`.
+    #[arg(long)]
+    addr: SocketAddr,
+    /// Bytes to send.
+    #[arg(long)]
+    bytes: u64,
+    /// How to send them.
+    #[arg(long, value_enum, default_value_t = StreamMode::Write)]
+    mode: StreamMode,
+    /// Bytes per send call (write: 1 MiB; small: 1..=64 varying; writev: per iovec,
+    /// varying; sendfile: 1 MiB).
+    #[arg(long)]
+    chunk: Option<usize>,
+    /// After half the bytes, close with SO_LINGER 0 (an RST) instead of finishing.
+    #[arg(long)]
+    reset: bool,
+    /// Read the echo of a `sink --echo` concurrently and checksum it.
+    #[arg(long)]
+    bidir: bool,
+    /// Seed of the byte pattern.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Timeout of connect and of each send and read, in milliseconds; 0: no socket
+    /// timeouts (plain blocking calls; connect bounded by 5 s, the run by --max-secs
+    /// only between calls).
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+    /// Give up (reporting a timeout) after this many seconds in total.
+    #[arg(long, default_value_t = 45)]
+    max_secs: u64,
+}
+
+#[derive(Args)]
+struct ChurnArgs {
+    /// Address and port of a `sink --echo`.
+    #[arg(long)]
+    addr: SocketAddr,
+    /// Number of sequential connections.
+    #[arg(long)]
+    count: u32,
+    /// Timeout of each step (connect, read, write) in milliseconds.
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS)]
+    timeout_ms: u64,
+    /// Stop early (reporting fewer attempts) after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    max_secs: u64,
+    /// Print the summary as JSON (always on; accepted for symmetry with `connect`).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -190,6 +287,9 @@ fn main() -> Result<()> {
         Cmd::UdpHold(args) => udp_hold(&args),
         Cmd::Hold(args) => hold(&args),
         Cmd::Bench(args) => bench(&args),
+        Cmd::Sink(args) => sink(&args),
+        Cmd::Stream(args) => stream(&args),
+        Cmd::Churn(args) => churn(&args),
     }
 }
 
@@ -717,4 +817,544 @@ fn bench_iteration(addr: SocketAddr, timeout: Duration, payload: &[u8]) -> io::R
         ));
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// sink / stream / churn
+// ---------------------------------------------------------------------------------
+
+fn sink(args: &SinkArgs) -> Result<()> {
+    let addr = SocketAddr::new(args.bind, args.port);
+    let listener: TcpListener = bind(addr, Type::STREAM)
+        .and_then(|s| s.listen(1024).map(|()| s))
+        .with_context(|| format!("bind tcp {addr}"))?
+        .into();
+    println!("{READY_LINE}");
+    io::stdout().flush()?;
+    let opts = SinkOpts {
+        echo: args.echo,
+        delay: Duration::from_millis(args.read_delay_ms),
+        chunk: args.read_chunk.max(1),
+        reset_after: args.reset_after,
+        timeout: Duration::from_millis(args.timeout_ms),
+    };
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                let opts = opts.clone();
+                std::thread::spawn(move || {
+                    let conn = sink_conn(stream, &opts);
+                    if let Err(e) = emit(&conn) {
+                        eprintln!("mesh-testpod sink: report: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                eprintln!("mesh-testpod sink: accept: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone)]
+struct SinkOpts {
+    echo: bool,
+    delay: Duration,
+    chunk: usize,
+    reset_after: Option<u64>,
+    timeout: Duration,
+}
+
+/// Serves one sink connection and describes what happened.
+fn sink_conn(stream: TcpStream, opts: &SinkOpts) -> SinkConn {
+    let start = Instant::now();
+    let mut conn = SinkConn {
+        peer: stream
+            .peer_addr()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        ..SinkConn::default()
+    };
+    let mut hash = Fnv64::default();
+    if let Err((step, err)) = sink_serve(&stream, opts, &mut conn, &mut hash) {
+        conn.error = Some(format!("{step}: {err}"));
+        conn.error_key = Some(error_key(&err));
+    }
+    conn.checksum = hash.finish();
+    if conn.reset {
+        // SO_LINGER 0 is set: this close sends an RST.
+        drop(stream);
+    }
+    conn.elapsed_ns = nanos(start.elapsed());
+    conn
+}
+
+fn sink_serve(
+    stream: &TcpStream,
+    opts: &SinkOpts,
+    conn: &mut SinkConn,
+    hash: &mut Fnv64,
+) -> Result<(), StepError> {
+    let setup = || -> io::Result<()> {
+        stream.set_read_timeout(Some(opts.timeout))?;
+        stream.set_write_timeout(Some(opts.timeout))
+    };
+    setup().map_err(|e| ("setsockopt", e))?;
+    let mut buf = vec![0u8; opts.chunk];
+    loop {
+        let want = match opts.reset_after {
+            Some(limit) if conn.bytes >= limit => {
+                SockRef::from(stream)
+                    .set_linger(Some(Duration::ZERO))
+                    .map_err(|e| ("setsockopt linger", e))?;
+                conn.reset = true;
+                return Ok(());
+            }
+            Some(limit) => opts
+                .chunk
+                .min(usize::try_from(limit - conn.bytes).unwrap_or(usize::MAX)),
+            None => opts.chunk,
+        };
+        let started = Instant::now();
+        let n = match (&*stream).read(&mut buf[..want]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // A blocking read may only give EAGAIN once its timeout ran out: count the
+            // others and retry (see StreamSummary::spurious_eagain).
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && started.elapsed() < opts.timeout => {
+                conn.spurious_eagain += 1;
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            Err(e) => return Err(("read", e)),
+        };
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+        conn.bytes += n as u64;
+        if opts.echo {
+            (&*stream).write_all(&buf[..n]).map_err(|e| ("echo", e))?;
+            conn.echoed += n as u64;
+        }
+        if !opts.delay.is_zero() {
+            std::thread::sleep(opts.delay);
+        }
+    }
+    if !opts.echo {
+        let reply = format!("{} {}\n", conn.bytes, hash.finish());
+        (&*stream)
+            .write_all(reply.as_bytes())
+            .map_err(|e| ("reply", e))?;
+        conn.replied = true;
+    }
+    stream
+        .shutdown(Shutdown::Write)
+        .map_err(|e| ("shutdown", e))
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// CPU time (user + system) this process has used so far.
+#[allow(unsafe_code)]
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &raw mut usage) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// What the sending half of `stream` tracks.
+struct Sent {
+    bytes: u64,
+    writes: u64,
+    hash: Fnv64,
+}
+
+fn stream(args: &StreamArgs) -> Result<()> {
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let deadline = Instant::now() + Duration::from_secs(args.max_secs);
+    let start = Instant::now();
+    let cpu_start = cpu_time();
+    let mut summary = StreamSummary {
+        mode: args.mode.as_str().to_owned(),
+        ..StreamSummary::default()
+    };
+    let fail = |summary: &mut StreamSummary, (step, err): StepError| {
+        if summary.error.is_none() {
+            summary.error = Some(format!("{step}: {err}"));
+            summary.error_key = Some(error_key(&err));
+        }
+    };
+    // 0: blocking sockets without SO_RCVTIMEO/SO_SNDTIMEO (connect still bounded).
+    let socket_timeout = (args.timeout_ms > 0).then_some(timeout);
+    let connect_timeout = socket_timeout.unwrap_or(Duration::from_secs(5));
+    let stream = TcpStream::connect_timeout(&args.addr, connect_timeout).context("connect")?;
+    stream.set_read_timeout(socket_timeout)?;
+    stream.set_write_timeout(socket_timeout)?;
+    if args.mode == StreamMode::Small {
+        stream.set_nodelay(true)?;
+    }
+    let pattern = Pattern::new(args.seed);
+    let limit = if args.reset {
+        args.bytes / 2
+    } else {
+        args.bytes
+    };
+    let mut sent = Sent {
+        bytes: 0,
+        writes: 0,
+        hash: Fnv64::default(),
+    };
+    std::thread::scope(|scope| {
+        // --bidir: the echo is read while sending, else both sides' buffers fill up.
+        let echo_reader = args.bidir.then(|| {
+            let reader = &stream;
+            scope.spawn(move || read_all_hashing(reader, socket_timeout, deadline))
+        });
+        let result = send_stream(&stream, args, &pattern, limit, deadline, &mut sent);
+        summary.sent = sent.bytes;
+        summary.writes = sent.writes;
+        summary.sent_checksum = sent.hash.finish();
+        if let Err(e) = result {
+            fail(&mut summary, e);
+        }
+        if args.reset {
+            if summary.error.is_none() {
+                let linger = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                match linger {
+                    // The close (when `stream` drops at the end) sends the RST.
+                    Ok(()) => summary.reset = true,
+                    Err(e) => fail(&mut summary, ("setsockopt linger", e)),
+                }
+            }
+            if let Some(reader) = echo_reader {
+                let _ = stream.shutdown(Shutdown::Read);
+                let _ = reader.join();
+            }
+            return;
+        }
+        if let Err(e) = stream.shutdown(Shutdown::Write) {
+            fail(&mut summary, ("shutdown", e));
+        }
+        if let Some(reader) = echo_reader {
+            let (bytes, hash, err, spurious) = reader.join().expect("echo reader panicked");
+            summary.spurious_eagain += spurious;
+            summary.echoed = Some(bytes);
+            summary.echo_checksum = Some(hash);
+            if let Some(e) = err {
+                fail(&mut summary, ("read echo", e));
+            }
+        } else {
+            match read_reply(
+                &stream,
+                socket_timeout,
+                deadline,
+                &mut summary.spurious_eagain,
+            ) {
+                Ok((bytes, checksum)) => {
+                    summary.received_by_server = Some(bytes);
+                    summary.server_checksum = Some(checksum);
+                }
+                Err(e) => fail(&mut summary, ("read reply", e)),
+            }
+        }
+    });
+    drop(stream);
+    // An echo sink sends no reply line: what came back stands for what it received.
+    if args.bidir && !args.reset {
+        summary.received_by_server = summary.echoed;
+        summary.server_checksum = summary.echo_checksum;
+    }
+    summary.elapsed_ns = nanos(start.elapsed());
+    summary.cpu_ns = nanos(cpu_time().saturating_sub(cpu_start));
+    emit(&summary)
+}
+
+/// Reads until EOF (or an error, or the deadline), hashing: (bytes, checksum, error,
+/// spurious EAGAINs retried as in [`read_reply`]).
+fn read_all_hashing(
+    mut stream: &TcpStream,
+    timeout: Option<Duration>,
+    deadline: Instant,
+) -> (u64, u64, Option<io::Error>, u64) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut hash = Fnv64::default();
+    let mut bytes = 0u64;
+    let mut spurious = 0u64;
+    loop {
+        if Instant::now() > deadline {
+            let err = Some(io::ErrorKind::TimedOut.into());
+            return (bytes, hash.finish(), err, spurious);
+        }
+        let started = Instant::now();
+        match stream.read(&mut buf) {
+            Ok(0) => return (bytes, hash.finish(), None, spurious),
+            Ok(n) => {
+                hash.update(&buf[..n]);
+                bytes += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    && timeout.is_none_or(|t| started.elapsed() < t) =>
+            {
+                spurious += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return (bytes, hash.finish(), Some(e), spurious),
+        }
+    }
+}
+
+/// Reads the sink's `<bytes> <checksum>\n` reply and its EOF. An EAGAIN before the
+/// socket timeout `timeout` ran out (a blocking read must not return it) is counted in
+/// `spurious` and the read retried, so the data can still be checked.
+fn read_reply(
+    mut stream: &TcpStream,
+    timeout: Option<Duration>,
+    deadline: Instant,
+    spurious: &mut u64,
+) -> io::Result<(u64, u64)> {
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        let started = Instant::now();
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) if reply.len() + n <= 256 => reply.extend_from_slice(&buf[..n]),
+            Ok(_) => return Err(io::Error::new(io::ErrorKind::InvalidData, "reply too long")),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    && timeout.is_none_or(|t| started.elapsed() < t)
+                    && Instant::now() < deadline =>
+            {
+                *spurious += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    let bad = || {
+        io::Error::new(
+            if reply.is_empty() {
+                io::ErrorKind::UnexpectedEof
+            } else {
+                io::ErrorKind::InvalidData
+            },
+            format!("bad sink reply {reply:?}"),
+        )
+    };
+    let line = reply.strip_suffix('\n').ok_or_else(bad)?;
+    let (bytes, checksum) = line.split_once(' ').ok_or_else(bad)?;
+    Ok((
+        bytes.parse().map_err(|_| bad())?,
+        checksum.parse().map_err(|_| bad())?,
+    ))
+}
+
+/// Sends the first `limit` bytes of `pattern` in `args.mode`, recording them in `sent`.
+fn send_stream(
+    stream: &TcpStream,
+    args: &StreamArgs,
+    pattern: &Pattern,
+    limit: u64,
+    deadline: Instant,
+    sent: &mut Sent,
+) -> Result<(), StepError> {
+    let over = || Instant::now() > deadline;
+    let timed_out = || ("send", io::Error::from(io::ErrorKind::TimedOut));
+    let left = |sent: &Sent| usize::try_from(limit - sent.bytes).unwrap_or(usize::MAX);
+    let record = |sent: &mut Sent, chunk: &[u8]| {
+        sent.hash.update(chunk);
+        sent.bytes += chunk.len() as u64;
+        sent.writes += 1;
+    };
+    let mut writer = stream;
+    match args.mode {
+        StreamMode::Write | StreamMode::Small => {
+            let mut i = 0u64;
+            while sent.bytes < limit {
+                if over() {
+                    return Err(timed_out());
+                }
+                let size = match (args.mode, args.chunk) {
+                    (_, Some(c)) => c.max(1),
+                    (StreamMode::Small, None) => 1 + ((i * 37) % 64) as usize,
+                    _ => 1 << 20,
+                };
+                i += 1;
+                let chunk = pattern.at(sent.bytes, size.min(left(sent)));
+                match writer.write(chunk) {
+                    Ok(n) => record(sent, &chunk[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(("write", e)),
+                }
+            }
+        }
+        StreamMode::Writev => {
+            const SIZES: [usize; 8] = [1, 4096, 100, 65536, 7, 16384, 1000, 200_000];
+            let mut round = 0usize;
+            while sent.bytes < limit {
+                if over() {
+                    return Err(timed_out());
+                }
+                let mut slices = Vec::with_capacity(SIZES.len());
+                let mut offset = sent.bytes;
+                for k in 0..SIZES.len() {
+                    let remaining = usize::try_from(limit - offset).unwrap_or(usize::MAX);
+                    if remaining == 0 {
+                        break;
+                    }
+                    let size = args.chunk.unwrap_or(SIZES[(k + round) % SIZES.len()]);
+                    let s = pattern.at(offset, size.max(1).min(remaining));
+                    offset += s.len() as u64;
+                    slices.push(IoSlice::new(s));
+                }
+                round += 1;
+                match writer.write_vectored(&slices) {
+                    Ok(mut n) => {
+                        sent.writes += 1;
+                        for s in &slices {
+                            let take = n.min(s.len());
+                            sent.hash.update(&s[..take]);
+                            sent.bytes += take as u64;
+                            n -= take;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(("writev", e)),
+                }
+            }
+        }
+        StreamMode::Sendfile => {
+            static FILE_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "mesh-testpod-sendfile-{}-{}",
+                std::process::id(),
+                FILE_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            let result = (|| {
+                let mut file = std::fs::File::create(&path).map_err(|e| ("create file", e))?;
+                let mut offset = 0u64;
+                while offset < limit {
+                    let remaining = usize::try_from(limit - offset).unwrap_or(usize::MAX);
+                    let s = pattern.at(offset, remaining.min(1 << 20));
+                    file.write_all(s).map_err(|e| ("write file", e))?;
+                    offset += s.len() as u64;
+                }
+                drop(file);
+                let file = std::fs::File::open(&path).map_err(|e| ("open file", e))?;
+                let chunk = args.chunk.unwrap_or(1 << 20).max(1);
+                while sent.bytes < limit {
+                    if over() {
+                        return Err(timed_out());
+                    }
+                    let at = sent.bytes;
+                    match sendfile(stream, &file, at, chunk.min(left(sent))) {
+                        Ok(0) => {
+                            return Err((
+                                "sendfile",
+                                io::Error::new(io::ErrorKind::WriteZero, "sendfile sent nothing"),
+                            ));
+                        }
+                        Ok(n) => {
+                            // What the file holds at [at, at + n): the pattern.
+                            let mut done = 0;
+                            while done < n {
+                                let s = pattern.at(at + done as u64, n - done);
+                                sent.hash.update(s);
+                                done += s.len();
+                            }
+                            sent.bytes += n as u64;
+                            sent.writes += 1;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(("sendfile", e)),
+                    }
+                }
+                Ok(())
+            })();
+            let _ = std::fs::remove_file(&path);
+            result?;
+        }
+    }
+    Ok(())
+}
+
+/// One `sendfile(2)` of `len` bytes of `file` from `offset` to `socket`.
+#[allow(unsafe_code)]
+fn sendfile(
+    socket: &TcpStream,
+    file: &std::fs::File,
+    offset: u64,
+    len: usize,
+) -> io::Result<usize> {
+    use std::os::fd::AsRawFd as _;
+    let mut off = libc::off_t::try_from(offset).map_err(io::Error::other)?;
+    // SAFETY: both descriptors are open for the duration of the call; `off` is a valid
+    // off_t the kernel updates.
+    let n = unsafe { libc::sendfile(socket.as_raw_fd(), file.as_raw_fd(), &raw mut off, len) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+fn churn(args: &ChurnArgs) -> Result<()> {
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let budget = Duration::from_secs(args.max_secs);
+    let start = Instant::now();
+    let mut summary = ConnectSummary::default();
+    for i in 0..args.count {
+        if start.elapsed() > budget {
+            break;
+        }
+        match churn_once(args.addr, timeout, i) {
+            Ok(peer) => {
+                summary.record_ok("echo");
+                summary.record_peer(peer);
+            }
+            Err((step, err)) => summary.record_error(step, &err),
+        }
+    }
+    print_summary(&summary, args.json)
+}
+
+/// Connect, write 16 bytes, read their echo, close.
+fn churn_once(addr: SocketAddr, timeout: Duration, i: u32) -> Result<SocketAddr, StepError> {
+    let stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| ("connect", e))?;
+    let peer = stream.peer_addr().map_err(|e| ("getpeername", e))?;
+    let setup = || -> io::Result<()> {
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))
+    };
+    setup().map_err(|e| ("setsockopt", e))?;
+    let request = format!("churn{i:010}\n");
+    debug_assert_eq!(request.len(), 16);
+    (&stream)
+        .write_all(request.as_bytes())
+        .map_err(|e| ("write", e))?;
+    let mut echo = [0u8; 16];
+    (&stream)
+        .read_exact(&mut echo)
+        .map_err(|e| ("read echo", e))?;
+    if echo != request.as_bytes() {
+        return Err(("read echo", bad_echo(&request, &echo)));
+    }
+    Ok(peer)
 }

@@ -1,0 +1,92 @@
+//! sk_msg on SOCKS: each message a socket sends is handed to the ingress queue of the
+//! peer socket, skipping the TCP/IP stack on both sides. The first message decides for
+//! the socket's whole life (SOCK_PATHS): redirected if the peer socket is in SOCKS by
+//! then, otherwise that message went through the stack and every later one follows it,
+//! since a redirected message could overtake bytes still in flight. Policy already ran:
+//! a denied connection never became established, so it never entered the map.
+
+use aya_ebpf::{
+    bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
+    macros::sk_msg,
+    programs::SkMsgContext,
+};
+use mesh_common::{
+    Addr, SockKey,
+    redirect::{counter, path},
+};
+
+use crate::maps::{SOCK_PATHS, SOCKMAP_METRICS, SOCKS};
+
+const AF_INET: u32 = 2;
+
+#[sk_msg]
+pub fn mesh_redirect(ctx: SkMsgContext) -> u32 {
+    let md = ctx.msg;
+    // Every address field is read at its fixed offset, one 32-bit word at a time, before
+    // choosing by family: the verifier rejects context loads at a computed offset or
+    // wider than the field, which the compiler produces if it may merge the two
+    // branches' reads.
+    // SAFETY: `md` is the kernel's sk_msg_md for this call; all reads are of its fields.
+    let (me, size) = unsafe {
+        let word = |p: *const u32| core::ptr::read_volatile(p);
+        let family = word(core::ptr::addr_of!((*md).family));
+        let l4 = word(core::ptr::addr_of!((*md).local_ip4));
+        let r4 = word(core::ptr::addr_of!((*md).remote_ip4));
+        let l6 = core::ptr::addr_of!((*md).local_ip6) as *const u32;
+        let r6 = core::ptr::addr_of!((*md).remote_ip6) as *const u32;
+        let l6 = [word(l6), word(l6.add(1)), word(l6.add(2)), word(l6.add(3))];
+        let r6 = [word(r6), word(r6.add(1)), word(r6.add(2)), word(r6.add(3))];
+        let (local, remote) = if family == AF_INET {
+            (Addr::from_v4_be(l4), Addr::from_v4_be(r4))
+        } else {
+            (Addr(l6), Addr(r6))
+        };
+        let me = SockKey {
+            local,
+            remote,
+            local_port: word(core::ptr::addr_of!((*md).local_port)),
+            remote_port: u32::from_be(word(core::ptr::addr_of!((*md).remote_port))),
+        };
+        (me, u64::from(word(core::ptr::addr_of!((*md).size))))
+    };
+    // No entry (evicted): the stack, which never reorders what was redirected before.
+    let Some(state) = SOCK_PATHS.get_ptr_mut(&me) else {
+        add(counter::PASSED_MSGS, 1);
+        return SK_PASS;
+    };
+    // SAFETY: the entry is this socket's; its sendmsg calls are serialised by the socket
+    // lock, so nothing else writes it meanwhile.
+    let decided = unsafe { *state };
+    if decided == path::STACK {
+        add(counter::PASSED_MSGS, 1);
+        return SK_PASS;
+    }
+    let mut peer = me.peer();
+    let redirected =
+        SOCKS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS);
+    if decided == path::UNDECIDED {
+        // SAFETY: as above.
+        unsafe {
+            *state = if redirected {
+                path::REDIRECT
+            } else {
+                path::STACK
+            }
+        };
+    }
+    if redirected {
+        add(counter::REDIRECTED_MSGS, 1);
+        add(counter::REDIRECTED_BYTES, size);
+    } else {
+        // The peer socket is not (or no longer) in the map: the stack, as without us.
+        add(counter::PASSED_MSGS, 1);
+    }
+    SK_PASS
+}
+
+fn add(index: u32, n: u64) {
+    if let Some(v) = SOCKMAP_METRICS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot: no other CPU writes it, no re-entry on this CPU.
+        unsafe { *v += n };
+    }
+}
