@@ -599,11 +599,12 @@ fn policy_denied_connections_are_never_redirected() -> Result<()> {
         return Ok(());
     }
     let mut bed = Bed::new("skmpol", &[CLIENT, SERVER], ON)?;
-    bed.procs.push(testpod::start_server(
-        bed.cluster.pod("server"),
-        SERVE,
-        "server",
-    )?);
+    // Both pods run a process the whole time: the agent finds a pod's network namespace
+    // (and so enforces its policy) through the processes in it.
+    for pod in ["server", "client"] {
+        bed.procs
+            .push(testpod::start_server(bed.cluster.pod(pod), SERVE, pod)?);
+    }
     let to = bed.addr("server", SERVE);
     let client = bed.cluster.pod("client");
 
