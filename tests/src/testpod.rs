@@ -321,26 +321,29 @@ pub fn next_json_line<T: DeserializeOwned>(child: &mut ChildGuard, timeout: Dura
 /// Runs `mesh-testpod bench` from `pod` to `addr`: `warmup` unmeasured iterations, then
 /// `count` measured ones.
 pub fn bench(pod: &Pod, addr: SocketAddr, count: u32, warmup: u32) -> Result<BenchSummary> {
-    run_bench(pod, addr, count, warmup, false)
+    run_bench(pod, addr, count, warmup, None)
 }
 
-/// Like [`bench`], but `count` request/response exchanges on one connection: the
-/// established path rather than connection setup.
+/// Like [`bench`], but `count` request/response exchanges of `payload` bytes each way
+/// on one connection: the established path rather than connection setup.
 pub fn bench_persistent(
     pod: &Pod,
     addr: SocketAddr,
     count: u32,
     warmup: u32,
+    payload: usize,
 ) -> Result<BenchSummary> {
-    run_bench(pod, addr, count, warmup, true)
+    run_bench(pod, addr, count, warmup, Some(payload))
 }
 
+/// `persistent`: the payload of request/response on one connection; `None`: a new
+/// connection (with a 64-byte exchange) per iteration.
 fn run_bench(
     pod: &Pod,
     addr: SocketAddr,
     count: u32,
     warmup: u32,
-    persistent: bool,
+    persistent: Option<usize>,
 ) -> Result<BenchSummary> {
     let mut cmd = Command::new(testpod_bin()?);
     cmd.args([
@@ -351,8 +354,8 @@ fn run_bench(
         &count.to_string(),
     ]);
     cmd.args(["--warmup", &warmup.to_string()]);
-    if persistent {
-        cmd.arg("--persistent");
+    if let Some(payload) = persistent {
+        cmd.args(["--persistent", "--payload", &payload.to_string()]);
     }
     // The bench bounds itself at 60 s by default; leave it room to report.
     parse_json(&pod.run_timeout(cmd, Duration::from_secs(90))?)
@@ -567,6 +570,8 @@ pub struct SinkOptions {
     pub read_chunk: Option<usize>,
     /// Reset the connection (SO_LINGER 0 + close) after reading this many bytes.
     pub reset_after: Option<u64>,
+    /// Count bytes only, no checksum (for throughput benchmarks).
+    pub unchecked: bool,
 }
 
 /// Starts `mesh-testpod sink` on `port` in `pod` and waits until it is bound. Its
@@ -585,6 +590,9 @@ pub fn start_sink(pod: &Pod, port: u16, opts: &SinkOptions) -> Result<ChildGuard
     }
     if let Some(limit) = opts.reset_after {
         cmd.args(["--reset-after", &limit.to_string()]);
+    }
+    if opts.unchecked {
+        cmd.arg("--unchecked");
     }
     cmd.stdin(Stdio::null()).stdout(Stdio::piped());
     let mut sink = pod.spawn(cmd)?;
@@ -612,6 +620,8 @@ pub struct StreamOptions {
     /// blocking sockets without SO_RCVTIMEO/SO_SNDTIMEO (the run is still killed
     /// after 60 s).
     pub timeout: Duration,
+    /// Count bytes only, no checksum (both checksums 0), against an unchecked sink.
+    pub unchecked: bool,
 }
 
 impl StreamOptions {
@@ -625,6 +635,7 @@ impl StreamOptions {
             bidir: false,
             seed: 1,
             timeout: Duration::from_secs(5),
+            unchecked: false,
         }
     }
 }
@@ -654,6 +665,9 @@ pub fn stream(pod: &Pod, addr: SocketAddr, opts: &StreamOptions) -> Result<Strea
     }
     if opts.bidir {
         cmd.arg("--bidir");
+    }
+    if opts.unchecked {
+        cmd.arg("--unchecked");
     }
     parse_json(&pod.run_timeout(cmd, Duration::from_secs(60))?)
         .with_context(|| format!("stream {opts:?} from pod {} to {addr}", pod.name()))

@@ -20,7 +20,7 @@ use crate::{build, setup};
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Which benchmark: `lb`.
+    /// Which benchmark: `lb`, `policy` or `sockmap`.
     which: String,
     /// Measured connections per round and path.
     #[arg(long, default_value_t = 600)]
@@ -44,7 +44,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     match args.which.as_str() {
         "lb" => lb(args),
         "policy" => crate::bench_policy::run(args.count, args.rounds),
-        other => bail!("unknown benchmark {other:?}; available: lb, policy"),
+        "sockmap" => crate::bench_sockmap::run(args.count * 5, args.rounds),
+        other => bail!("unknown benchmark {other:?}; available: lb, policy, sockmap"),
     }
 }
 

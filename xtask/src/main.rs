@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_policy;
+mod bench_sockmap;
 mod build;
 mod demo;
 mod setup;

@@ -106,6 +106,9 @@ struct SinkArgs {
     /// Timeout of each read and write, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     timeout_ms: u64,
+    /// Count bytes but skip the checksum (reported as 0), for throughput benchmarks.
+    #[arg(long)]
+    unchecked: bool,
 }
 
 #[derive(Args)]
@@ -140,6 +143,10 @@ struct StreamArgs {
     /// Give up (reporting a timeout) after this many seconds in total.
     #[arg(long, default_value_t = 45)]
     max_secs: u64,
+    /// Count bytes but skip the checksum (reported as 0), for throughput benchmarks
+    /// against a `sink --unchecked`.
+    #[arg(long)]
+    unchecked: bool,
 }
 
 #[derive(Args)]
@@ -837,6 +844,7 @@ fn sink(args: &SinkArgs) -> Result<()> {
         chunk: args.read_chunk.max(1),
         reset_after: args.reset_after,
         timeout: Duration::from_millis(args.timeout_ms),
+        unchecked: args.unchecked,
     };
     for stream in listener.incoming() {
         match stream {
@@ -865,6 +873,28 @@ struct SinkOpts {
     chunk: usize,
     reset_after: Option<u64>,
     timeout: Duration,
+    unchecked: bool,
+}
+
+/// A stream's FNV-1a checksum, or none (0) when unchecked: byte-at-a-time hashing would
+/// otherwise bound a throughput benchmark instead of the path it measures.
+#[derive(Clone, Copy)]
+struct Digest(Option<Fnv64>);
+
+impl Digest {
+    fn new(checked: bool) -> Self {
+        Self(checked.then(Fnv64::default))
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        if let Some(h) = &mut self.0 {
+            h.update(bytes);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0.map_or(0, |h| h.finish())
+    }
 }
 
 /// Serves one sink connection and describes what happened.
@@ -877,7 +907,7 @@ fn sink_conn(stream: TcpStream, opts: &SinkOpts) -> SinkConn {
             .unwrap_or_default(),
         ..SinkConn::default()
     };
-    let mut hash = Fnv64::default();
+    let mut hash = Digest::new(!opts.unchecked);
     if let Err((step, err)) = sink_serve(&stream, opts, &mut conn, &mut hash) {
         conn.error = Some(format!("{step}: {err}"));
         conn.error_key = Some(error_key(&err));
@@ -895,7 +925,7 @@ fn sink_serve(
     stream: &TcpStream,
     opts: &SinkOpts,
     conn: &mut SinkConn,
-    hash: &mut Fnv64,
+    hash: &mut Digest,
 ) -> Result<(), StepError> {
     let setup = || -> io::Result<()> {
         stream.set_read_timeout(Some(opts.timeout))?;
@@ -978,7 +1008,7 @@ fn cpu_time() -> Duration {
 struct Sent {
     bytes: u64,
     writes: u64,
-    hash: Fnv64,
+    hash: Digest,
 }
 
 fn stream(args: &StreamArgs) -> Result<()> {
@@ -1014,7 +1044,7 @@ fn stream(args: &StreamArgs) -> Result<()> {
     let mut sent = Sent {
         bytes: 0,
         writes: 0,
-        hash: Fnv64::default(),
+        hash: Digest::new(!args.unchecked),
     };
     std::thread::scope(|scope| {
         // --bidir: the echo is read while sending, else both sides' buffers fill up.

@@ -1,0 +1,235 @@
+//! `cargo xtask bench sockmap`: same-node pod-to-pod TCP three ways in one run: plain
+//! (no agent, the kernel alone), off (the agent with `--sockmap=false`) and on
+//! (`--sockmap=true`, bytes handed socket to socket). Measures request/response on one
+//! connection (64 B and 4 KiB each way) and bulk throughput (one connection, 64 KiB
+//! writes). Every round runs the three configurations back to back in rotating order
+//! (the agent restarted for each), so paired per-round ratios cancel machine drift.
+
+use std::{fmt::Write as _, net::SocketAddr, time::Duration};
+
+use anyhow::{Context as _, Result, ensure};
+use mesh_tests::{
+    Agent, Cluster, Pod, StateDir, agent,
+    testpod::{self, SinkConn, SinkOptions, StreamMode, StreamOptions, next_json_line},
+};
+
+use crate::{bench::PathStats, build, setup};
+
+const CLIENT: (&str, &str) = ("client", "10.244.1.10");
+const SERVER: (&str, &str) = ("server", "10.244.1.11");
+const ECHO: &str = "10.244.1.11:8080";
+const SINK: &str = "10.244.1.11:9000";
+/// Bytes per bulk transfer, sent in writes of [`BULK_WRITE`].
+const BULK_BYTES: u64 = 256 << 20;
+const BULK_WRITE: usize = 64 << 10;
+const REDIRECTED_BYTES: &str = "mesh_sockmap_redirected_bytes_total";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Plain,
+    Off,
+    On,
+}
+
+impl Mode {
+    const ALL: [Self; 3] = [Self::Plain, Self::Off, Self::On];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Plain => "plain",
+            Self::Off => "off",
+            Self::On => "on",
+        }
+    }
+}
+
+/// One configuration's results over all rounds.
+#[derive(Default)]
+struct ModeStats {
+    rr64: PathStats,
+    rr4k: PathStats,
+    /// Bulk throughput per round, bytes per second.
+    bulk: Vec<f64>,
+}
+
+/// Runs the benchmark: `count` request/response exchanges per round, size and mode;
+/// `rounds` rounds.
+pub fn run(count: u32, rounds: u32) -> Result<()> {
+    crate::require_root("bench")?;
+    setup::run()?;
+    let bins = build::run(build::Profile::Release)?;
+    crate::use_binaries(&bins);
+
+    let cluster = Cluster::builder("bskm")
+        .node("n1")
+        .pod("n1", CLIENT.0, CLIENT.1)
+        .pod("n1", SERVER.0, SERVER.1)
+        .build()?;
+    let server = cluster.pod(SERVER.0);
+    let _echo = testpod::start_server(server, 8080, SERVER.0)?;
+    let mut sink = testpod::start_sink(
+        server,
+        9000,
+        &SinkOptions {
+            unchecked: true,
+            ..SinkOptions::default()
+        },
+    )?;
+    let state = StateDir::new("bskm")?;
+    state.write("pods.yaml", &pods_yaml(&agent::node_name(cluster.node("n1"))))?;
+    let client = cluster.pod(CLIENT.0);
+
+    println!(
+        "sockmap: pod to pod on one node; plain (no agent) vs off (--sockmap=false) vs on;\n    \
+         {rounds} rounds, each running the three in rotating order: {count} request/response \
+         exchanges of 64 B and of 4 KiB on one connection, and {} MiB in {} KiB writes",
+        BULK_BYTES >> 20,
+        BULK_WRITE >> 10
+    );
+    let mut stats: Vec<ModeStats> = Mode::ALL.iter().map(|_| ModeStats::default()).collect();
+    for round in 0..rounds as usize {
+        for i in 0..Mode::ALL.len() {
+            let k = (round + i) % Mode::ALL.len();
+            let mode = Mode::ALL[k];
+            let agent = match mode {
+                Mode::Plain => None,
+                Mode::Off => Some(Agent::start_with(
+                    cluster.node("n1"),
+                    state.path(),
+                    &["--sockmap=false"],
+                )?),
+                Mode::On => Some(Agent::start_with(
+                    cluster.node("n1"),
+                    state.path(),
+                    &["--sockmap=true"],
+                )?),
+            };
+            let before = agent.as_ref().map(redirected).transpose()?;
+            let s = &mut stats[k];
+            let rr = |payload| {
+                testpod::bench_persistent(client, ECHO.parse()?, count, 200, payload)
+                    .with_context(|| format!("{} round {round}: {payload} B", mode.name()))
+            };
+            s.rr64.add(&rr(64)?);
+            s.rr4k.add(&rr(4096)?);
+            s.bulk.push(bulk(client, &mut sink).with_context(|| {
+                format!("{} round {round}: bulk", mode.name())
+            })?);
+            // Proof of what was measured: on redirected the bulk bytes, off none.
+            if let (Some(agent), Some(before)) = (&agent, before) {
+                let grew = redirected(agent)? - before;
+                match mode {
+                    Mode::On => ensure!(
+                        grew >= BULK_BYTES as f64,
+                        "on: only {grew} bytes redirected in round {round}"
+                    ),
+                    _ => ensure!(grew == 0.0, "off: {grew} bytes redirected in round {round}"),
+                }
+            }
+        }
+    }
+    print_report(&stats);
+    Ok(())
+}
+
+/// One bulk transfer to the sink: bytes per second from connect to the sink's reply.
+fn bulk(client: &Pod, sink: &mut mesh_tests::ChildGuard) -> Result<f64> {
+    let addr: SocketAddr = SINK.parse()?;
+    let opts = StreamOptions {
+        chunk: Some(BULK_WRITE),
+        unchecked: true,
+        timeout: Duration::from_secs(10),
+        ..StreamOptions::new(BULK_BYTES, StreamMode::Write)
+    };
+    let s = testpod::stream(client, addr, &opts)?;
+    let conn: SinkConn = next_json_line(sink, Duration::from_secs(10))?;
+    ensure!(
+        s.error.is_none() && s.received_by_server == Some(BULK_BYTES) && conn.bytes == BULK_BYTES,
+        "bulk transfer incomplete: {s:?} / {conn:?}"
+    );
+    Ok(BULK_BYTES as f64 * 1e9 / s.elapsed_ns as f64)
+}
+
+fn redirected(agent: &Agent) -> Result<f64> {
+    let text = agent.metrics()?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(REDIRECTED_BYTES)?.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Median over rounds of `a[i] / b[i]`.
+fn paired_ratio(a: &[f64], b: &[f64]) -> f64 {
+    let ratios: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+    median(&ratios)
+}
+
+fn print_report(stats: &[ModeStats]) {
+    let [plain, off, on] = [&stats[0], &stats[1], &stats[2]];
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n{:<22} {:>17} {:>17} {:>17} {:>9} {:>9}",
+        "measure", "plain p50/p99", "off p50/p99", "on p50/p99", "on/off", "on/plain"
+    );
+    for (what, pick) in [
+        ("request/response 64 B", (|s: &ModeStats| &s.rr64) as fn(&ModeStats) -> &PathStats),
+        ("request/response 4 KiB", |s: &ModeStats| &s.rr4k),
+    ] {
+        let cell = |s: &ModeStats| format!("{:.1}/{:.1} us", pick(s).p50_us(), pick(s).p99_us());
+        let _ = writeln!(
+            out,
+            "{what:<22} {:>17} {:>17} {:>17} {:>8.3}x {:>8.3}x",
+            cell(plain),
+            cell(off),
+            cell(on),
+            pick(on).paired_p50_ratio(pick(off)),
+            pick(on).paired_p50_ratio(pick(plain)),
+        );
+    }
+    let gbps = |s: &ModeStats| format!("{:.2} GB/s", median(&s.bulk) / 1e9);
+    let _ = writeln!(
+        out,
+        "{:<22} {:>17} {:>17} {:>17} {:>8.3}x {:>8.3}x",
+        "bulk throughput",
+        gbps(plain),
+        gbps(off),
+        gbps(on),
+        paired_ratio(&on.bulk, &off.bulk),
+        paired_ratio(&on.bulk, &plain.bulk),
+    );
+    let latency = [&on.rr64, &on.rr4k]
+        .iter()
+        .zip([&off.rr64, &off.rr4k])
+        .map(|(a, b)| a.paired_p50_ratio(b))
+        .fold(0.0, f64::max);
+    let throughput = paired_ratio(&on.bulk, &off.bulk);
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    let _ = writeln!(
+        out,
+        "target: on/off throughput >= 1.30x: {throughput:.3}x {}; on/off p50 <= 0.80x: \
+         worst {latency:.3}x {}",
+        verdict(throughput >= 1.3),
+        verdict(latency <= 0.8)
+    );
+    print!("{out}");
+}
+
+/// The two pods on this node (the agent marks their addresses local from this).
+fn pods_yaml(node: &str) -> String {
+    let mut y = String::new();
+    for (name, ip) in [CLIENT, SERVER] {
+        let _ = write!(
+            y,
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec: {{nodeName: {node}, containers: [{{name: c}}]}}\nstatus: {{podIP: {ip}}}\n"
+        );
+    }
+    y
+}
