@@ -655,3 +655,43 @@ spec: {podSelector: {matchLabels: {app: client}}, policyTypes: [Egress]}
     );
     Ok(())
 }
+
+#[test]
+fn agent_shutdown_mid_stream_loses_nothing() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut bed = Bed::new("skmstop", &[CLIENT, SERVER], ON)?;
+    let slow_sink = bed.sink(
+        "server",
+        SLOW,
+        &SinkOptions {
+            read_delay: Some(Duration::from_millis(1)),
+            read_chunk: Some(4096),
+            ..SinkOptions::default()
+        },
+    )?;
+    let to = bed.addr("server", SLOW);
+    let opts = StreamOptions {
+        seed: 31,
+        ..StreamOptions::new(4 * MIB, StreamMode::Write)
+    };
+    let agent = bed.agents.pop().context("the bed's agent")?;
+    // The reader is slow, so redirected bytes wait in the server socket's queue when
+    // the agent stops (SIGTERM: detach, unpin) mid-stream.
+    let client = bed.cluster.pod("client");
+    let s = std::thread::scope(|scope| -> Result<StreamSummary> {
+        let streaming = scope.spawn(|| testpod::stream(client, to, &opts));
+        std::thread::sleep(Duration::from_millis(200));
+        let status = agent.stop()?;
+        assert!(status.success(), "agent exit: {status}");
+        streaming.join().expect("stream thread panicked")
+    })?;
+    let conn = bed.sink_report(slow_sink)?;
+    eprintln!("agent stopped mid-stream: client {s:?}\nserver {conn:?}");
+    assert!(
+        s.intact() && conn.bytes == opts.bytes && conn.error.is_none(),
+        "stopping the agent mid-stream lost or altered data:\nclient: {s:?}\nserver: {conn:?}"
+    );
+    Ok(())
+}

@@ -2,7 +2,9 @@
 //! namespaces (2 nodes, 7 dual-stack pods), one agent per node, real connections from a
 //! client pod on each node to the Service VIPs (TCP over IPv4 and IPv6, DNS-style UDP),
 //! and a report of which backend answered and which peer the application saw; then
-//! network policy at work (an egress EPERM, an ingress drop) and the agents' flow log.
+//! network policy at work (an egress EPERM, an ingress drop) and the agents' flow log;
+//! then same-node socket redirection: a bulk transfer to a pod on the same node is
+//! handed socket to socket, one to the other node is not.
 //! Everything is removed at the end; `--keep` holds it up until Ctrl-C.
 
 use std::{
@@ -95,7 +97,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     })?;
     let agents = ["n1", "n2"]
         .iter()
-        .map(|node| Agent::start(cluster.node(node), &state))
+        .map(|node| Agent::start_with(cluster.node(node), &state, &["--sockmap=true"]))
         .collect::<Result<Vec<_>>>()?;
     println!(
         "\n== cluster {}: 2 nodes, {} pods, agents attached",
@@ -135,6 +137,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     print_counts(&refused.by_backend, &refused.errors);
 
     policy_scene(&cluster, &agents)?;
+    sockmap_scene(&cluster, &agents)?;
 
     if args.keep {
         keep_running(&cluster, &agents, &state)?;
@@ -170,6 +173,45 @@ fn policy_scene(cluster: &Cluster, agents: &[Agent]) -> Result<()> {
         let out = agent.cli(&["observe", "--node", agent.pin_name()])?;
         print!("{}", String::from_utf8_lossy(&out.stdout));
     }
+    Ok(())
+}
+
+/// client (n1) sends 64 MiB to web-1 (n1) and to web-2 (n2); only the first is
+/// redirected socket to socket, as n1's `mesh-agent status` shows.
+fn sockmap_scene(cluster: &Cluster, agents: &[Agent]) -> Result<()> {
+    println!("\n== same-node socket redirection (agents run with --sockmap=true)");
+    let client = cluster.pod("client");
+    for target in ["web-1", "web-2"] {
+        let pod = cluster.pod(target);
+        let mut sink = testpod::start_sink(pod, 7000, &testpod::SinkOptions::default())?;
+        let before = agents[0].status()?;
+        let opts = testpod::StreamOptions::new(64 << 20, testpod::StreamMode::Write);
+        let s = testpod::stream(client, SocketAddr::from((pod.ip(), 7000)), &opts)?;
+        let _ = testpod::next_json_line::<testpod::SinkConn>(&mut sink, Duration::from_secs(10));
+        println!(
+            "\nclient (n1) -> {target} (node {}): {} MiB sent, arrived intact: {}, {:.0} ms",
+            pod.node(),
+            s.sent >> 20,
+            s.intact(),
+            s.elapsed_ns as f64 / 1e6
+        );
+        let redirected = |status: &str| -> Option<String> {
+            status
+                .lines()
+                .find(|l| l.trim_start().starts_with("redirected"))
+                .map(|l| l.trim().to_owned())
+        };
+        println!(
+            "  n1 status before: {}",
+            redirected(&before).unwrap_or_default()
+        );
+        println!(
+            "  n1 status after:  {}",
+            redirected(&agents[0].status()?).unwrap_or_default()
+        );
+    }
+    println!("\n$ mesh-agent status --node {}", agents[0].pin_name());
+    print!("{}", agents[0].status()?);
     Ok(())
 }
 
@@ -218,7 +260,7 @@ fn keep_running(cluster: &Cluster, agents: &[Agent], state: &std::path::Path) ->
             agent.pin_name()
         );
         println!(
-            "                         bpftool map dump pinned {}/SERVICES_V1",
+            "                         bpftool map dump pinned {}/SERVICES_V2",
             agent.pin_dir().display()
         );
     }
