@@ -50,7 +50,7 @@ pub fn mesh_redirect(ctx: SkMsgContext) -> u32 {
         (me, u64::from(word(core::ptr::addr_of!((*md).size))))
     };
     // No entry (evicted): the stack, which never reorders what was redirected before.
-    let Some(state) = SOCK_PATHS.get_ptr_mut(&me) else {
+    let Some(state) = SOCK_PATHS.get_ptr_mut(me) else {
         add(counter::PASSED_MSGS, 1);
         return SK_PASS;
     };

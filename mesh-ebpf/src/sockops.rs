@@ -33,7 +33,7 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             if let Some(key) = sock_key(ctx.ops) {
                 // Absent when the socket never got one: nothing to do.
-                let _ = SOCK_PATHS.remove(&key);
+                let _ = SOCK_PATHS.remove(key);
             }
         }
         _ => {}
@@ -59,7 +59,7 @@ fn established(ctx: &SockOpsContext) {
     }
     // Overwrites whatever an earlier connection with this 4-tuple left.
     if SOCK_PATHS
-        .insert(&key, &path::UNDECIDED, u64::from(BPF_ANY))
+        .insert(key, path::UNDECIDED, u64::from(BPF_ANY))
         .is_ok()
     {
         // Ask for state changes, to drop the entry when the socket closes.

@@ -76,7 +76,10 @@ pub fn run(count: u32, rounds: u32) -> Result<()> {
         },
     )?;
     let state = StateDir::new("bskm")?;
-    state.write("pods.yaml", &pods_yaml(&agent::node_name(cluster.node("n1"))))?;
+    state.write(
+        "pods.yaml",
+        &pods_yaml(&agent::node_name(cluster.node("n1"))),
+    )?;
     let client = cluster.pod(CLIENT.0);
 
     println!(
@@ -112,9 +115,10 @@ pub fn run(count: u32, rounds: u32) -> Result<()> {
             };
             s.rr64.add(&rr(64)?);
             s.rr4k.add(&rr(4096)?);
-            s.bulk.push(bulk(client, &mut sink).with_context(|| {
-                format!("{} round {round}: bulk", mode.name())
-            })?);
+            s.bulk.push(
+                bulk(client, &mut sink)
+                    .with_context(|| format!("{} round {round}: bulk", mode.name()))?,
+            );
             // Proof of what was measured: on redirected the bulk bytes, off none.
             if let (Some(agent), Some(before)) = (&agent, before) {
                 let grew = redirected(agent)? - before;
@@ -179,7 +183,10 @@ fn print_report(stats: &[ModeStats]) {
         "measure", "plain p50/p99", "off p50/p99", "on p50/p99", "on/off", "on/plain"
     );
     for (what, pick) in [
-        ("request/response 64 B", (|s: &ModeStats| &s.rr64) as fn(&ModeStats) -> &PathStats),
+        (
+            "request/response 64 B",
+            (|s: &ModeStats| &s.rr64) as fn(&ModeStats) -> &PathStats,
+        ),
         ("request/response 4 KiB", |s: &ModeStats| &s.rr4k),
     ] {
         let cell = |s: &ModeStats| format!("{:.1}/{:.1} us", pick(s).p50_us(), pick(s).p99_us());
