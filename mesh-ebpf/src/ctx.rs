@@ -117,3 +117,46 @@ impl SockAddr<'_> {
         }
     }
 }
+
+/// The 4-tuple of the socket behind a sock_ops (`*mut bpf_sock_ops`) or sk_msg
+/// (`*mut sk_msg_md`) context, which name these fields alike; None for a family other
+/// than IPv4/IPv6. A macro because the two contexts are distinct types.
+///
+/// Every address field is read at its fixed offset, one 32-bit word at a time, before
+/// choosing by family: the verifier rejects context loads at a computed offset or wider
+/// than the field, which the compiler produces if it may merge the two branches' reads.
+/// `local_port` is in host byte order; `remote_port` holds the network-order port in its
+/// upper half on little-endian machines, which `from_be` turns into host order.
+macro_rules! sock_key {
+    ($ptr:expr) => {{
+        const AF_INET: u32 = 2;
+        const AF_INET6: u32 = 10;
+        let p = $ptr;
+        // SAFETY: `p` is the kernel's context for this call; all reads are of its fields.
+        unsafe {
+            let word = |f: *const u32| core::ptr::read_volatile(f);
+            let family = word(core::ptr::addr_of!((*p).family));
+            let l4 = word(core::ptr::addr_of!((*p).local_ip4));
+            let r4 = word(core::ptr::addr_of!((*p).remote_ip4));
+            let l6 = core::ptr::addr_of!((*p).local_ip6) as *const u32;
+            let r6 = core::ptr::addr_of!((*p).remote_ip6) as *const u32;
+            let l6 = [word(l6), word(l6.add(1)), word(l6.add(2)), word(l6.add(3))];
+            let r6 = [word(r6), word(r6.add(1)), word(r6.add(2)), word(r6.add(3))];
+            let addrs = match family {
+                AF_INET => Some((
+                    ::mesh_common::Addr::from_v4_be(l4),
+                    ::mesh_common::Addr::from_v4_be(r4),
+                )),
+                AF_INET6 => Some((::mesh_common::Addr(l6), ::mesh_common::Addr(r6))),
+                _ => None,
+            };
+            addrs.map(|(local, remote)| ::mesh_common::SockKey {
+                local,
+                remote,
+                local_port: word(core::ptr::addr_of!((*p).local_port)),
+                remote_port: u32::from_be(word(core::ptr::addr_of!((*p).remote_port))),
+            })
+        }
+    }};
+}
+pub(crate) use sock_key;

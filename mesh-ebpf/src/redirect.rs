@@ -10,45 +10,20 @@ use aya_ebpf::{
     macros::sk_msg,
     programs::SkMsgContext,
 };
-use mesh_common::{
-    Addr, SockKey,
-    redirect::{counter, path},
+use mesh_common::redirect::{counter, path};
+
+use crate::{
+    ctx::sock_key,
+    maps::{SOCK_PATHS, SOCKMAP_METRICS, SOCKS},
 };
-
-use crate::maps::{SOCK_PATHS, SOCKMAP_METRICS, SOCKS};
-
-const AF_INET: u32 = 2;
 
 #[sk_msg]
 pub fn mesh_redirect(ctx: SkMsgContext) -> u32 {
-    let md = ctx.msg;
-    // Every address field is read at its fixed offset, one 32-bit word at a time, before
-    // choosing by family: the verifier rejects context loads at a computed offset or
-    // wider than the field, which the compiler produces if it may merge the two
-    // branches' reads.
-    // SAFETY: `md` is the kernel's sk_msg_md for this call; all reads are of its fields.
-    let (me, size) = unsafe {
-        let word = |p: *const u32| core::ptr::read_volatile(p);
-        let family = word(core::ptr::addr_of!((*md).family));
-        let l4 = word(core::ptr::addr_of!((*md).local_ip4));
-        let r4 = word(core::ptr::addr_of!((*md).remote_ip4));
-        let l6 = core::ptr::addr_of!((*md).local_ip6) as *const u32;
-        let r6 = core::ptr::addr_of!((*md).remote_ip6) as *const u32;
-        let l6 = [word(l6), word(l6.add(1)), word(l6.add(2)), word(l6.add(3))];
-        let r6 = [word(r6), word(r6.add(1)), word(r6.add(2)), word(r6.add(3))];
-        let (local, remote) = if family == AF_INET {
-            (Addr::from_v4_be(l4), Addr::from_v4_be(r4))
-        } else {
-            (Addr(l6), Addr(r6))
-        };
-        let me = SockKey {
-            local,
-            remote,
-            local_port: word(core::ptr::addr_of!((*md).local_port)),
-            remote_port: u32::from_be(word(core::ptr::addr_of!((*md).remote_port))),
-        };
-        (me, u64::from(word(core::ptr::addr_of!((*md).size))))
+    let Some(me) = sock_key!(ctx.msg) else {
+        return SK_PASS;
     };
+    // SAFETY: `ctx.msg` is the kernel's sk_msg_md for this call.
+    let size = u64::from(unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.msg).size)) });
     // No entry (evicted): the stack, which never reorders what was redirected before.
     let Some(state) = SOCK_PATHS.get_ptr_mut(me) else {
         add(counter::PASSED_MSGS, 1);
