@@ -195,6 +195,16 @@ pub fn error_key(err: &io::Error) -> String {
 /// Starts `mesh-testpod serve` (TCP and UDP on `port`, announcing `name`) in `pod` and
 /// waits until it is bound.
 pub fn start_server(pod: &Pod, port: u16, name: &str) -> Result<ChildGuard> {
+    start_server_on_cpu(pod, port, name, None)
+}
+
+/// [`start_server`], its threads restricted to `cpu` when given.
+pub fn start_server_on_cpu(
+    pod: &Pod,
+    port: u16,
+    name: &str,
+    cpu: Option<usize>,
+) -> Result<ChildGuard> {
     let mut cmd = Command::new(testpod_bin()?);
     cmd.args([
         "serve",
@@ -205,6 +215,9 @@ pub fn start_server(pod: &Pod, port: u16, name: &str) -> Result<ChildGuard> {
         "--udp",
     ])
     .stdout(Stdio::piped());
+    if let Some(cpu) = cpu {
+        cmd.args(["--cpu", &cpu.to_string()]);
+    }
     let mut server = pod.spawn(cmd)?;
     server
         .wait_for_stdout_line(START_TIMEOUT, |line| line == READY_LINE)
@@ -321,19 +334,21 @@ pub fn next_json_line<T: DeserializeOwned>(child: &mut ChildGuard, timeout: Dura
 /// Runs `mesh-testpod bench` from `pod` to `addr`: `warmup` unmeasured iterations, then
 /// `count` measured ones.
 pub fn bench(pod: &Pod, addr: SocketAddr, count: u32, warmup: u32) -> Result<BenchSummary> {
-    run_bench(pod, addr, count, warmup, None)
+    run_bench(pod, addr, count, warmup, None, None)
 }
 
 /// Like [`bench`], but `count` request/response exchanges of `payload` bytes each way
-/// on one connection: the established path rather than connection setup.
+/// on one connection: the established path rather than connection setup. The client
+/// runs on `cpu` only, when given.
 pub fn bench_persistent(
     pod: &Pod,
     addr: SocketAddr,
     count: u32,
     warmup: u32,
     payload: usize,
+    cpu: Option<usize>,
 ) -> Result<BenchSummary> {
-    run_bench(pod, addr, count, warmup, Some(payload))
+    run_bench(pod, addr, count, warmup, Some(payload), cpu)
 }
 
 /// `persistent`: the payload of request/response on one connection; `None`: a new
@@ -344,6 +359,7 @@ fn run_bench(
     count: u32,
     warmup: u32,
     persistent: Option<usize>,
+    cpu: Option<usize>,
 ) -> Result<BenchSummary> {
     let mut cmd = Command::new(testpod_bin()?);
     cmd.args([
@@ -356,6 +372,9 @@ fn run_bench(
     cmd.args(["--warmup", &warmup.to_string()]);
     if let Some(payload) = persistent {
         cmd.args(["--persistent", "--payload", &payload.to_string()]);
+    }
+    if let Some(cpu) = cpu {
+        cmd.args(["--cpu", &cpu.to_string()]);
     }
     // The bench bounds itself at 60 s by default; leave it room to report.
     parse_json(&pod.run_timeout(cmd, Duration::from_secs(90))?)

@@ -148,7 +148,7 @@ fn measure(
     let run = |pod: &Pod, addr: &str| {
         let addr = addr.parse()?;
         if persistent {
-            testpod::bench_persistent(pod, addr, count, 100, 64)
+            testpod::bench_persistent(pod, addr, count, 100, 64, None)
         } else {
             testpod::bench(pod, addr, count, 100)
         }

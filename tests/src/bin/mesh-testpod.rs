@@ -182,6 +182,9 @@ struct ServeArgs {
     /// Address to bind; `::` (the default) accepts IPv4 too.
     #[arg(long, default_value_t = IpAddr::V6(Ipv6Addr::UNSPECIFIED))]
     bind: IpAddr,
+    /// Run only on this CPU (every thread).
+    #[arg(long)]
+    cpu: Option<usize>,
 }
 
 #[derive(Args)]
@@ -284,6 +287,9 @@ struct BenchArgs {
     /// measures the established path, not connection setup.
     #[arg(long)]
     persistent: bool,
+    /// Run only on this CPU.
+    #[arg(long)]
+    cpu: Option<usize>,
 }
 
 fn main() -> Result<()> {
@@ -300,7 +306,27 @@ fn main() -> Result<()> {
     }
 }
 
+/// Restricts this thread, and the threads it starts later, to `cpu`.
+#[allow(unsafe_code)]
+fn pin_to_cpu(cpu: Option<usize>) -> Result<()> {
+    let Some(cpu) = cpu else {
+        return Ok(());
+    };
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it (bounds checked by the
+    // macro); sched_setaffinity reads it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("pin to CPU {cpu}"));
+    }
+    Ok(())
+}
+
 fn serve(args: &ServeArgs) -> Result<()> {
+    pin_to_cpu(args.cpu)?;
     let addr = SocketAddr::new(args.bind, args.port);
     let listener: TcpListener = bind(addr, Type::STREAM)
         .and_then(|s| s.listen(1024).map(|()| s))
@@ -727,6 +753,7 @@ fn bad_echo(sent: &str, got: &[u8]) -> io::Error {
 }
 
 fn bench(args: &BenchArgs) -> Result<()> {
+    pin_to_cpu(args.cpu)?;
     if args.persistent {
         return bench_persistent(args);
     }
