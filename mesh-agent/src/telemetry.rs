@@ -134,7 +134,7 @@ impl Telemetry {
                 .unwrap_or(0) as u64,
             redirected_messages: sum(counter::REDIRECTED_MSGS),
             redirected_bytes: sum(counter::REDIRECTED_BYTES),
-            stack_messages: sum(counter::PASSED_MSGS),
+            stack_messages: sum(counter::STACK_MSGS),
         }
     }
 

@@ -54,7 +54,7 @@ pub mod counter {
     pub const REDIRECTED_BYTES: u32 = 1;
     /// Messages of same-node sockets sent through the TCP/IP stack (their direction's
     /// first message found no peer socket in the map yet).
-    pub const PASSED_MSGS: u32 = 2;
+    pub const STACK_MSGS: u32 = 2;
     /// Number of counters.
     pub const LEN: u32 = 3;
 }

@@ -26,14 +26,14 @@ pub fn mesh_redirect(ctx: SkMsgContext) -> u32 {
     let size = u64::from(unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.msg).size)) });
     // No entry (evicted): the stack, which never reorders what was redirected before.
     let Some(state) = SOCK_PATHS.get_ptr_mut(me) else {
-        add(counter::PASSED_MSGS, 1);
+        add(counter::STACK_MSGS, 1);
         return SK_PASS;
     };
     // SAFETY: the entry is this socket's; its sendmsg calls are serialised by the socket
     // lock, so nothing else writes it meanwhile.
     let decided = unsafe { *state };
     if decided == path::STACK {
-        add(counter::PASSED_MSGS, 1);
+        add(counter::STACK_MSGS, 1);
         return SK_PASS;
     }
     let mut peer = me.peer();
@@ -54,7 +54,7 @@ pub fn mesh_redirect(ctx: SkMsgContext) -> u32 {
         add(counter::REDIRECTED_BYTES, size);
     } else {
         // The peer socket is not (or no longer) in the map: the stack, as without us.
-        add(counter::PASSED_MSGS, 1);
+        add(counter::STACK_MSGS, 1);
     }
     SK_PASS
 }
