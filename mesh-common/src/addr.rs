@@ -19,6 +19,16 @@ impl Addr {
         Self([0, 0, MAPPED_MARK, ip4_be])
     }
 
+    /// Whether this is a loopback address (127.0.0.0/8, mapped, or ::1): traffic that
+    /// never leaves its network namespace.
+    pub const fn is_loopback(&self) -> bool {
+        match self.v4_be() {
+            // The first byte in network order is the lowest-addressed one.
+            Some(v4) => v4.to_ne_bytes()[0] == 127,
+            None => self.0[0] == 0 && self.0[1] == 0 && self.0[2] == 0 && self.0[3] == 1u32.to_be(),
+        }
+    }
+
     /// The IPv4 address (network byte order) if this is an IPv4-mapped address.
     pub const fn v4_be(&self) -> Option<u32> {
         if self.0[0] == 0 && self.0[1] == 0 && self.0[2] == MAPPED_MARK {
@@ -89,6 +99,23 @@ mod user {
             // The same bytes as the IPv6 address ::ffff:10.96.0.10.
             let mapped: Ipv6Addr = "::ffff:10.96.0.10".parse().unwrap();
             assert_eq!(Addr::from(mapped), a);
+        }
+
+        #[test]
+        fn loopback_is_127_slash_8_and_colon_colon_1() {
+            for (ip, want) in [
+                ("127.0.0.1", true),
+                ("127.255.0.9", true),
+                ("::1", true),
+                ("::ffff:127.0.0.1", true),
+                ("128.0.0.1", false),
+                ("10.0.0.127", false),
+                ("::2", false),
+                ("fd00::1", false),
+            ] {
+                let a = Addr::from(ip.parse::<IpAddr>().unwrap());
+                assert_eq!(a.is_loopback(), want, "{ip}");
+            }
         }
 
         #[test]

@@ -42,10 +42,14 @@ pub const POLICY_ALLOW: u32 = 2;
 pub struct EndpointValue {
     /// Security identity of the pod, host byte order.
     pub identity: u32,
-    /// Explicit padding, always 0.
-    pub _pad: u32,
+    /// [`ENDPOINT_NO_SOCKMAP`] or 0.
+    pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<EndpointValue>() == 8);
+
+/// [`EndpointValue::flags`]: the pod opted out of socket redirection (annotation
+/// `mesh.io/sockmap: "false"`), for all its sockets, loopback ones included.
+pub const ENDPOINT_NO_SOCKMAP: u32 = 1;
 
 /// Key of the IPCACHE LPM trie (the kernel's `bpf_lpm_trie_key` layout: prefix length
 /// first, then the data the prefix applies to).
@@ -66,14 +70,15 @@ const _: () = assert!(core::mem::size_of::<IpcacheKey>() == 20);
 pub struct IpcacheValue {
     /// Identity of the prefix, host byte order.
     pub identity: u32,
-    /// [`IPCACHE_LOCAL`] or 0.
+    /// [`IPCACHE_REDIRECT`] or 0.
     pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<IpcacheValue>() == 8);
 
 /// [`IpcacheValue::flags`]: the address lives on this node (a local pod's, or one of
-/// the node's own), so a connection to it may be redirected socket to socket.
-pub const IPCACHE_LOCAL: u32 = 1;
+/// the node's own) and its TCP connections may be redirected socket to socket (the pod
+/// is not opted out with the `mesh.io/sockmap: "false"` annotation).
+pub const IPCACHE_REDIRECT: u32 = 1;
 
 /// Key of the POLICY LPM trie. Every field before `port` is matched exactly (the
 /// prefix always covers them: 80 bits); the remaining 0..=16 prefix bits match the port.

@@ -3,7 +3,7 @@
 //! per-pod attachment and sees exactly the traffic the pods' processes receive, after
 //! the pod's own stack has reassembled it.
 //!
-//! The node's own addresses (IPCACHE identity host) always pass. Only new inbound
+//! The node's own addresses (IPCACHE identity host) and loopback always pass. Only new inbound
 //! flows are judged: TCP segments with SYN and without ACK, and UDP
 //! datagrams from a peer the receiving socket has not exchanged with yet (UDP_PEERS,
 //! written by the connect/sendmsg hooks and by this program for allowed flows). Replies
@@ -98,6 +98,10 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<bool, ()> {
         }
         Some(key)
     };
+    // Loopback never left the pod: NetworkPolicy does not apply to it.
+    if src.is_loopback() {
+        return Ok(true);
+    }
     let peer = policy::identity_of(&src);
     if peer == IDENTITY_HOST {
         return Ok(true);

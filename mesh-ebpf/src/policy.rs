@@ -138,9 +138,13 @@ fn count(direction: u8, verdict: u8) {
 
 /// Egress check in the socket hooks: the calling pod (by netns cookie) sending to
 /// `dst`:`port_be`. Callers that are not known local pods (the node's own processes, a
-/// pod not discovered yet) pass.
+/// pod not discovered yet) pass, and so does loopback traffic.
 #[inline(always)]
 pub fn egress_allowed(sa: &SockAddr, dst: &Addr, port_be: u16, proto: u8) -> bool {
+    // Loopback never leaves the pod: NetworkPolicy does not apply to it.
+    if dst.is_loopback() {
+        return true;
+    }
     // SAFETY: plain data; a concurrent update can at worst give a stale copy.
     let Some(endpoint) = (unsafe { ENDPOINTS.get(&sa.netns_cookie()) }) else {
         return true;

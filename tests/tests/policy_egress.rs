@@ -702,3 +702,40 @@ echo done"#,
     }
     Ok(())
 }
+
+#[test]
+fn loopback_inside_an_isolated_pod_is_not_policed() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    const PORT: &[(&str, u16, &str)] = &[("http", 8080, "TCP")];
+    #[rustfmt::skip]
+    const PODS: &[PodDef] = &[
+        pod("n1", "prod", "prod-web", "10.244.1.11", "app: web", PORT),
+        pod("n1", "prod", "prod-db", "10.244.1.12", "app: db", PORT),
+    ];
+    let bed = Bed::new("peloop", &["n1"], PODS)?;
+    bed.state.write("pods.yaml", &bed.pods_yaml())?;
+    // web may send nowhere and receive from nobody.
+    bed.state.write(
+        "policy.yaml",
+        "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-isolated, namespace: prod}
+spec: {podSelector: {matchLabels: {app: web}}, policyTypes: [Ingress, Egress]}
+",
+    )?;
+    let [agent] = bed.start_agents(["n1"])?;
+    bed.wait_for(&[&agent], "prod-web", ("prod-db", 8080, Tcp), 1, "EPERM");
+    // Its own loopback is still its own (Kubernetes policies never cover it): both the
+    // connect (egress) and the SYN it receives (ingress) pass.
+    for addr in ["127.0.0.1:8080", "[::1]:8080"] {
+        let s = bed.dial("prod-web", addr.parse()?, Tcp, PROBE_COUNT)?;
+        assert_eq!(
+            outcome(&s, Tcp, PROBE_COUNT, "prod-web"),
+            "ok",
+            "prod-web -> {addr} over loopback"
+        );
+    }
+    Ok(())
+}

@@ -695,3 +695,77 @@ fn agent_shutdown_mid_stream_loses_nothing() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn annotation_opts_pods_out_of_redirection() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut bed = Bed::new("skmopt", &[CLIENT, SERVER], ON)?;
+    let sink = bed.sink("server", SINK, &SinkOptions::default())?;
+    // Both pods' network namespaces known to the agent (the sink in one, the idle
+    // server in the other), so the opt-out below also covers loopback connections.
+    bed.procs.push(testpod::start_server(
+        bed.cluster.pod("client"),
+        SERVE,
+        "client",
+    )?);
+    let endpoints = |bed: &Bed| {
+        let text = bed.agents[0].metrics().expect("scrape");
+        metric(&text, r#"mesh_datapath_map_entries{map="ENDPOINTS_V1"}"#).unwrap_or(0.0)
+    };
+    assert!(
+        eventually(SETTLE, || endpoints(&bed) >= 2.0),
+        "the agent did not find both pods"
+    );
+    let to = bed.addr("server", SINK);
+    let loopback = SocketAddr::from(([127, 0, 0, 1], SINK));
+    // A stream from `from` to the sink, checked; returns the bytes redirected meanwhile.
+    let stream = |bed: &mut Bed, from: &str, to: SocketAddr, seed: u64, case: &str| {
+        let opts = StreamOptions {
+            seed,
+            ..StreamOptions::new(MIB, StreamMode::Write)
+        };
+        let before = counters(&bed.agents[0]).expect("scrape");
+        let s = testpod::stream(bed.cluster.pod(from), to, &opts).expect("stream");
+        let conn = bed.sink_report(sink).expect("sink report");
+        assert!(
+            s.intact() && conn.bytes == opts.bytes,
+            "{case}: {s:?} / {conn:?}"
+        );
+        counters(&bed.agents[0]).expect("scrape").bytes - before.bytes
+    };
+    let apply = |bed: &Bed, yaml: &str| {
+        let applied = bed.agents[0].applied_count();
+        bed.state.write("ns.yaml", yaml).expect("write state");
+        assert!(
+            eventually(SETTLE, || bed.agents[0].applied_count() > applied),
+            "the agent did not apply ns.yaml"
+        );
+    };
+
+    assert!(stream(&mut bed, "client", to, 41, "pod to pod") >= MIB as f64);
+    assert!(stream(&mut bed, "server", loopback, 42, "loopback in a pod") >= MIB as f64);
+
+    // The namespace opts its pods out: both connections take the TCP/IP stack.
+    apply(
+        &bed,
+        "apiVersion: v1
+kind: Namespace
+metadata: {name: default, annotations: {mesh.io/sockmap: 'false'}}
+",
+    );
+    assert_eq!(
+        stream(&mut bed, "client", to, 43, "opted out, pod to pod"),
+        0.0
+    );
+    assert_eq!(
+        stream(&mut bed, "server", loopback, 44, "opted out, loopback"),
+        0.0
+    );
+
+    // Opting back in takes effect for new connections.
+    apply(&bed, "");
+    assert!(stream(&mut bed, "client", to, 45, "opted in again") >= MIB as f64);
+    Ok(())
+}

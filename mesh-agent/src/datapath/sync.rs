@@ -626,7 +626,7 @@ mod tests {
             7,
             EndpointValue {
                 identity: 300,
-                _pad: 0,
+                flags: 0,
             },
         )]);
         let ipcache = BTreeMap::new();

@@ -42,9 +42,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_common::Addr;
 use mesh_common::maps;
 use mesh_common::policy::{
-    DIR_EGRESS, DIR_INGRESS, EndpointValue, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD,
-    IPCACHE_LOCAL, IpcacheKey, IpcacheValue, POLICY_ALLOW, POLICY_FIXED_PREFIX, POLICY_ISOLATED,
-    PolicyKey, PolicyValue,
+    DIR_EGRESS, DIR_INGRESS, ENDPOINT_NO_SOCKMAP, EndpointValue, IDENTITY_ANY, IDENTITY_HOST,
+    IDENTITY_WORLD, IPCACHE_REDIRECT, IpcacheKey, IpcacheValue, POLICY_ALLOW, POLICY_FIXED_PREFIX,
+    POLICY_ISOLATED, PolicyKey, PolicyValue,
 };
 
 use super::PlanError;
@@ -183,13 +183,15 @@ struct PodView<'a> {
     identity: IdentityKey,
     ips: Vec<IpAddr>,
     local: bool,
+    /// Whether its connections may be redirected socket to socket (annotation).
+    sockmap: bool,
     /// Named container ports: (name, protocol number, port).
     named_ports: Vec<(&'a str, u8, u16)>,
 }
 
 impl<'a> PodView<'a> {
     /// `None` for pods policies do not apply to (host network, finished).
-    fn new(key: &'a ObjectKey, pod: &'a Pod, node: &str) -> Option<Self> {
+    fn new(state: &State, key: &'a ObjectKey, pod: &'a Pod, node: &str) -> Option<Self> {
         let spec = pod.spec.as_ref();
         if spec.and_then(|s| s.host_network) == Some(true) {
             return None;
@@ -216,6 +218,7 @@ impl<'a> PodView<'a> {
             },
             ips: pod_ips(pod),
             local: !node.is_empty() && spec.and_then(|s| s.node_name.as_deref()) == Some(node),
+            sockmap: state.sockmap_allowed(key, pod),
             named_ports,
         })
     }
@@ -305,7 +308,7 @@ pub fn plan_policy(
 ) -> Result<(PolicyPlan, IdentityIds), PlanError> {
     let pods: Vec<PodView<'_>> = state
         .pods()
-        .filter_map(|(key, pod)| PodView::new(key, pod, ctx.node))
+        .filter_map(|(key, pod)| PodView::new(state, key, pod, ctx.node))
         .collect();
     let policies: Vec<PolicyView<'_>> = state
         .network_policies()
@@ -335,7 +338,11 @@ pub fn plan_policy(
     // (a /32 or /128 block): pods are always matched by their pod identity. Of two pods
     // claiming one address (a stale object), the first by namespace/name keeps it.
     for (pod, &id) in pods.iter().zip(&pod_ids) {
-        let flags = if pod.local { IPCACHE_LOCAL } else { 0 };
+        let flags = if pod.local && pod.sockmap {
+            IPCACHE_REDIRECT
+        } else {
+            0
+        };
         for &ip in &pod.ips {
             let len = if ip.is_ipv4() { 32 } else { 128 };
             ipcache_insert(&mut plan.ipcache, Cidr::new(ip, len), id, flags);
@@ -363,7 +370,7 @@ pub fn plan_policy(
             &mut plan.ipcache,
             Cidr::new(ip, len),
             IDENTITY_HOST,
-            IPCACHE_LOCAL,
+            IPCACHE_REDIRECT,
         );
     }
 
@@ -375,7 +382,7 @@ pub fn plan_policy(
             if let Some(&cookie) = ctx.local_netns.get(ip) {
                 plan.endpoints.entry(cookie).or_insert(EndpointValue {
                     identity: id,
-                    _pad: 0,
+                    flags: if pod.sockmap { 0 } else { ENDPOINT_NO_SOCKMAP },
                 });
             }
         }
@@ -487,8 +494,8 @@ pub fn plan_policy(
     Ok((plan, ids))
 }
 
-/// Adds `prefix` unless an entry holds it already; `flags` is [`IPCACHE_LOCAL`] for
-/// addresses on this node.
+/// Adds `prefix` unless an entry holds it already; `flags` is [`IPCACHE_REDIRECT`] for
+/// addresses on this node open to socket redirection.
 fn ipcache_insert(
     ipcache: &mut BTreeMap<IpcacheKey, IpcacheValue>,
     prefix: Cidr,

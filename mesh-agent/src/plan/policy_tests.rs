@@ -213,13 +213,53 @@ fn local_pods_and_node_addresses_are_marked_local_for_sockmap() {
     };
     let (plan, _) = plan_policy(&state(&yaml), &IdentityIds::default(), &ctx).expect("plan");
     for local in [A1, B1, "169.254.1.1"] {
-        assert_eq!(flags_of(&plan, local), Some(IPCACHE_LOCAL), "{local}");
+        assert_eq!(flags_of(&plan, local), Some(IPCACHE_REDIRECT), "{local}");
     }
     assert_eq!(
         flags_of(&plan, "10.244.9.9"),
         Some(0),
         "a pod on another node"
     );
+}
+
+#[test]
+fn sockmap_opt_out_by_pod_or_namespace_annotation() {
+    let annotated = |ns: &str, name: &str, ip: &str, value: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, \
+             annotations: {{mesh.io/sockmap: '{value}'}}}}\nspec: {{nodeName: n1, containers: \
+             [{{name: c}}]}}\nstatus: {{podIP: '{ip}'}}\n"
+        )
+    };
+    let yaml = [
+        "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: legacy, annotations: \
+         {mesh.io/sockmap: 'false'}}\n"
+            .to_owned(),
+        pod("prod", "a1", "{app: web}", A1, "n1"),
+        annotated("prod", "a2", A2, "false"),
+        pod("legacy", "b1", "{app: web}", B1, "n1"),
+        annotated("legacy", "c1", C1, "true"),
+    ]
+    .concat();
+    let local_netns: BTreeMap<IpAddr, u64> = [(A1, 1), (A2, 2), (B1, 3), (C1, 4)]
+        .into_iter()
+        .map(|(ip, cookie)| (ip.parse().expect("ip"), cookie))
+        .collect();
+    let ctx = PolicyContext {
+        node: "n1",
+        local_netns: &local_netns,
+        node_addrs: &[],
+        capacities: PolicyCapacities::default(),
+    };
+    let (plan, _) = plan_policy(&state(&yaml), &IdentityIds::default(), &ctx).expect("plan");
+    // (address, netns cookie, may be redirected): a pod's annotation wins over its
+    // namespace's; no annotation anywhere means yes.
+    for (ip, cookie, allowed) in [(A1, 1, true), (A2, 2, false), (B1, 3, false), (C1, 4, true)] {
+        let want = if allowed { IPCACHE_REDIRECT } else { 0 };
+        assert_eq!(flags_of(&plan, ip), Some(want), "{ip}");
+        let want = if allowed { 0 } else { ENDPOINT_NO_SOCKMAP };
+        assert_eq!(plan.endpoints[&cookie].flags, want, "{ip}");
+    }
 }
 
 #[test]
@@ -579,14 +619,14 @@ fn only_local_subjects_get_policy_entries() {
                 11,
                 EndpointValue {
                     identity: web,
-                    _pad: 0
+                    flags: 0
                 }
             ),
             (
                 14,
                 EndpointValue {
                     identity: dual,
-                    _pad: 0
+                    flags: 0
                 }
             ),
         ]),

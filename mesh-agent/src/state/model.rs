@@ -21,6 +21,11 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// `namespaceSelector`s can pick namespaces by name.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
+/// Annotation of a Pod or a Namespace (the Pod's wins): `"false"` keeps the pods' TCP
+/// connections out of same-node socket redirection (`run --sockmap=true`), e.g. for
+/// applications reading blocking sockets; `"true"` (the default) lets them in.
+pub const SOCKMAP_ANNOTATION: &str = "mesh.io/sockmap";
+
 /// Namespace and name of an object. Orders by namespace first, so one namespace's
 /// objects are contiguous in a [`State`] map. Cluster-scoped objects (Namespaces) have
 /// namespace "".
@@ -103,6 +108,26 @@ impl State {
             .unwrap_or_default();
         labels.insert(NAMESPACE_NAME_LABEL.to_owned(), name.to_owned());
         labels
+    }
+
+    /// Whether the pod at `key` may have its connections redirected socket to socket:
+    /// its [`SOCKMAP_ANNOTATION`], else its Namespace's, else yes. Validation has checked
+    /// the values.
+    pub fn sockmap_allowed(&self, key: &ObjectKey, pod: &Pod) -> bool {
+        let ns = ObjectKey {
+            namespace: String::new(),
+            name: key.namespace.clone(),
+        };
+        let value = |annotations: Option<&BTreeMap<String, String>>| {
+            annotations.and_then(|a| a.get(SOCKMAP_ANNOTATION)).cloned()
+        };
+        value(pod.metadata.annotations.as_ref())
+            .or_else(|| {
+                self.namespaces
+                    .get(&ns)
+                    .and_then(|n| value(n.metadata.annotations.as_ref()))
+            })
+            .is_none_or(|v| v != "false")
     }
 
     /// All NetworkPolicies, ordered by namespace and name.

@@ -714,3 +714,27 @@ fn cidrs_parse_and_nest() {
     );
     assert!(Cidr::parse("10.0.0.0/+8").is_err());
 }
+
+#[test]
+fn sockmap_annotation_values_are_checked() {
+    let text = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, annotations: {mesh.io/sockmap: 'off'}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, annotations: {mesh.io/sockmap: 'yes'}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: shop, annotations: {mesh.io/sockmap: 'false'}}
+";
+    assert_eq!(
+        problems("s.yaml", text),
+        [
+            r#"s.yaml: document 1 (Namespace shop): metadata.annotations["mesh.io/sockmap"]: "off" is not "true" or "false""#,
+            r#"s.yaml: document 2 (Pod shop/web): metadata.annotations["mesh.io/sockmap"]: "yes" is not "true" or "false""#,
+        ]
+    );
+}

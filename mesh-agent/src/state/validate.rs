@@ -9,11 +9,12 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::model::{
-    Cidr, MAX_AFFINITY_TIMEOUT_S, PREFER_CLOSE, SERVICE_NAME_LABEL, protocol, target_port,
+    Cidr, MAX_AFFINITY_TIMEOUT_S, PREFER_CLOSE, SERVICE_NAME_LABEL, SOCKMAP_ANNOTATION, protocol,
+    target_port,
 };
 
 /// One problem in one object, before the caller adds file, document and object.
@@ -96,6 +97,7 @@ pub(super) fn service(svc: &Service) -> Vec<Problem> {
 
 pub(super) fn pod(pod: &Pod) -> Vec<Problem> {
     let mut out = Vec::new();
+    check_sockmap_annotation(&pod.metadata, &mut out);
     let Some(status) = &pod.status else {
         return out;
     };
@@ -176,10 +178,28 @@ pub(super) fn endpoint_slice(slice: &EndpointSlice) -> Vec<Problem> {
     out
 }
 
-/// Namespaces carry nothing the datapath checks beyond their labels, which any
-/// string map is.
-pub(super) fn namespace(_: &Namespace) -> Vec<Problem> {
-    Vec::new()
+/// Namespaces carry nothing the datapath checks beyond their labels (any string map)
+/// and the [`SOCKMAP_ANNOTATION`].
+pub(super) fn namespace(ns: &Namespace) -> Vec<Problem> {
+    let mut out = Vec::new();
+    check_sockmap_annotation(&ns.metadata, &mut out);
+    out
+}
+
+fn check_sockmap_annotation(meta: &ObjectMeta, out: &mut Vec<Problem>) {
+    let value = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SOCKMAP_ANNOTATION));
+    if let Some(v) = value
+        && v != "true"
+        && v != "false"
+    {
+        out.push(problem(
+            format!("metadata.annotations[{SOCKMAP_ANNOTATION:?}]"),
+            format!("{v:?} is not \"true\" or \"false\""),
+        ));
+    }
 }
 
 pub(super) fn network_policy(policy: &NetworkPolicy) -> Vec<Problem> {
