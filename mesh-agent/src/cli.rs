@@ -144,6 +144,7 @@ pub struct RunArgs {
     /// a redirected socket can return EAGAIN when the socket gets a wakeup that brings
     /// no data (its own FIN acknowledged, a reset); applications on non-blocking
     /// sockets (epoll/poll: Go, Java NIO, Node, Envoy, tokio) retry and are unaffected.
+    /// A pod or namespace opts out with the annotation `mesh.io/sockmap: "false"`.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub sockmap: bool,
     /// Probe TCP backends and take failing ones out of load balancing.
