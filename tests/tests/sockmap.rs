@@ -98,6 +98,16 @@ status: {{podIP: {ip}, podIPs: [{{ip: {ip}}}, {{ip: '{ip6}'}}]}}
         })
     }
 
+    /// A slow reader in pod server on [`SLOW`] (4 KiB per millisecond); its index.
+    fn slow_sink(&mut self) -> Result<usize> {
+        let opts = SinkOptions {
+            read_delay: Some(Duration::from_millis(1)),
+            read_chunk: Some(4096),
+            ..SinkOptions::default()
+        };
+        self.sink("server", SLOW, &opts)
+    }
+
     /// Starts a sink in pod `pod` on `port`; returns its index in `procs`.
     fn sink(&mut self, pod: &str, port: u16, opts: &SinkOptions) -> Result<usize> {
         self.procs
@@ -381,15 +391,7 @@ fn same_node_resets_slow_readers_and_churn() -> Result<()> {
             ..SinkOptions::default()
         },
     )?;
-    let slow_sink = bed.sink(
-        "server",
-        SLOW,
-        &SinkOptions {
-            read_delay: Some(Duration::from_millis(1)),
-            read_chunk: Some(4096),
-            ..SinkOptions::default()
-        },
-    )?;
+    let slow_sink = bed.slow_sink()?;
     let resetter = bed.sink(
         "server",
         RESETTER,
@@ -662,15 +664,7 @@ fn agent_shutdown_mid_stream_loses_nothing() -> Result<()> {
         return Ok(());
     }
     let mut bed = Bed::new("skmstop", &[CLIENT, SERVER], ON)?;
-    let slow_sink = bed.sink(
-        "server",
-        SLOW,
-        &SinkOptions {
-            read_delay: Some(Duration::from_millis(1)),
-            read_chunk: Some(4096),
-            ..SinkOptions::default()
-        },
-    )?;
+    let slow_sink = bed.slow_sink()?;
     let to = bed.addr("server", SLOW);
     let opts = StreamOptions {
         seed: 31,
