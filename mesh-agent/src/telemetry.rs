@@ -64,13 +64,14 @@ impl Telemetry {
         self.last_ok.store(false, Ordering::Relaxed);
     }
 
-    fn counters(&self) -> BTreeMap<LbMetricsKey, u64> {
-        let Ok(data) = MapData::from_pin(self.node_dir.join(maps::LB_METRICS)) else {
-            return BTreeMap::new();
+    /// Every entry of the pinned per-CPU hash map `name`, summed over CPUs; empty when it
+    /// cannot be read (no datapath yet).
+    fn per_cpu_totals<K: aya::Pod>(&self, name: &str) -> Vec<(K, u64)> {
+        let Ok(data) = MapData::from_pin(self.node_dir.join(name)) else {
+            return Vec::new();
         };
-        let Ok(map) = PerCpuHashMap::<_, LbMetricsKey, u64>::try_from(Map::PerCpuHashMap(data))
-        else {
-            return BTreeMap::new();
+        let Ok(map) = PerCpuHashMap::<_, K, u64>::try_from(Map::PerCpuHashMap(data)) else {
+            return Vec::new();
         };
         map.iter()
             .filter_map(Result::ok)
@@ -80,16 +81,9 @@ impl Telemetry {
 
     /// POLICY_METRICS summed over CPUs; empty when it cannot be read (no datapath yet).
     fn verdicts(&self) -> Vec<VerdictCount> {
-        let Ok(data) = MapData::from_pin(self.node_dir.join(maps::POLICY_METRICS)) else {
-            return Vec::new();
-        };
-        let Ok(map) = PerCpuHashMap::<_, VerdictKey, u64>::try_from(Map::PerCpuHashMap(data))
-        else {
-            return Vec::new();
-        };
-        map.iter()
-            .filter_map(Result::ok)
-            .filter_map(|(k, per_cpu)| {
+        self.per_cpu_totals::<VerdictKey>(maps::POLICY_METRICS)
+            .into_iter()
+            .filter_map(|(k, count)| {
                 let verdict = match k.verdict {
                     VERDICT_DROPPED => "dropped",
                     VERDICT_AUDIT => "audit",
@@ -108,15 +102,15 @@ impl Telemetry {
                     } else {
                         "unknown"
                     },
-                    count: per_cpu.iter().sum(),
+                    count,
                 })
             })
             .collect()
     }
 
-    /// SOCKMAP_METRICS summed over CPUs, and the sockets in SOCKS; zeros when they
-    /// cannot be read (no datapath yet).
-    fn sockmap(&self) -> SockmapCounters {
+    /// SOCKMAP_METRICS summed over CPUs, and the sockets in SOCKS (from `maps`, the
+    /// fill levels already read); zeros when they cannot be read (no datapath yet).
+    fn sockmap(&self, maps: &[MapFill]) -> SockmapCounters {
         let array = MapData::from_pin(self.node_dir.join(maps::SOCKMAP_METRICS))
             .ok()
             .and_then(|data| PerCpuArray::<_, u64>::try_from(Map::PerCpuArray(data)).ok());
@@ -128,10 +122,10 @@ impl Telemetry {
         };
         SockmapCounters {
             enabled: pins::link_pin(&self.node_dir, programs::SOCKOPS).exists(),
-            sockets: MapData::from_pin(self.node_dir.join(maps::SOCKS))
-                .ok()
-                .and_then(|data| count_sockets(Map::SockHash(data)))
-                .unwrap_or(0) as u64,
+            sockets: maps
+                .iter()
+                .find(|m| m.name == maps::SOCKS)
+                .map_or(0, |m| m.entries),
             redirected_messages: sum(counter::REDIRECTED_MSGS),
             redirected_bytes: sum(counter::REDIRECTED_BYTES),
             stack_messages: sum(counter::STACK_MSGS),
@@ -156,7 +150,9 @@ impl Telemetry {
             maps::POLICY => LpmTrie::<_, PolicyKeyData, PolicyValue>::try_from(Map::LpmTrie(data))
                 .ok()
                 .map(|m| m.keys().count()),
-            maps::SOCKS => count_sockets(Map::SockHash(data)),
+            maps::SOCKS => SockHash::<_, SockKey>::try_from(Map::SockHash(data))
+                .ok()
+                .map(|m| m.keys().count()),
             maps::SOCK_PATHS => count::<SockKey, u32>(Map::LruHashMap(data)),
             maps::SOCKMAP_METRICS => Some(counter::LEN as usize),
             _ => PerCpuHashMap::<_, LbMetricsKey, u64>::try_from(Map::PerCpuHashMap(data))
@@ -174,12 +170,6 @@ impl Telemetry {
 
 fn count<K: aya::Pod, V: aya::Pod>(map: Map) -> Option<usize> {
     HashMap::<_, K, V>::try_from(map)
-        .ok()
-        .map(|m| m.keys().count())
-}
-
-fn count_sockets(map: Map) -> Option<usize> {
-    SockHash::<_, SockKey>::try_from(map)
         .ok()
         .map(|m| m.keys().count())
 }
@@ -208,7 +198,9 @@ fn frontend_name(f: &FrontendInfo) -> String {
 
 impl SnapshotSource for Telemetry {
     fn snapshot(&self) -> Snapshot {
-        let counters = self.counters();
+        let counters: BTreeMap<LbMetricsKey, u64> =
+            self.per_cpu_totals(maps::LB_METRICS).into_iter().collect();
+        let fills: Vec<MapFill> = maps::ALL.iter().filter_map(|m| self.map_fill(m)).collect();
         let count = |service_id, backend_id| {
             counters
                 .get(&LbMetricsKey {
@@ -247,11 +239,11 @@ impl SnapshotSource for Telemetry {
                 .chain([&programs::SOCKOPS])
                 .map(|p| (p.to_string(), pins::link_pin(&self.node_dir, p).exists()))
                 .collect(),
-            maps: maps::ALL.iter().filter_map(|m| self.map_fill(m)).collect(),
+            sockmap: self.sockmap(&fills),
+            maps: fills,
             reconcile_errors: self.reconcile_errors.load(Ordering::Relaxed),
             last_reconcile_ok: self.last_ok.load(Ordering::Relaxed),
             policy_verdicts: self.verdicts(),
-            sockmap: self.sockmap(),
         }
     }
 }

@@ -23,8 +23,9 @@ use aya::{
     },
 };
 use mesh_common::{
-    AffinityKey, AffinityValue, Backend, BackendSlotKey, EndpointValue, IpcacheKey, IpcacheValue,
-    LbMetricsKey, PolicyKey, PolicyValue, ServiceKey, ServiceValue, SockKey,
+    Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, EndpointValue, IpcacheKey,
+    IpcacheValue, LbMetricsKey, PolicyKey, PolicyKeyData, PolicyValue, ServiceKey, ServiceValue,
+    SockKey,
     maps::{self, programs},
 };
 
@@ -190,36 +191,14 @@ impl Datapath {
         let backends: HashMap<_, u32, Backend> = open_map(&mut self.ebpf, maps::BACKENDS)?;
         let affinity: HashMap<_, AffinityKey, AffinityValue> =
             open_map(&mut self.ebpf, maps::AFFINITY)?;
-        let metrics_map = take(&mut self.ebpf, maps::LB_METRICS)?;
-        let metrics = PerCpuHashMap::try_from(metrics_map).map_err(|e| DatapathError::Map {
-            name: maps::LB_METRICS,
-            source: Box::new(e),
-        })?;
+        let metrics: PerCpuHashMap<_, LbMetricsKey, u64> =
+            open_map(&mut self.ebpf, maps::LB_METRICS)?;
         let endpoints: HashMap<_, u64, EndpointValue> = open_map(&mut self.ebpf, maps::ENDPOINTS)?;
-        let ipcache = LpmTrie::try_from(take(&mut self.ebpf, maps::IPCACHE)?).map_err(|e| {
-            DatapathError::Map {
-                name: maps::IPCACHE,
-                source: Box::new(e),
-            }
-        })?;
-        let policy = LpmTrie::try_from(take(&mut self.ebpf, maps::POLICY)?).map_err(|e| {
-            DatapathError::Map {
-                name: maps::POLICY,
-                source: Box::new(e),
-            }
-        })?;
-        let events = RingBuf::try_from(take(&mut self.ebpf, maps::EVENTS)?).map_err(|e| {
-            DatapathError::Map {
-                name: maps::EVENTS,
-                source: Box::new(e),
-            }
-        })?;
-        let config = Array::try_from(take(&mut self.ebpf, maps::CONFIG)?).map_err(|e| {
-            DatapathError::Map {
-                name: maps::CONFIG,
-                source: Box::new(e),
-            }
-        })?;
+        let ipcache: LpmTrie<_, Addr, IpcacheValue> = open_map(&mut self.ebpf, maps::IPCACHE)?;
+        let policy: LpmTrie<_, PolicyKeyData, PolicyValue> =
+            open_map(&mut self.ebpf, maps::POLICY)?;
+        let events: RingBuf<_> = open_map(&mut self.ebpf, maps::EVENTS)?;
+        let config: Array<_, u32> = open_map(&mut self.ebpf, maps::CONFIG)?;
         let sizes = MapSizes {
             services: max_entries(services.map(), maps::SERVICES)?,
             slots: max_entries(slots.map(), maps::SERVICE_BACKENDS)?,
@@ -476,11 +455,12 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, DatapathError> {
         .ok_or(DatapathError::Missing { kind: "map", name })
 }
 
-fn open_map<K: aya::Pod, V: aya::Pod>(
+/// Takes map `name` out of `ebpf` as the typed map `T` (a hash map, trie, array...).
+fn open_map<T: TryFrom<Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
-) -> Result<HashMap<MapData, K, V>, DatapathError> {
-    HashMap::try_from(take(ebpf, name)?).map_err(|e| DatapathError::Map {
+) -> Result<T, DatapathError> {
+    T::try_from(take(ebpf, name)?).map_err(|e| DatapathError::Map {
         name,
         source: Box::new(e),
     })
