@@ -1,0 +1,24 @@
+//! `mesh-agent` (library): the node agent of a sidecar-less, kernel-native service mesh.
+//!
+//! Layout: `cli` (commands), `app` (the `run` loop), `admin` (the Unix-socket API for
+//! flows and policy, and its client), `flows` (policy verdict events, named), `state` (cluster objects and their
+//! files), `plan` (state → desired map contents, pure), `reconcile` (state → plan →
+//! maps), `datapath` (load, attach, pin, diff-apply maps, read them back, destroy stale
+//! sockets), `health` (active backend probes), `metrics` + `telemetry` (Prometheus), `status`
+//! (the datapath at a glance),
+//! `watch` (file change notification).
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod datapath;
+pub mod flows;
+pub mod health;
+pub mod metrics;
+pub mod plan;
+pub mod reconcile;
+pub mod state;
+pub mod status;
+pub mod telemetry;
+pub mod watch;
+
