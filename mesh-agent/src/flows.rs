@@ -33,7 +33,7 @@ use tracing::{debug, warn};
 
 use crate::{
     admin::{IdentityReport, LocalPodReport, PolicyReport, PolicyRuleReport},
-    plan::policy::{IdentityKey, PolicyPlan},
+    plan::policy::PolicyPlan,
     state::{ObjectKey, State, pod_ips},
 };
 
@@ -255,10 +255,7 @@ impl View {
             .collect();
         let mut view = Self::default();
         for info in &plan.identities {
-            let (name, labels) = match &info.key {
-                IdentityKey::Pods { labels, .. } => (info.key.to_string(), labels.clone()),
-                IdentityKey::Cidr(_) => (info.key.to_string(), BTreeMap::new()),
-            };
+            let (name, labels) = (info.key.to_string(), info.key.labels());
             let mut members = Vec::with_capacity(info.pods.len());
             for key in &info.pods {
                 let pod = PodName {

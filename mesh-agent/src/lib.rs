@@ -21,4 +21,3 @@ pub mod state;
 pub mod status;
 pub mod telemetry;
 pub mod watch;
-

@@ -11,7 +11,9 @@
 //! whole frontend would be left without one (see `services::select`).
 
 mod identity;
+mod ids;
 pub mod policy;
+mod selector;
 mod services;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,6 +28,7 @@ use mesh_common::service::{
 };
 
 use crate::state::{ObjectKey, State};
+use ids::IdAllocator;
 
 /// What a plan depends on besides the cluster state.
 #[derive(Clone, Copy, Debug)]
@@ -127,6 +130,17 @@ pub struct Plan {
     /// The same frontends in readable form, for logs and status; ordered by Service
     /// (namespace/name), cluster IP (primary family first) and port.
     pub frontends: Vec<FrontendInfo>,
+    /// What computing the plan cost.
+    pub cost: PlanCost,
+}
+
+/// The work a plan took, in units that do not depend on the machine: label selection
+/// goes through an index, so this grows with the objects and the matches, not with
+/// Services × Pods.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlanCost {
+    /// Objects (Pods, or groups of Pods sharing labels) checked against a selector.
+    pub selector_candidates: u64,
 }
 
 impl Plan {
@@ -313,7 +327,8 @@ pub enum PlanError {
 /// Backends of a frontend are sorted by address and port before slots are numbered,
 /// so the same state and context always give the same plan.
 pub fn plan(state: &State, prev: &Ids, ctx: &PlanContext<'_>) -> Result<(Plan, Ids), PlanError> {
-    let frontends: Vec<(services::Frontend, services::Selection)> = services::frontends(state)
+    let (frontends, examined) = services::frontends(state);
+    let frontends: Vec<(services::Frontend, services::Selection)> = frontends
         .into_iter()
         .map(|f| {
             let selection = services::select(&f, ctx.node, ctx.unhealthy);
@@ -323,15 +338,20 @@ pub fn plan(state: &State, prev: &Ids, ctx: &PlanContext<'_>) -> Result<(Plan, I
     check_capacity(&frontends, ctx.capacities)?;
 
     let key = |f: &services::Frontend| ServiceKey::new(Addr::from(f.vip), f.port, f.proto);
-    let ids = Ids {
-        services: allocate(&prev.services, frontends.iter().map(|(f, _)| key(f))),
-        backends: allocate(
-            &prev.backends,
-            frontends
-                .iter()
-                .flat_map(|(f, _)| f.backends.iter().map(|b| BackendAddr::new(b.addr, f.proto))),
-        ),
-    };
+    // New keys are numbered in key order, so equal states give equal plans.
+    let mut service_ids = IdAllocator::new(&prev.services, 1);
+    let mut backend_ids = IdAllocator::new(&prev.backends, 1);
+    let service_keys: BTreeSet<ServiceKey> = frontends.iter().map(|(f, _)| key(f)).collect();
+    let backend_keys: BTreeSet<BackendAddr> = frontends
+        .iter()
+        .flat_map(|(f, _)| f.backends.iter().map(|b| BackendAddr::new(b.addr, f.proto)))
+        .collect();
+    for k in &service_keys {
+        service_ids.id(k);
+    }
+    for k in &backend_keys {
+        backend_ids.id(k);
+    }
 
     // The best state any frontend gives each backend.
     let rank = |state| match state {
@@ -352,21 +372,24 @@ pub fn plan(state: &State, prev: &Ids, ctx: &PlanContext<'_>) -> Result<(Plan, I
     }
 
     let mut plan = Plan {
+        cost: PlanCost {
+            selector_candidates: examined,
+        },
         backends: states
             .iter()
-            .map(|(addr, &state)| (ids.backends[addr], addr.to_backend(state)))
+            .map(|(addr, &state)| (backend_ids.id(addr), addr.to_backend(state)))
             .collect(),
         ..Plan::default()
     };
     for (f, selection) in frontends {
         let key = key(&f);
-        let id = ids.services[&key];
-        let info = |i: usize, in_slot: bool| {
+        let id = service_ids.id(&key);
+        let mut info = |i: usize, in_slot: bool| {
             let b = &f.backends[i];
             BackendInfo {
                 addr: b.addr,
                 pod: b.pod.clone(),
-                id: ids.backends[&BackendAddr::new(b.addr, f.proto)],
+                id: backend_ids.id(&BackendAddr::new(b.addr, f.proto)),
                 state: selection.states[i],
                 node: b.node.clone(),
                 in_slot,
@@ -391,7 +414,11 @@ pub fn plan(state: &State, prev: &Ids, ctx: &PlanContext<'_>) -> Result<(Plan, I
                 .filter(|&i| !in_slot[i])
                 .map(|i| info(i, false)),
         );
-        let count = u32::try_from(selection.slots.len()).expect("bounded by the slot capacity");
+        let count = u32::try_from(selection.slots.len()).map_err(|_| PlanError::Capacity {
+            service: f.service.clone(),
+            map: maps::SERVICE_BACKENDS,
+            capacity: ctx.capacities.slots,
+        })?;
         plan.services.insert(
             ServiceKey::vip_marker(Addr::from(f.vip)),
             ServiceValue::MARKER,
@@ -421,6 +448,10 @@ pub fn plan(state: &State, prev: &Ids, ctx: &PlanContext<'_>) -> Result<(Plan, I
             backends: infos,
         });
     }
+    let ids = Ids {
+        services: service_ids.into_ids(),
+        backends: backend_ids.into_ids(),
+    };
     Ok((plan, ids))
 }
 
@@ -453,28 +484,6 @@ fn check_capacity(
         }
     }
     Ok(())
-}
-
-/// Ids for `wanted` keys: a key of `prev` keeps its id; a new key gets the lowest id
-/// (from 1: 0 means "none" in the maps) that `prev` does not use.
-fn allocate<K: Ord + Clone>(
-    prev: &BTreeMap<K, u32>,
-    wanted: impl Iterator<Item = K>,
-) -> BTreeMap<K, u32> {
-    let taken: BTreeSet<u32> = prev.values().copied().collect();
-    let mut next = 1;
-    let mut ids = BTreeMap::new();
-    for key in wanted.collect::<BTreeSet<_>>() {
-        let id = prev.get(&key).copied().unwrap_or_else(|| {
-            while taken.contains(&next) {
-                next += 1;
-            }
-            next += 1;
-            next - 1
-        });
-        ids.insert(key, id);
-    }
-    ids
 }
 
 /// The writes that turn a map's `current` contents into `desired`.

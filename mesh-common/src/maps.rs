@@ -20,7 +20,7 @@ pub const LB_METRICS: &str = "LB_METRICS_V1";
 /// Local pods: network namespace cookie → security identity.
 pub const ENDPOINTS: &str = "ENDPOINTS_V1";
 /// Addresses and prefixes → identity (LPM trie).
-pub const IPCACHE: &str = "IPCACHE_V1";
+pub const IPCACHE: &str = "IPCACHE_V2";
 /// (subject, direction, peer, protocol, port prefix) → allow / isolation (LPM trie).
 pub const POLICY: &str = "POLICY_V1";
 

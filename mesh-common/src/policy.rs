@@ -68,12 +68,20 @@ const _: () = assert!(core::mem::size_of::<IpcacheKey>() == 20);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct IpcacheValue {
-    /// Identity of the prefix, host byte order.
+    /// Identity of the prefix as a policy peer, host byte order. For a pod or node
+    /// address this is [`IpcacheValue::owner`], unless ipBlock bounds split the owner's
+    /// addresses: then each part has an identity of its own, so that an ipBlock can
+    /// allow one pod address and not another of the same identity.
     pub identity: u32,
+    /// Identity of the pod (or [`IDENTITY_HOST`] for the node) the address belongs to,
+    /// host byte order: what the POLICY entries of a subject are keyed by (ingress
+    /// looks its subject up by destination address). Equals `identity` for CIDR
+    /// prefixes.
+    pub owner: u32,
     /// [`IPCACHE_REDIRECT`] or 0.
     pub flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<IpcacheValue>() == 8);
+const _: () = assert!(core::mem::size_of::<IpcacheValue>() == 12);
 
 /// [`IpcacheValue::flags`]: the address lives on this node (a local pod's, or one of
 /// the node's own) and its TCP connections may be redirected socket to socket (the pod

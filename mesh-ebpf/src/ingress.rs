@@ -102,8 +102,10 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<bool, ()> {
     if src.is_loopback() {
         return Ok(true);
     }
-    let peer = policy::identity_of(&src);
-    if peer == IDENTITY_HOST {
+    // The node's own addresses always pass (probes), also where an ipBlock gave one of
+    // them a peer identity of its own.
+    let peer = policy::ipcache(&src);
+    if peer.owner == IDENTITY_HOST {
         return Ok(true);
     }
     let flow = Flow {
@@ -113,7 +115,12 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<bool, ()> {
         dst_port,
         proto,
     };
-    let allowed = policy::judge(policy::identity_of(&dst), peer, DIR_INGRESS, &flow);
+    let allowed = policy::judge(
+        policy::ipcache(&dst).owner,
+        peer.identity,
+        DIR_INGRESS,
+        &flow,
+    );
     if let (true, Some(key)) = (allowed, key) {
         // The socket may now answer this peer even under egress isolation: a reply
         // belongs to the flow ingress policy just allowed (see connect.rs).

@@ -53,8 +53,9 @@ pub static LB_METRICS: PerCpuHashMap<LbMetricsKey, u64> =
 #[map(name = "ENDPOINTS_V1")]
 pub static ENDPOINTS: HashMap<u64, EndpointValue> = HashMap::pinned(names::ENDPOINTS_CAPACITY, 0);
 
-/// Address prefixes → identity (pods, ipBlock CIDRs); a miss is the world.
-#[map(name = "IPCACHE_V1")]
+/// Address prefixes → peer identity and owner (pods, the node, ipBlock CIDRs); a miss is
+/// the world.
+#[map(name = "IPCACHE_V2")]
 pub static IPCACHE: LpmTrie<Addr, IpcacheValue> = LpmTrie::pinned(names::IPCACHE_CAPACITY, 0);
 
 /// Compiled NetworkPolicy: (subject, peer, direction, proto, port prefix) → allow, plus

@@ -12,7 +12,7 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use mesh_common::{
-    Addr, FlowEvent, PolicyKeyData,
+    Addr, FlowEvent, IpcacheValue, PolicyKeyData,
     event::{REASON_POLICY_DENIED, VERDICT_AUDIT, VERDICT_DROPPED, VerdictKey, config},
     policy::{
         DIR_EGRESS, IDENTITY_ANY, IDENTITY_WORLD, POLICY_ALLOW, POLICY_FIXED_PREFIX,
@@ -37,12 +37,17 @@ pub struct Flow {
     pub proto: u8,
 }
 
-/// Identity of an address: longest-prefix match in IPCACHE, else the world.
+/// What IPCACHE says of an address (longest-prefix match); a miss is the world.
 #[inline(always)]
-pub fn identity_of(addr: &Addr) -> u32 {
+pub fn ipcache(addr: &Addr) -> IpcacheValue {
     IPCACHE
         .get(Key::new(128, *addr))
-        .map_or(IDENTITY_WORLD, |v| v.identity)
+        .copied()
+        .unwrap_or(IpcacheValue {
+            identity: IDENTITY_WORLD,
+            owner: IDENTITY_WORLD,
+            flags: 0,
+        })
 }
 
 /// Whether `subject` may exchange `proto`/`port_be` with `peer` in `direction`.
@@ -156,5 +161,5 @@ pub fn egress_allowed(sa: &SockAddr, dst: &Addr, port_be: u16, proto: u8) -> boo
         dst_port: port_be,
         proto,
     };
-    judge(endpoint.identity, identity_of(dst), DIR_EGRESS, &flow)
+    judge(endpoint.identity, ipcache(dst).identity, DIR_EGRESS, &flow)
 }

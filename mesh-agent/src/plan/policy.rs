@@ -23,14 +23,21 @@
 //! node's, and NetworkPolicy does not apply to them), and so are finished pods (phase
 //! Succeeded or Failed), whose addresses may already belong to new pods.
 //!
-//! ipBlock: the datapath resolves a peer address to an identity by longest-prefix match
-//! in IPCACHE, where every pod address is a /32 or /128. So a pod address always
-//! resolves to its pod's identity, and ipBlocks only match addresses that are not pods
-//! (as in Cilium; Kubernetes means ipBlock for cluster-external addresses). Every
-//! distinct prefix of any `cidr` or `except` gets a CIDR identity and an IPCACHE entry,
-//! and a block {cidr C, except E} allows the identity of each such prefix P with P ⊆ C
-//! and P ⊄ e for all e ∈ E. Addresses no prefix covers miss IPCACHE, which the datapath
-//! reads as [`IDENTITY_WORLD`]; only peer-less rules (peer ANY) allow those.
+//! ipBlock: a peer address matches a rule when it matches the rule's pod/namespace
+//! selectors *or* lies in one of its ipBlocks (`cidr` minus `except`), for pods, the
+//! node and the world alike, as the upstream Kubernetes e2e suite has it. The datapath
+//! resolves a peer address to one identity by longest-prefix match in IPCACHE, where
+//! pod and node addresses are /32 or /128 entries: where ipBlock bounds split the
+//! addresses of pods sharing an identity (or of the node), the parts get peer
+//! identities of their own ([`blocks`]), which selector rules allow along with their
+//! owner and ipBlock rules allow when the part lies in the block. Addresses of no pod
+//! resolve to the CIDR identity of their longest covering prefix: every distinct
+//! prefix of any `cidr` or `except` gets one and an IPCACHE entry, and a block
+//! {cidr C, except E} allows each such prefix P with P ⊆ C and P ⊄ e for all e ∈ E.
+//! Addresses no prefix covers miss IPCACHE, which the datapath reads as
+//! [`IDENTITY_WORLD`]; only peer-less rules (peer ANY) allow those.
+
+mod blocks;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -38,6 +45,7 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::{NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_common::Addr;
 use mesh_common::maps;
@@ -47,9 +55,15 @@ use mesh_common::policy::{
     POLICY_ISOLATED, PolicyKey, PolicyValue,
 };
 
-use super::PlanError;
 pub use super::identity::{IdentityIds, IdentityKey};
+use super::ids::IdAllocator;
+use super::selector::LabelIndex;
+use super::{PlanCost, PlanError};
 use crate::state::{Cidr, ObjectKey, State, pod_ips, protocol, selector_matches};
+use blocks::{Blocks, block_of, in_block, split};
+
+/// Labels of an object.
+type Labels = BTreeMap<String, String>;
 
 /// What a policy plan depends on besides the cluster state.
 #[derive(Clone, Copy, Debug)]
@@ -93,8 +107,9 @@ pub struct PolicyPlan {
     /// Netns cookie → identity, for the local pods found in
     /// [`PolicyContext::local_netns`] by any of their addresses.
     pub endpoints: BTreeMap<u64, EndpointValue>,
-    /// Every pod address of the cluster (/32, /128) → its pod identity, and every
-    /// ipBlock prefix → its CIDR identity (a pod address wins over an equal prefix).
+    /// Every pod address of the cluster (/32, /128) → its peer identity and its pod's
+    /// identity, the node's addresses → host (or a part of it), and every ipBlock
+    /// prefix → its CIDR identity (a pod or node address wins over an equal prefix).
     /// When an IPv6 prefix covers the IPv4-mapped range, `::ffff:0:0/96` →
     /// [`IDENTITY_WORLD`] keeps IPv4 addresses out of it.
     pub ipcache: BTreeMap<IpcacheKey, IpcacheValue>,
@@ -106,6 +121,32 @@ pub struct PolicyPlan {
     pub identities: Vec<IdentityInfo>,
     /// Every NetworkPolicy, ordered by namespace and name; `policies[i].id == i`.
     pub policies: Vec<PolicyInfo>,
+    /// What ipBlocks that cut through pods' or the node's addresses added.
+    pub split: SplitStats,
+    /// What computing the plan cost.
+    pub cost: PlanCost,
+}
+
+/// What ipBlock bounds that split the addresses of an identity's pods (or of the node)
+/// cost: at most one identity per address some ipBlock prefix covers, and the allow
+/// entries naming them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SplitStats {
+    /// Peer identities split off their owner.
+    pub identities: usize,
+    /// POLICY entries whose peer is one of them.
+    pub entries: usize,
+}
+
+impl fmt::Display for SplitStats {
+    /// `2 identities split by ipBlocks, 6 entries`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} identities split by ipBlocks, {} entries",
+            self.identities, self.entries
+        )
+    }
 }
 
 /// An identity as an operator reads it.
@@ -177,10 +218,13 @@ fn proto_number(name: &str) -> u8 {
     }
 }
 
+/// Labels of an object that has none.
+static NO_LABELS: Labels = BTreeMap::new();
+
 /// A pod as policies see it.
 struct PodView<'a> {
     key: &'a ObjectKey,
-    identity: IdentityKey,
+    labels: &'a Labels,
     ips: Vec<IpAddr>,
     local: bool,
     /// Whether its connections may be redirected socket to socket (annotation).
@@ -212,10 +256,7 @@ impl<'a> PodView<'a> {
             .collect();
         Some(Self {
             key,
-            identity: IdentityKey::Pods {
-                namespace: key.namespace.clone(),
-                labels: pod.metadata.labels.clone().unwrap_or_default(),
-            },
+            labels: pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS),
             ips: pod_ips(pod),
             local: !node.is_empty() && spec.and_then(|s| s.node_name.as_deref()) == Some(node),
             sockmap: state.sockmap_allowed(key, pod),
@@ -230,14 +271,6 @@ impl<'a> PodView<'a> {
             .find(|&&(n, p, _)| n == name && p == proto)
             .map(|&(_, _, port)| port)
     }
-}
-
-/// The prefixes of an ipBlock; validation has checked that they parse.
-fn block_prefixes(peer: &NetworkPolicyPeer) -> Option<(Cidr, Vec<Cidr>)> {
-    let block = peer.ip_block.as_ref()?;
-    let cidr = Cidr::parse(&block.cidr).ok()?;
-    let except = block.except.iter().flatten();
-    Some((cidr, except.filter_map(|e| Cidr::parse(e).ok()).collect()))
 }
 
 /// The rules of one direction of a policy, as (peers, ports) pairs.
@@ -298,6 +331,68 @@ impl<'a> PolicyView<'a> {
     }
 }
 
+/// Pods of one namespace with equal labels: one identity.
+struct Group<'a> {
+    namespace: &'a str,
+    labels: &'a Labels,
+    /// Indices into [`Identities::pods`], in pod order.
+    pods: Vec<usize>,
+    /// Its identity: the subject of its POLICY entries.
+    id: u32,
+    /// The peer identities of its addresses: `id`, then its parts (see [`blocks`]).
+    peer_ids: Vec<u32>,
+}
+
+/// The peer identity of a set of addresses of one owner (see [`blocks`]).
+struct PeerClass {
+    /// Peer identity: the owner's, or the part's own.
+    id: u32,
+    /// The owner's identity ([`IDENTITY_HOST`] for the node).
+    owner: u32,
+    /// The ipBlock prefixes its addresses lie in.
+    within: Vec<Cidr>,
+    /// Its addresses, with the pod (index) each belongs to; `None` for the node.
+    addrs: Vec<(IpAddr, Option<usize>)>,
+    /// Split off its owner, so an identity of its own.
+    part: bool,
+}
+
+/// (subject, direction) of POLICY entries.
+#[derive(Clone, Copy)]
+struct Target {
+    subject: u32,
+    direction: u8,
+}
+
+/// What one allow entry allows: a peer identity, protocol (0: any) and port prefix.
+#[derive(Clone, Copy)]
+struct Allow {
+    peer: u32,
+    proto: u8,
+    port: u16,
+    /// Port prefix bits: 0 any port, 16 exactly `port`.
+    bits: u8,
+}
+
+/// Everything compiled entries refer to: pods and their groups, peer classes, ipBlock
+/// prefixes, each with its identity.
+struct Identities<'a> {
+    pods: Vec<PodView<'a>>,
+    groups: Vec<Group<'a>>,
+    classes: Vec<PeerClass>,
+    blocks: Blocks,
+    /// ipBlock prefix → its CIDR identity.
+    cidr_ids: BTreeMap<Cidr, u32>,
+    /// Peer identity → the pods with an address in it (for egress named ports).
+    class_pods: BTreeMap<u32, Vec<usize>>,
+    /// ipBlock prefix → the classes (indices) whose addresses lie in it.
+    classes_in: BTreeMap<Cidr, Vec<usize>>,
+    /// Labels (the automatic name label included) of the pods' namespaces.
+    ns_labels: BTreeMap<&'a str, Labels>,
+    /// Groups by namespace and label.
+    index: LabelIndex<'a>,
+}
+
 /// Computes the desired policy maps for `state` on `ctx.node`, reusing the identities
 /// of `prev` where the pods or prefix still exist. Returns the plan and the identities
 /// to pass next time. The same state and context always give the same plan.
@@ -306,323 +401,427 @@ pub fn plan_policy(
     prev: &IdentityIds,
     ctx: &PolicyContext<'_>,
 ) -> Result<(PolicyPlan, IdentityIds), PlanError> {
-    let pods: Vec<PodView<'_>> = state
-        .pods()
-        .filter_map(|(key, pod)| PodView::new(state, key, pod, ctx.node))
-        .collect();
     let policies: Vec<PolicyView<'_>> = state
         .network_policies()
         .filter_map(|(key, np)| np.spec.as_ref().map(|spec| PolicyView::new(key, spec)))
         .collect();
-    let prefixes: BTreeSet<Cidr> = policies
-        .iter()
-        .flat_map(PolicyView::peers)
-        .filter_map(block_prefixes)
-        .flat_map(|(cidr, except)| std::iter::once(cidr).chain(except))
-        .collect();
+    let mut alloc = prev.allocator();
+    let identities = Identities::new(state, &policies, ctx, &mut alloc);
+    let next = IdentityIds::from_allocator(alloc);
 
-    let ids = IdentityIds::allocate(
-        prev,
-        pods.iter()
-            .map(|p| p.identity.clone())
-            .chain(prefixes.iter().copied().map(IdentityKey::Cidr)),
-    );
-    let pod_ids: Vec<u32> = pods.iter().map(|p| ids.get(&p.identity)).collect();
-    let mut members: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-    for (i, &id) in pod_ids.iter().enumerate() {
-        members.entry(id).or_default().push(i);
-    }
-
-    let mut plan = PolicyPlan::default();
-    // Pods first, so that a pod address wins over an ipBlock prefix of the same length
-    // (a /32 or /128 block): pods are always matched by their pod identity. Of two pods
-    // claiming one address (a stale object), the first by namespace/name keeps it.
-    for (pod, &id) in pods.iter().zip(&pod_ids) {
-        let flags = if pod.local && pod.sockmap {
-            IPCACHE_REDIRECT
-        } else {
-            0
-        };
-        for &ip in &pod.ips {
-            let len = if ip.is_ipv4() { 32 } else { 128 };
-            ipcache_insert(&mut plan.ipcache, Cidr::new(ip, len), id, flags);
-        }
-    }
-    for &prefix in &prefixes {
-        ipcache_insert(
-            &mut plan.ipcache,
-            prefix,
-            ids.get(&IdentityKey::Cidr(prefix)),
-            0,
-        );
-    }
-    // IPv4 addresses are IPv4-mapped IPv6 in the trie, so an IPv6 prefix that covers
-    // ::ffff:0:0/96 (such as ::/0) would claim IPv4 peers; this entry sends them back to
-    // world. An IPv4 0.0.0.0/0 block has this very key, and keeps it.
-    let mapped = Cidr::new(IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0)), 96);
-    if prefixes.iter().any(|p| p.contains(&mapped)) {
-        ipcache_insert(&mut plan.ipcache, mapped, IDENTITY_WORLD, 0);
-    }
-    // After the pods: an address both a pod and the node claim stays the pod's.
-    for &ip in ctx.node_addrs {
-        let len = if ip.is_ipv4() { 32 } else { 128 };
-        ipcache_insert(
-            &mut plan.ipcache,
-            Cidr::new(ip, len),
-            IDENTITY_HOST,
-            IPCACHE_REDIRECT,
-        );
-    }
-
-    for (pod, &id) in pods.iter().zip(&pod_ids) {
-        if !pod.local {
-            continue;
-        }
-        for ip in &pod.ips {
-            if let Some(&cookie) = ctx.local_netns.get(ip) {
-                plan.endpoints.entry(cookie).or_insert(EndpointValue {
-                    identity: id,
-                    flags: if pod.sockmap { 0 } else { ENDPOINT_NO_SOCKMAP },
-                });
-            }
-        }
-    }
-
-    let resolver = Resolver {
-        state,
-        pods: &pods,
-        pod_ids: &pod_ids,
-        members: &members,
-        prefixes: &prefixes,
-        ids: &ids,
+    let mut plan = PolicyPlan {
+        ipcache: identities.ipcache(),
+        endpoints: identities.endpoints(ctx.local_netns),
+        identities: identities.infos(&next),
+        ..PolicyPlan::default()
     };
     for (policy_id, policy) in (0..).zip(&policies) {
-        let selected: BTreeSet<u32> = pods
+        identities.compile(policy_id, policy, &mut plan);
+    }
+    plan.split = identities.split_stats(&plan.policy);
+    plan.cost = PlanCost {
+        selector_candidates: identities.index.examined(),
+    };
+    check_capacity(&plan, ctx.capacities)?;
+    Ok((plan, next))
+}
+
+/// An owner's addresses grouped by ipBlock signature ([`blocks::split`]).
+type Parts = BTreeMap<Vec<Cidr>, Vec<(IpAddr, Option<usize>)>>;
+
+fn part_key(owner: &IdentityKey, within: &[Cidr]) -> IdentityKey {
+    IdentityKey::Part {
+        owner: Box::new(owner.clone()),
+        within: within.to_vec(),
+    }
+}
+
+/// Turns an owner's parts into peer classes: the first keeps `owner_id`, every other
+/// gets its part identity. Returns the owner's peer identities.
+fn add_classes(
+    classes: &mut Vec<PeerClass>,
+    alloc: &mut IdAllocator<'_, IdentityKey>,
+    owner: &IdentityKey,
+    owner_id: u32,
+    parts: Parts,
+) -> Vec<u32> {
+    let mut peer_ids = vec![owner_id];
+    for (n, (within, addrs)) in parts.into_iter().enumerate() {
+        let part = n > 0;
+        let id = if part {
+            let id = alloc.id(&part_key(owner, &within));
+            peer_ids.push(id);
+            id
+        } else {
+            owner_id
+        };
+        classes.push(PeerClass {
+            id,
+            owner: owner_id,
+            within,
+            addrs,
+            part,
+        });
+    }
+    peer_ids
+}
+
+impl<'a> Identities<'a> {
+    /// Pods, their groups and peer classes, and ipBlock prefixes, each with its
+    /// identity. New identities are numbered in key order, so equal states give equal
+    /// plans.
+    fn new(
+        state: &'a State,
+        policies: &[PolicyView<'_>],
+        ctx: &PolicyContext<'_>,
+        alloc: &mut IdAllocator<'_, IdentityKey>,
+    ) -> Self {
+        let pods: Vec<PodView<'a>> = state
+            .pods()
+            .filter_map(|(key, pod)| PodView::new(state, key, pod, ctx.node))
+            .collect();
+        let blocks = Blocks::new(
+            policies
+                .iter()
+                .flat_map(PolicyView::peers)
+                .filter_map(block_of),
+        );
+
+        let mut members: BTreeMap<(&'a str, &'a Labels), Vec<usize>> = BTreeMap::new();
+        for (i, pod) in pods.iter().enumerate() {
+            let namespace = pod.key.namespace.as_str();
+            members.entry((namespace, pod.labels)).or_default().push(i);
+        }
+        // Each owner's addresses split by ipBlock signature, in `members` order.
+        let owners: Vec<(IdentityKey, Parts)> = members
             .iter()
-            .zip(&pod_ids)
-            .filter(|(pod, _)| {
-                let IdentityKey::Pods { namespace, labels } = &pod.identity else {
-                    unreachable!("pods have pod identities")
+            .map(|(&(namespace, labels), pods_of)| {
+                let key = IdentityKey::Pods {
+                    namespace: namespace.to_owned(),
+                    labels: labels.clone(),
                 };
-                *namespace == policy.key.namespace
-                    && policy
-                        .spec
-                        .pod_selector
-                        .as_ref()
-                        .is_none_or(|s| selector_matches(s, labels))
+                let addrs = pods_of.iter().flat_map(|&i| {
+                    let ips = pods.get(i).map(|p| p.ips.as_slice()).unwrap_or_default();
+                    ips.iter().map(move |&ip| (ip, Some(i)))
+                });
+                (key, split(&blocks, addrs))
             })
-            .map(|(_, &id)| id)
             .collect();
-        let mut selected_pods: Vec<ObjectKey> = selected
+        let host_parts = split(&blocks, ctx.node_addrs.iter().map(|&ip| (ip, None)));
+
+        let mut keys: BTreeSet<IdentityKey> = blocks
+            .prefixes()
             .iter()
-            .flat_map(|id| &members[id])
-            .map(|&i| pods[i].key.clone())
+            .map(|&p| IdentityKey::Cidr(p))
             .collect();
-        selected_pods.sort();
+        for (owner, parts) in &owners {
+            keys.insert(owner.clone());
+            keys.extend(parts.keys().skip(1).map(|within| part_key(owner, within)));
+        }
+        let host_keys = host_parts.keys().skip(1);
+        keys.extend(host_keys.map(|within| part_key(&IdentityKey::Host, within)));
+        for key in &keys {
+            alloc.id(key);
+        }
+
+        let mut classes = Vec::new();
+        let groups: Vec<Group<'a>> = members
+            .into_iter()
+            .zip(owners)
+            .map(|(((namespace, labels), pods_of), (owner, parts))| {
+                let id = alloc.id(&owner);
+                let peer_ids = add_classes(&mut classes, alloc, &owner, id, parts);
+                Group {
+                    namespace,
+                    labels,
+                    pods: pods_of,
+                    id,
+                    peer_ids,
+                }
+            })
+            .collect();
+        let host = IdentityKey::Host;
+        add_classes(&mut classes, alloc, &host, IDENTITY_HOST, host_parts);
+
+        let cidr_ids = blocks
+            .prefixes()
+            .iter()
+            .map(|&p| (p, alloc.id(&IdentityKey::Cidr(p))))
+            .collect();
+        let mut class_pods: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        let mut classes_in: BTreeMap<Cidr, Vec<usize>> = BTreeMap::new();
+        for (ci, class) in classes.iter().enumerate() {
+            // A class lists each pod's addresses together.
+            for pod in class.addrs.iter().filter_map(|&(_, pod)| pod) {
+                let list = class_pods.entry(class.id).or_default();
+                if list.last() != Some(&pod) {
+                    list.push(pod);
+                }
+            }
+            for &prefix in &class.within {
+                classes_in.entry(prefix).or_default().push(ci);
+            }
+        }
+        let index = LabelIndex::new(groups.iter().map(|g| (g.namespace, g.labels)));
+        let ns_labels = index
+            .namespaces()
+            .map(|ns| (ns, state.namespace_labels(ns)))
+            .collect();
+        Self {
+            pods,
+            groups,
+            classes,
+            blocks,
+            cidr_ids,
+            class_pods,
+            classes_in,
+            ns_labels,
+            index,
+        }
+    }
+
+    /// IPCACHE: every pod address (/32, /128) → its peer class and owner, the node's
+    /// addresses → host (or a part of it), every ipBlock prefix → its CIDR identity.
+    fn ipcache(&self) -> BTreeMap<IpcacheKey, IpcacheValue> {
+        let mut out = BTreeMap::new();
+        // Pods first, in pod order: a pod address wins over an ipBlock prefix of the
+        // same length, of two pods claiming one address (a stale object) the first by
+        // namespace/name keeps it, and a pod keeps an address the node claims too.
+        let mut pod_addrs: Vec<(usize, IpAddr, &PeerClass)> = self
+            .classes
+            .iter()
+            .flat_map(|c| {
+                c.addrs
+                    .iter()
+                    .filter_map(move |&(ip, pod)| Some((pod?, ip, c)))
+            })
+            .collect();
+        pod_addrs.sort_by_key(|&(pod, ip, _)| (pod, ip));
+        for (pod, ip, class) in pod_addrs {
+            let redirect = self.pods.get(pod).is_some_and(|p| p.local && p.sockmap);
+            let flags = if redirect { IPCACHE_REDIRECT } else { 0 };
+            ipcache_insert(&mut out, address(ip), class.id, class.owner, flags);
+        }
+        // The node's addresses stay the host's even where an ipBlock prefix equals one.
+        for class in &self.classes {
+            for &(ip, _) in class.addrs.iter().filter(|(_, pod)| pod.is_none()) {
+                ipcache_insert(
+                    &mut out,
+                    address(ip),
+                    class.id,
+                    class.owner,
+                    IPCACHE_REDIRECT,
+                );
+            }
+        }
+        for (&prefix, &id) in &self.cidr_ids {
+            ipcache_insert(&mut out, prefix, id, id, 0);
+        }
+        // IPv4 addresses are IPv4-mapped IPv6 in the trie, so an IPv6 prefix that covers
+        // ::ffff:0:0/96 (such as ::/0) would claim IPv4 peers; this entry sends them
+        // back to world. An IPv4 0.0.0.0/0 block has this very key, and keeps it.
+        let mapped = Cidr::new(IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0)), 96);
+        if self.blocks.prefixes().iter().any(|p| p.contains(&mapped)) {
+            ipcache_insert(&mut out, mapped, IDENTITY_WORLD, IDENTITY_WORLD, 0);
+        }
+        out
+    }
+
+    /// ENDPOINTS: the netns cookie of every local pod found in `local_netns` by any of
+    /// its addresses → its identity. Of two pods sharing a cookie, the first in pod
+    /// order names it.
+    fn endpoints(&self, local_netns: &BTreeMap<IpAddr, u64>) -> BTreeMap<u64, EndpointValue> {
+        let mut pod_ids: Vec<(usize, u32)> = self
+            .groups
+            .iter()
+            .flat_map(|g| g.pods.iter().map(move |&i| (i, g.id)))
+            .collect();
+        pod_ids.sort_unstable();
+        let mut out = BTreeMap::new();
+        for (i, identity) in pod_ids {
+            let Some(pod) = self.pods.get(i).filter(|p| p.local) else {
+                continue;
+            };
+            let flags = if pod.sockmap { 0 } else { ENDPOINT_NO_SOCKMAP };
+            for ip in &pod.ips {
+                if let Some(&cookie) = local_netns.get(ip) {
+                    out.entry(cookie)
+                        .or_insert(EndpointValue { identity, flags });
+                }
+            }
+        }
+        out
+    }
+
+    /// Every identity of `ids` as an operator reads it, by id.
+    fn infos(&self, ids: &IdentityIds) -> Vec<IdentityInfo> {
+        let keys = |pods: &[usize]| -> Vec<ObjectKey> {
+            let views = pods.iter().filter_map(|&i| self.pods.get(i));
+            views.map(|p| p.key.clone()).collect()
+        };
+        let mut pods_by_id: BTreeMap<u32, Vec<ObjectKey>> = BTreeMap::new();
+        for g in &self.groups {
+            pods_by_id.insert(g.id, keys(&g.pods));
+        }
+        for class in self.classes.iter().filter(|c| c.part) {
+            let pods = self
+                .class_pods
+                .get(&class.id)
+                .map_or(&[][..], Vec::as_slice);
+            pods_by_id.insert(class.id, keys(pods));
+        }
+        let mut infos: Vec<IdentityInfo> = ids
+            .iter()
+            .map(|(key, id)| IdentityInfo {
+                id,
+                key: key.clone(),
+                pods: pods_by_id.remove(&id).unwrap_or_default(),
+            })
+            .collect();
+        infos.sort_by_key(|i| i.id);
+        infos
+    }
+
+    /// Adds a policy's [`PolicyInfo`] and, for the identities of its local subjects,
+    /// its isolation markers and allow entries.
+    fn compile(&self, policy_id: u32, policy: &PolicyView<'_>, plan: &mut PolicyPlan) {
+        let namespace = policy.key.namespace.as_str();
+        let everything = LabelSelector::default();
+        let selector = policy.spec.pod_selector.as_ref().unwrap_or(&everything);
+        let subjects: Vec<&Group<'_>> = self
+            .index
+            .select(namespace, selector)
+            .into_iter()
+            .filter_map(|i| self.groups.get(i))
+            .collect();
+        let pods_of = |g: &Group<'_>| -> Vec<&PodView<'_>> {
+            g.pods.iter().filter_map(|&i| self.pods.get(i)).collect()
+        };
+        let mut selected: Vec<ObjectKey> = subjects
+            .iter()
+            .flat_map(|g| pods_of(g))
+            .map(|p| p.key.clone())
+            .collect();
+        selected.sort();
         plan.policies.push(PolicyInfo {
             id: policy_id,
             policy: policy.key.clone(),
             ingress: policy.ingress.is_some(),
             egress: policy.egress.is_some(),
-            selected: selected_pods,
+            selected,
         });
-        for &subject in &selected {
-            // Subjects are the identities of local pods; other nodes enforce the rest.
-            let locals: Vec<&PodView<'_>> = members[&subject]
+
+        // Subjects are the identities of local pods; other nodes enforce the rest.
+        let locals: Vec<(u32, Vec<&PodView<'_>>)> = subjects
+            .iter()
+            .map(|g| (g.id, pods_of(g).into_iter().filter(|p| p.local).collect()))
+            .filter(|(_, pods): &(u32, Vec<_>)| !pods.is_empty())
+            .collect();
+        if locals.is_empty() {
+            return;
+        }
+        let directions = [(DIR_INGRESS, &policy.ingress), (DIR_EGRESS, &policy.egress)];
+        for (direction, rules) in directions {
+            let Some(rules) = rules else { continue };
+            let resolved: Vec<(Option<BTreeSet<u32>>, &[NetworkPolicyPort])> = rules
                 .iter()
-                .map(|&i| &pods[i])
-                .filter(|p| p.local)
+                .map(|&(peers, ports)| (self.peers(namespace, peers), ports))
                 .collect();
-            if locals.is_empty() {
-                continue;
-            }
-            let directions = [(DIR_INGRESS, &policy.ingress), (DIR_EGRESS, &policy.egress)];
-            for (direction, rules) in directions {
-                let Some(rules) = rules else { continue };
-                let mut emit = |peer, proto, port, bits| {
-                    let flags = POLICY_ALLOW;
-                    policy_insert(
-                        &mut plan.policy,
-                        (subject, direction, peer, proto, port, bits),
-                        flags,
-                        policy_id,
-                    );
+            for (subject, pods) in &locals {
+                let target = Target {
+                    subject: *subject,
+                    direction,
                 };
-                for (peers, ports) in rules {
-                    let peers = resolver.peers(&policy.key.namespace, peers);
-                    resolver.rule(direction, &locals, peers.as_ref(), ports, &mut emit);
+                for (peers, ports) in &resolved {
+                    self.rule(direction, pods, peers.as_ref(), ports, &mut |allow| {
+                        policy_insert(&mut plan.policy, target, allow, POLICY_ALLOW, policy_id);
+                    });
                 }
-                let marker = (subject, direction, IDENTITY_ANY, 0, 0, 0);
-                policy_insert(&mut plan.policy, marker, POLICY_ISOLATED, policy_id);
+                let marker = Allow {
+                    peer: IDENTITY_ANY,
+                    proto: 0,
+                    port: 0,
+                    bits: 0,
+                };
+                policy_insert(&mut plan.policy, target, marker, POLICY_ISOLATED, policy_id);
             }
         }
     }
 
-    plan.identities = ids
-        .iter()
-        .map(|(key, id)| IdentityInfo {
-            id,
-            key: key.clone(),
-            pods: members
-                .get(&id)
-                .into_iter()
-                .flatten()
-                .map(|&i| pods[i].key.clone())
-                .collect(),
-        })
-        .collect();
-    plan.identities.sort_by_key(|i| i.id);
-
-    let full = [
-        (
-            plan.endpoints.len(),
-            maps::ENDPOINTS,
-            ctx.capacities.endpoints,
-        ),
-        (plan.ipcache.len(), maps::IPCACHE, ctx.capacities.ipcache),
-        (plan.policy.len(), maps::POLICY, ctx.capacities.policy),
-    ]
-    .into_iter()
-    .find(|&(used, _, capacity)| used > capacity as usize);
-    if let Some((needed, map, capacity)) = full {
-        return Err(PlanError::PolicyCapacity {
-            map,
-            capacity,
-            needed,
-        });
-    }
-    Ok((plan, ids))
-}
-
-/// Adds `prefix` unless an entry holds it already; `flags` is [`IPCACHE_REDIRECT`] for
-/// addresses on this node open to socket redirection.
-fn ipcache_insert(
-    ipcache: &mut BTreeMap<IpcacheKey, IpcacheValue>,
-    prefix: Cidr,
-    identity: u32,
-    flags: u32,
-) {
-    let key = IpcacheKey {
-        prefixlen: u32::from(prefix.len) + if prefix.addr.is_ipv4() { 96 } else { 0 },
-        addr: Addr::from(prefix.addr),
-    };
-    ipcache
-        .entry(key)
-        .or_insert(IpcacheValue { identity, flags });
-}
-
-/// (subject, direction, peer, protocol, port, port prefix bits).
-type Entry = (u32, u8, u32, u8, u16, u8);
-
-fn policy_insert(
-    policy: &mut BTreeMap<PolicyKey, PolicyValue>,
-    (subject, direction, peer, proto, port, bits): Entry,
-    flags: u32,
-    policy_id: u32,
-) {
-    let mask = u16::MAX.checked_shl(16 - u32::from(bits)).unwrap_or(0);
-    let key = PolicyKey {
-        prefixlen: POLICY_FIXED_PREFIX + u32::from(bits),
-        subject,
-        peer,
-        direction,
-        proto,
-        port_be: (port & mask).to_be(),
-    };
-    policy
-        .entry(key)
-        .or_insert(PolicyValue {
-            flags: 0,
-            policy_id,
-        })
-        .flags |= flags;
-}
-
-/// Resolves peers and ports of rules to identities and port prefixes.
-struct Resolver<'s, 'a> {
-    state: &'s State,
-    pods: &'s [PodView<'a>],
-    pod_ids: &'s [u32],
-    members: &'s BTreeMap<u32, Vec<usize>>,
-    prefixes: &'s BTreeSet<Cidr>,
-    ids: &'s IdentityIds,
-}
-
-impl Resolver<'_, '_> {
-    /// The identities a rule's peers allow; `None` for every peer (no peers given).
+    /// The peer identities a rule's peers allow; `None` for every peer (no peers given).
     fn peers(&self, namespace: &str, peers: &[NetworkPolicyPeer]) -> Option<BTreeSet<u32>> {
         if peers.is_empty() {
             return None;
         }
         let mut ids = BTreeSet::new();
-        let mut ns_labels = BTreeMap::new();
+        let everything = LabelSelector::default();
         for peer in peers {
-            if let Some((cidr, except)) = block_prefixes(peer) {
-                // P ⊆ C, P ⊄ any e. Correct under longest-prefix match: for an address a
-                // whose longest covering prefix is L, a ∈ C ⇒ L ⊆ C (C covers a, L is at
-                // least as long), and a ∈ e ⇒ L ⊆ e; conversely a ∈ L, so a ∈ C \ ∪E ⇔ L ⊆ C ∧ ∀e: L ⊄ e.
-                let inside = self
-                    .prefixes
-                    .iter()
-                    .filter(|p| cidr.contains(p) && !except.iter().any(|e| e.contains(p)));
-                ids.extend(inside.map(|&p| self.ids.get(&IdentityKey::Cidr(p))));
+            if let Some((cidr, except)) = block_of(peer) {
+                // Addresses no pod or node has: the CIDR identities P ⊆ C, P ⊄ any e.
+                // Correct under longest-prefix match: for an address a whose longest
+                // covering prefix is L, a ∈ C ⇒ L ⊆ C (C covers a, L is at least as
+                // long), and a ∈ e ⇒ L ⊆ e; conversely a ∈ L, so
+                // a ∈ C \ ∪E ⇔ L ⊆ C ∧ ∀e: L ⊄ e.
+                let inside = self.blocks.within(cidr);
+                let kept = inside.filter(|p| !except.iter().any(|e| e.contains(p)));
+                ids.extend(kept.filter_map(|p| self.cidr_ids.get(&p).copied()));
+                // Pod and node addresses: the classes whose signature is in C \ ∪E.
+                let candidates = self.classes_in.get(&cidr).into_iter().flatten();
+                let classes = candidates.filter_map(|&ci| self.classes.get(ci));
+                let inside = classes.filter(|c| in_block(&c.within, &cidr, &except));
+                ids.extend(inside.map(|c| c.id));
                 continue;
             }
-            for (pod, &id) in self.pods.iter().zip(self.pod_ids) {
-                let IdentityKey::Pods {
-                    namespace: pod_ns,
-                    labels,
-                } = &pod.identity
-                else {
-                    unreachable!("pods have pod identities")
-                };
-                let in_namespace = match &peer.namespace_selector {
-                    Some(selector) => {
-                        let labels = ns_labels
-                            .entry(pod_ns.as_str())
-                            .or_insert_with(|| self.state.namespace_labels(pod_ns));
-                        selector_matches(selector, labels)
-                    }
-                    None => pod_ns == namespace,
-                };
-                let selected = peer
-                    .pod_selector
-                    .as_ref()
-                    .is_none_or(|s| selector_matches(s, labels));
-                if in_namespace && selected {
-                    ids.insert(id);
+            let namespaces: Vec<&str> = match &peer.namespace_selector {
+                Some(selector) => self
+                    .ns_labels
+                    .iter()
+                    .filter(|(_, labels)| selector_matches(selector, labels))
+                    .map(|(&ns, _)| ns)
+                    .collect(),
+                None => vec![namespace],
+            };
+            let pod_selector = peer.pod_selector.as_ref().unwrap_or(&everything);
+            for ns in namespaces {
+                let groups = self.index.select(ns, pod_selector).into_iter();
+                for group in groups.filter_map(|i| self.groups.get(i)) {
+                    ids.extend(&group.peer_ids);
                 }
             }
         }
         Some(ids)
     }
 
-    /// Emits (peer, protocol, port, prefix bits) for one rule of `direction` whose
-    /// subject's local pods are `locals`.
+    /// Emits the allow entries of one rule of `direction` whose subject's local pods
+    /// are `locals`.
     fn rule(
         &self,
         direction: u8,
         locals: &[&PodView<'_>],
         peers: Option<&BTreeSet<u32>>,
         ports: &[NetworkPolicyPort],
-        emit: &mut impl FnMut(u32, u8, u16, u8),
+        emit: &mut impl FnMut(Allow),
     ) {
         let any = BTreeSet::from([IDENTITY_ANY]);
         let peers_or_any = peers.unwrap_or(&any);
-        if ports.is_empty() {
+        let each_peer = |proto, port, bits, emit: &mut dyn FnMut(Allow)| {
             for &peer in peers_or_any {
-                emit(peer, 0, 0, 0);
+                emit(Allow {
+                    peer,
+                    proto,
+                    port,
+                    bits,
+                });
             }
+        };
+        if ports.is_empty() {
+            each_peer(0, 0, 0, emit);
             return;
         }
         for port in ports {
             let proto = proto_number(protocol(port.protocol.as_ref()));
             match &port.port {
-                None => {
-                    for &peer in peers_or_any {
-                        emit(peer, proto, 0, 0);
-                    }
-                }
+                None => each_peer(proto, 0, 0, emit),
                 Some(IntOrString::Int(n)) => {
                     let Ok(start) = u16::try_from(*n) else {
                         continue;
@@ -632,9 +831,7 @@ impl Resolver<'_, '_> {
                         .and_then(|e| u16::try_from(e).ok())
                         .unwrap_or(start);
                     for (prefix, bits) in port_prefixes(start, end) {
-                        for &peer in peers_or_any {
-                            emit(peer, proto, prefix, bits);
-                        }
+                        each_peer(proto, prefix, bits, emit);
                     }
                 }
                 Some(IntOrString::String(name)) if direction == DIR_INGRESS => {
@@ -645,31 +842,122 @@ impl Resolver<'_, '_> {
                         .filter_map(|p| p.named_port(name, proto))
                         .collect();
                     for number in numbers {
-                        for &peer in peers_or_any {
-                            emit(peer, proto, number, 16);
-                        }
+                        each_peer(proto, number, 16, emit);
                     }
                 }
                 Some(IntOrString::String(name)) => {
-                    // The peer's port: resolved per peer identity (every pod identity
-                    // when the rule allows any peer; CIDR identities have no ports).
-                    let mut each = |peer: u32| {
-                        let members = self.members.get(&peer).into_iter().flatten();
-                        let numbers: BTreeSet<u16> = members
-                            .filter_map(|&i| self.pods[i].named_port(name, proto))
+                    // The peer's port: resolved per peer identity against the pods with
+                    // an address in it (every pod identity when the rule allows any
+                    // peer; CIDR identities have no ports).
+                    let ids: Vec<u32> = match peers {
+                        Some(peers) => peers.iter().copied().collect(),
+                        None => self.class_pods.keys().copied().collect(),
+                    };
+                    for peer in ids {
+                        let pods = self.class_pods.get(&peer).into_iter().flatten();
+                        let numbers: BTreeSet<u16> = pods
+                            .filter_map(|&i| self.pods.get(i)?.named_port(name, proto))
                             .collect();
                         for number in numbers {
-                            emit(peer, proto, number, 16);
+                            emit(Allow {
+                                peer,
+                                proto,
+                                port: number,
+                                bits: 16,
+                            });
                         }
-                    };
-                    match peers {
-                        Some(peers) => peers.iter().copied().for_each(&mut each),
-                        None => self.members.keys().copied().for_each(&mut each),
                     }
                 }
             }
         }
     }
+
+    /// How far ipBlocks split owners' addresses, given the compiled POLICY entries.
+    fn split_stats(&self, policy: &BTreeMap<PolicyKey, PolicyValue>) -> SplitStats {
+        let parts: BTreeSet<u32> = self
+            .classes
+            .iter()
+            .filter(|c| c.part)
+            .map(|c| c.id)
+            .collect();
+        SplitStats {
+            identities: parts.len(),
+            entries: policy.keys().filter(|k| parts.contains(&k.peer)).count(),
+        }
+    }
+}
+
+/// Fails when the plan needs more entries than a policy map holds.
+fn check_capacity(plan: &PolicyPlan, capacities: PolicyCapacities) -> Result<(), PlanError> {
+    let full = [
+        (plan.endpoints.len(), maps::ENDPOINTS, capacities.endpoints),
+        (plan.ipcache.len(), maps::IPCACHE, capacities.ipcache),
+        (plan.policy.len(), maps::POLICY, capacities.policy),
+    ]
+    .into_iter()
+    .find(|&(used, _, capacity)| used > capacity as usize);
+    match full {
+        Some((needed, map, capacity)) => Err(PlanError::PolicyCapacity {
+            map,
+            capacity,
+            needed,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The host prefix (/32, /128) of an address.
+fn address(ip: IpAddr) -> Cidr {
+    Cidr::new(ip, if ip.is_ipv4() { 32 } else { 128 })
+}
+
+/// Adds `prefix` unless an entry holds it already; `flags` is [`IPCACHE_REDIRECT`] for
+/// addresses on this node open to socket redirection.
+fn ipcache_insert(
+    ipcache: &mut BTreeMap<IpcacheKey, IpcacheValue>,
+    prefix: Cidr,
+    identity: u32,
+    owner: u32,
+    flags: u32,
+) {
+    let key = IpcacheKey {
+        prefixlen: u32::from(prefix.len) + if prefix.addr.is_ipv4() { 96 } else { 0 },
+        addr: Addr::from(prefix.addr),
+    };
+    ipcache.entry(key).or_insert(IpcacheValue {
+        identity,
+        owner,
+        flags,
+    });
+}
+
+/// Adds an entry, or-ing `flags` into an existing one (the first policy keeps naming
+/// it).
+fn policy_insert(
+    policy: &mut BTreeMap<PolicyKey, PolicyValue>,
+    target: Target,
+    allow: Allow,
+    flags: u32,
+    policy_id: u32,
+) {
+    let mask = u16::MAX
+        .checked_shl(16 - u32::from(allow.bits))
+        .unwrap_or(0);
+    let key = PolicyKey {
+        prefixlen: POLICY_FIXED_PREFIX + u32::from(allow.bits),
+        subject: target.subject,
+        peer: allow.peer,
+        direction: target.direction,
+        proto: allow.proto,
+        port_be: (allow.port & mask).to_be(),
+    };
+    policy
+        .entry(key)
+        .or_insert(PolicyValue {
+            flags: 0,
+            policy_id,
+        })
+        .flags |= flags;
 }
 
 /// The aligned power-of-two blocks covering `start..=end`, as (first port, prefix

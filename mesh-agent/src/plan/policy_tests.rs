@@ -66,9 +66,8 @@ fn trie_bits(ip: IpAddr) -> u128 {
     }
 }
 
-/// The identity the datapath finds for `ip`: longest-prefix match in IPCACHE, world
-/// on a miss.
-fn identity_of(plan: &PolicyPlan, ip: &str) -> u32 {
+/// What the datapath finds for `ip`: longest-prefix match in IPCACHE, world on a miss.
+fn ipcache_of(plan: &PolicyPlan, ip: &str) -> IpcacheValue {
     let bits = trie_bits(ip.parse().expect("ip"));
     plan.ipcache
         .iter()
@@ -77,7 +76,19 @@ fn identity_of(plan: &PolicyPlan, ip: &str) -> u32 {
             bits & mask == trie_bits(IpAddr::from(k.addr)) & mask
         })
         .max_by_key(|(k, _)| k.prefixlen)
-        .map_or(IDENTITY_WORLD, |(_, v)| v.identity)
+        .map_or(
+            IpcacheValue {
+                identity: IDENTITY_WORLD,
+                owner: IDENTITY_WORLD,
+                flags: 0,
+            },
+            |(_, v)| *v,
+        )
+}
+
+/// The peer identity the datapath finds for `ip`.
+fn identity_of(plan: &PolicyPlan, ip: &str) -> u32 {
+    ipcache_of(plan, ip).identity
 }
 
 /// The POLICY trie's longest-prefix lookup of a full key.
@@ -123,8 +134,11 @@ fn decide(plan: &PolicyPlan, subject: u32, dir: u8, peer: u32, proto: u8, port: 
 /// Whether `src` may reach `dst:port/proto`: egress of the source and ingress of the
 /// destination both allow it (for non-local pods the plan has no entries: allowed).
 fn reach(plan: &PolicyPlan, src: &str, dst: &str, proto: u8, port: u16) -> bool {
-    let (s, d) = (identity_of(plan, src), identity_of(plan, dst));
-    decide(plan, s, DIR_EGRESS, d, proto, port) && decide(plan, d, DIR_INGRESS, s, proto, port)
+    // Subjects by their pod's identity, peers by the address's (as the hooks look
+    // them up: egress by netns cookie, ingress by the destination's owner).
+    let (s, d) = (ipcache_of(plan, src), ipcache_of(plan, dst));
+    decide(plan, s.owner, DIR_EGRESS, d.identity, proto, port)
+        && decide(plan, d.owner, DIR_INGRESS, s.identity, proto, port)
 }
 
 /// Asserts a reachability matrix: rows are sources, columns destinations; `1` reachable.
@@ -397,7 +411,7 @@ fn ip_blocks_resolve_by_longest_prefix() {
         ("10.2.0.1", false), // in the other except
         ("10.1.2.3", true),  // in an except, but allowed by the narrow policy
         ("11.0.0.1", false), // world
-        (A2, false),         // a pod inside 10/8: matched as the pod, not the block
+        (A2, true),          // a pod inside 10/8 is in the block too
         ("2001:db8::1", true),
         ("2001:db9::1", true), // ::/0 minus 2001:db8::/32
         ("192.0.2.1", false),  // IPv4 world is not in ::/0
@@ -410,6 +424,159 @@ fn ip_blocks_resolve_by_longest_prefix() {
     }
     // b1 is in dev: not selected.
     assert!(reach(&plan, B1, "11.0.0.1", TCP, 80));
+}
+
+/// x/a and x/b share labels (one identity) on two addresses; y/c is another pod.
+fn split_cluster(policies: &str) -> PolicyPlan {
+    plan_of(&split_cluster_yaml(policies))
+}
+
+#[test]
+fn ip_block_of_one_pod_allows_that_pod_not_its_twin() {
+    // Upstream e2e: "should allow egress access to server in CIDR block" (a /32 of the
+    // server pod's IP), here against a pod that shares the server's labels.
+    let plan = split_cluster(&policy(
+        "y",
+        "to-a",
+        "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 10.244.1.10/32}}]",
+    ));
+    let (c, a, b) = ("10.244.1.20", "10.244.1.10", "10.244.2.10");
+    assert!(reach(&plan, c, a, TCP, 80), "the /32 allows x/a");
+    assert!(
+        !reach(&plan, c, b, TCP, 80),
+        "x/b shares x/a's labels, not its address"
+    );
+    assert_ne!(identity_of(&plan, a), identity_of(&plan, b));
+    assert_eq!(
+        ipcache_of(&plan, a).owner,
+        ipcache_of(&plan, b).owner,
+        "both are still one identity as subjects"
+    );
+    assert_eq!(plan.split.identities, 1);
+    let part = plan
+        .identities
+        .iter()
+        .find(|i| matches!(i.key, IdentityKey::Part { .. }))
+        .expect("a part identity");
+    assert_eq!(
+        part.to_string(),
+        format!("{} x {{app=same}} within 10.244.1.10/32: x/a", part.id)
+    );
+}
+
+#[test]
+fn ip_block_except_applies_to_pod_addresses() {
+    // Upstream e2e: "should enforce except clause while egress access to server in CIDR
+    // block": the server's /32 is excepted from its /16.
+    let plan = split_cluster(&policy(
+        "y",
+        "except-a",
+        "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 10.244.0.0/16, except: [10.244.1.10/32]}}]",
+    ));
+    let (c, a, b) = ("10.244.1.20", "10.244.1.10", "10.244.2.10");
+    assert!(!reach(&plan, c, a, TCP, 80), "x/a is excepted");
+    assert!(reach(&plan, c, b, TCP, 80), "x/b is in the block");
+    assert!(!reach(&plan, c, "10.245.0.1", TCP, 80), "outside the block");
+    assert!(
+        reach(&plan, c, "10.244.9.9", TCP, 80),
+        "a non-pod address in the block"
+    );
+}
+
+#[test]
+fn ip_overlapping_cidr_and_except_is_allowed_by_another_peer() {
+    // Upstream e2e: "should ensure an IP overlapping both IPBlock.CIDR and
+    // IPBlock.Except is allowed": the peers of a rule are a union.
+    let plan = split_cluster(&policy(
+        "y",
+        "union",
+        "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 10.244.0.0/16, except: [10.244.1.10/32]}}, {ipBlock: {cidr: 10.244.1.10/32}}]",
+    ));
+    let (c, a, b) = ("10.244.1.20", "10.244.1.10", "10.244.2.10");
+    assert!(reach(&plan, c, a, TCP, 80));
+    assert!(reach(&plan, c, b, TCP, 80));
+}
+
+#[test]
+fn ingress_ip_block_judges_pod_sources() {
+    // Ingress of y/c from 10.244.0.0/16 except x/b's /32.
+    let plan = split_cluster(&policy(
+        "y",
+        "from-block",
+        "  podSelector: {}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{ipBlock: {cidr: 10.244.0.0/16, except: [10.244.2.10/32]}}]\n    ports: [{port: 80}]",
+    ));
+    let (c, a, b) = ("10.244.1.20", "10.244.1.10", "10.244.2.10");
+    assert!(reach(&plan, a, c, TCP, 80));
+    assert!(!reach(&plan, b, c, TCP, 80));
+    assert!(!reach(&plan, a, c, TCP, 81), "port 80 only");
+}
+
+#[test]
+fn selector_rules_allow_every_part_of_their_peers() {
+    // One policy splits x's pods by ipBlock; another selects them by label: both parts
+    // stay reachable through the label rule, and the split is reported.
+    let plan = split_cluster(
+        &(policy(
+            "y",
+            "labels",
+            "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{namespaceSelector: {matchLabels: {ns: x}}}]\n    ports: [{port: http}]",
+        ) + &policy(
+            "x",
+            "block",
+            "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 10.244.1.10/32}}]",
+        )),
+    );
+    let (c, a, b) = ("10.244.1.20", "10.244.1.10", "10.244.2.10");
+    assert!(reach(&plan, c, a, TCP, 8080), "named port resolved on x/a");
+    assert!(reach(&plan, c, b, TCP, 8080), "and on x/b");
+    assert!(!reach(&plan, c, b, TCP, 80));
+    assert_eq!(plan.split.identities, 1);
+    // y's label rule (named port) and x's own block rule name the part.
+    assert_eq!(plan.split.entries, 2);
+}
+
+#[test]
+fn ip_block_covers_the_node_but_the_node_stays_host() {
+    let state = state(&split_cluster_yaml(&policy(
+        "y",
+        "to-node",
+        "  podSelector: {}\n  policyTypes: [Egress, Ingress]\n  egress:\n  - to: [{ipBlock: {cidr: 169.254.1.1/32}}]",
+    )));
+    let node_addrs: Vec<IpAddr> = ["169.254.1.1", "169.254.2.1"]
+        .iter()
+        .map(|a| a.parse().expect("ip"))
+        .collect();
+    let ctx = PolicyContext {
+        node: "n1",
+        local_netns: &BTreeMap::new(),
+        node_addrs: &node_addrs,
+        capacities: PolicyCapacities::default(),
+    };
+    let (plan, _) = plan_policy(&state, &IdentityIds::default(), &ctx).expect("plan");
+    let c = "10.244.1.20";
+    assert!(
+        reach(&plan, c, "169.254.1.1", TCP, 80),
+        "the node address in the block"
+    );
+    assert!(
+        !reach(&plan, c, "169.254.2.1", TCP, 80),
+        "the other node address"
+    );
+    for node in ["169.254.1.1", "169.254.2.1"] {
+        assert_eq!(ipcache_of(&plan, node).owner, IDENTITY_HOST, "{node}");
+    }
+}
+
+fn split_cluster_yaml(policies: &str) -> String {
+    [
+        namespace("x", "{ns: x}"),
+        namespace("y", "{ns: y}"),
+        pod("x", "a", "{app: same}", "10.244.1.10", "n1"),
+        pod("x", "b", "{app: same}", "10.244.2.10", "n2"),
+        pod("y", "c", "{app: c}", "10.244.1.20", "n1"),
+        policies.to_owned(),
+    ]
+    .concat()
 }
 
 #[test]

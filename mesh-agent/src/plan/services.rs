@@ -13,6 +13,7 @@ use mesh_common::service::{
 };
 
 use super::BackendAddr;
+use super::selector::LabelIndex;
 use crate::state::{
     ObjectKey, SERVICE_NAME_LABEL, State, affinity_timeout, cluster_ips, pod_ips, prefers_close,
     protocol, target_port,
@@ -96,8 +97,16 @@ impl Endpoint {
 /// Every cluster IP of both families is programmed; its backends are the addresses of
 /// its family. SCTP ports are skipped with a warning. Headless Services and those
 /// without a cluster IP have no frontend.
-pub(super) fn frontends(state: &State) -> Vec<Frontend> {
+///
+/// Also returns how many Pods were checked against Service selectors (the selection
+/// cost, linear in the number of Services and matches through the label index).
+pub(super) fn frontends(state: &State) -> (Vec<Frontend>, u64) {
     let slices_by_service = slices_by_service(state);
+    let pods: Vec<(&ObjectKey, &Pod)> = state.pods().collect();
+    let index = LabelIndex::new(pods.iter().map(|(key, pod)| {
+        let labels = pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS);
+        (key.namespace.as_str(), labels)
+    }));
     let mut out = Vec::new();
     for (key, svc) in state.services() {
         let vips = cluster_ips(svc);
@@ -124,7 +133,7 @@ pub(super) fn frontends(state: &State) -> Vec<Frontend> {
             continue;
         }
 
-        let pods = selected_pods(state, key, svc);
+        let selected = selected_pods(&index, &pods, key, svc);
         let slices: &[&EndpointSlice] = slices_by_service
             .get(&(key.namespace.as_str(), key.name.as_str()))
             .map_or(&[], Vec::as_slice);
@@ -133,7 +142,7 @@ pub(super) fn frontends(state: &State) -> Vec<Frontend> {
             .iter()
             .map(|&(port, proto_name, _, _)| {
                 let mut backends = BTreeMap::new();
-                for (pod_key, pod, terminating) in &pods {
+                for (pod_key, pod, terminating) in &selected {
                     let Some(target) = pod_target_port(port, proto_name, pod) else {
                         continue;
                     };
@@ -178,7 +187,7 @@ pub(super) fn frontends(state: &State) -> Vec<Frontend> {
             }
         }
     }
-    out
+    (out, index.examined())
 }
 
 fn add(backends: &mut BTreeMap<SocketAddr, Endpoint>, endpoint: Endpoint) {
@@ -194,7 +203,8 @@ fn add(backends: &mut BTreeMap<SocketAddr, Endpoint>, endpoint: Endpoint) {
 /// terminating. As in Kubernetes, a Service without a selector (or with an empty one)
 /// selects no Pod: its endpoints come from EndpointSlices only.
 fn selected_pods<'a>(
-    state: &'a State,
+    index: &LabelIndex<'_>,
+    pods: &[(&'a ObjectKey, &'a Pod)],
     key: &ObjectKey,
     svc: &Service,
 ) -> Vec<(&'a ObjectKey, &'a Pod, bool)> {
@@ -206,17 +216,16 @@ fn selected_pods<'a>(
     else {
         return Vec::new();
     };
-    state
-        .pods_in(&key.namespace)
-        .filter(|(_, pod)| {
-            let labels = pod.metadata.labels.as_ref();
-            selector
-                .iter()
-                .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
-        })
-        .filter_map(|(key, pod)| Some((key, pod, pod_terminating(pod)?)))
+    index
+        .select_equal(&key.namespace, selector)
+        .into_iter()
+        .filter_map(|i| pods.get(i))
+        .filter_map(|&(key, pod)| Some((key, pod, pod_terminating(pod)?)))
         .collect()
 }
+
+/// Labels of a Pod that has none.
+static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
 
 /// Whether a Pod serves and, if so, whether it is terminating (has a
 /// `deletionTimestamp`), as the EndpointSlice controller derives `serving` and

@@ -71,14 +71,6 @@ impl State {
         self.pods.iter()
     }
 
-    /// The Pods of one namespace, ordered by name.
-    pub fn pods_in<'a>(
-        &'a self,
-        namespace: &str,
-    ) -> impl Iterator<Item = (&'a ObjectKey, &'a Pod)> + use<'a> {
-        in_namespace(&self.pods, namespace)
-    }
-
     /// All EndpointSlices, ordered by namespace and name.
     pub fn endpoint_slices(&self) -> impl ExactSizeIterator<Item = (&ObjectKey, &EndpointSlice)> {
         self.endpoint_slices.iter()
@@ -134,18 +126,6 @@ impl State {
     pub fn network_policies(&self) -> impl ExactSizeIterator<Item = (&ObjectKey, &NetworkPolicy)> {
         self.network_policies.iter()
     }
-}
-
-fn in_namespace<'a, T>(
-    map: &'a BTreeMap<ObjectKey, T>,
-    namespace: &str,
-) -> impl Iterator<Item = (&'a ObjectKey, &'a T)> + use<'a, T> {
-    let start = ObjectKey {
-        namespace: namespace.to_owned(),
-        name: String::new(),
-    };
-    map.range(start.clone()..)
-        .take_while(move |(key, _)| key.namespace == start.namespace)
 }
 
 /// The kinds the state understands.

@@ -157,7 +157,7 @@ fn realistic_manifests_have_no_false_unknown_fields() {
     assert_eq!(state.services().len(), 1);
     assert_eq!(state.pods().len(), 1);
     assert_eq!(state.endpoint_slices().len(), 1);
-    let (key, _) = state.pods_in("shop").next().expect("pod in shop");
+    let (key, _) = state.pods().next().expect("pod in shop");
     assert_eq!(key.to_string(), "shop/web-7d4b9c-abcde");
 }
 
