@@ -74,6 +74,20 @@ pub struct PolicyReport {
     pub identities: Vec<IdentityReport>,
     /// The pods scheduled on this node that policy applies to, by name.
     pub local_pods: Vec<LocalPodReport>,
+    /// Peer identities split off pods' (or the node's) identities because ipBlock
+    /// bounds cut through their addresses, and the POLICY entries naming them: the
+    /// cost of ipBlocks that select pod addresses.
+    #[serde(default)]
+    pub ipblock_split: SplitReport,
+}
+
+/// What ipBlocks over pod and node addresses added to the plan.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitReport {
+    /// Peer identities split off.
+    pub identities: usize,
+    /// POLICY entries whose peer is one of them (on this node).
+    pub entries: usize,
 }
 
 /// A NetworkPolicy.

@@ -32,9 +32,15 @@ enum Command {
     /// Load and attach the datapath, program it from the state, follow state changes.
     Run(RunArgs),
     /// Check a state file or directory; print every problem and exit non-zero if any.
+    /// Also plans the datapath (Services, and NetworkPolicy for `--node`), so a state
+    /// that does not fit the default map sizes is reported too.
     Validate {
         /// State file (multi-document YAML) or directory of them.
         path: PathBuf,
+        /// Plan network policy as the agent of this node would (its pods are the
+        /// subjects); without it, only identities and addresses are planned.
+        #[arg(long, value_parser = node_name)]
+        node: Option<String>,
     },
     /// Print the load-balancing table the kernel holds (read from the pinned maps).
     Services {
@@ -285,7 +291,7 @@ impl Cli {
                 rt.block_on(app::run(args))?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Validate { path } => Ok(validate(&path)),
+            Command::Validate { path, node } => Ok(validate(&path, node.as_deref().unwrap_or_default())),
             Command::Services { node, bpffs } => {
                 let node = match node {
                     Some(node) => node,
@@ -345,6 +351,13 @@ impl Cli {
                     None => report.local_pods.iter().map(|p| p.pod.clone()).collect(),
                 };
                 let node_dir = datapath::pins::node_dir(&bpffs, &node);
+                let split = report.ipblock_split;
+                if split.identities > 0 {
+                    println!(
+                        "ipBlocks over pod or node addresses: {} identities split off, {} POLICY entries name them",
+                        split.identities, split.entries
+                    );
+                }
                 for pod in pods {
                     let Some(local) = report.local_pods.iter().find(|p| p.pod == pod) else {
                         let known = report
@@ -387,27 +400,40 @@ fn validate_context() -> crate::plan::PlanContext<'static> {
     }
 }
 
-fn validate(path: &std::path::Path) -> ExitCode {
-    match state::load(path) {
-        Ok(state) => {
-            match crate::plan::plan(&state, &crate::plan::Ids::default(), &validate_context()) {
-                Ok((plan, _)) => {
-                    println!(
-                        "{}: valid ({} frontends, {} backends)",
-                        path.display(),
-                        plan.frontends.len(),
-                        plan.backends.len()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(err) => {
-                    eprintln!("{}: {err}", path.display());
-                    ExitCode::FAILURE
-                }
-            }
-        }
+fn validate(path: &std::path::Path, node: &str) -> ExitCode {
+    let state = match state::load(path) {
+        Ok(state) => state,
         Err(err) => {
             eprintln!("{err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let services = crate::plan::plan(&state, &crate::plan::Ids::default(), &validate_context());
+    let no_netns = std::collections::BTreeMap::new();
+    let policy_ctx = crate::plan::policy::PolicyContext {
+        node,
+        local_netns: &no_netns,
+        node_addrs: &[],
+        capacities: crate::plan::policy::PolicyCapacities::default(),
+    };
+    let prev = crate::plan::policy::IdentityIds::default();
+    let policy = crate::plan::policy::plan_policy(&state, &prev, &policy_ctx);
+    match (services, policy) {
+        (Ok((plan, _)), Ok((policy, _))) => {
+            println!(
+                "{}: valid ({} frontends, {} backends; {} identities, {} policy entries{}; {} selector candidates checked)",
+                path.display(),
+                plan.frontends.len(),
+                plan.backends.len(),
+                policy.identities.len(),
+                policy.policy.len(),
+                if node.is_empty() { "" } else { " on this node" },
+                plan.cost.selector_candidates + policy.cost.selector_candidates,
+            );
+            ExitCode::SUCCESS
+        }
+        (Err(err), _) | (_, Err(err)) => {
+            eprintln!("{}: {err}", path.display());
             ExitCode::FAILURE
         }
     }

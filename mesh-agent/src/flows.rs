@@ -32,8 +32,8 @@ use tokio::{
 use tracing::{debug, warn};
 
 use crate::{
-    admin::{IdentityReport, LocalPodReport, PolicyReport, PolicyRuleReport},
-    plan::policy::PolicyPlan,
+    admin::{IdentityReport, LocalPodReport, PolicyReport, PolicyRuleReport, SplitReport},
+    plan::policy::{IdentityKey, PolicyPlan},
     state::{ObjectKey, State, pod_ips},
 };
 
@@ -272,7 +272,10 @@ impl View {
                     .copied()
                     .flatten()
                     .is_some_and(|n| !node.is_empty() && n == node);
-                if local {
+                // A part (ipBlock split) lists its pods again; their own identity is
+                // the one they are reported with.
+                let part = matches!(info.key, IdentityKey::Part { .. });
+                if local && !part {
                     view.report.local_pods.push(LocalPodReport {
                         pod: pod.name.clone(),
                         ips: pod.ips.clone(),
@@ -298,6 +301,10 @@ impl View {
             );
         }
         view.report.local_pods.sort_by(|a, b| a.pod.cmp(&b.pod));
+        view.report.ipblock_split = SplitReport {
+            identities: plan.split.identities,
+            entries: plan.split.entries,
+        };
         view.report.policies = plan
             .policies
             .iter()

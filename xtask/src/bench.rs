@@ -20,7 +20,7 @@ use crate::{build, setup};
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Which benchmark: `lb`, `policy` or `sockmap`.
+    /// Which benchmark: `lb`, `policy`, `sockmap` or `plan`.
     which: String,
     /// Measured connections per round and path.
     #[arg(long, default_value_t = 600)]
@@ -31,6 +31,12 @@ pub struct BenchArgs {
     /// Numbers of Services in force (lb), comma separated.
     #[arg(long, default_value = "1,1000,10000", value_delimiter = ',')]
     sizes: Vec<u32>,
+    /// Numbers of Services to plan (plan), comma separated.
+    #[arg(long, default_value = "1000,10000,50000", value_delimiter = ',')]
+    services: Vec<u32>,
+    /// Numbers of NetworkPolicies to plan (plan), comma separated.
+    #[arg(long, default_value = "1000,10000", value_delimiter = ',')]
+    policies: Vec<u32>,
 }
 
 /// The measured Service and its one backend.
@@ -45,7 +51,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "lb" => lb(args),
         "policy" => crate::bench_policy::run(args.count, args.rounds),
         "sockmap" => crate::bench_sockmap::run(args.count * 5, args.rounds),
-        other => bail!("unknown benchmark {other:?}; available: lb, policy, sockmap"),
+        "plan" => crate::bench_plan::run(&args.services, &args.policies),
+        other => bail!("unknown benchmark {other:?}; available: lb, policy, sockmap, plan"),
     }
 }
 
