@@ -14,7 +14,7 @@
 //!    `(S, D, any, p, d)`, `(S, D, any, any, any)` matches with [`POLICY_ALLOW`], where
 //!    ports match by prefix (port ranges are stored as aligned prefixes); else deny.
 
-use crate::Addr;
+use crate::{Addr, wire::wire_enum};
 
 /// Identity of the node's own addresses: the node may always reach its pods (as
 /// kubelet health probes need; Cilium's default too), whatever their ingress policy.
@@ -26,10 +26,22 @@ pub const IDENTITY_FIRST_ALLOCATED: u32 = 256;
 /// "Any" in [`PolicyKey::peer`] and, with a zero prefix, in ports and protocol.
 pub const IDENTITY_ANY: u32 = 0;
 
-/// [`PolicyKey::direction`]: traffic the subject sends.
-pub const DIR_EGRESS: u8 = 1;
-/// [`PolicyKey::direction`]: traffic the subject receives.
-pub const DIR_INGRESS: u8 = 2;
+wire_enum! {
+    /// [`PolicyKey::direction`]: which way traffic goes, seen from the policy's subject.
+    #[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+    #[cfg_attr(feature = "user", serde(rename_all = "SCREAMING_SNAKE_CASE"))]
+    pub enum Direction {
+        /// Traffic the subject sends.
+        Egress = 1 => "egress",
+        /// Traffic the subject receives.
+        Ingress = 2 => "ingress",
+    }
+}
+
+/// [`PolicyKey::direction`]: [`Direction::Egress`].
+pub const DIR_EGRESS: u8 = Direction::Egress as u8;
+/// [`PolicyKey::direction`]: [`Direction::Ingress`].
+pub const DIR_INGRESS: u8 = Direction::Ingress as u8;
 
 /// [`PolicyValue::flags`]: the subject is isolated in this direction (marker entry).
 pub const POLICY_ISOLATED: u32 = 1;
@@ -160,6 +172,50 @@ pub struct PolicyValue {
     pub policy_id: u32,
 }
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
+
+/// Whether `subject` may exchange `proto`/`port_be` (network byte order) with `peer` in
+/// `direction`: the kernel's decision, written once for the eBPF programs and for the
+/// planner's tests, which evaluate a plan's POLICY entries with it.
+///
+/// `lookup` is the POLICY trie's longest-prefix match of a full key (all
+/// [`POLICY_FIXED_PREFIX`] + 16 bits). The order, as the module documents it:
+/// 1. no isolation entry `(S, D, any peer, any proto, any port)` with
+///    [`POLICY_ISOLATED`]: allow;
+/// 2. else allow iff `(S, D, P, p, d)`, `(S, D, P, any, any)`, `(S, D, any, p, d)` or
+///    `(S, D, any, any, any)` finds an entry with [`POLICY_ALLOW`], tried in that order
+///    (the exact peer before any peer, the exact protocol and port before any);
+/// 3. else deny.
+///
+/// At most five lookups, in loops of constant bounds, so the verifier sees every path.
+#[inline(always)]
+pub fn policy_allows(
+    lookup: impl Fn(PolicyKeyData) -> Option<PolicyValue>,
+    subject: u32,
+    direction: u8,
+    peer: u32,
+    proto: u8,
+    port_be: u16,
+) -> bool {
+    let key = |peer, proto, port_be| PolicyKeyData {
+        subject,
+        peer,
+        direction,
+        proto,
+        port_be,
+    };
+    let isolated = lookup(key(IDENTITY_ANY, 0, 0)).is_some_and(|v| v.flags & POLICY_ISOLATED != 0);
+    if !isolated {
+        return true;
+    }
+    for peer in [peer, IDENTITY_ANY] {
+        for (proto, port_be) in [(proto, port_be), (0, 0)] {
+            if lookup(key(peer, proto, port_be)).is_some_and(|v| v.flags & POLICY_ALLOW != 0) {
+                return true;
+            }
+        }
+    }
+    false
+}
 
 #[cfg(feature = "user")]
 mod pod {
