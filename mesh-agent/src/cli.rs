@@ -9,9 +9,9 @@ use crate::{
     admin::{self, FlowQuery, client},
     app,
     datapath::{self, loader::MapSizes},
-    flows::{FlowFilter, Verdict},
     health::HealthConfig,
     metrics::SnapshotSource as _,
+    report::{FlowFilter, Verdict},
     state, status,
     telemetry::Telemetry,
 };

@@ -1,7 +1,8 @@
 //! `mesh-agent` (library): the node agent of a sidecar-less, kernel-native service mesh.
 //!
 //! Layout: `cli` (commands), `app` (the `run` loop), `admin` (the Unix-socket API for
-//! flows and policy, and its client), `flows` (policy verdict events, named), `state` (cluster objects and their
+//! flows and policy, and its client), `flows` (policy verdict events, named), `report`
+//! (the flow records and policy report `admin` serves), `state` (cluster objects and their
 //! files), `plan` (state → desired map contents, pure), `reconcile` (state → plan →
 //! maps), `datapath` (load, attach, pin, diff-apply maps, read them back, destroy stale
 //! sockets), `health` (active backend probes), `metrics` + `telemetry` (Prometheus), `status`
@@ -17,8 +18,8 @@ pub mod health;
 pub mod metrics;
 pub mod plan;
 pub mod reconcile;
+pub mod report;
 pub mod state;
 pub mod status;
 pub mod telemetry;
 pub mod watch;
-
