@@ -103,11 +103,8 @@ impl fmt::Display for BackendAddr {
 }
 
 fn proto_name(proto: u8) -> &'static str {
-    match proto {
-        PROTO_TCP => "TCP",
-        PROTO_UDP => "UDP",
-        _ => "?",
-    }
+    use mesh_common::service::Protocol;
+    Protocol::from_u8(proto).map_or("?", Protocol::as_str)
 }
 
 /// Desired contents of the SERVICES, SERVICE_BACKENDS and BACKENDS maps.
