@@ -20,10 +20,7 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use mesh_common::{FlowEvent, policy::IDENTITY_WORLD, service::Protocol};
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    sync::broadcast,
-};
+use tokio::sync::broadcast;
 use tracing::{debug, warn};
 
 use crate::{
@@ -33,6 +30,7 @@ use crate::{
         Reason, Verdict,
     },
     state::{ObjectKey, State, pod_ips},
+    sys,
 };
 
 /// Flows kept in memory for `GET /v1/flows` (as many as the EVENTS ring buffer holds).
@@ -313,10 +311,7 @@ pub async fn read_events(
     view: SharedView,
     log: Arc<FlowLog>,
 ) -> std::io::Result<()> {
-    // SAFETY: the RingBuf owns its map's fd (MapData holds an OwnedFd) for as long as
-    // the AsyncFd owns the RingBuf, and always reports that same fd.
-    let mut fd = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)?;
+    let mut fd = sys::readable_ring_buf(events)?;
     loop {
         let mut guard = fd.readable_mut().await?;
         let ring = guard.get_inner_mut();
@@ -338,26 +333,12 @@ pub async fn read_events(
 
 /// A FlowEvent from ring buffer bytes (which need not be aligned for it).
 fn decode(bytes: &[u8]) -> Option<FlowEvent> {
-    if bytes.len() != size_of::<FlowEvent>() {
-        return None;
-    }
-    // SAFETY: the length matches, FlowEvent is plain old data valid for every bit
-    // pattern (aya::Pod), and read_unaligned copes with any alignment.
-    Some(unsafe { bytes.as_ptr().cast::<FlowEvent>().read_unaligned() })
+    sys::read_pod(bytes)
 }
 
 /// Nanoseconds to add to a CLOCK_MONOTONIC time (`bpf_ktime_get_ns`) to get Unix time.
 fn clock_offset_ns() -> i128 {
-    let now = |clock| {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: a valid clock id and a pointer to a live timespec.
-        unsafe { libc::clock_gettime(clock, &mut ts) };
-        i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
-    };
-    now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC)
+    sys::clock_ns(libc::CLOCK_REALTIME) - sys::clock_ns(libc::CLOCK_MONOTONIC)
 }
 
 /// Unix time in nanoseconds as RFC 3339 UTC with nanoseconds.

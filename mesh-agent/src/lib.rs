@@ -7,7 +7,9 @@
 //! maps), `datapath` (load, attach, pin, diff-apply maps, read them back, destroy stale
 //! sockets), `health` (active backend probes), `metrics` + `telemetry` (Prometheus), `status`
 //! (the datapath at a glance),
-//! `watch` (file change notification).
+//! `watch` (file change notification), `sys` (the only unsafe code: safe wrappers of a
+//! few system calls).
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod app;
@@ -21,5 +23,6 @@ pub mod reconcile;
 pub mod report;
 pub mod state;
 pub mod status;
+mod sys;
 pub mod telemetry;
 pub mod watch;

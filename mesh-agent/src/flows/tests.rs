@@ -282,8 +282,5 @@ fn events_of_the_wrong_size_are_rejected() {
         2,
         3,
     );
-    // SAFETY: FlowEvent is plain old data; viewing it as bytes is what the kernel sends.
-    let bytes =
-        unsafe { std::slice::from_raw_parts((&raw const e).cast::<u8>(), size_of::<FlowEvent>()) };
-    assert_eq!(decode(bytes), Some(e));
+    assert_eq!(decode(crate::sys::pod_bytes(&e)), Some(e));
 }
