@@ -22,7 +22,7 @@ use mesh_common::Addr;
 use mesh_common::maps;
 use mesh_common::service::{
     BACKEND_ACTIVE, BACKEND_TERMINATING, BACKEND_UNHEALTHY, Backend, BackendSlotKey, PROTO_TCP,
-    PROTO_UDP, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue,
+    Protocol, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue,
 };
 
 use crate::state::{ObjectKey, State};
@@ -67,7 +67,7 @@ impl Default for Capacities {
 pub struct BackendAddr {
     /// Pod address and target port.
     pub addr: SocketAddr,
-    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    /// [`Protocol`] code: [`PROTO_TCP`] or UDP.
     pub proto: u8,
 }
 
@@ -103,7 +103,6 @@ impl fmt::Display for BackendAddr {
 }
 
 fn proto_name(proto: u8) -> &'static str {
-    use mesh_common::service::Protocol;
     Protocol::from_u8(proto).map_or("?", Protocol::as_str)
 }
 
@@ -161,7 +160,7 @@ pub struct FrontendInfo {
     pub port_name: String,
     /// Cluster IP (either family) and Service port.
     pub addr: SocketAddr,
-    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    /// [`Protocol`] code: [`PROTO_TCP`] or UDP.
     pub proto: u8,
     /// Service id in the maps.
     pub id: u32,
