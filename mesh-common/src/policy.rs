@@ -228,3 +228,82 @@ mod pod {
     unsafe impl aya::Pod for super::PolicyKeyData {}
     unsafe impl aya::Pod for super::PolicyValue {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SUBJECT: u32 = 300;
+    const PEER: u32 = 301;
+    const OTHER: u32 = 302;
+    const TCP: u8 = crate::service::PROTO_TCP;
+    const UDP: u8 = crate::service::PROTO_UDP;
+
+    fn entry(direction: u8, peer: u32, proto: u8, port: u16, flags: u32) -> (PolicyKeyData, u32) {
+        let key = PolicyKeyData {
+            subject: SUBJECT,
+            peer,
+            direction,
+            proto,
+            port_be: port.to_be(),
+        };
+        (key, flags)
+    }
+
+    /// `policy_allows` over `entries`, each a full port or no port at all, where the
+    /// trie's longest-prefix match is an exact match.
+    fn allows(entries: &[(PolicyKeyData, u32)], peer: u32, proto: u8, port: u16) -> bool {
+        let lookup = |key| {
+            entries
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|&(_, flags)| PolicyValue {
+                    flags,
+                    policy_id: 0,
+                })
+        };
+        policy_allows(lookup, SUBJECT, DIR_EGRESS, peer, proto, port.to_be())
+    }
+
+    #[test]
+    fn isolation_then_exact_peer_then_any_peer_each_exact_port_then_any() {
+        let marker = entry(DIR_EGRESS, IDENTITY_ANY, 0, 0, POLICY_ISOLATED);
+        assert!(allows(&[], PEER, TCP, 80), "not isolated");
+        let ingress_only = [entry(DIR_INGRESS, IDENTITY_ANY, 0, 0, POLICY_ISOLATED)];
+        assert!(
+            allows(&ingress_only, PEER, TCP, 80),
+            "isolated the other way"
+        );
+        assert!(
+            !allows(&[marker], PEER, TCP, 80),
+            "isolated, nothing allowed"
+        );
+
+        let to_peer_80 = [marker, entry(DIR_EGRESS, PEER, TCP, 80, POLICY_ALLOW)];
+        assert!(allows(&to_peer_80, PEER, TCP, 80));
+        assert!(!allows(&to_peer_80, PEER, TCP, 81), "other port");
+        assert!(!allows(&to_peer_80, PEER, UDP, 80), "other protocol");
+        assert!(!allows(&to_peer_80, OTHER, TCP, 80), "other peer");
+
+        let to_peer_any = [marker, entry(DIR_EGRESS, PEER, 0, 0, POLICY_ALLOW)];
+        assert!(allows(&to_peer_any, PEER, UDP, 53));
+        assert!(!allows(&to_peer_any, OTHER, UDP, 53));
+
+        let anyone_80 = [
+            marker,
+            entry(DIR_EGRESS, IDENTITY_ANY, TCP, 80, POLICY_ALLOW),
+        ];
+        assert!(allows(&anyone_80, OTHER, TCP, 80));
+        assert!(!allows(&anyone_80, OTHER, TCP, 81));
+
+        // The marker and an allow-all rule share the (any, any, any) key.
+        let allow_all = [entry(
+            DIR_EGRESS,
+            IDENTITY_ANY,
+            0,
+            0,
+            POLICY_ISOLATED | POLICY_ALLOW,
+        )];
+        assert!(allows(&allow_all, OTHER, UDP, 9));
+    }
+}
