@@ -310,7 +310,7 @@ impl FlowQuery {
             parts.push("follow=true".to_owned());
         }
         if let Some(v) = self.filter.verdict {
-            parts.push(format!("verdict={}", v.as_str().to_ascii_lowercase()));
+            parts.push(format!("verdict={}", v.as_str()));
         }
         if let Some(pod) = &self.filter.pod {
             parts.push(format!(
