@@ -10,7 +10,7 @@
 //!   NDJSON, one [`Flow`] per line, oldest first. `follow=true` keeps the response open
 //!   (chunked) and streams each new flow as it comes; `verdict=dropped|audit` and
 //!   `pod=NAMESPACE/NAME` (source or destination) filter.
-//! - `GET /v1/policy`: a [`PolicyReport`] as JSON: policies with the pods they select,
+//! - `GET /v1/policy`: a [`PolicyReport`](crate::report::PolicyReport) as JSON: policies with the pods they select,
 //!   identities, and the local pods with their identities.
 //!
 //! `client` is the other end, for `mesh-agent observe` and `mesh-agent policy`.
@@ -18,11 +18,9 @@
 pub mod client;
 
 use std::{
-    collections::BTreeMap,
     convert::Infallible,
     future::Future,
     io,
-    net::IpAddr,
     os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     pin::Pin,
@@ -42,14 +40,16 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     server::graceful::GracefulShutdown,
 };
-use serde::{Deserialize, Serialize};
 use tokio::{
     net::UnixListener,
     sync::{broadcast, mpsc, watch},
 };
 use tracing::{debug, info, warn};
 
-use crate::flows::{Flow, FlowFilter, FlowLog, SharedView, Verdict};
+use crate::{
+    flows::{FlowLog, SharedView},
+    report::{Flow, FlowFilter, Verdict},
+};
 
 /// Default parent of the per-node socket directories.
 pub const DEFAULT_RUN_DIR: &str = "/run/mesh";
@@ -64,73 +64,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Lines buffered towards a following client before its forwarder waits.
 const FOLLOW_BUFFER: usize = 64;
-
-/// `GET /v1/policy`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PolicyReport {
-    /// Every NetworkPolicy, by id (the `policy_id` of the POLICY entries it produced).
-    pub policies: Vec<PolicyRuleReport>,
-    /// Every identity, by id.
-    pub identities: Vec<IdentityReport>,
-    /// The pods scheduled on this node that policy applies to, by name.
-    pub local_pods: Vec<LocalPodReport>,
-    /// Peer identities split off pods' (or the node's) identities because ipBlock
-    /// bounds cut through their addresses, and the POLICY entries naming them: the
-    /// cost of ipBlocks that select pod addresses.
-    #[serde(default)]
-    pub ipblock_split: SplitReport,
-}
-
-/// What ipBlocks over pod and node addresses added to the plan.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SplitReport {
-    /// Peer identities split off.
-    pub identities: usize,
-    /// POLICY entries whose peer is one of them (on this node).
-    pub entries: usize,
-}
-
-/// A NetworkPolicy.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PolicyRuleReport {
-    /// `policy_id` of its POLICY entries.
-    pub id: u32,
-    /// `namespace/name`.
-    pub name: String,
-    /// It isolates the pods it selects for ingress.
-    pub ingress: bool,
-    /// It isolates the pods it selects for egress.
-    pub egress: bool,
-    /// The pods it selects, cluster-wide, as `namespace/name`.
-    pub selects: Vec<String>,
-}
-
-/// A security identity.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IdentityReport {
-    /// Its number in the maps.
-    pub id: u32,
-    /// `namespace {labels}` or `cidr PREFIX`.
-    pub name: String,
-    /// The labels of its pods (empty for CIDR identities).
-    pub labels: BTreeMap<String, String>,
-    /// The pods that have it, as `namespace/name`.
-    pub pods: Vec<String>,
-}
-
-/// A pod of this node.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LocalPodReport {
-    /// `namespace/name`.
-    pub pod: String,
-    /// Its addresses.
-    pub ips: Vec<IpAddr>,
-    /// Its identity.
-    pub identity: u32,
-    /// Whether the agent found its network namespace (only then does egress policy
-    /// apply to its sockets).
-    pub discovered: bool,
-}
 
 /// Errors of the admin endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -377,7 +310,7 @@ impl FlowQuery {
             parts.push("follow=true".to_owned());
         }
         if let Some(v) = self.filter.verdict {
-            parts.push(format!("verdict={}", v.as_str().to_ascii_lowercase()));
+            parts.push(format!("verdict={}", v.as_str()));
         }
         if let Some(pod) = &self.filter.pod {
             parts.push(format!(

@@ -9,9 +9,9 @@ use crate::{
     admin::{self, FlowQuery, client},
     app,
     datapath::{self, loader::MapSizes},
-    flows::{FlowFilter, Verdict},
     health::HealthConfig,
     metrics::SnapshotSource as _,
+    report::{FlowFilter, Verdict},
     state, status,
     telemetry::Telemetry,
 };
@@ -291,7 +291,9 @@ impl Cli {
                 rt.block_on(app::run(args))?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Validate { path, node } => Ok(validate(&path, node.as_deref().unwrap_or_default())),
+            Command::Validate { path, node } => {
+                Ok(validate(&path, node.as_deref().unwrap_or_default()))
+            }
             Command::Services { node, bpffs } => {
                 let node = match node {
                     Some(node) => node,

@@ -19,198 +19,24 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use mesh_common::{
-    FlowEvent,
-    event::{REASON_POLICY_DENIED, VERDICT_AUDIT, VERDICT_FORWARDED},
-    policy::{DIR_INGRESS, IDENTITY_WORLD},
-};
-use serde::{Deserialize, Serialize};
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    sync::broadcast,
-};
+use mesh_common::{FlowEvent, policy::IDENTITY_WORLD, service::Protocol};
+use tokio::sync::broadcast;
 use tracing::{debug, warn};
 
 use crate::{
-    admin::{IdentityReport, LocalPodReport, PolicyReport, PolicyRuleReport, SplitReport},
     plan::policy::{IdentityKey, PolicyPlan},
+    report::{
+        Direction, Flow, IdentityReport, LocalPodReport, Peer, PolicyReport, PolicyRuleReport,
+        Reason, SplitReport, Verdict,
+    },
     state::{ObjectKey, State, pod_ips},
+    sys,
 };
 
 /// Flows kept in memory for `GET /v1/flows` (as many as the EVENTS ring buffer holds).
 pub const FLOW_CAPACITY: usize = 4096;
 /// Flows a slow follower may fall behind by before it skips ahead.
 const FOLLOW_BACKLOG: usize = 1024;
-
-/// What the kernel decided about a flow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum Verdict {
-    /// Denied: connect()/sendmsg() failed with EPERM (egress) or the packet was dropped
-    /// (ingress).
-    Dropped,
-    /// Policy would have denied it; audit mode let it pass.
-    Audit,
-    /// Allowed.
-    Forwarded,
-}
-
-/// Why.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Reason {
-    /// No policy rule allows the flow.
-    PolicyDenied,
-    /// A reason code this agent does not know (a newer datapath).
-    Unknown,
-}
-
-/// Which way the flow goes, seen from the pod whose policy judged it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum Direction {
-    /// Sent by a local pod.
-    Egress,
-    /// Received by a local pod.
-    Ingress,
-}
-
-/// One side of a flow.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Peer {
-    /// Address; `None` when the kernel did not know it (the source of an egress flow
-    /// whose pod is ambiguous).
-    pub ip: Option<IpAddr>,
-    /// Port; 0 when not bound yet (the source of an egress flow).
-    pub port: u16,
-    /// Security identity.
-    pub identity: u32,
-    /// What the identity stands for: `prod {app=web}`, `cidr 10.0.0.0/8`, `world`.
-    pub identity_name: String,
-    /// The pod, as `namespace/name`, when known.
-    pub pod: Option<String>,
-    /// The identity's labels (empty for CIDR identities and the world).
-    pub labels: BTreeMap<String, String>,
-}
-
-/// One flow record, as `GET /v1/flows` serves it (one JSON object per line).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Flow {
-    /// When the kernel decided, RFC 3339 UTC with nanoseconds.
-    pub time: String,
-    /// The decision.
-    pub verdict: Verdict,
-    /// The direction of the policy that decided.
-    pub direction: Direction,
-    /// Why.
-    pub reason: Reason,
-    /// `TCP`, `UDP`, `SCTP`, or the protocol number.
-    pub proto: String,
-    /// Who sent.
-    pub source: Peer,
-    /// Who was sent to.
-    pub destination: Peer,
-    /// The NetworkPolicies that isolate the judged pod (the source for egress, the
-    /// destination for ingress) in this direction: the ones whose rules did not allow
-    /// the flow. Empty when unknown.
-    #[serde(default)]
-    pub policies: Vec<String>,
-}
-
-impl Flow {
-    /// One Hubble-like line: `2026-11-26T08:20:01.123Z prod/client (ID:256) ->
-    /// prod/db:8081 (ID:258) EGRESS DROPPED TCP policy-denied`.
-    pub fn line(&self) -> String {
-        // Milliseconds are enough to read; the JSON keeps nanoseconds.
-        let time = match self.time.get(..23) {
-            Some(ms) if self.time.len() > 23 => format!("{ms}Z"),
-            _ => self.time.clone(),
-        };
-        let mut line = format!(
-            "{time} {} -> {} {} {} {} {}",
-            peer_text(&self.source),
-            peer_text(&self.destination),
-            self.direction.as_str(),
-            self.verdict.as_str(),
-            self.proto,
-            self.reason.as_str(),
-        );
-        if !self.policies.is_empty() {
-            line.push_str(&format!(" (isolated by {})", self.policies.join(", ")));
-        }
-        line
-    }
-}
-
-impl Verdict {
-    /// The serde name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Verdict::Dropped => "DROPPED",
-            Verdict::Audit => "AUDIT",
-            Verdict::Forwarded => "FORWARDED",
-        }
-    }
-}
-
-impl Direction {
-    /// The serde name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Egress => "EGRESS",
-            Direction::Ingress => "INGRESS",
-        }
-    }
-}
-
-impl Reason {
-    /// The serde name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::PolicyDenied => "policy-denied",
-            Reason::Unknown => "unknown",
-        }
-    }
-}
-
-fn peer_text(p: &Peer) -> String {
-    let who = match (&p.pod, p.ip) {
-        (Some(pod), _) => pod.clone(),
-        (None, Some(IpAddr::V6(ip))) if p.port != 0 => format!("[{ip}]"),
-        (None, Some(ip)) => ip.to_string(),
-        (None, None) => p.identity_name.clone(),
-    };
-    let port = if p.port == 0 {
-        String::new()
-    } else {
-        format!(":{}", p.port)
-    };
-    let id = if p.identity == IDENTITY_WORLD {
-        "world".to_owned()
-    } else {
-        format!("ID:{}", p.identity)
-    };
-    format!("{who}{port} ({id})")
-}
-
-/// Which flows a reader wants.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct FlowFilter {
-    /// Only flows with this verdict.
-    pub verdict: Option<Verdict>,
-    /// Only flows from or to this pod (`namespace/name`).
-    pub pod: Option<String>,
-}
-
-impl FlowFilter {
-    /// Whether `flow` passes.
-    pub fn matches(&self, flow: &Flow) -> bool {
-        self.verdict.is_none_or(|v| v == flow.verdict)
-            && self.pod.as_ref().is_none_or(|pod| {
-                flow.source.pod.as_ref() == Some(pod) || flow.destination.pod.as_ref() == Some(pod)
-            })
-    }
-}
 
 /// A pod as flows name it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -383,7 +209,9 @@ impl View {
         let dst_port = u16::from_be(event.dst_port);
         let source = self.peer(src, src_port, event.src_identity, dst);
         let destination = self.peer(dst, dst_port, event.dst_identity, src);
-        let ingress = event.direction == DIR_INGRESS;
+        // A direction code of a newer datapath reads as egress, as judged at the source.
+        let direction = Direction::from_u8(event.direction).unwrap_or(Direction::Egress);
+        let ingress = direction == Direction::Ingress;
         let judged = if ingress {
             destination.pod.as_deref()
         } else {
@@ -400,29 +228,12 @@ impl View {
         });
         Flow {
             time,
-            verdict: match event.verdict {
-                VERDICT_AUDIT => Verdict::Audit,
-                VERDICT_FORWARDED => Verdict::Forwarded,
-                // VERDICT_DROPPED, or a code of a newer datapath: read as the stricter
-                // outcome.
-                _ => Verdict::Dropped,
-            },
-            direction: if event.direction == DIR_INGRESS {
-                Direction::Ingress
-            } else {
-                Direction::Egress
-            },
-            reason: if event.reason == REASON_POLICY_DENIED {
-                Reason::PolicyDenied
-            } else {
-                Reason::Unknown
-            },
-            proto: match event.proto {
-                6 => "TCP".to_owned(),
-                17 => "UDP".to_owned(),
-                132 => "SCTP".to_owned(),
-                n => n.to_string(),
-            },
+            // A verdict code of a newer datapath reads as the stricter outcome.
+            verdict: Verdict::from_u8(event.verdict).unwrap_or(Verdict::Dropped),
+            direction,
+            reason: Reason::from_u8(event.reason),
+            proto: Protocol::from_u8(event.proto)
+                .map_or_else(|| event.proto.to_string(), |p| p.as_str().to_owned()),
             source,
             destination,
             policies,
@@ -504,10 +315,7 @@ pub async fn read_events(
     view: SharedView,
     log: Arc<FlowLog>,
 ) -> std::io::Result<()> {
-    // SAFETY: the RingBuf owns its map's fd (MapData holds an OwnedFd) for as long as
-    // the AsyncFd owns the RingBuf, and always reports that same fd.
-    let mut fd = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)?;
+    let mut fd = sys::readable_ring_buf(events)?;
     loop {
         let mut guard = fd.readable_mut().await?;
         let ring = guard.get_inner_mut();
@@ -529,26 +337,12 @@ pub async fn read_events(
 
 /// A FlowEvent from ring buffer bytes (which need not be aligned for it).
 fn decode(bytes: &[u8]) -> Option<FlowEvent> {
-    if bytes.len() != size_of::<FlowEvent>() {
-        return None;
-    }
-    // SAFETY: the length matches, FlowEvent is plain old data valid for every bit
-    // pattern (aya::Pod), and read_unaligned copes with any alignment.
-    Some(unsafe { bytes.as_ptr().cast::<FlowEvent>().read_unaligned() })
+    sys::read_pod(bytes)
 }
 
 /// Nanoseconds to add to a CLOCK_MONOTONIC time (`bpf_ktime_get_ns`) to get Unix time.
 fn clock_offset_ns() -> i128 {
-    let now = |clock| {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: a valid clock id and a pointer to a live timespec.
-        unsafe { libc::clock_gettime(clock, &mut ts) };
-        i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
-    };
-    now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC)
+    sys::clock_ns(libc::CLOCK_REALTIME) - sys::clock_ns(libc::CLOCK_MONOTONIC)
 }
 
 /// Unix time in nanoseconds as RFC 3339 UTC with nanoseconds.

@@ -24,7 +24,7 @@ use mesh_common::Addr;
 use mesh_common::maps;
 use mesh_common::service::{
     BACKEND_ACTIVE, BACKEND_TERMINATING, BACKEND_UNHEALTHY, Backend, BackendSlotKey, PROTO_TCP,
-    PROTO_UDP, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue,
+    Protocol, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue,
 };
 
 use crate::state::{ObjectKey, State};
@@ -70,7 +70,7 @@ impl Default for Capacities {
 pub struct BackendAddr {
     /// Pod address and target port.
     pub addr: SocketAddr,
-    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    /// [`Protocol`] code: [`PROTO_TCP`] or UDP.
     pub proto: u8,
 }
 
@@ -106,11 +106,7 @@ impl fmt::Display for BackendAddr {
 }
 
 fn proto_name(proto: u8) -> &'static str {
-    match proto {
-        PROTO_TCP => "TCP",
-        PROTO_UDP => "UDP",
-        _ => "?",
-    }
+    Protocol::from_u8(proto).map_or("?", Protocol::as_str)
 }
 
 /// Desired contents of the SERVICES, SERVICE_BACKENDS and BACKENDS maps.
@@ -178,7 +174,7 @@ pub struct FrontendInfo {
     pub port_name: String,
     /// Cluster IP (either family) and Service port.
     pub addr: SocketAddr,
-    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    /// [`Protocol`] code: [`PROTO_TCP`] or UDP.
     pub proto: u8,
     /// Service id in the maps.
     pub id: u32,

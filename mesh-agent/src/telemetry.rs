@@ -17,11 +17,11 @@ use mesh_common::{
     Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, EndpointValue, IpcacheValue,
     LbMetricsKey, PolicyKeyData, PolicyValue, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
     SockKey,
-    event::{REASON_POLICY_DENIED, VERDICT_AUDIT, VERDICT_DROPPED, VerdictKey},
+    event::{Reason, Verdict, VerdictKey},
     maps::{self, programs},
-    policy::DIR_EGRESS,
+    policy::Direction,
     redirect::counter,
-    service::{BACKEND_ACTIVE, BACKEND_TERMINATING, PROTO_TCP},
+    service::{BackendState, Protocol},
 };
 
 use crate::{
@@ -84,24 +84,12 @@ impl Telemetry {
         self.per_cpu_totals::<VerdictKey>(maps::POLICY_METRICS)
             .into_iter()
             .filter_map(|(k, count)| {
-                let verdict = match k.verdict {
-                    VERDICT_DROPPED => "dropped",
-                    VERDICT_AUDIT => "audit",
-                    // Forwarded flows are not counted by this datapath.
-                    _ => return None,
-                };
+                // Forwarded flows are not counted by this datapath.
+                let verdict = Verdict::from_u8(k.verdict).filter(|v| *v != Verdict::Forwarded)?;
                 Some(VerdictCount {
-                    direction: if k.direction == DIR_EGRESS {
-                        "egress"
-                    } else {
-                        "ingress"
-                    },
-                    verdict,
-                    reason: if k.reason == REASON_POLICY_DENIED {
-                        "policy-denied"
-                    } else {
-                        "unknown"
-                    },
+                    direction: Direction::from_u8(k.direction).map_or("unknown", Direction::as_str),
+                    verdict: verdict.as_str(),
+                    reason: Reason::from_u8(k.reason).map_or("unknown", Reason::as_str),
                     count,
                 })
             })
@@ -183,17 +171,18 @@ fn memlock(map: &MapData) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// A state code of a newer datapath reads as the one that takes no connections.
 fn state_name(state: u8) -> &'static str {
-    match state {
-        BACKEND_ACTIVE => "active",
-        BACKEND_TERMINATING => "terminating",
-        _ => "unhealthy",
-    }
+    BackendState::from_u8(state)
+        .unwrap_or(BackendState::Unhealthy)
+        .as_str()
 }
 
 fn frontend_name(f: &FrontendInfo) -> String {
-    let proto = if f.proto == PROTO_TCP { "TCP" } else { "UDP" };
-    format!("{}/{proto}", f.addr)
+    match Protocol::from_u8(f.proto) {
+        Some(proto) => format!("{}/{proto}", f.addr),
+        None => format!("{}/{}", f.addr, f.proto),
+    }
 }
 
 impl SnapshotSource for Telemetry {

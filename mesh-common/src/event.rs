@@ -1,17 +1,41 @@
 //! Flow events: what the datapath reports through the EVENTS ring buffer for each
 //! policy verdict worth telling (drops, audits), the way Hubble shows flows.
 
-use crate::Addr;
+use crate::{Addr, wire::wire_enum};
 
-/// [`FlowEvent::verdict`]: the flow was dropped (ingress) or refused (egress, EPERM).
-pub const VERDICT_DROPPED: u8 = 1;
-/// [`FlowEvent::verdict`]: policy would have denied it, but audit mode let it pass.
-pub const VERDICT_AUDIT: u8 = 2;
-/// [`FlowEvent::verdict`]: allowed (only reported when allowed flows are traced).
-pub const VERDICT_FORWARDED: u8 = 3;
+wire_enum! {
+    /// [`FlowEvent::verdict`]: what policy decided about a flow.
+    #[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+    #[cfg_attr(feature = "user", serde(rename_all = "SCREAMING_SNAKE_CASE"))]
+    pub enum Verdict {
+        /// Dropped (ingress) or refused (egress: connect()/sendmsg() fail with EPERM).
+        Dropped = 1 => "dropped",
+        /// Policy would have denied it, but audit mode let it pass.
+        Audit = 2 => "audit",
+        /// Allowed (only reported when allowed flows are traced).
+        Forwarded = 3 => "forwarded",
+    }
+}
 
-/// [`FlowEvent::reason`]: no policy rule allows the flow.
-pub const REASON_POLICY_DENIED: u8 = 1;
+/// [`FlowEvent::verdict`]: [`Verdict::Dropped`].
+pub const VERDICT_DROPPED: u8 = Verdict::Dropped as u8;
+/// [`FlowEvent::verdict`]: [`Verdict::Audit`].
+pub const VERDICT_AUDIT: u8 = Verdict::Audit as u8;
+/// [`FlowEvent::verdict`]: [`Verdict::Forwarded`].
+pub const VERDICT_FORWARDED: u8 = Verdict::Forwarded as u8;
+
+wire_enum! {
+    /// [`FlowEvent::reason`]: why policy decided so.
+    #[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+    #[cfg_attr(feature = "user", serde(rename_all = "kebab-case"))]
+    pub enum Reason {
+        /// No policy rule allows the flow.
+        PolicyDenied = 1 => "policy-denied",
+    }
+}
+
+/// [`FlowEvent::reason`]: [`Reason::PolicyDenied`].
+pub const REASON_POLICY_DENIED: u8 = Reason::PolicyDenied as u8;
 
 /// One flow verdict.
 #[repr(C)]
@@ -32,13 +56,13 @@ pub struct FlowEvent {
     pub src_port: u16,
     /// Destination port, network byte order.
     pub dst_port: u16,
-    /// IP protocol.
+    /// [`crate::service::Protocol`] code.
     pub proto: u8,
-    /// `crate::policy::DIR_EGRESS` or `DIR_INGRESS`.
+    /// [`crate::policy::Direction`] code.
     pub direction: u8,
-    /// `VERDICT_*`.
+    /// [`Verdict`] code.
     pub verdict: u8,
-    /// `REASON_*`.
+    /// [`Reason`] code.
     pub reason: u8,
     /// Explicit padding, always 0.
     pub _pad: u32,
@@ -63,11 +87,11 @@ mod pod {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct VerdictKey {
-    /// `crate::policy::DIR_*`.
+    /// [`crate::policy::Direction`] code.
     pub direction: u8,
-    /// `VERDICT_*`.
+    /// [`Verdict`] code.
     pub verdict: u8,
-    /// `REASON_*` (0 for forwarded).
+    /// [`Reason`] code (0 for forwarded).
     pub reason: u8,
     /// Explicit padding, always 0.
     pub _pad: u8,

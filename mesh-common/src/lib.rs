@@ -11,6 +11,7 @@ pub mod maps;
 pub mod policy;
 pub mod redirect;
 pub mod service;
+mod wire;
 
 pub use addr::Addr;
 pub use event::FlowEvent;

@@ -14,7 +14,7 @@
 //!    `(S, D, any, p, d)`, `(S, D, any, any, any)` matches with [`POLICY_ALLOW`], where
 //!    ports match by prefix (port ranges are stored as aligned prefixes); else deny.
 
-use crate::Addr;
+use crate::{Addr, wire::wire_enum};
 
 /// Identity of the node's own addresses: the node may always reach its pods (as
 /// kubelet health probes need; Cilium's default too), whatever their ingress policy.
@@ -26,10 +26,22 @@ pub const IDENTITY_FIRST_ALLOCATED: u32 = 256;
 /// "Any" in [`PolicyKey::peer`] and, with a zero prefix, in ports and protocol.
 pub const IDENTITY_ANY: u32 = 0;
 
-/// [`PolicyKey::direction`]: traffic the subject sends.
-pub const DIR_EGRESS: u8 = 1;
-/// [`PolicyKey::direction`]: traffic the subject receives.
-pub const DIR_INGRESS: u8 = 2;
+wire_enum! {
+    /// [`PolicyKey::direction`]: which way traffic goes, seen from the policy's subject.
+    #[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+    #[cfg_attr(feature = "user", serde(rename_all = "SCREAMING_SNAKE_CASE"))]
+    pub enum Direction {
+        /// Traffic the subject sends.
+        Egress = 1 => "egress",
+        /// Traffic the subject receives.
+        Ingress = 2 => "ingress",
+    }
+}
+
+/// [`PolicyKey::direction`]: [`Direction::Egress`].
+pub const DIR_EGRESS: u8 = Direction::Egress as u8;
+/// [`PolicyKey::direction`]: [`Direction::Ingress`].
+pub const DIR_INGRESS: u8 = Direction::Ingress as u8;
 
 /// [`PolicyValue::flags`]: the subject is isolated in this direction (marker entry).
 pub const POLICY_ISOLATED: u32 = 1;
@@ -169,6 +181,50 @@ pub struct PolicyValue {
 }
 const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
 
+/// Whether `subject` may exchange `proto`/`port_be` (network byte order) with `peer` in
+/// `direction`: the kernel's decision, written once for the eBPF programs and for the
+/// planner's tests, which evaluate a plan's POLICY entries with it.
+///
+/// `lookup` is the POLICY trie's longest-prefix match of a full key (all
+/// [`POLICY_FIXED_PREFIX`] + 16 bits). The order, as the module documents it:
+/// 1. no isolation entry `(S, D, any peer, any proto, any port)` with
+///    [`POLICY_ISOLATED`]: allow;
+/// 2. else allow iff `(S, D, P, p, d)`, `(S, D, P, any, any)`, `(S, D, any, p, d)` or
+///    `(S, D, any, any, any)` finds an entry with [`POLICY_ALLOW`], tried in that order
+///    (the exact peer before any peer, the exact protocol and port before any);
+/// 3. else deny.
+///
+/// At most five lookups, in loops of constant bounds, so the verifier sees every path.
+#[inline(always)]
+pub fn policy_allows(
+    lookup: impl Fn(PolicyKeyData) -> Option<PolicyValue>,
+    subject: u32,
+    direction: u8,
+    peer: u32,
+    proto: u8,
+    port_be: u16,
+) -> bool {
+    let key = |peer, proto, port_be| PolicyKeyData {
+        subject,
+        peer,
+        direction,
+        proto,
+        port_be,
+    };
+    let isolated = lookup(key(IDENTITY_ANY, 0, 0)).is_some_and(|v| v.flags & POLICY_ISOLATED != 0);
+    if !isolated {
+        return true;
+    }
+    for peer in [peer, IDENTITY_ANY] {
+        for (proto, port_be) in [(proto, port_be), (0, 0)] {
+            if lookup(key(peer, proto, port_be)).is_some_and(|v| v.flags & POLICY_ALLOW != 0) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY (all below): plain-old-data, repr(C), explicit padding, every bit pattern
@@ -179,4 +235,83 @@ mod pod {
     unsafe impl aya::Pod for super::PolicyKey {}
     unsafe impl aya::Pod for super::PolicyKeyData {}
     unsafe impl aya::Pod for super::PolicyValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SUBJECT: u32 = 300;
+    const PEER: u32 = 301;
+    const OTHER: u32 = 302;
+    const TCP: u8 = crate::service::PROTO_TCP;
+    const UDP: u8 = crate::service::PROTO_UDP;
+
+    fn entry(direction: u8, peer: u32, proto: u8, port: u16, flags: u32) -> (PolicyKeyData, u32) {
+        let key = PolicyKeyData {
+            subject: SUBJECT,
+            peer,
+            direction,
+            proto,
+            port_be: port.to_be(),
+        };
+        (key, flags)
+    }
+
+    /// `policy_allows` over `entries`, each a full port or no port at all, where the
+    /// trie's longest-prefix match is an exact match.
+    fn allows(entries: &[(PolicyKeyData, u32)], peer: u32, proto: u8, port: u16) -> bool {
+        let lookup = |key| {
+            entries
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|&(_, flags)| PolicyValue {
+                    flags,
+                    policy_id: 0,
+                })
+        };
+        policy_allows(lookup, SUBJECT, DIR_EGRESS, peer, proto, port.to_be())
+    }
+
+    #[test]
+    fn isolation_then_exact_peer_then_any_peer_each_exact_port_then_any() {
+        let marker = entry(DIR_EGRESS, IDENTITY_ANY, 0, 0, POLICY_ISOLATED);
+        assert!(allows(&[], PEER, TCP, 80), "not isolated");
+        let ingress_only = [entry(DIR_INGRESS, IDENTITY_ANY, 0, 0, POLICY_ISOLATED)];
+        assert!(
+            allows(&ingress_only, PEER, TCP, 80),
+            "isolated the other way"
+        );
+        assert!(
+            !allows(&[marker], PEER, TCP, 80),
+            "isolated, nothing allowed"
+        );
+
+        let to_peer_80 = [marker, entry(DIR_EGRESS, PEER, TCP, 80, POLICY_ALLOW)];
+        assert!(allows(&to_peer_80, PEER, TCP, 80));
+        assert!(!allows(&to_peer_80, PEER, TCP, 81), "other port");
+        assert!(!allows(&to_peer_80, PEER, UDP, 80), "other protocol");
+        assert!(!allows(&to_peer_80, OTHER, TCP, 80), "other peer");
+
+        let to_peer_any = [marker, entry(DIR_EGRESS, PEER, 0, 0, POLICY_ALLOW)];
+        assert!(allows(&to_peer_any, PEER, UDP, 53));
+        assert!(!allows(&to_peer_any, OTHER, UDP, 53));
+
+        let anyone_80 = [
+            marker,
+            entry(DIR_EGRESS, IDENTITY_ANY, TCP, 80, POLICY_ALLOW),
+        ];
+        assert!(allows(&anyone_80, OTHER, TCP, 80));
+        assert!(!allows(&anyone_80, OTHER, TCP, 81));
+
+        // The marker and an allow-all rule share the (any, any, any) key.
+        let allow_all = [entry(
+            DIR_EGRESS,
+            IDENTITY_ANY,
+            0,
+            0,
+            POLICY_ISOLATED | POLICY_ALLOW,
+        )];
+        assert!(allows(&allow_all, OTHER, UDP, 9));
+    }
 }

@@ -9,12 +9,24 @@
 //! grow or shrink a service without a window in which a lookup misses (slots are
 //! written before the count grows, and removed after it shrinks).
 
-use crate::Addr;
+use crate::{Addr, wire::wire_enum};
+
+wire_enum! {
+    /// An IP protocol (IANA protocol number), named as Kubernetes spells it.
+    pub enum Protocol {
+        /// IPPROTO_TCP.
+        Tcp = 6 => "TCP",
+        /// IPPROTO_UDP.
+        Udp = 17 => "UDP",
+        /// IPPROTO_SCTP (validated in policies; the load balancer does not serve it).
+        Sctp = 132 => "SCTP",
+    }
+}
 
 /// IP protocol number of TCP (IPPROTO_TCP).
-pub const PROTO_TCP: u8 = 6;
+pub const PROTO_TCP: u8 = Protocol::Tcp as u8;
 /// IP protocol number of UDP (IPPROTO_UDP).
-pub const PROTO_UDP: u8 = 17;
+pub const PROTO_UDP: u8 = Protocol::Udp as u8;
 
 /// `ServiceKey` with `port == 0 && proto == 0`: marks an address as a cluster IP, so a
 /// connect() to a port the Service does not expose is refused instead of leaking out.
@@ -23,12 +35,24 @@ pub const VIP_MARKER_PORT: u16 = 0;
 /// [`ServiceValue::flags`]: ClientIP session affinity is on.
 pub const SVC_FLAG_AFFINITY: u32 = 1;
 
-/// [`Backend::state`]: receives new connections.
-pub const BACKEND_ACTIVE: u8 = 0;
-/// [`Backend::state`]: terminating; no new connections, existing ones untouched.
-pub const BACKEND_TERMINATING: u8 = 1;
-/// [`Backend::state`]: failed its health checks; no new connections.
-pub const BACKEND_UNHEALTHY: u8 = 2;
+wire_enum! {
+    /// [`Backend::state`]: whether a backend takes new connections.
+    pub enum BackendState {
+        /// Receives new connections.
+        Active = 0 => "active",
+        /// Terminating; no new connections, existing ones untouched.
+        Terminating = 1 => "terminating",
+        /// Failed its health checks; no new connections.
+        Unhealthy = 2 => "unhealthy",
+    }
+}
+
+/// [`Backend::state`]: [`BackendState::Active`].
+pub const BACKEND_ACTIVE: u8 = BackendState::Active as u8;
+/// [`Backend::state`]: [`BackendState::Terminating`].
+pub const BACKEND_TERMINATING: u8 = BackendState::Terminating as u8;
+/// [`Backend::state`]: [`BackendState::Unhealthy`].
+pub const BACKEND_UNHEALTHY: u8 = BackendState::Unhealthy as u8;
 
 /// Key of the SERVICES map: one frontend.
 #[repr(C)]
@@ -38,7 +62,7 @@ pub struct ServiceKey {
     pub addr: Addr,
     /// Service port, network byte order; 0 for the VIP marker entry.
     pub port: u16,
-    /// IP protocol ([`PROTO_TCP`], [`PROTO_UDP`]); 0 for the VIP marker entry.
+    /// [`Protocol`] code ([`PROTO_TCP`], [`PROTO_UDP`]); 0 for the VIP marker entry.
     pub proto: u8,
     /// Explicit padding, always 0.
     pub _pad: u8,
@@ -115,7 +139,7 @@ pub struct Backend {
     pub port: u16,
     /// IP protocol, as in [`ServiceKey::proto`].
     pub proto: u8,
-    /// `BACKEND_*` state. Only active backends are in slots; the state lets affinity
+    /// [`BackendState`] code (`BACKEND_*`). Only active backends are in slots; the state lets affinity
     /// entries and operators see a terminating or unhealthy backend at once.
     pub state: u8,
 }

@@ -5,19 +5,18 @@
 //! 1. No isolation marker for (S, D): allow (no policy selects the pod that way).
 //! 2. Peer identity = longest-prefix match of the peer address in IPCACHE (miss: world).
 //!    Allow iff an entry with POLICY_ALLOW matches (peer, proto, port), trying the exact
-//!    peer then any peer, and the exact protocol then any protocol; else deny.
+//!    peer then any peer, and the exact protocol then any protocol; else deny. This
+//!    step and the first are `mesh_common::policy::policy_allows`, shared with the
+//!    planner's tests.
 //! 3. A deny in audit mode (CONFIG[POLICY_AUDIT] = 1) is reported and let through.
 //!
 //! Every deny and audit is counted in POLICY_METRICS and reported on EVENTS.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use mesh_common::{
-    Addr, FlowEvent, IpcacheValue, PolicyKeyData,
+    Addr, FlowEvent, IpcacheValue,
     event::{REASON_POLICY_DENIED, VERDICT_AUDIT, VERDICT_DROPPED, VerdictKey, config},
-    policy::{
-        DIR_EGRESS, IDENTITY_ANY, IDENTITY_WORLD, POLICY_ALLOW, POLICY_FIXED_PREFIX,
-        POLICY_ISOLATED,
-    },
+    policy::{DIR_EGRESS, IDENTITY_WORLD, POLICY_FIXED_PREFIX, policy_allows},
 };
 
 use crate::{
@@ -50,38 +49,12 @@ pub fn ipcache(addr: &Addr) -> IpcacheValue {
         })
 }
 
-/// Whether `subject` may exchange `proto`/`port_be` with `peer` in `direction`.
+/// Whether `subject` may exchange `proto`/`port_be` with `peer` in `direction`, by the
+/// decision order of [`policy_allows`] on the POLICY trie.
 #[inline(always)]
 fn allowed(subject: u32, direction: u8, peer: u32, proto: u8, port_be: u16) -> bool {
-    let key = |peer, proto, port_be| {
-        Key::new(
-            POLICY_FULL_PREFIX,
-            PolicyKeyData {
-                subject,
-                peer,
-                direction,
-                proto,
-                port_be,
-            },
-        )
-    };
-    let isolated = POLICY
-        .get(key(IDENTITY_ANY, 0, 0))
-        .is_some_and(|v| v.flags & POLICY_ISOLATED != 0);
-    if !isolated {
-        return true;
-    }
-    for peer in [peer, IDENTITY_ANY] {
-        for (proto, port) in [(proto, port_be), (0, 0)] {
-            if POLICY
-                .get(key(peer, proto, port))
-                .is_some_and(|v| v.flags & POLICY_ALLOW != 0)
-            {
-                return true;
-            }
-        }
-    }
-    false
+    let lookup = |data| POLICY.get(Key::new(POLICY_FULL_PREFIX, data)).copied();
+    policy_allows(lookup, subject, direction, peer, proto, port_be)
 }
 
 /// Judges `flow` for `subject` in `direction` with `peer` as the other side; reports and

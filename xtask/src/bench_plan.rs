@@ -58,7 +58,9 @@ pub fn run(services: &[u32], policies: &[u32]) -> Result<()> {
     let mut table = |shape: Shape, sizes: &[u32]| -> Result<Vec<Sample>> {
         let mut samples = Vec::new();
         for &n in sizes {
-            let file = dir.path().join(format!("{:?}-{n}.yaml", shape).to_lowercase());
+            let file = dir
+                .path()
+                .join(format!("{:?}-{n}.yaml", shape).to_lowercase());
             std::fs::write(&file, generate(shape, n))
                 .with_context(|| format!("writing {}", file.display()))?;
             let sample = measure(&bins.agent, &file)?;
@@ -96,7 +98,10 @@ pub fn run(services: &[u32], policies: &[u32]) -> Result<()> {
     let selectors = table(Shape::Selectors, services)?;
     let slices = table(Shape::Slices, services)?;
     table(Shape::Policies, policies)?;
-    let _ = writeln!(report, "selectors / EndpointSlices (label matching over the baseline):");
+    let _ = writeln!(
+        report,
+        "selectors / EndpointSlices (label matching over the baseline):"
+    );
     for ((&n, sel), base) in services.iter().zip(&selectors).zip(&slices) {
         let _ = writeln!(
             report,
@@ -124,7 +129,9 @@ fn measure(agent: &Path, file: &Path) -> Result<Sample> {
         let (status, rss) = wait_with_rusage(child.id())?;
         times.push(start.elapsed());
         if !status {
-            let out = child.wait_with_output().context("reading validate output")?;
+            let out = child
+                .wait_with_output()
+                .context("reading validate output")?;
             bail!(
                 "validate rejected {}: {}",
                 file.display(),

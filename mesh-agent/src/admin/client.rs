@@ -12,11 +12,12 @@ use std::{
 use aya::maps::{LpmTrie, Map, MapData};
 use mesh_common::{
     PolicyKeyData, PolicyValue, maps,
-    policy::{DIR_EGRESS, IDENTITY_ANY, POLICY_ALLOW, POLICY_FIXED_PREFIX, POLICY_ISOLATED},
+    policy::{Direction, IDENTITY_ANY, POLICY_ALLOW, POLICY_FIXED_PREFIX, POLICY_ISOLATED},
+    service::Protocol,
 };
 
-use super::{FlowQuery, PolicyReport, SOCKET_NAME, socket_path};
-use crate::flows::Flow;
+use super::{FlowQuery, SOCKET_NAME, socket_path};
+use crate::report::{Flow, PolicyReport};
 
 /// Errors of the admin client, naming the socket or map involved.
 #[derive(Debug, thiserror::Error)]
@@ -361,11 +362,9 @@ pub fn render_pod_policy(report: &PolicyReport, pod: &str, entries: &[PolicyEntr
         }
     );
     for e in entries {
-        let dir = if e.key.direction == DIR_EGRESS {
-            "EGRESS "
-        } else {
-            "INGRESS"
-        };
+        let dir = Direction::from_u8(e.key.direction)
+            .map_or("?", Direction::as_str)
+            .to_ascii_uppercase();
         let what = if e.value.flags & POLICY_ALLOW != 0 {
             "allow"
         } else if e.value.flags & POLICY_ISOLATED != 0 {
@@ -380,7 +379,7 @@ pub fn render_pod_policy(report: &PolicyReport, pod: &str, entries: &[PolicyEntr
         };
         let _ = writeln!(
             out,
-            "  {dir} {what:8} {peer} {} {} (policy {})",
+            "  {dir:7} {what:8} {peer} {} {} (policy {})",
             proto_name(e.key.proto),
             ports(e.key.proto, e.port_bits, e.key.port_be),
             policy_name(e.value.policy_id)
@@ -390,12 +389,10 @@ pub fn render_pod_policy(report: &PolicyReport, pod: &str, entries: &[PolicyEntr
 }
 
 fn proto_name(proto: u8) -> String {
-    match proto {
-        0 => "any-proto".to_owned(),
-        6 => "TCP".to_owned(),
-        17 => "UDP".to_owned(),
-        132 => "SCTP".to_owned(),
-        n => format!("proto-{n}"),
+    match (proto, Protocol::from_u8(proto)) {
+        (0, _) => "any-proto".to_owned(),
+        (_, Some(p)) => p.as_str().to_owned(),
+        (n, None) => format!("proto-{n}"),
     }
 }
 

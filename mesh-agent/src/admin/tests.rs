@@ -1,4 +1,7 @@
+use std::collections::BTreeMap;
+
 use super::*;
+use crate::report::{Direction, Peer, PolicyReport, Reason};
 
 #[test]
 fn flow_queries_parse_and_round_trip() {
@@ -35,10 +38,10 @@ async fn serves_flows_policy_and_follows_over_the_socket() {
     let sample = |time: &str| Flow {
         time: time.into(),
         verdict: Verdict::Dropped,
-        direction: crate::flows::Direction::Egress,
-        reason: crate::flows::Reason::PolicyDenied,
+        direction: Direction::Egress,
+        reason: Some(Reason::PolicyDenied),
         proto: "TCP".into(),
-        source: crate::flows::Peer {
+        source: Peer {
             ip: None,
             port: 0,
             identity: 256,
@@ -46,7 +49,7 @@ async fn serves_flows_policy_and_follows_over_the_socket() {
             pod: Some("prod/client".into()),
             labels: BTreeMap::new(),
         },
-        destination: crate::flows::Peer {
+        destination: Peer {
             ip: Some("10.244.1.11".parse().expect("ip")),
             port: 8081,
             identity: 257,

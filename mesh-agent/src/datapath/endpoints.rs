@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd as _;
 use std::path::Path;
 
 use nix::errno::Errno;
@@ -148,27 +148,7 @@ fn current_netns_cookie() -> Result<u64, Errno> {
         SockFlag::SOCK_CLOEXEC,
         None,
     )?;
-    let mut cookie: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `socket` is an open socket for the whole call, and `cookie`/`len` are valid,
-    // writable and describe a buffer of exactly `len` bytes; the kernel writes at most that.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(Errno::last());
-    }
-    // A shorter value would leave part of `cookie` unset; the kernel always writes a u64.
-    if len as usize != size_of::<u64>() {
-        return Err(Errno::EINVAL);
-    }
-    Ok(cookie)
+    crate::sys::netns_cookie(socket.as_fd())
 }
 
 /// The addresses among `ifaddrs` (`getifaddrs` entries: interface flags and address) that

@@ -11,7 +11,7 @@ use std::{
 use aya::maps::{HashMap, Map, MapData};
 use mesh_common::{
     Addr, Backend, BackendSlotKey, ServiceKey, ServiceValue, maps,
-    service::{BACKEND_ACTIVE, BACKEND_TERMINATING, PROTO_TCP, PROTO_UDP, SVC_FLAG_AFFINITY},
+    service::{BackendState, Protocol, SVC_FLAG_AFFINITY},
 };
 
 use super::{
@@ -123,23 +123,18 @@ fn build_table(
 }
 
 fn proto_name(proto: u8) -> String {
-    match proto {
-        PROTO_TCP => "TCP".into(),
-        PROTO_UDP => "UDP".into(),
-        other => format!("proto{other}"),
-    }
+    Protocol::from_u8(proto).map_or_else(|| format!("proto{proto}"), |p| p.as_str().into())
 }
 
 fn socket(addr: Addr, port_be: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::from(addr), u16::from_be(port_be))
 }
 
+/// A state code of a newer datapath reads as the one that takes no connections.
 fn state_name(state: u8) -> &'static str {
-    match state {
-        BACKEND_ACTIVE => "active",
-        BACKEND_TERMINATING => "terminating",
-        _ => "unhealthy",
-    }
+    BackendState::from_u8(state)
+        .unwrap_or(BackendState::Unhealthy)
+        .as_str()
 }
 
 impl fmt::Display for ServiceTable {
@@ -191,6 +186,8 @@ impl fmt::Display for ServiceTable {
 
 #[cfg(test)]
 mod tests {
+    use mesh_common::service::{BACKEND_TERMINATING, PROTO_TCP, PROTO_UDP};
+
     use super::*;
 
     fn addr(s: &str) -> Addr {

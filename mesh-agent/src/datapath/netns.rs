@@ -245,8 +245,7 @@ pub(super) mod tests {
 
     /// Whether the tests run as root; when not, `test` is reported as skipped.
     fn is_root(test: &str) -> bool {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
+        let root = crate::sys::is_root();
         if !root {
             eprintln!("skipping: {test} needs root");
         }

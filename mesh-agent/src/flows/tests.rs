@@ -1,14 +1,11 @@
 use std::net::IpAddr;
 
-use mesh_common::{
-    Addr,
-    event::{REASON_POLICY_DENIED, VERDICT_AUDIT, VERDICT_DROPPED},
-    policy::{DIR_EGRESS, DIR_INGRESS},
-};
+use mesh_common::{Addr, service::Protocol};
 
 use super::*;
 use crate::{
     plan::policy::{PolicyCapacities, PolicyContext, plan_policy},
+    report::FlowFilter,
     state::parse_str,
 };
 
@@ -67,7 +64,14 @@ fn id_of(view: &View, pod: &str) -> u32 {
         .id
 }
 
-fn event(direction: u8, verdict: u8, src: &str, dst: &str, src_id: u32, dst_id: u32) -> FlowEvent {
+fn event(
+    direction: Direction,
+    verdict: Verdict,
+    src: &str,
+    dst: &str,
+    src_id: u32,
+    dst_id: u32,
+) -> FlowEvent {
     let addr = |s: &str| {
         if s.is_empty() {
             Addr([0; 4])
@@ -83,10 +87,10 @@ fn event(direction: u8, verdict: u8, src: &str, dst: &str, src_id: u32, dst_id: 
         dst_identity: dst_id,
         src_port: if src.is_empty() { 0 } else { 40000u16.to_be() },
         dst_port: 8081u16.to_be(),
-        proto: 6,
-        direction,
-        verdict,
-        reason: REASON_POLICY_DENIED,
+        proto: Protocol::Tcp as u8,
+        direction: direction as u8,
+        verdict: verdict as u8,
+        reason: Reason::PolicyDenied as u8,
         _pad: 0,
     }
 }
@@ -96,7 +100,14 @@ fn egress_source_pod_comes_from_an_identity_with_one_pod() {
     let v = view();
     let (client, db) = (id_of(&v, "prod/client"), id_of(&v, "prod/db-1"));
     let flow = v.flow(
-        &event(DIR_EGRESS, VERDICT_DROPPED, "", "10.244.2.11", client, db),
+        &event(
+            Direction::Egress,
+            Verdict::Dropped,
+            "",
+            "10.244.2.11",
+            client,
+            db,
+        ),
         "T".into(),
     );
     assert_eq!(flow.source.pod.as_deref(), Some("prod/client"));
@@ -110,7 +121,11 @@ fn egress_source_pod_comes_from_an_identity_with_one_pod() {
     assert_eq!(flow.destination.identity_name, "prod {app=db}");
     assert_eq!(
         (flow.direction, flow.verdict, flow.reason),
-        (Direction::Egress, Verdict::Dropped, Reason::PolicyDenied)
+        (
+            Direction::Egress,
+            Verdict::Dropped,
+            Some(Reason::PolicyDenied)
+        )
     );
     assert_eq!(
         flow.line(),
@@ -125,7 +140,7 @@ fn egress_source_of_a_shared_identity_stays_unknown() {
     let v = view();
     let db = id_of(&v, "prod/db-1");
     let flow = v.flow(
-        &event(DIR_EGRESS, VERDICT_AUDIT, "", "10.244.1.10", db, 2),
+        &event(Direction::Egress, Verdict::Audit, "", "10.244.1.10", db, 2),
         "T".into(),
     );
     assert_eq!((flow.source.pod, flow.source.ip), (None, None));
@@ -137,8 +152,8 @@ fn ingress_peers_are_named_by_address_and_json_round_trips() {
     let v = view();
     let flow = v.flow(
         &event(
-            DIR_INGRESS,
-            VERDICT_DROPPED,
+            Direction::Ingress,
+            Verdict::Dropped,
             "10.0.0.9",
             "10.244.1.11",
             2,
@@ -192,7 +207,14 @@ fn filters_match_verdict_and_either_pod() {
     let v = view();
     let (client, db) = (id_of(&v, "prod/client"), id_of(&v, "prod/db-1"));
     let flow = v.flow(
-        &event(DIR_EGRESS, VERDICT_DROPPED, "", "10.244.1.11", client, db),
+        &event(
+            Direction::Egress,
+            Verdict::Dropped,
+            "",
+            "10.244.1.11",
+            client,
+            db,
+        ),
         "T".into(),
     );
     let f = |verdict, pod: Option<&str>| {
@@ -215,7 +237,7 @@ fn log_keeps_the_newest_and_followers_see_each_flow_once() {
     let v = view();
     let flow = |i: usize| {
         v.flow(
-            &event(DIR_EGRESS, VERDICT_DROPPED, "", "10.244.1.11", 1, 2),
+            &event(Direction::Egress, Verdict::Dropped, "", "10.244.1.11", 1, 2),
             i.to_string(),
         )
     };
@@ -253,15 +275,12 @@ fn times_are_rfc3339_utc() {
 fn events_of_the_wrong_size_are_rejected() {
     assert!(decode(&[0; 63]).is_none());
     let e = event(
-        DIR_INGRESS,
-        VERDICT_DROPPED,
+        Direction::Ingress,
+        Verdict::Dropped,
         "10.0.0.1",
         "10.244.1.11",
         2,
         3,
     );
-    // SAFETY: FlowEvent is plain old data; viewing it as bytes is what the kernel sends.
-    let bytes =
-        unsafe { std::slice::from_raw_parts((&raw const e).cast::<u8>(), size_of::<FlowEvent>()) };
-    assert_eq!(decode(bytes), Some(e));
+    assert_eq!(decode(crate::sys::pod_bytes(&e)), Some(e));
 }

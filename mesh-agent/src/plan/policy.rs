@@ -211,11 +211,8 @@ impl fmt::Display for PolicyInfo {
 
 /// IP protocol numbers of the `protocol` values validation accepts.
 fn proto_number(name: &str) -> u8 {
-    match name {
-        "UDP" => 17,
-        "SCTP" => 132,
-        _ => 6,
-    }
+    mesh_common::service::Protocol::from_name(name)
+        .map_or(mesh_common::service::PROTO_TCP, |p| p as u8)
 }
 
 /// Labels of an object that has none.

@@ -92,43 +92,25 @@ fn identity_of(plan: &PolicyPlan, ip: &str) -> u32 {
 }
 
 /// The POLICY trie's longest-prefix lookup of a full key.
-fn lookup(
-    plan: &PolicyPlan,
-    subject: u32,
-    dir: u8,
-    peer: u32,
-    proto: u8,
-    port: u16,
-) -> Option<PolicyValue> {
+fn lookup(plan: &PolicyPlan, key: mesh_common::PolicyKeyData) -> Option<PolicyValue> {
+    let port = u16::from_be(key.port_be);
     plan.policy
         .iter()
         .filter(|(k, _)| {
             let bits = k.prefixlen - POLICY_FIXED_PREFIX;
             let mask = u16::MAX.checked_shl(16 - bits).unwrap_or(0);
-            (k.subject, k.direction, k.peer, k.proto) == (subject, dir, peer, proto)
+            (k.subject, k.direction, k.peer, k.proto)
+                == (key.subject, key.direction, key.peer, key.proto)
                 && port & mask == u16::from_be(k.port_be) & mask
         })
         .max_by_key(|(k, _)| k.prefixlen)
         .map(|(_, v)| *v)
 }
 
-/// The datapath's decision order (see `mesh_common::policy`).
+/// The datapath's decision (`mesh_common::policy::policy_allows`) over the plan's entries.
 fn decide(plan: &PolicyPlan, subject: u32, dir: u8, peer: u32, proto: u8, port: u16) -> bool {
-    let isolated = lookup(plan, subject, dir, IDENTITY_ANY, 0, 0)
-        .is_some_and(|v| v.flags & POLICY_ISOLATED != 0);
-    if !isolated {
-        return true;
-    }
-    [
-        (peer, proto, port),
-        (peer, 0, 0),
-        (IDENTITY_ANY, proto, port),
-        (IDENTITY_ANY, 0, 0),
-    ]
-    .into_iter()
-    .any(|(peer, proto, port)| {
-        lookup(plan, subject, dir, peer, proto, port).is_some_and(|v| v.flags & POLICY_ALLOW != 0)
-    })
+    let lookup = |key| lookup(plan, key);
+    mesh_common::policy::policy_allows(lookup, subject, dir, peer, proto, port.to_be())
 }
 
 /// Whether `src` may reach `dst:port/proto`: egress of the source and ingress of the

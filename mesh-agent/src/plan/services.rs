@@ -8,9 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{Endpoint as SliceEndpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use mesh_common::service::{
-    BACKEND_ACTIVE, BACKEND_TERMINATING, BACKEND_UNHEALTHY, PROTO_TCP, PROTO_UDP,
-};
+use mesh_common::service::{BACKEND_ACTIVE, BACKEND_TERMINATING, BACKEND_UNHEALTHY, Protocol};
 
 use super::BackendAddr;
 use super::selector::LabelIndex;
@@ -116,9 +114,8 @@ pub(super) fn frontends(state: &State) -> (Vec<Frontend>, u64) {
         let mut ports = Vec::new();
         for port in svc.spec.iter().flat_map(|spec| spec.ports.iter().flatten()) {
             let proto_name = protocol(port.protocol.as_ref());
-            let proto = match proto_name {
-                "TCP" => PROTO_TCP,
-                "UDP" => PROTO_UDP,
+            let proto = match Protocol::from_name(proto_name) {
+                Some(p @ (Protocol::Tcp | Protocol::Udp)) => p as u8,
                 _ => {
                     tracing::warn!(service = %key, port = port.port, protocol = proto_name, "skipping port: protocol not supported");
                     continue;

@@ -952,7 +952,7 @@ fn probe_targets_skip_udp_and_active_pairs_list_every_slot() {
             .map(|(id, _)| *id)
             .expect("backend")
     };
-    let udp = |a: &str| BackendAddr::new(a.parse().expect("addr"), PROTO_UDP);
+    let udp = |a: &str| BackendAddr::new(a.parse().expect("addr"), Protocol::Udp as u8);
     let http = plan.frontends[0].id;
     let dns = plan.frontends[1].id;
     assert_eq!(
