@@ -338,33 +338,12 @@ pub fn plan(state: &State, prev: &Ids, ctx: &PlanContext<'_>) -> Result<(Plan, I
     let mut service_ids = IdAllocator::new(&prev.services, 1);
     let mut backend_ids = IdAllocator::new(&prev.backends, 1);
     let service_keys: BTreeSet<ServiceKey> = frontends.iter().map(|(f, _)| key(f)).collect();
-    let backend_keys: BTreeSet<BackendAddr> = frontends
-        .iter()
-        .flat_map(|(f, _)| f.backends.iter().map(|b| BackendAddr::new(b.addr, f.proto)))
-        .collect();
     for k in &service_keys {
         service_ids.id(k);
     }
-    for k in &backend_keys {
+    let states = backend_states(&frontends);
+    for k in states.keys() {
         backend_ids.id(k);
-    }
-
-    // The best state any frontend gives each backend.
-    let rank = |state| match state {
-        BACKEND_ACTIVE => 0,
-        BACKEND_TERMINATING => 1,
-        _ => 2,
-    };
-    let mut states: BTreeMap<BackendAddr, u8> = BTreeMap::new();
-    for (f, selection) in &frontends {
-        for (b, &state) in f.backends.iter().zip(&selection.states) {
-            let known = states
-                .entry(BackendAddr::new(b.addr, f.proto))
-                .or_insert(state);
-            if rank(state) < rank(*known) {
-                *known = state;
-            }
-        }
     }
 
     let mut plan = Plan {
@@ -449,6 +428,30 @@ pub fn plan(state: &State, prev: &Ids, ctx: &PlanContext<'_>) -> Result<(Plan, I
         backends: backend_ids.into_ids(),
     };
     Ok((plan, ids))
+}
+
+/// Every backend with the best state any frontend gives it: active, else terminating,
+/// else unhealthy.
+fn backend_states(
+    frontends: &[(services::Frontend, services::Selection)],
+) -> BTreeMap<BackendAddr, u8> {
+    let rank = |state| match state {
+        BACKEND_ACTIVE => 0,
+        BACKEND_TERMINATING => 1,
+        _ => 2,
+    };
+    let mut states: BTreeMap<BackendAddr, u8> = BTreeMap::new();
+    for (f, selection) in frontends {
+        for (b, &state) in f.backends.iter().zip(&selection.states) {
+            let known = states
+                .entry(BackendAddr::new(b.addr, f.proto))
+                .or_insert(state);
+            if rank(state) < rank(*known) {
+                *known = state;
+            }
+        }
+    }
+    states
 }
 
 /// Fails on the first Service whose entries would overflow a map: SERVICES holds a

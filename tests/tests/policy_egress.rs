@@ -262,7 +262,7 @@ fn namespace_and_pod_selector_in_one_peer_is_and_in_two_peers_or() -> Result<()>
 }
 
 #[test]
-fn ip_block_with_except_matches_only_addresses_that_are_not_pods() -> Result<()> {
+fn ip_block_with_except_matches_pod_and_other_addresses() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
@@ -274,14 +274,16 @@ fn ip_block_with_except_matches_only_addresses_that_are_not_pods() -> Result<()>
         host("n1", "host-a", "10.244.1.50", WEB),
         host("n1", "host-b", "10.244.1.51", WEB),
         host("n1", "host-out", "10.244.1.70", WEB),
-        // A Pod of the state whose address lies inside the ipBlock.
+        // Pods of the state whose addresses lie inside the ipBlock; they share labels
+        // (one identity) and the except cuts between them.
         pod("n1", "prod", "prod-inside", "10.244.1.52", "app: inside", WEB),
+        pod("n1", "prod", "prod-excepted", "10.244.1.53", "app: inside", WEB),
     ];
     let mut bed = Bed::new("peipblock", &["n1"], PODS)?;
     bed.anchor_idle_pods()?;
     let policy = client_egress_policy(
         "client-hosts",
-        "  - to: [{ipBlock: {cidr: 10.244.1.48/28, except: [10.244.1.51/32]}}]
+        "  - to: [{ipBlock: {cidr: 10.244.1.48/28, except: [10.244.1.51/32, 10.244.1.53/32]}}]
 ",
     );
     bed.state.write("pods.yaml", &bed.pods_yaml())?;
@@ -295,21 +297,32 @@ fn ip_block_with_except_matches_only_addresses_that_are_not_pods() -> Result<()>
         "EPERM",
     );
 
-    let probes: Vec<Probe> = ["host-a", "host-b", "host-out", "prod-inside"]
-        .into_iter()
-        .flat_map(|to| [(to, 9000, Tcp), (to, 9000, Udp)])
-        .collect();
+    let probes: Vec<Probe> = [
+        "host-a",
+        "host-b",
+        "host-out",
+        "prod-inside",
+        "prod-excepted",
+    ]
+    .into_iter()
+    .flat_map(|to| [(to, 9000, Tcp), (to, 9000, Udp)])
+    .collect();
     // host-a: in the CIDR, not excepted → allowed. host-b: excepted. host-out: outside
-    // the CIDR (world). prod-inside: its address lies in the CIDR, but a pod address
-    // always resolves to the pod's identity (longest-prefix match, the pod's /32 wins),
-    // and ipBlocks match only addresses that are not pods; the rule has no pod peer, so
-    // the pod is denied. These are Cilium's semantics; Kubernetes leaves the case of
-    // pod IPs inside an ipBlock implementation-defined ("ipBlock is meant for
-    // cluster-external IPs").
+    // the CIDR (world). prod-inside: a pod whose address lies in the CIDR is matched by
+    // it like any address (upstream e2e "should allow egress access to server in CIDR
+    // block"); prod-excepted shares its labels but its /32 is excepted (upstream
+    // "should enforce except clause while egress access to server in CIDR block").
     assert_eq!(
         bed.outcomes("prod-client", &probes),
-        allowed_to(&probes, &["host-a"]),
-        "ipBlock 10.244.1.48/28 except 10.244.1.51/32"
+        allowed_to(&probes, &["host-a", "prod-inside"]),
+        "ipBlock 10.244.1.48/28 except 10.244.1.51/32, 10.244.1.53/32"
+    );
+    // The except cut prod {app: inside} in two: the excepted address got a peer
+    // identity of its own, which `mesh-agent policy` reports.
+    let report = agent.policy(&["--pod", "prod/prod-client"])?;
+    assert!(
+        report.contains("ipBlocks over pod or node addresses: 1 identities split off"),
+        "{report}"
     );
     Ok(())
 }

@@ -89,8 +89,10 @@ fn ingress_reachability_matrix_follows_the_policies() -> Result<()> {
         host("n2", "host-in", "10.244.2.50", &[]),
         host("n2", "host-except", "10.244.2.51", &[]),
         host("n2", "host-out", "10.244.2.70", &[]),
-        // A Pod whose address lies inside the ipBlock: it is its pod identity.
+        // Pods whose addresses lie inside the ipBlock, sharing labels; the second one's
+        // address is excepted.
         pod("n2", "dev", "dev-inside", "10.244.2.52", "app: inside", &[]),
+        pod("n2", "dev", "dev-excepted", "10.244.2.53", "app: inside", &[]),
     ];
     let bed = bed("pimatrix", PODS)?;
     // (b) same-namespace pods on the named port "http": `{port: http}` means TCP, the
@@ -127,7 +129,7 @@ spec:
   podSelector: {{matchLabels: {{app: web}}}}
   policyTypes: [Ingress]
   ingress:
-  - from: [{{ipBlock: {{cidr: 10.244.2.48/28, except: [10.244.2.51/32]}}}}]
+  - from: [{{ipBlock: {{cidr: 10.244.2.48/28, except: [10.244.2.51/32, 10.244.2.53/32]}}}}]
     ports: [{{port: 8080}}]
 "
     );
@@ -155,6 +157,7 @@ spec:
         "host-except",
         "host-out",
         "dev-inside",
+        "dev-excepted",
     ];
     let expected = expect(
         &[
@@ -177,8 +180,10 @@ spec:
             ("host-in", &[("prod-web", 8080, Tcp)]),
             ("host-except", &[]),
             ("host-out", &[]),
-            // A pod address is its pod's identity, never a CIDR identity.
-            ("dev-inside", &[]),
+            // Pod addresses are matched by ipBlocks like any other (upstream e2e
+            // ingress ipBlock-with-except), across nodes: one in, its twin excepted.
+            ("dev-inside", &[("prod-web", 8080, Tcp)]),
+            ("dev-excepted", &[]),
         ],
         probes,
     );

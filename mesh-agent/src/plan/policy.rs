@@ -433,6 +433,50 @@ fn part_key(owner: &IdentityKey, within: &[Cidr]) -> IdentityKey {
     }
 }
 
+/// Allocates the ids of every identity the plan names, in key order (so that equal
+/// states give equal plans): ipBlock prefixes, owners, and owners' parts.
+fn allocate_in_key_order(
+    alloc: &mut IdAllocator<'_, IdentityKey>,
+    blocks: &Blocks,
+    owners: &[(IdentityKey, Parts)],
+    host_parts: &Parts,
+) {
+    let mut keys: BTreeSet<IdentityKey> = blocks
+        .prefixes()
+        .iter()
+        .map(|&p| IdentityKey::Cidr(p))
+        .collect();
+    for (owner, parts) in owners {
+        keys.insert(owner.clone());
+        keys.extend(parts.keys().skip(1).map(|within| part_key(owner, within)));
+    }
+    let host_keys = host_parts.keys().skip(1);
+    keys.extend(host_keys.map(|within| part_key(&IdentityKey::Host, within)));
+    for key in &keys {
+        alloc.id(key);
+    }
+}
+
+/// Peer identity → the pods with an address in it, and ipBlock prefix → the classes
+/// (indices) whose addresses lie in it.
+fn index_classes(classes: &[PeerClass]) -> (BTreeMap<u32, Vec<usize>>, BTreeMap<Cidr, Vec<usize>>) {
+    let mut class_pods: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    let mut classes_in: BTreeMap<Cidr, Vec<usize>> = BTreeMap::new();
+    for (ci, class) in classes.iter().enumerate() {
+        // A class lists each pod's addresses together.
+        for pod in class.addrs.iter().filter_map(|&(_, pod)| pod) {
+            let list = class_pods.entry(class.id).or_default();
+            if list.last() != Some(&pod) {
+                list.push(pod);
+            }
+        }
+        for &prefix in &class.within {
+            classes_in.entry(prefix).or_default().push(ci);
+        }
+    }
+    (class_pods, classes_in)
+}
+
 /// Turns an owner's parts into peer classes: the first keeps `owner_id`, every other
 /// gets its part identity. Returns the owner's peer identities.
 fn add_classes(
@@ -506,20 +550,7 @@ impl<'a> Identities<'a> {
             .collect();
         let host_parts = split(&blocks, ctx.node_addrs.iter().map(|&ip| (ip, None)));
 
-        let mut keys: BTreeSet<IdentityKey> = blocks
-            .prefixes()
-            .iter()
-            .map(|&p| IdentityKey::Cidr(p))
-            .collect();
-        for (owner, parts) in &owners {
-            keys.insert(owner.clone());
-            keys.extend(parts.keys().skip(1).map(|within| part_key(owner, within)));
-        }
-        let host_keys = host_parts.keys().skip(1);
-        keys.extend(host_keys.map(|within| part_key(&IdentityKey::Host, within)));
-        for key in &keys {
-            alloc.id(key);
-        }
+        allocate_in_key_order(alloc, &blocks, &owners, &host_parts);
 
         let mut classes = Vec::new();
         let groups: Vec<Group<'a>> = members
@@ -545,20 +576,7 @@ impl<'a> Identities<'a> {
             .iter()
             .map(|&p| (p, alloc.id(&IdentityKey::Cidr(p))))
             .collect();
-        let mut class_pods: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-        let mut classes_in: BTreeMap<Cidr, Vec<usize>> = BTreeMap::new();
-        for (ci, class) in classes.iter().enumerate() {
-            // A class lists each pod's addresses together.
-            for pod in class.addrs.iter().filter_map(|&(_, pod)| pod) {
-                let list = class_pods.entry(class.id).or_default();
-                if list.last() != Some(&pod) {
-                    list.push(pod);
-                }
-            }
-            for &prefix in &class.within {
-                classes_in.entry(prefix).or_default().push(ci);
-            }
-        }
+        let (class_pods, classes_in) = index_classes(&classes);
         let index = LabelIndex::new(groups.iter().map(|g| (g.namespace, g.labels)));
         let ns_labels = index
             .namespaces()
