@@ -12,6 +12,8 @@
 //!   `pod=NAMESPACE/NAME` (source or destination) filter.
 //! - `GET /v1/policy`: a [`PolicyReport`] as JSON: policies with the pods they select,
 //!   identities, and the local pods with their identities.
+//! - `GET /v1/status`: an [`AgentStatus`] as JSON: readiness (datapath attached) and
+//!   the reconcile record (states applied, errors, last outcome).
 //!
 //! `client` is the other end, for `mesh-agent observe` and `mesh-agent policy`.
 
@@ -49,7 +51,10 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::flows::{Flow, FlowFilter, FlowLog, SharedView, Verdict};
+use crate::{
+    flows::{Flow, FlowFilter, FlowLog, SharedView, Verdict},
+    telemetry::{AgentStatus, Telemetry},
+};
 
 /// Default parent of the per-node socket directories.
 pub const DEFAULT_RUN_DIR: &str = "/run/mesh";
@@ -217,9 +222,10 @@ impl AdminServer {
         self,
         view: SharedView,
         log: Arc<FlowLog>,
+        telemetry: Arc<Telemetry>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), AdminError> {
-        info!(component = "admin", path = %self.path.display(), "serving /v1/flows and /v1/policy");
+        info!(component = "admin", path = %self.path.display(), "serving /v1/flows, /v1/policy and /v1/status");
         let graceful = GracefulShutdown::new();
         let (stop_followers, stopping) = watch::channel(false);
         let mut shutdown = std::pin::pin!(shutdown);
@@ -238,14 +244,20 @@ impl AdminServer {
                     }
                 },
             };
-            let (view, log, stopping) = (view.clone(), log.clone(), stopping.clone());
+            let (view, log, telemetry, stopping) = (
+                view.clone(),
+                log.clone(),
+                telemetry.clone(),
+                stopping.clone(),
+            );
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(
                     TokioIo::new(stream),
                     service_fn(move |request| {
-                        handle(request, view.clone(), log.clone(), stopping.clone())
+                        let status = telemetry.status();
+                        handle(request, view.clone(), log.clone(), status, stopping.clone())
                     }),
                 );
             let connection = graceful.watch(connection);
@@ -405,6 +417,7 @@ async fn handle(
     request: Request<Incoming>,
     view: SharedView,
     log: Arc<FlowLog>,
+    status: AgentStatus,
     stopping: watch::Receiver<bool>,
 ) -> Result<Response<ApiBody>, Infallible> {
     let response = match (request.method(), request.uri().path()) {
@@ -431,10 +444,18 @@ async fn handle(
                 format!("{err}\n"),
             ),
         },
+        (&Method::GET, "/v1/status") => match serde_json::to_string(&status) {
+            Ok(body) => reply(StatusCode::OK, JSON, body + "\n"),
+            Err(err) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                PLAIN_TEXT,
+                format!("{err}\n"),
+            ),
+        },
         _ => reply(
             StatusCode::NOT_FOUND,
             PLAIN_TEXT,
-            "not found (GET /v1/flows, GET /v1/policy)\n".to_owned(),
+            "not found (GET /v1/flows, GET /v1/policy, GET /v1/status)\n".to_owned(),
         ),
     };
     Ok(response)

@@ -64,6 +64,10 @@ impl Peer {
     }
 }
 
+/// What a probe of one pair gave: its verdict (`Some(true)` reachable, `Some(false)`
+/// denied, `None` neither) and its outcome as probed.
+pub type Observation = (Option<bool>, String);
+
 /// The expected verdict of every ordered pair of peers.
 #[derive(Clone, Debug)]
 pub struct Reachability {
@@ -153,9 +157,8 @@ impl Reachability {
     /// Expected and observed grids side by side with the pairs that differ, upstream
     /// style: `.` reachable, `X` not, `?` an outcome that is neither (listed below the
     /// grids), `-` not judged; rows are clients, columns servers. `observed` gives the
-    /// verdict of each pair of [`Reachability::pairs`] (`None`: neither) and `raw` its
-    /// outcome as probed.
-    pub fn report(&self, observed: &dyn Fn(&str, &str) -> (Option<bool>, String)) -> String {
+    /// [`Observation`] of each pair of [`Reachability::pairs`].
+    pub fn report(&self, observed: &dyn Fn(&str, &str) -> Observation) -> String {
         let width = self.peers.iter().map(String::len).max().unwrap_or(1);
         let mut expected = String::new();
         let mut got = String::new();
