@@ -771,7 +771,8 @@ fn ten_thousand_services_apply_quickly_and_serve() -> Result<()> {
     // The load-time target (10 s) is measured by `cargo xtask bench lb` with the release
     // agent; a timed assertion here would test the build profile and the machine's load.
     let start = Instant::now();
-    // "datapath ready" follows the first apply, so start() returning means applied.
+    // The agent is ready only after its first reconcile (here an apply), so start()
+    // returning means applied.
     let agent = Agent::start(bed.node("n1"), bed.state.path())?;
     let elapsed = start.elapsed();
     assert_eq!(agent.applied_count(), 1, "{}", agent.log());
