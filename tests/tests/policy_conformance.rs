@@ -232,6 +232,7 @@ impl Conformance {
 
     fn check_via(&mut self, port: u16, mode: Mode, via: Via, want: &Reachability) {
         let what = format!("{} | {port}/{mode:?} via {via:?}", self.case);
+        let start = Instant::now();
         let pairs: Vec<(&str, &str, bool)> = want.pairs().collect();
         let dials: Vec<Dial> = pairs
             .iter()
@@ -266,7 +267,7 @@ impl Conformance {
             again = differs(&observed);
         }
         if again.is_empty() {
-            eprintln!("ok   {what}");
+            eprintln!("ok   {what} ({:?})", start.elapsed());
             return;
         }
         let by_pair: BTreeMap<(&str, &str), &str> = pairs
@@ -278,7 +279,7 @@ impl Conformance {
             let raw = by_pair[&(from, to)];
             (verdict(raw), raw.to_owned())
         });
-        eprintln!("FAIL {what}");
+        eprintln!("FAIL {what} ({:?})", start.elapsed());
         self.failures.push(format!("{what}\n{report}"));
     }
 }
