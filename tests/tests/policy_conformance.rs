@@ -313,6 +313,7 @@ const CASES: &[Case] = &[
         c.check(80, Tcp, &r);
         c.check(80, Udp, &r);
         c.check_services(80, Tcp, &r);
+        c.check_services(80, Udp, &r);
     }),
     ("should support a 'default-deny-all' policy", |c| {
         c.policies(&[np("x", "deny-all", &format!("{ALL_PODS}\n  policyTypes: [Ingress, Egress]"))]);
@@ -545,6 +546,7 @@ const CASES: &[Case] = &[
         r.expect_all_egress("x/a", false);
         c.check(80, Tcp, &r);
         c.check_services(80, Tcp, &r);
+        c.check_services(80, Udp, &r);
     }),
     ("should deny egress from all pods in a namespace", |c| {
         c.policies(&[np("x", "deny-egress-ns-x", &format!("{ALL_PODS}\n  policyTypes: [Egress]"))]);
