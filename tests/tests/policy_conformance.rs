@@ -714,6 +714,13 @@ const CASES: &[Case] = &[
         r.expect_all_ingress("x/a", false).expect("ext-in", "x/a", true);
         c.check(80, Tcp, &r);
         c.check(80, Udp, &r);
+        c.policies(&[np("x", "ingress-from-ext-ex", &format!("{POD_A}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{{ipBlock: {{cidr: {}}}}}]", host_cidr("ext-ex")))]);
+        let mut r = Reachability::new(PEERS_AND_HOSTS, true);
+        r.expect_all_ingress("x/a", false).expect("ext-ex", "x/a", true);
+        c.check(80, Tcp, &r);
     }),
     ("should enforce policies to check ingress and egress policies can be controlled independently based on PodSelector", |c| {
         let egress = np("x", "allow-egress-for-target", &format!("{POD_A}\n  policyTypes: [Egress]\n  egress: [{{}}]"));
