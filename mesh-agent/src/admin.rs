@@ -10,8 +10,11 @@
 //!   NDJSON, one [`Flow`] per line, oldest first. `follow=true` keeps the response open
 //!   (chunked) and streams each new flow as it comes; `verdict=dropped|audit` and
 //!   `pod=NAMESPACE/NAME` (source or destination) filter.
-//! - `GET /v1/policy`: a [`PolicyReport`](crate::report::PolicyReport) as JSON: policies with the pods they select,
-//!   identities, and the local pods with their identities.
+//! - `GET /v1/policy`: a [`PolicyReport`](crate::report::PolicyReport) as JSON:
+//!   policies with the pods they select, identities, and the local pods with their
+//!   identities.
+//! - `GET /v1/status`: an [`AgentStatus`] as JSON: readiness (datapath attached) and
+//!   the reconcile record (states applied, errors, last outcome).
 //!
 //! `client` is the other end, for `mesh-agent observe` and `mesh-agent policy`.
 
@@ -49,6 +52,7 @@ use tracing::{debug, info, warn};
 use crate::{
     flows::{FlowLog, SharedView},
     report::{Flow, FlowFilter, Verdict},
+    telemetry::{AgentStatus, Telemetry},
 };
 
 /// Default parent of the per-node socket directories.
@@ -164,9 +168,10 @@ impl AdminServer {
         self,
         view: SharedView,
         log: Arc<FlowLog>,
+        telemetry: Arc<Telemetry>,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), AdminError> {
-        info!(component = "admin", path = %self.path.display(), "serving /v1/flows and /v1/policy");
+        info!(component = "admin", path = %self.path.display(), "serving /v1/flows, /v1/policy and /v1/status");
         let graceful = GracefulShutdown::new();
         let (stop_followers, stopping) = watch::channel(false);
         let mut shutdown = std::pin::pin!(shutdown);
@@ -185,14 +190,20 @@ impl AdminServer {
                     }
                 },
             };
-            let (view, log, stopping) = (view.clone(), log.clone(), stopping.clone());
+            let (view, log, telemetry, stopping) = (
+                view.clone(),
+                log.clone(),
+                telemetry.clone(),
+                stopping.clone(),
+            );
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(
                     TokioIo::new(stream),
                     service_fn(move |request| {
-                        handle(request, view.clone(), log.clone(), stopping.clone())
+                        let status = telemetry.status();
+                        handle(request, view.clone(), log.clone(), status, stopping.clone())
                     }),
                 );
             let connection = graceful.watch(connection);
@@ -352,6 +363,7 @@ async fn handle(
     request: Request<Incoming>,
     view: SharedView,
     log: Arc<FlowLog>,
+    status: AgentStatus,
     stopping: watch::Receiver<bool>,
 ) -> Result<Response<ApiBody>, Infallible> {
     let response = match (request.method(), request.uri().path()) {
@@ -378,10 +390,18 @@ async fn handle(
                 format!("{err}\n"),
             ),
         },
+        (&Method::GET, "/v1/status") => match serde_json::to_string(&status) {
+            Ok(body) => reply(StatusCode::OK, JSON, body + "\n"),
+            Err(err) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                PLAIN_TEXT,
+                format!("{err}\n"),
+            ),
+        },
         _ => reply(
             StatusCode::NOT_FOUND,
             PLAIN_TEXT,
-            "not found (GET /v1/flows, GET /v1/policy)\n".to_owned(),
+            "not found (GET /v1/flows, GET /v1/policy, GET /v1/status)\n".to_owned(),
         ),
     };
     Ok(response)

@@ -110,9 +110,12 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
     let admin_server = admin::bind(&args.run_dir, &args.node)?;
     info!(path = %admin_server.path().display(), "serving the admin API");
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-    let admin_task = tokio::spawn(admin_server.run(view.clone(), flow_log, async {
-        let _ = admin_stopped.await;
-    }));
+    let admin_task =
+        tokio::spawn(
+            admin_server.run(view.clone(), flow_log, telemetry.clone(), async {
+                let _ = admin_stopped.await;
+            }),
+        );
 
     let maps = ReconcileMaps {
         services,
@@ -127,12 +130,13 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
         cgroup,
         maps,
         health,
-        telemetry,
+        telemetry.clone(),
         view,
     )?;
     // Program the maps before attaching, so the first call already sees the table.
     let mut outcome = reconciler.reload();
     datapath.attach(cgroup, args.sockmap)?;
+    telemetry.attached();
     info!(node = %args.node, cgroup = %cgroup.display(), "datapath ready");
 
     let mut rediscover = tokio::time::interval(REDISCOVER);

@@ -23,6 +23,7 @@ use mesh_common::{
     redirect::counter,
     service::{BackendState, Protocol},
 };
+use serde::{Deserialize, Serialize};
 
 use crate::{
     datapath::pins,
@@ -39,6 +40,24 @@ pub struct Telemetry {
     frontends: Mutex<Vec<FrontendInfo>>,
     reconcile_errors: AtomicU64,
     last_ok: AtomicBool,
+    applied: AtomicU64,
+    ready: AtomicBool,
+}
+
+/// `GET /v1/status` of the admin API: whether the agent is serving and what its
+/// reconcile loop did, for readiness checks (a harness waits for `ready`, then for
+/// `applied` to grow after it changed the state).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// The datapath is attached, with the first state already programmed (or rejected).
+    pub ready: bool,
+    /// States applied to the datapath since the agent started: one per successful
+    /// reconcile.
+    pub applied: u64,
+    /// States rejected by validation plus failed applies since the agent started.
+    pub reconcile_errors: u64,
+    /// Whether the most recent reconcile applied its state.
+    pub last_reconcile_ok: bool,
 }
 
 impl Telemetry {
@@ -49,6 +68,8 @@ impl Telemetry {
             frontends: Mutex::new(Vec::new()),
             reconcile_errors: AtomicU64::new(0),
             last_ok: AtomicBool::new(false),
+            applied: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
         }
     }
 
@@ -56,6 +77,22 @@ impl Telemetry {
     pub fn applied(&self, frontends: &[FrontendInfo]) {
         *self.frontends.lock().unwrap_or_else(|e| e.into_inner()) = frontends.to_vec();
         self.last_ok.store(true, Ordering::Relaxed);
+        self.applied.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records that the datapath is attached: the agent is ready.
+    pub fn attached(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// Readiness and the reconcile record.
+    pub fn status(&self) -> AgentStatus {
+        AgentStatus {
+            ready: self.ready.load(Ordering::Relaxed),
+            applied: self.applied.load(Ordering::Relaxed),
+            reconcile_errors: self.reconcile_errors.load(Ordering::Relaxed),
+            last_reconcile_ok: self.last_ok.load(Ordering::Relaxed),
+        }
     }
 
     /// Records a rejected state or a failed apply.

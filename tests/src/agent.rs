@@ -7,8 +7,9 @@
 
 use std::{
     fs::File,
-    io::{Read as _, Write as _},
+    io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -16,11 +17,15 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use serde::Deserialize;
 
 use crate::{ChildGuard, Node, agent_bin, eventually, sys};
 
 /// bpffs mount the agents use (the agent mounts it when missing).
 pub const BPFFS: &str = "/sys/fs/bpf";
+/// Where the agents' admin sockets live (`<dir>/<node>/agent.sock`, the agent's default
+/// `--run-dir`).
+pub const RUN_DIR: &str = "/run/mesh";
 
 /// Where every test agent serves /metrics: the loopback of its own node netns, so the
 /// agents of one cluster (and of parallel tests) never collide.
@@ -146,7 +151,7 @@ pub struct Agent {
 
 impl Agent {
     /// Starts `mesh-agent run` for `node` with `state` and waits until its datapath is
-    /// attached ("datapath ready" in its log).
+    /// attached (`ready` in its admin API's `GET /v1/status`).
     pub fn start(node: &Node, state: &Path) -> Result<Self> {
         Self::start_with(node, state, &[])
     }
@@ -192,7 +197,7 @@ impl Agent {
         };
         agent.child = Some(node.spawn_outside_cgroup(cmd)?);
         let ready = eventually(READY_TIMEOUT, || {
-            agent.log().contains("datapath ready") || agent.exited()
+            agent.admin_status().is_ok_and(|s| s.ready) || agent.exited()
         });
         if !ready || agent.exited() {
             bail!(
@@ -305,9 +310,19 @@ impl Agent {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Number of "state applied" lines in the log: grows by one per successful apply.
+    /// Number of states the agent applied: grows by one per successful apply (0 while
+    /// its admin API does not answer).
     pub fn applied_count(&self) -> usize {
-        self.log().matches("state applied").count()
+        self.admin_status()
+            .map_or(0, |s| usize::try_from(s.applied).unwrap_or(usize::MAX))
+    }
+
+    /// `GET /v1/status` of the agent's admin API (its Unix socket, reachable from any
+    /// netns): readiness and the reconcile record.
+    pub fn admin_status(&self) -> Result<AgentStatus> {
+        let socket = Path::new(RUN_DIR).join(&self.node_name).join("agent.sock");
+        let body = admin_get(&socket, "/v1/status")?;
+        serde_json::from_str(&body).with_context(|| format!("status JSON {body:?}"))
     }
 
     /// The agent's Prometheus exposition (`GET /metrics` on [`METRICS_ADDR`]), fetched
@@ -374,20 +389,47 @@ impl Drop for Agent {
     }
 }
 
+/// What `GET /v1/status` of the admin API answers (the agent's `AgentStatus`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct AgentStatus {
+    /// The datapath is attached, with the first state programmed (or rejected).
+    pub ready: bool,
+    /// States applied since the agent started.
+    pub applied: u64,
+    /// Rejected states plus failed applies since the agent started.
+    pub reconcile_errors: u64,
+    /// Whether the most recent reconcile applied its state.
+    pub last_reconcile_ok: bool,
+}
+
 /// A plain HTTP/1.1 GET with `Connection: close`; returns the body of a 200 response.
 fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, SCRAPE_TIMEOUT)
+    let stream = TcpStream::connect_timeout(&addr, SCRAPE_TIMEOUT)
         .with_context(|| format!("connect {addr}"))?;
     stream.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
     stream.set_write_timeout(Some(SCRAPE_TIMEOUT))?;
+    http_exchange(stream, &addr.to_string(), path)
+}
+
+/// [`http_get`] over the admin API's Unix socket `socket`.
+fn admin_get(socket: &Path, path: &str) -> Result<String> {
+    let stream =
+        UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
+    stream.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
+    stream.set_write_timeout(Some(SCRAPE_TIMEOUT))?;
+    http_exchange(stream, "agent", path)
+}
+
+/// Sends `GET <path>` on `stream` and returns the body of a 200 response.
+fn http_exchange(mut stream: impl Read + Write, host: &str, path: &str) -> Result<String> {
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = String::new();
     stream
         .read_to_string(&mut response)
-        .with_context(|| format!("read the response from {addr}"))?;
+        .with_context(|| format!("read the response from {host}"))?;
     let (head, body) = response
         .split_once("\r\n\r\n")
         .context("response without a header end")?;

@@ -33,6 +33,7 @@ mod binaries;
 mod cgroup;
 mod netns;
 mod process;
+pub mod reachability;
 pub mod scenario;
 mod sys;
 pub mod testpod;

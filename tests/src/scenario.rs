@@ -30,6 +30,7 @@ use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddr},
     process::{Command, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
@@ -298,6 +299,20 @@ impl Prober<'_> {
     }
 }
 
+/// One probe to an explicit address (a pod IP or a Service VIP), judged on the pod that
+/// must answer: see [`Bed::dial_all`].
+#[derive(Clone, Debug)]
+pub struct Dial {
+    /// Client pod.
+    pub from: String,
+    /// Destination address.
+    pub addr: SocketAddr,
+    /// How to talk to it.
+    pub mode: Mode,
+    /// The pod whose name the answer must carry (the backend behind a VIP).
+    pub backend: String,
+}
+
 /// A cluster whose pods serve their ports, their anchors, and a state directory.
 pub struct Bed {
     // Field order is drop order: processes and state before the cluster.
@@ -306,6 +321,7 @@ pub struct Bed {
     /// The agents' state directory.
     pub state: StateDir,
     pods: Vec<PodDef>,
+    namespaces: String,
     client_timeout: Option<Duration>,
     /// The test bed.
     pub cluster: Cluster,
@@ -334,9 +350,29 @@ impl Bed {
             _servers: servers,
             state: StateDir::new(prefix)?,
             pods: pods.to_vec(),
+            namespaces: NAMESPACES.to_owned(),
             client_timeout: None,
             cluster,
         })
+    }
+
+    /// Replaces the Namespaces [`Bed::pods_yaml`] writes ([`NAMESPACES`] by default),
+    /// e.g. to change a namespace's labels between two applies.
+    pub fn set_namespaces(&mut self, yaml: &str) {
+        yaml.clone_into(&mut self.namespaces);
+    }
+
+    /// Replaces the labels of pod `name` in what [`Bed::pods_yaml`] writes.
+    ///
+    /// # Panics
+    /// If the bed has no pod `name`.
+    pub fn relabel(&mut self, name: &str, labels: &'static str) {
+        let pod = self
+            .pods
+            .iter_mut()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in the bed"));
+        pod.labels = labels;
     }
 
     /// Bounds every step (connect, send, receive) of the probing clients by `timeout`,
@@ -368,10 +404,11 @@ impl Bed {
         self.cluster.pod(name).ip()
     }
 
-    /// The [`NAMESPACES`] and every Pod of the bed that is in the state, with one
-    /// container per protocol of its ports (port names are unique per container).
+    /// The Namespaces ([`NAMESPACES`] unless [set](Bed::set_namespaces)) and every Pod
+    /// of the bed that is in the state, with one container per protocol of its ports
+    /// (port names are unique per container).
     pub fn pods_yaml(&self) -> String {
-        let mut yaml = NAMESPACES.to_owned();
+        let mut yaml = self.namespaces.clone();
         for p in &self.pods {
             let Some(namespace) = p.namespace else {
                 continue;
@@ -446,6 +483,23 @@ status: {{podIP: {ip}}}
         Ok(())
     }
 
+    /// Writes `yaml` as `file` and waits until every one of `agents` has applied a new
+    /// state.
+    pub fn apply_all(&self, agents: &[&Agent], file: &str, yaml: &str) -> Result<()> {
+        let applied: Vec<usize> = agents.iter().map(|a| a.applied_count()).collect();
+        self.state.write(file, yaml)?;
+        for (agent, applied) in agents.iter().zip(applied) {
+            assert_eventually!(
+                agent.applied_count() > applied,
+                CONVERGE,
+                "agent {} did not re-apply after {file} changed:\n{}",
+                agent.pin_name(),
+                agent.log()
+            );
+        }
+        Ok(())
+    }
+
     fn prober(&self) -> Prober<'_> {
         Prober {
             cluster: &self.cluster,
@@ -500,6 +554,42 @@ status: {{podIP: {ip}}}
                 })
                 .collect()
         })
+    }
+
+    /// The [`outcome`] of `count` exchanges of every one of `dials`, in order. `workers`
+    /// dials run at a time, so that dropped probes cost their timeouts in parallel.
+    pub fn dial_all(&self, dials: &[Dial], count: u32, workers: usize) -> Vec<String> {
+        let prober = self.prober();
+        let next = AtomicUsize::new(0);
+        let mut outcomes = vec![String::new(); dials.len()];
+        let done: Vec<(usize, String)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers.clamp(1, dials.len().max(1)))
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut done = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(d) = dials.get(i) else {
+                                return done;
+                            };
+                            let o = match prober.dial(&d.from, d.addr, d.mode, count) {
+                                Ok(s) => outcome(&s, d.mode, count, &d.backend),
+                                Err(e) => format!("probe failed: {e:#}"),
+                            };
+                            done.push((i, o));
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("probe thread panicked"))
+                .collect()
+        });
+        for (i, o) in done {
+            outcomes[i] = o;
+        }
+        outcomes
     }
 
     /// Probes `from` → `probe` (`count` exchanges at a time) until the outcome is

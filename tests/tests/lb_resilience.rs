@@ -280,6 +280,7 @@ fn client_ip_affinity_holds_then_expires() -> Result<()> {
     // backends is free, the nine others all matching it happens with probability (1/3)^9.
     let mut seen = BTreeSet::new();
     for _ in 0..10 {
+        // The behaviour under test: the 1 s affinity timeout passing without traffic.
         std::thread::sleep(Duration::from_millis(1500));
         let one = bed.dial("client", VIP, 1)?;
         assert_eq!(one.ok, 1, "{one:?}");
@@ -615,7 +616,18 @@ fn agent_restart_and_exit_keep_the_datapath_serving() -> Result<()> {
     .args(["--count", "3000", "--json"])
     .stdout(Stdio::piped());
     let mut client = bed.cluster.pod("client").spawn(cmd)?;
-    std::thread::sleep(Duration::from_millis(200));
+    // The client is dialling (the datapath counts its connections) before the restart.
+    let web = r#"service="default/web""#;
+    assert_eventually!(
+        first.metrics().is_ok_and(|m| {
+            samples(&m, "mesh_lb_connections_total", &[web])
+                .iter()
+                .sum::<f64>()
+                > 0.0
+        }),
+        CONVERGE,
+        "the client's connections were never counted"
+    );
     let second =
         scenario::restart_under_load(first, bed.node("n1"), &bed.state, &keep, &mut client)?;
     // The same state over an adopted datapath: nothing to write, so no lookup can miss.
@@ -759,7 +771,8 @@ fn ten_thousand_services_apply_quickly_and_serve() -> Result<()> {
     // The load-time target (10 s) is measured by `cargo xtask bench lb` with the release
     // agent; a timed assertion here would test the build profile and the machine's load.
     let start = Instant::now();
-    // "datapath ready" follows the first apply, so start() returning means applied.
+    // The agent is ready only after its first reconcile (here an apply), so start()
+    // returning means applied.
     let agent = Agent::start(bed.node("n1"), bed.state.path())?;
     let elapsed = start.elapsed();
     assert_eq!(agent.applied_count(), 1, "{}", agent.log());

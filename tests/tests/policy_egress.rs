@@ -601,7 +601,9 @@ echo done"#,
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
     let mut client = bed.pod("prod-client").spawn(cmd)?;
-    std::thread::sleep(Duration::from_millis(300));
+    // The client is dialling (its first batch is done) before the restart begins.
+    let batch = |l: &str| l.starts_with('{');
+    let mut lines = vec![client.wait_for_stdout_line(CONVERGE, batch)?];
     let _second = scenario::restart_under_load(
         first,
         bed.cluster.node("n1"),
@@ -610,9 +612,11 @@ echo done"#,
         &mut client,
     )?;
     // A few more batches against the new agent, then stop.
-    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..3 {
+        lines.push(client.wait_for_stdout_line(CONVERGE, batch)?);
+    }
     drop(flag);
-    let lines = lines_until(&mut client, "done", Duration::from_secs(30))?;
+    lines.extend(lines_until(&mut client, "done", Duration::from_secs(30))?);
     let mut total = ConnectSummary::default();
     for line in &lines {
         let s: ConnectSummary =

@@ -676,10 +676,11 @@ fn agent_shutdown_mid_stream_loses_nothing() -> Result<()> {
     let client = bed.cluster.pod("client");
     let s = std::thread::scope(|scope| -> Result<StreamSummary> {
         let streaming = scope.spawn(|| testpod::stream(client, to, &opts));
-        std::thread::sleep(Duration::from_millis(200));
         // The stream is being redirected when the agent goes.
-        let redirected = counters(&agent)?.bytes;
-        ensure!(redirected > 0.0, "nothing redirected before the stop");
+        ensure!(
+            eventually(SETTLE, || counters(&agent).is_ok_and(|c| c.bytes > 0.0)),
+            "nothing redirected before the stop"
+        );
         let status = agent.stop()?;
         assert!(status.success(), "agent exit: {status}");
         streaming.join().expect("stream thread panicked")

@@ -32,7 +32,8 @@ async fn serves_flows_policy_and_follows_over_the_socket() {
     let log = Arc::new(FlowLog::default());
     let view = SharedView::default();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server.run(view, log.clone(), async {
+    let telemetry = Arc::new(crate::telemetry::Telemetry::new(dir.join("no-datapath")));
+    let task = tokio::spawn(server.run(view, log.clone(), telemetry.clone(), async {
         let _ = stopped.await;
     }));
     let sample = |time: &str| Flow {
@@ -68,6 +69,26 @@ async fn serves_flows_policy_and_follows_over_the_socket() {
         .expect("join")
         .expect("report");
     assert_eq!(report, PolicyReport::default());
+
+    // Readiness: not before the datapath is attached; every apply counted.
+    let status = |p: PathBuf| async move {
+        let body = tokio::task::spawn_blocking(move || get(&p, "/v1/status"))
+            .await
+            .expect("join");
+        serde_json::from_str::<AgentStatus>(&body).expect("status JSON")
+    };
+    assert_eq!(status(path.clone()).await, AgentStatus::default());
+    telemetry.applied(&[]);
+    telemetry.attached();
+    telemetry.failed();
+    telemetry.applied(&[]);
+    let want = AgentStatus {
+        ready: true,
+        applied: 2,
+        reconcile_errors: 1,
+        last_reconcile_ok: true,
+    };
+    assert_eq!(status(path.clone()).await, want);
 
     let p = path.clone();
     let follower = tokio::task::spawn_blocking(move || {
@@ -140,4 +161,20 @@ fn a_live_socket_is_not_taken_over() {
         drop(again);
     });
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The body of `GET <uri>` on the admin socket `socket` (the connection closed after it).
+fn get(socket: &Path, uri: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    write!(
+        s,
+        "GET {uri} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("read");
+    let (head, body) = response.split_once("\r\n\r\n").expect("header end");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
 }

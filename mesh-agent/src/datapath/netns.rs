@@ -243,10 +243,17 @@ pub(super) mod tests {
         }
     }
 
-    /// Whether the tests run as root; when not, `test` is reported as skipped.
+    /// Whether the tests run as root; when not, `test` is reported as skipped, except
+    /// under CI (`CI=true`), where a missing privilege must fail the run rather than
+    /// silently skip it (as `mesh_tests::require_root` does for the integration tests).
     fn is_root(test: &str) -> bool {
         let root = crate::sys::is_root();
         if !root {
+            let ci = std::env::var("CI").unwrap_or_default();
+            assert!(
+                !(ci.eq_ignore_ascii_case("true") || ci == "1"),
+                "{test} needs root, and CI={ci} forbids skipping it"
+            );
             eprintln!("skipping: {test} needs root");
         }
         root
