@@ -14,9 +14,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, PerCpuHashMap, RingBuf, SockHash,
-    },
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuHashMap, RingBuf, SockHash},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, Program, SkMsg, SockOps,
         links::{FdLink, PinnedLink},
@@ -26,7 +24,7 @@ use mesh_common::{
     Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, EndpointValue, IpcacheKey,
     IpcacheValue, LbMetricsKey, PolicyKey, PolicyKeyData, PolicyValue, ServiceKey, ServiceValue,
     SockKey,
-    maps::{self, programs},
+    maps::{self, Sizing, programs},
 };
 
 use super::{
@@ -51,50 +49,7 @@ pub type KernelPolicyMaps = PolicyMaps<
     KernelTrie<PolicyKey, PolicyValue>,
 >;
 
-/// Requested map sizes (entries). Maps adopted from an earlier agent keep their size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MapSizes {
-    /// SERVICES.
-    pub services: u32,
-    /// SVC_BACKENDS.
-    pub slots: u32,
-    /// BACKENDS.
-    pub backends: u32,
-    /// AFFINITY.
-    pub affinity: u32,
-    /// REV_NAT.
-    pub rev_nat: u32,
-    /// LB_METRICS.
-    pub metrics: u32,
-    /// ENDPOINTS.
-    pub endpoints: u32,
-    /// IPCACHE.
-    pub ipcache: u32,
-    /// POLICY.
-    pub policy: u32,
-    /// UDP_PEERS.
-    pub udp_peers: u32,
-    /// SOCKS.
-    pub socks: u32,
-}
-
-impl Default for MapSizes {
-    fn default() -> Self {
-        Self {
-            services: maps::SERVICES_CAPACITY,
-            slots: maps::SERVICE_BACKENDS_CAPACITY,
-            backends: maps::BACKENDS_CAPACITY,
-            affinity: maps::AFFINITY_CAPACITY,
-            rev_nat: maps::REV_NAT_CAPACITY,
-            metrics: maps::LB_METRICS_CAPACITY,
-            endpoints: maps::ENDPOINTS_CAPACITY,
-            ipcache: maps::IPCACHE_CAPACITY,
-            policy: maps::POLICY_CAPACITY,
-            udp_peers: maps::UDP_PEERS_CAPACITY,
-            socks: maps::SOCKS_CAPACITY,
-        }
-    }
-}
+pub use super::sizes::MapSizes;
 
 /// The maps the agent writes, taken out of the loaded object.
 pub struct DatapathMaps {
@@ -110,7 +65,7 @@ pub struct DatapathMaps {
     pub events: RingBuf<MapData>,
     /// CONFIG: datapath settings (policy audit mode).
     pub config: Array<MapData, u32>,
-    /// The real sizes (entries) of the maps, adopted ones included.
+    /// The real capacities of the maps, adopted ones included.
     pub sizes: MapSizes,
 }
 
@@ -139,20 +94,16 @@ impl Datapath {
             path: node_dir.clone(),
             source,
         })?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&node_dir)
-            .map_max_entries(maps::SERVICES, sizes.services)
-            .map_max_entries(maps::SERVICE_BACKENDS, sizes.slots)
-            .map_max_entries(maps::BACKENDS, sizes.backends)
-            .map_max_entries(maps::AFFINITY, sizes.affinity)
-            .map_max_entries(maps::REV_NAT, sizes.rev_nat)
-            .map_max_entries(maps::LB_METRICS, sizes.metrics)
-            .map_max_entries(maps::ENDPOINTS, sizes.endpoints)
-            .map_max_entries(maps::IPCACHE, sizes.ipcache)
-            .map_max_entries(maps::POLICY, sizes.policy)
-            .map_max_entries(maps::UDP_PEERS, sizes.udp_peers)
-            .map_max_entries(maps::SOCKS, sizes.socks)
-            .map_max_entries(maps::SOCK_PATHS, sizes.socks)
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&node_dir);
+        // Fixed maps keep the object's capacity; an adopted map keeps its own whatever
+        // is asked here (aya reuses a pin as it is).
+        for (spec, entries) in sizes.iter() {
+            if spec.sizing != Sizing::Fixed {
+                loader.map_max_entries(spec.name, entries);
+            }
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         for name in programs::SOCK_ADDR {
@@ -199,19 +150,7 @@ impl Datapath {
             open_map(&mut self.ebpf, maps::POLICY)?;
         let events: RingBuf<_> = open_map(&mut self.ebpf, maps::EVENTS)?;
         let config: Array<_, u32> = open_map(&mut self.ebpf, maps::CONFIG)?;
-        let sizes = MapSizes {
-            services: max_entries(services.map(), maps::SERVICES)?,
-            slots: max_entries(slots.map(), maps::SERVICE_BACKENDS)?,
-            backends: max_entries(backends.map(), maps::BACKENDS)?,
-            affinity: max_entries(affinity.map(), maps::AFFINITY)?,
-            rev_nat: pinned_max_entries(&self.node_dir, maps::REV_NAT)?,
-            metrics: max_entries(metrics.map(), maps::LB_METRICS)?,
-            endpoints: max_entries(endpoints.map(), maps::ENDPOINTS)?,
-            ipcache: max_entries(ipcache.map(), maps::IPCACHE)?,
-            policy: max_entries(policy.map(), maps::POLICY)?,
-            udp_peers: pinned_max_entries(&self.node_dir, maps::UDP_PEERS)?,
-            socks: pinned_max_entries(&self.node_dir, maps::SOCKS)?,
-        };
+        let sizes = pinned_sizes(&self.node_dir)?;
         Ok(DatapathMaps {
             services: ServiceMaps {
                 services: KernelMap::new(maps::SERVICES, services),
@@ -353,7 +292,7 @@ impl Datapath {
             .copied()
             .chain(sockops)
             .flat_map(|p| [p.to_string(), format!("{p}_link")])
-            .chain(maps::ALL.iter().map(|m| m.to_string()))
+            .chain(maps::REGISTRY.iter().map(|m| m.name.to_string()))
             .collect();
         for name in pins::entries(&self.node_dir)? {
             if !ours.contains(&name) {
@@ -466,21 +405,22 @@ fn open_map<T: TryFrom<Map, Error = aya::maps::MapError>>(
     })
 }
 
-fn max_entries(map: &MapData, name: &'static str) -> Result<u32, DatapathError> {
-    map.info()
-        .map(|i| i.max_entries())
-        .map_err(|e| DatapathError::Map {
+/// The capacities of the maps pinned in `node_dir`: what this agent created, or what an
+/// earlier one did.
+fn pinned_sizes(node_dir: &Path) -> Result<MapSizes, DatapathError> {
+    let mut sizes = MapSizes::default();
+    for spec in &maps::REGISTRY {
+        let name = spec.name;
+        let map_error = |e| DatapathError::Map {
             name,
             source: Box::new(e),
-        })
-}
-
-fn pinned_max_entries(node_dir: &Path, name: &'static str) -> Result<u32, DatapathError> {
-    let map = MapData::from_pin(node_dir.join(name)).map_err(|e| DatapathError::Map {
-        name,
-        source: Box::new(e),
-    })?;
-    max_entries(&map, name)
+        };
+        let info = MapData::from_pin(node_dir.join(name))
+            .and_then(|map| map.info())
+            .map_err(map_error)?;
+        sizes.set(name, info.max_entries());
+    }
+    Ok(sizes)
 }
 
 fn remove_if_exists(path: &Path) -> Result<(), DatapathError> {
