@@ -434,3 +434,76 @@ fn remove_if_exists(path: &Path) -> Result<(), DatapathError> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use aya_obj::{EbpfSectionKind, Object};
+    use mesh_common::maps::REGISTRY;
+
+    use super::OBJECT;
+
+    /// The eBPF object defines exactly the registry's maps, each with the registry's kind,
+    /// key and value sizes, capacity and flags. Parses the ELF only: no root needed.
+    #[test]
+    fn the_object_defines_the_registry_maps() {
+        if OBJECT.is_empty() {
+            // Built with AYA_BUILD_SKIP: there is no object to check.
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "no eBPF object embedded (AYA_BUILD_SKIP) under CI"
+            );
+            eprintln!("skipped: no eBPF object embedded (AYA_BUILD_SKIP)");
+            return;
+        }
+        let object = Object::parse(OBJECT).expect("the embedded eBPF object parses");
+        let defined: BTreeMap<&str, _> = object
+            .maps
+            .iter()
+            .filter(|(_, m)| {
+                matches!(
+                    m.section_kind(),
+                    EbpfSectionKind::Maps | EbpfSectionKind::BtfMaps
+                )
+            })
+            .map(|(name, m)| {
+                let def = (
+                    m.map_type(),
+                    m.key_size(),
+                    m.value_size(),
+                    m.max_entries(),
+                    m.map_flags(),
+                );
+                (name.as_str(), def)
+            })
+            .collect();
+        let registry: BTreeMap<&str, _> = REGISTRY
+            .iter()
+            .map(|s| {
+                let def = (
+                    s.kind.bpf_type(),
+                    s.key_size,
+                    s.value_size,
+                    s.capacity,
+                    s.flags,
+                );
+                (s.name, def)
+            })
+            .collect();
+        for (name, def) in &defined {
+            assert_eq!(
+                registry.get(name),
+                Some(def),
+                "map {name} of the eBPF object (type, key size, value size, capacity, \
+                 flags) differs from the registry"
+            );
+        }
+        for name in registry.keys() {
+            assert!(
+                defined.contains_key(name),
+                "registry map {name} is not defined by the eBPF object"
+            );
+        }
+    }
+}
