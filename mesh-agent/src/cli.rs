@@ -510,8 +510,77 @@ fn validate(path: &std::path::Path) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::{Cli, Command, node_name, pod_name};
-    use clap::Parser as _;
+    use super::{Cli, Command, MapSizeArgs, REGISTRY, Sizing, node_name, pod_name, sizes};
+    use clap::{CommandFactory as _, Parser as _};
+
+    fn run_args(extra: &[&str]) -> Result<MapSizeArgs, clap::Error> {
+        let args = ["mesh-agent", "run", "--node", "n1", "--state", "s.yaml"];
+        match Cli::try_parse_from(args.iter().chain(extra))?.command {
+            Command::Run(run) => Ok(run.map_sizes),
+            _ => unreachable!("parsed as run"),
+        }
+    }
+
+    #[test]
+    fn every_resizable_map_of_the_registry_has_its_flag() {
+        let mut cli = Cli::command();
+        let help = cli
+            .find_subcommand_mut("run")
+            .expect("run")
+            .render_long_help()
+            .to_string();
+        for spec in &REGISTRY {
+            match spec.sizing.flag() {
+                Some(flag) => {
+                    let line = help
+                        .lines()
+                        .find(|l| l.contains(&format!("--{flag} <ENTRIES>")))
+                        .unwrap_or_else(|| panic!("--{flag} missing:\n{help}"));
+                    let text = help
+                        .split(&format!("--{flag} <ENTRIES>"))
+                        .nth(1)
+                        .and_then(|rest| rest.split("--map-size").next())
+                        .unwrap_or_default();
+                    assert!(
+                        text.contains(spec.name),
+                        "{flag} does not name {}: {line}",
+                        spec.name
+                    );
+                }
+                None => assert_eq!(spec.sizing, Sizing::Fixed),
+            }
+        }
+        assert!(help.contains("--map-size-ratio <FRACTION>"), "{help}");
+    }
+
+    #[test]
+    fn map_size_flags_are_explicit_capacities_and_the_ratio_a_fraction() {
+        let defaults = run_args(&[]).expect("parse");
+        assert_eq!(defaults.ratio, sizes::DEFAULT_RATIO);
+        assert!(defaults.explicit.is_empty());
+        let set = run_args(&[
+            "--map-size-services",
+            "100",
+            "--map-size-socks",
+            "2048",
+            "--map-size-ratio",
+            "0",
+        ])
+        .expect("parse");
+        assert_eq!(set.ratio, 0.0);
+        assert_eq!(
+            set.explicit.into_iter().collect::<Vec<_>>(),
+            [("map-size-services", 100), ("map-size-socks", 2048)]
+        );
+        for bad in [
+            &["--map-size-ratio", "1.5"][..],
+            &["--map-size-ratio", "-0.1"],
+            &["--map-size-services", "0"],
+            &["--map-size-config", "4"],
+        ] {
+            assert!(run_args(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn sockmap_is_opt_in() {
