@@ -213,7 +213,7 @@ impl MapSizeArgs {
         tracing::info!(
             node_memory_mib = memory >> 20,
             ratio,
-            preallocated_mib = sizes.preallocated_bytes() >> 20,
+            per_connection_maps_mib = sizes.per_connection_bytes() >> 20,
             "map sizes chosen"
         );
         sizes
@@ -297,15 +297,18 @@ impl clap::Args for MapSizeArgs {
                 sizes::DEFAULT_RATIO
             ))
             .long_help(format!(
-                "Fraction of the node's memory (MemTotal) the per-connection maps (LRU, \
-                 preallocated whole by the kernel: AFFINITY, REV_NAT, UDP_PEERS, SOCKS with \
-                 SOCK_PATHS) may take together, as Cilium's bpf-map-dynamic-size-ratio; \
+                "Fraction of the node's memory (MemTotal) the per-connection maps \
+                 (AFFINITY, REV_NAT, UDP_PEERS, SOCK_PATHS: LRU maps, which the kernel \
+                 preallocates whole; SOCKS, sized with SOCK_PATHS) may take together, as Cilium's bpf-map-dynamic-size-ratio; \
                  each gets a share in proportion to its ceiling, between its floor and \
-                 that ceiling (see their flags). 0 gives them their ceilings. The maps \
-                 filled from the cluster state are not preallocated: they take memory as \
-                 Services, backends, pods and policies arrive. Default footprint: {} \
-                 [default: {}]",
-                FOOTPRINT,
+                 that ceiling (see their flags); 0 gives them their ceilings. The maps \
+                 filled from the cluster state are not preallocated: they cost their hash \
+                 buckets (about 12 MiB at the default capacities) and then grow with the \
+                 Services, backends, pods and policies. Default footprint of an empty \
+                 node: 62 MiB with 24 GiB of memory (the per-connection maps at their \
+                 ceilings), 21 MiB with 4 GiB, 15 MiB with 1 GiB or less (at their \
+                 floors); 10,000 Services of 10 backends add about 17 MiB. \
+                 `mesh-agent status` shows every map's capacity and memory [default: {}]",
                 sizes::DEFAULT_RATIO
             ));
         size_flags()
@@ -326,10 +329,6 @@ impl clap::Args for MapSizeArgs {
         Self::augment_args(cmd)
     }
 }
-
-/// The default footprint, for `run --help` (measured as the README's map capacity
-/// section tells).
-const FOOTPRINT: &str = "TBD";
 
 /// `--verdict` values.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]

@@ -4,7 +4,9 @@
 //! Pins make the datapath outlive the agent: with `--keep-datapath` (or after SIGKILL)
 //! the programs stay attached and keep translating with the last maps; the next agent
 //! reuses the pinned maps and swaps in its programs link by link, each new link attached
-//! before the old one is released, so no call goes untranslated in between.
+//! before the old one is released, so no call goes untranslated in between. Adopted
+//! maps keep their capacity and flags; every map's kind, sizes, capacity and flags come
+//! from the registry (`mesh_common::maps::REGISTRY`).
 
 use std::{
     collections::BTreeSet,
@@ -406,7 +408,10 @@ fn open_map<T: TryFrom<Map, Error = aya::maps::MapError>>(
 }
 
 /// The capacities of the maps pinned in `node_dir`: what this agent created, or what an
-/// earlier one did.
+/// earlier one did. An adopted map also keeps its creation flags: aya reuses a pin as it
+/// is, and the programs work alike on a preallocated map or not, so an upgrade keeps
+/// serving (and keeps its affinity and reverse-translation state) instead of renaming
+/// the maps; the smaller footprint comes with the next fresh datapath.
 fn pinned_sizes(node_dir: &Path) -> Result<MapSizes, DatapathError> {
     let mut sizes = MapSizes::default();
     for spec in &maps::REGISTRY {
@@ -418,6 +423,15 @@ fn pinned_sizes(node_dir: &Path) -> Result<MapSizes, DatapathError> {
         let info = MapData::from_pin(node_dir.join(name))
             .and_then(|map| map.info())
             .map_err(map_error)?;
+        if info.map_flags() != spec.flags {
+            tracing::warn!(
+                map = name,
+                flags = info.map_flags(),
+                registry_flags = spec.flags,
+                "map adopted with the flags of an earlier version (e.g. preallocated); \
+                 `mesh-agent uninstall` and a restart recreate it"
+            );
+        }
         sizes.set(name, info.max_entries());
     }
     Ok(sizes)

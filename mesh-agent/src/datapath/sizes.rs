@@ -12,15 +12,15 @@
 
 use std::collections::BTreeMap;
 
-use mesh_common::maps::{self, MapKind, MapSpec, NO_PREALLOC, REGISTRY, Sizing};
+use mesh_common::maps::{self, MapSpec, REGISTRY, Sizing};
 
 use crate::plan::{Capacities, policy::PolicyCapacities};
 
 /// Cilium's default `bpf-map-dynamic-size-ratio`: 0.25 % of the node's memory.
 pub const DEFAULT_RATIO: f64 = 0.0025;
 
-/// Capacities are rounded down to a multiple of this (whole pages of entries; the
-/// numbers stay readable in `status`).
+/// Capacities from node memory are rounded down to a multiple of this, so that `status`
+/// shows round numbers.
 const GRANULE: u32 = 1024;
 
 /// Capacity (entries; bytes for a ring buffer) of every map of the registry.
@@ -109,29 +109,25 @@ impl MapSizes {
         REGISTRY.iter().zip(self.entries.iter().copied())
     }
 
-    /// Estimated kernel memory of the maps charged in full at creation (preallocated
-    /// hash maps, arrays, the ring buffer), in bytes; the others grow with their entries.
-    pub fn preallocated_bytes(&self) -> u64 {
+    /// Estimated kernel memory of the maps sized by node memory, in bytes: what
+    /// `--map-size-ratio` budgets.
+    pub fn per_connection_bytes(&self) -> u64 {
         self.iter()
-            .filter(|(spec, _)| spec.flags & NO_PREALLOC == 0)
+            .filter(|(spec, _)| matches!(spec.sizing, Sizing::NodeMemory { .. }))
             .map(|(spec, n)| u64::from(n) * entry_bytes(spec))
             .sum()
     }
 }
 
-/// Estimated kernel bytes per entry of a preallocated map, after the kernel's
-/// `htab_map_mem_usage`: a hash element (48-byte header, key and value each rounded up
-/// to 8 bytes) and its 16-byte bucket (a power-of-two count, so one per entry at the
-/// registry's capacities). A sockhash allocates its elements with the sockets, but its
-/// entries are counted alike so that SOCKS and SOCK_PATHS, which hold the same sockets,
-/// weigh alike. Array slots and ring-buffer bytes cost their size.
+/// Estimated kernel bytes per entry of a map sized by node memory (all hash maps), after
+/// the kernel's `htab_map_mem_usage` for a preallocated one: a hash element (48-byte
+/// header, key and value each rounded up to 8 bytes) and its 16-byte bucket (a
+/// power-of-two count, so one per entry at the registry's capacities). A sockhash
+/// allocates its elements with the sockets, but is counted alike, so that SOCKS and
+/// SOCK_PATHS, which hold the same sockets, weigh alike.
 fn entry_bytes(spec: &MapSpec) -> u64 {
     let round8 = |n: u32| u64::from(n.div_ceil(8) * 8);
-    match spec.kind {
-        MapKind::RingBuf => 1,
-        MapKind::Array | MapKind::PerCpuArray => round8(spec.value_size),
-        _ => 48 + 16 + round8(spec.key_size) + round8(spec.value_size),
-    }
+    48 + 16 + round8(spec.key_size) + round8(spec.value_size)
 }
 
 /// The node's memory (`MemTotal` of /proc/meminfo), in bytes.
@@ -203,14 +199,7 @@ mod tests {
                     spec.name
                 );
             }
-            let fixed_bytes = |s: &MapSizes| {
-                s.iter()
-                    .filter(|(spec, _)| !matches!(spec.sizing, Sizing::NodeMemory { .. }))
-                    .filter(|(spec, _)| spec.flags & NO_PREALLOC == 0)
-                    .map(|(spec, n)| u64::from(n) * entry_bytes(spec))
-                    .sum::<u64>()
-            };
-            let dynamic = sizes.preallocated_bytes() - fixed_bytes(&sizes);
+            let dynamic = sizes.per_connection_bytes();
             let floor: u64 = node_memory_maps()
                 .map(|(spec, min)| u64::from(min) * entry_bytes(spec))
                 .sum();
