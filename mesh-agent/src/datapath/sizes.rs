@@ -194,7 +194,7 @@ mod tests {
             for (spec, min) in node_memory_maps() {
                 let n = sizes.get(spec.name);
                 assert!(
-                    (min..=spec.capacity).contains(&n) && n % GRANULE == 0,
+                    (min..=spec.capacity).contains(&n) && n.is_multiple_of(GRANULE),
                     "{}: {n} at {memory} bytes",
                     spec.name
                 );
