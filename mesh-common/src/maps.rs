@@ -303,11 +303,21 @@ const fn str_eq(a: &str, b: &str) -> bool {
     true
 }
 
-// Every name once, and maps sharing a flag share their capacity (the agent gives them
-// one size).
+// Every name once; maps sharing a flag share their capacity (the agent gives them one
+// size); the kernel's rules on preallocation (an LRU map always preallocates, an LPM
+// trie never does); a floor below its ceiling.
 const _: () = {
     let mut i = 0;
     while i < REGISTRY.len() {
+        let spec = REGISTRY[i];
+        match spec.kind {
+            MapKind::LruHash => assert!(spec.flags & NO_PREALLOC == 0),
+            MapKind::LpmTrie => assert!(spec.flags & NO_PREALLOC != 0),
+            _ => {}
+        }
+        if let Sizing::NodeMemory { min, .. } = spec.sizing {
+            assert!(min <= spec.capacity);
+        }
         let mut j = i + 1;
         while j < REGISTRY.len() {
             assert!(!str_eq(REGISTRY[i].name, REGISTRY[j].name));
