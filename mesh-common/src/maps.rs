@@ -126,8 +126,8 @@ pub enum Sizing {
     /// so a generous capacity costs only its hash buckets until entries arrive.
     Flag(&'static str),
     /// `--<flag>` entries; by default a share of `--map-size-ratio` of the node's memory,
-    /// between `min` and [`MapSpec::capacity`]. For traffic-driven LRU maps, which the
-    /// kernel preallocates whole.
+    /// between `min` and [`MapSpec::capacity`]. For the maps of per-connection state,
+    /// LRU maps the kernel preallocates whole (and SOCKS, sized with SOCK_PATHS).
     NodeMemory {
         /// The command-line flag, without its leading dashes.
         flag: &'static str,
@@ -164,12 +164,17 @@ pub struct MapSpec {
     pub flags: u32,
     /// How the agent sizes it.
     pub sizing: Sizing,
-    /// What one entry stands for (command-line help, documentation).
+    /// What one entry stands for (command-line help); for a ring buffer, its bytes.
     pub purpose: &'static str,
 }
 
 impl MapSpec {
-    const fn new<K, V>(name: &'static str, kind: MapKind, capacity: u32) -> Self {
+    const fn new<K, V>(
+        name: &'static str,
+        kind: MapKind,
+        capacity: u32,
+        purpose: &'static str,
+    ) -> Self {
         let flags = match kind {
             // Entries arrive with the cluster's objects (written by the agent, read by
             // the programs): no reason to pay for all of them up front. Lookups cost
@@ -185,16 +190,12 @@ impl MapSpec {
             capacity,
             flags,
             sizing: Sizing::Fixed,
-            purpose: "",
+            purpose,
         }
     }
 
-    const fn sized(self, sizing: Sizing, purpose: &'static str) -> Self {
-        Self {
-            sizing,
-            purpose,
-            ..self
-        }
+    const fn sized(self, sizing: Sizing) -> Self {
+        Self { sizing, ..self }
     }
 
     const fn preallocated(self) -> Self {
@@ -204,75 +205,128 @@ impl MapSpec {
 
 /// Every map of the datapath.
 pub const REGISTRY: [MapSpec; 16] = [
-    MapSpec::new::<ServiceKey, ServiceValue>(SERVICES, MapKind::Hash, 65_536).sized(
-        Sizing::Flag("map-size-services"),
+    MapSpec::new::<ServiceKey, ServiceValue>(
+        SERVICES,
+        MapKind::Hash,
+        65_536,
         "frontends plus one entry per cluster IP",
-    ),
-    MapSpec::new::<BackendSlotKey, u32>(SERVICE_BACKENDS, MapKind::Hash, 262_144).sized(
-        Sizing::Flag("map-size-backend-slots"),
+    )
+    .sized(Sizing::Flag("map-size-services")),
+    MapSpec::new::<BackendSlotKey, u32>(
+        SERVICE_BACKENDS,
+        MapKind::Hash,
+        262_144,
         "the sum of all frontends' backend counts",
-    ),
-    MapSpec::new::<u32, Backend>(BACKENDS, MapKind::Hash, 131_072).sized(
-        Sizing::Flag("map-size-backends"),
+    )
+    .sized(Sizing::Flag("map-size-backend-slots")),
+    MapSpec::new::<u32, Backend>(
+        BACKENDS,
+        MapKind::Hash,
+        131_072,
         "distinct backend address/port/protocol triples",
-    ),
-    MapSpec::new::<AffinityKey, AffinityValue>(AFFINITY, MapKind::LruHash, 65_536).sized(
-        Sizing::NodeMemory {
-            flag: "map-size-affinity",
-            min: 4_096,
-        },
+    )
+    .sized(Sizing::Flag("map-size-backends")),
+    MapSpec::new::<AffinityKey, AffinityValue>(
+        AFFINITY,
+        MapKind::LruHash,
+        65_536,
         "client/service pairs remembered for session affinity (LRU)",
-    ),
-    MapSpec::new::<RevNatKey, RevNatValue>(REV_NAT, MapKind::LruHash, 262_144).sized(
-        Sizing::NodeMemory {
-            flag: "map-size-rev-nat",
-            min: 16_384,
-        },
+    )
+    .sized(Sizing::NodeMemory {
+        flag: "map-size-affinity",
+        min: 4_096,
+    }),
+    MapSpec::new::<RevNatKey, RevNatValue>(
+        REV_NAT,
+        MapKind::LruHash,
+        262_144,
         "translated sockets remembered for getpeername/recvmsg (LRU)",
-    ),
-    MapSpec::new::<LbMetricsKey, u64>(LB_METRICS, MapKind::PerCpuHash, 262_144).sized(
-        Sizing::Flag("map-size-metrics"),
+    )
+    .sized(Sizing::NodeMemory {
+        flag: "map-size-rev-nat",
+        min: 16_384,
+    }),
+    MapSpec::new::<LbMetricsKey, u64>(
+        LB_METRICS,
+        MapKind::PerCpuHash,
+        262_144,
         "(service, backend) connection counters plus one refusal counter per service",
-    ),
-    MapSpec::new::<u64, EndpointValue>(ENDPOINTS, MapKind::Hash, 4_096)
-        .sized(Sizing::Flag("map-size-endpoints"), "pods on this node"),
-    MapSpec::new::<IpcacheKey, IpcacheValue>(IPCACHE, MapKind::LpmTrie, 262_144).sized(
-        Sizing::Flag("map-size-ipcache"),
+    )
+    .sized(Sizing::Flag("map-size-metrics")),
+    MapSpec::new::<u64, EndpointValue>(ENDPOINTS, MapKind::Hash, 4_096, "pods on this node")
+        .sized(Sizing::Flag("map-size-endpoints")),
+    MapSpec::new::<IpcacheKey, IpcacheValue>(
+        IPCACHE,
+        MapKind::LpmTrie,
+        262_144,
         "pod addresses and policy CIDRs, cluster-wide",
-    ),
-    MapSpec::new::<PolicyKey, PolicyValue>(POLICY, MapKind::LpmTrie, 65_536).sized(
-        Sizing::Flag("map-size-policy"),
+    )
+    .sized(Sizing::Flag("map-size-ipcache")),
+    MapSpec::new::<PolicyKey, PolicyValue>(
+        POLICY,
+        MapKind::LpmTrie,
+        65_536,
         "compiled policy entries of this node's pods",
+    )
+    .sized(Sizing::Flag("map-size-policy")),
+    // A ring buffer's size is a power of two (of pages).
+    MapSpec::new::<(), ()>(
+        EVENTS,
+        MapKind::RingBuf,
+        256 * 1024,
+        "bytes of flow events: 4,096 events of 64 bytes",
     ),
-    // 4,096 events of 64 bytes; a ring buffer's size is a power of two.
-    MapSpec::new::<(), ()>(EVENTS, MapKind::RingBuf, 256 * 1024),
-    MapSpec::new::<u32, u32>(CONFIG, MapKind::Array, config::LEN),
-    // (direction, verdict, reason) triples: a few dozen at most, so preallocating them
-    // spares the hot path an allocation.
-    MapSpec::new::<VerdictKey, u64>(POLICY_METRICS, MapKind::PerCpuHash, 64).preallocated(),
-    MapSpec::new::<RevNatKey, u8>(UDP_PEERS, MapKind::LruHash, 65_536).sized(
-        Sizing::NodeMemory {
-            flag: "map-size-udp-peers",
-            min: 4_096,
-        },
+    MapSpec::new::<u32, u32>(
+        CONFIG,
+        MapKind::Array,
+        config::LEN,
+        "datapath settings, by `event::config` index",
+    ),
+    // A few dozen triples at most: preallocating them spares the hot path an allocation.
+    MapSpec::new::<VerdictKey, u64>(
+        POLICY_METRICS,
+        MapKind::PerCpuHash,
+        64,
+        "(direction, verdict, reason) counters",
+    )
+    .preallocated(),
+    MapSpec::new::<RevNatKey, u8>(
+        UDP_PEERS,
+        MapKind::LruHash,
+        65_536,
         "peers local UDP sockets sent to, whose replies pass ingress policy (LRU)",
-    ),
+    )
+    .sized(Sizing::NodeMemory {
+        flag: "map-size-udp-peers",
+        min: 4_096,
+    }),
     // SOCKS and SOCK_PATHS hold the same sockets: one flag sizes both.
-    MapSpec::new::<SockKey, u32>(SOCKS, MapKind::SockHash, 65_536).sized(
-        Sizing::NodeMemory {
-            flag: "map-size-socks",
-            min: 4_096,
-        },
+    MapSpec::new::<SockKey, u32>(
+        SOCKS,
+        MapKind::SockHash,
+        65_536,
         "established same-node sockets redirected by sockmap",
-    ),
-    MapSpec::new::<SockKey, u32>(SOCK_PATHS, MapKind::LruHash, 65_536).sized(
-        Sizing::NodeMemory {
-            flag: "map-size-socks",
-            min: 4_096,
-        },
+    )
+    .sized(Sizing::NodeMemory {
+        flag: "map-size-socks",
+        min: 4_096,
+    }),
+    MapSpec::new::<SockKey, u32>(
+        SOCK_PATHS,
+        MapKind::LruHash,
+        65_536,
         "established same-node sockets redirected by sockmap",
+    )
+    .sized(Sizing::NodeMemory {
+        flag: "map-size-socks",
+        min: 4_096,
+    }),
+    MapSpec::new::<u32, u64>(
+        SOCKMAP_METRICS,
+        MapKind::PerCpuArray,
+        counter::LEN,
+        "sockmap counters, by `redirect::counter` index",
     ),
-    MapSpec::new::<u32, u64>(SOCKMAP_METRICS, MapKind::PerCpuArray, counter::LEN),
 ];
 
 /// The registry entry of map `name`; a name not in the registry fails compilation when
@@ -305,7 +359,7 @@ const fn str_eq(a: &str, b: &str) -> bool {
 
 // Every name once; maps sharing a flag share their capacity (the agent gives them one
 // size); the kernel's rules on preallocation (an LRU map always preallocates, an LPM
-// trie never does); a floor below its ceiling.
+// trie never does); maps sized by a flag not preallocated; a floor below its ceiling.
 const _: () = {
     let mut i = 0;
     while i < REGISTRY.len() {
@@ -315,8 +369,11 @@ const _: () = {
             MapKind::LpmTrie => assert!(spec.flags & NO_PREALLOC != 0),
             _ => {}
         }
-        if let Sizing::NodeMemory { min, .. } = spec.sizing {
-            assert!(min <= spec.capacity);
+        match spec.sizing {
+            // A generous capacity costs a flag-sized map only its buckets.
+            Sizing::Flag(_) => assert!(spec.flags & NO_PREALLOC != 0),
+            Sizing::NodeMemory { min, .. } => assert!(min <= spec.capacity),
+            Sizing::Fixed => {}
         }
         let mut j = i + 1;
         while j < REGISTRY.len() {
