@@ -299,9 +299,10 @@ impl clap::Args for MapSizeArgs {
             .long_help(format!(
                 "Fraction of the node's memory (MemTotal) the per-connection maps \
                  (AFFINITY, REV_NAT, UDP_PEERS, SOCK_PATHS: LRU maps, which the kernel \
-                 preallocates whole; SOCKS, sized with SOCK_PATHS) may take together, as Cilium's bpf-map-dynamic-size-ratio; \
-                 each gets a share in proportion to its ceiling, between its floor and \
-                 that ceiling (see their flags); 0 gives them their ceilings. The maps \
+                 preallocates whole; SOCKS, sized with SOCK_PATHS) may take together, as \
+                 Cilium's bpf-map-dynamic-size-ratio; each gets a share in proportion to \
+                 its ceiling, between its floor and that ceiling (see their flags); 0 \
+                 gives them their ceilings. The maps \
                  filled from the cluster state are not preallocated: they cost their hash \
                  buckets (about 12 MiB at the default capacities) and then grow with the \
                  Services, backends, pods and policies. Default footprint of an empty \
