@@ -1,14 +1,20 @@
 //! Command line: `run`, `validate`, `services`, `observe`, `policy`, `uninstall`.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    collections::BTreeMap, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use mesh_common::maps::{MapSpec, REGISTRY, Sizing};
 
 use crate::{
     admin::{self, FlowQuery, client},
     app,
-    datapath::{self, loader::MapSizes},
+    datapath::{
+        self,
+        sizes::{self, MapSizes},
+    },
     health::HealthConfig,
     metrics::SnapshotSource as _,
     report::{FlowFilter, Verdict},
@@ -184,61 +190,150 @@ impl RunArgs {
     }
 }
 
-/// Map capacities (entries). They apply when the maps are created; a datapath adopted
-/// from an earlier agent keeps its sizes until `uninstall`.
-#[derive(Debug, clap::Args)]
+/// `--map-size-ratio`.
+const RATIO_FLAG: &str = "map-size-ratio";
+
+/// Map capacities: `--map-size-ratio` and one `--map-size-*` flag per resizable map of
+/// the registry ([`mesh_common::maps::REGISTRY`]). They apply when the maps are created;
+/// a datapath adopted from an earlier agent keeps its capacities until `uninstall`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct MapSizeArgs {
-    /// SERVICES: frontends plus one entry per cluster IP.
-    #[arg(long, default_value_t = MapSizes::default().services, value_parser = clap::value_parser!(u32).range(1..))]
-    pub map_size_services: u32,
-    /// SVC_BACKENDS: the sum of all frontends' backend counts.
-    #[arg(long, default_value_t = MapSizes::default().slots, value_parser = clap::value_parser!(u32).range(1..))]
-    pub map_size_backend_slots: u32,
-    /// BACKENDS: distinct backend address/port/protocol triples.
-    #[arg(long, default_value_t = MapSizes::default().backends, value_parser = clap::value_parser!(u32).range(1..))]
-    pub map_size_backends: u32,
-    /// AFFINITY: client/service pairs remembered (LRU).
-    #[arg(long, default_value_t = MapSizes::default().affinity, value_parser = clap::value_parser!(u32).range(1..))]
-    pub map_size_affinity: u32,
-    /// REV_NAT: translated sockets remembered for getpeername/recvmsg (LRU).
-    #[arg(long, default_value_t = MapSizes::default().rev_nat, value_parser = clap::value_parser!(u32).range(1..))]
-    pub map_size_rev_nat: u32,
-    /// LB_METRICS: per-backend connection counters.
-    #[arg(long, default_value_t = MapSizes::default().metrics, value_parser = clap::value_parser!(u32).range(1..))]
-    pub map_size_metrics: u32,
-    /// ENDPOINTS: pods on this node.
-    #[arg(long, default_value_t = MapSizes::default().endpoints, value_parser = clap::value_parser!(u32).range(1..))]
-    pub map_size_endpoints: u32,
-    /// IPCACHE: pod addresses and policy CIDRs, cluster-wide.
-    #[arg(long, default_value_t = MapSizes::default().ipcache, value_parser = clap::value_parser!(u32).range(1..))]
-    pub map_size_ipcache: u32,
-    /// POLICY: compiled policy entries of this node's pods.
-    #[arg(long, default_value_t = MapSizes::default().policy, value_parser = clap::value_parser!(u32).range(1..))]
-    pub map_size_policy: u32,
-    /// UDP_PEERS: peers local UDP sockets sent to, whose replies pass ingress policy (LRU).
-    #[arg(long, default_value_t = MapSizes::default().udp_peers, value_parser = clap::value_parser!(u32).range(1..))]
-    pub map_size_udp_peers: u32,
-    /// SOCKS: established same-node sockets redirected by sockmap.
-    #[arg(long, default_value_t = MapSizes::default().socks, value_parser = clap::value_parser!(u32).range(1..))]
-    pub map_size_socks: u32,
+    /// Fraction of the node's memory the maps sized by node memory may take together.
+    pub ratio: f64,
+    /// Capacities given on the command line, by flag (without its dashes).
+    pub explicit: BTreeMap<&'static str, u32>,
 }
 
 impl MapSizeArgs {
-    /// The requested sizes.
+    /// The capacities to create the maps with on this node. When the node's memory
+    /// cannot be read, the maps sized by it get their ceilings.
     pub fn sizes(&self) -> MapSizes {
-        MapSizes {
-            services: self.map_size_services,
-            slots: self.map_size_backend_slots,
-            backends: self.map_size_backends,
-            affinity: self.map_size_affinity,
-            rev_nat: self.map_size_rev_nat,
-            metrics: self.map_size_metrics,
-            endpoints: self.map_size_endpoints,
-            ipcache: self.map_size_ipcache,
-            policy: self.map_size_policy,
-            udp_peers: self.map_size_udp_peers,
-            socks: self.map_size_socks,
+        let (memory, ratio) = match sizes::node_memory() {
+            Ok(memory) => (memory, self.ratio),
+            Err(err) => {
+                tracing::warn!(%err, "node memory unknown: per-connection maps get their ceilings");
+                (0, 0.0)
+            }
+        };
+        let sizes = MapSizes::for_node(memory, ratio, &self.explicit);
+        tracing::info!(
+            node_memory_mib = memory >> 20,
+            ratio,
+            per_connection_maps_mib = sizes.per_connection_bytes() >> 20,
+            "map sizes chosen"
+        );
+        sizes
+    }
+}
+
+/// The `--map-size-*` flags, in registry order, each with the maps it sizes.
+fn size_flags() -> Vec<(&'static str, Vec<&'static MapSpec>)> {
+    let mut flags: Vec<(&'static str, Vec<&'static MapSpec>)> = Vec::new();
+    for spec in &REGISTRY {
+        let Some(flag) = spec.sizing.flag() else {
+            continue;
+        };
+        match flags.iter_mut().find(|(f, _)| *f == flag) {
+            Some((_, specs)) => specs.push(spec),
+            None => flags.push((flag, vec![spec])),
         }
+    }
+    flags
+}
+
+/// `--help` of one `--map-size-*` flag: the maps, what an entry is, the default.
+fn size_flag_help(specs: &[&MapSpec]) -> String {
+    let names: Vec<&str> = specs.iter().map(|s| s.name).collect();
+    let Some(spec) = specs.first() else {
+        return String::new();
+    };
+    let default = match spec.sizing {
+        Sizing::NodeMemory { min, .. } => {
+            format!("from --{RATIO_FLAG}, {min} to {}", spec.capacity)
+        }
+        Sizing::Fixed | Sizing::Flag(_) => spec.capacity.to_string(),
+    };
+    format!(
+        "{}: {} [default: {default}]",
+        names.join(", "),
+        spec.purpose
+    )
+}
+
+fn ratio(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{value:?}: use a fraction from 0 to 1")),
+    }
+}
+
+impl clap::FromArgMatches for MapSizeArgs {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut args = Self {
+            ratio: sizes::DEFAULT_RATIO,
+            explicit: BTreeMap::new(),
+        };
+        args.update_from_arg_matches(matches)?;
+        Ok(args)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        if let Some(&ratio) = matches.get_one::<f64>(RATIO_FLAG) {
+            self.ratio = ratio;
+        }
+        for (flag, _) in size_flags() {
+            if let Some(&entries) = matches.get_one::<u32>(flag) {
+                self.explicit.insert(flag, entries);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl clap::Args for MapSizeArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        const HEADING: &str = "Map sizes";
+        let ratio = clap::Arg::new(RATIO_FLAG)
+            .long(RATIO_FLAG)
+            .value_name("FRACTION")
+            .value_parser(ratio)
+            .help_heading(HEADING)
+            .help(format!(
+                "Fraction of the node's memory the per-connection maps may take [default: {}]",
+                sizes::DEFAULT_RATIO
+            ))
+            .long_help(format!(
+                "Fraction of the node's memory (MemTotal) the per-connection maps \
+                 (AFFINITY, REV_NAT, UDP_PEERS, SOCK_PATHS: LRU maps, which the kernel \
+                 preallocates whole; SOCKS, sized with SOCK_PATHS) may take together, as \
+                 Cilium's bpf-map-dynamic-size-ratio; each gets a share in proportion to \
+                 its ceiling, between its floor and that ceiling (see their flags); 0 \
+                 gives them their ceilings. The maps \
+                 filled from the cluster state are not preallocated: they cost their hash \
+                 buckets (about 12 MiB at the default capacities) and then grow with the \
+                 Services, backends, pods and policies. Default footprint of an empty \
+                 node: 62 MiB with 24 GiB of memory (the per-connection maps at their \
+                 ceilings), 21 MiB with 4 GiB, 15 MiB with 1 GiB or less (at their \
+                 floors); 10,000 Services of 10 backends add about 17 MiB. \
+                 `mesh-agent status` shows every map's capacity and memory [default: {}]",
+                sizes::DEFAULT_RATIO
+            ));
+        size_flags()
+            .into_iter()
+            .fold(cmd.arg(ratio), |cmd, (flag, specs)| {
+                cmd.arg(
+                    clap::Arg::new(flag)
+                        .long(flag)
+                        .value_name("ENTRIES")
+                        .value_parser(clap::value_parser!(u32).range(1..))
+                        .help_heading(HEADING)
+                        .help(size_flag_help(&specs)),
+                )
+            })
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
     }
 }
 
@@ -443,8 +538,77 @@ fn validate(path: &std::path::Path, node: &str) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::{Cli, Command, node_name, pod_name};
-    use clap::Parser as _;
+    use super::{Cli, Command, MapSizeArgs, REGISTRY, Sizing, node_name, pod_name, sizes};
+    use clap::{CommandFactory as _, Parser as _};
+
+    fn run_args(extra: &[&str]) -> Result<MapSizeArgs, clap::Error> {
+        let args = ["mesh-agent", "run", "--node", "n1", "--state", "s.yaml"];
+        match Cli::try_parse_from(args.iter().chain(extra))?.command {
+            Command::Run(run) => Ok(run.map_sizes),
+            _ => unreachable!("parsed as run"),
+        }
+    }
+
+    #[test]
+    fn every_resizable_map_of_the_registry_has_its_flag() {
+        let mut cli = Cli::command();
+        let help = cli
+            .find_subcommand_mut("run")
+            .expect("run")
+            .render_long_help()
+            .to_string();
+        for spec in &REGISTRY {
+            match spec.sizing.flag() {
+                Some(flag) => {
+                    let line = help
+                        .lines()
+                        .find(|l| l.contains(&format!("--{flag} <ENTRIES>")))
+                        .unwrap_or_else(|| panic!("--{flag} missing:\n{help}"));
+                    let text = help
+                        .split(&format!("--{flag} <ENTRIES>"))
+                        .nth(1)
+                        .and_then(|rest| rest.split("--map-size").next())
+                        .unwrap_or_default();
+                    assert!(
+                        text.contains(spec.name),
+                        "{flag} does not name {}: {line}",
+                        spec.name
+                    );
+                }
+                None => assert_eq!(spec.sizing, Sizing::Fixed),
+            }
+        }
+        assert!(help.contains("--map-size-ratio <FRACTION>"), "{help}");
+    }
+
+    #[test]
+    fn map_size_flags_are_explicit_capacities_and_the_ratio_a_fraction() {
+        let defaults = run_args(&[]).expect("parse");
+        assert_eq!(defaults.ratio, sizes::DEFAULT_RATIO);
+        assert!(defaults.explicit.is_empty());
+        let set = run_args(&[
+            "--map-size-services",
+            "100",
+            "--map-size-socks",
+            "2048",
+            "--map-size-ratio",
+            "0",
+        ])
+        .expect("parse");
+        assert_eq!(set.ratio, 0.0);
+        assert_eq!(
+            set.explicit.into_iter().collect::<Vec<_>>(),
+            [("map-size-services", 100), ("map-size-socks", 2048)]
+        );
+        for bad in [
+            &["--map-size-ratio", "1.5"][..],
+            &["--map-size-ratio", "-0.1"],
+            &["--map-size-services", "0"],
+            &["--map-size-config", "4"],
+        ] {
+            assert!(run_args(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn sockmap_is_opt_in() {

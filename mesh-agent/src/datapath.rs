@@ -8,6 +8,7 @@ pub mod loader;
 pub mod mounts;
 pub mod netns;
 pub mod pins;
+pub mod sizes;
 pub mod sockdestroy;
 pub mod sync;
 

@@ -57,9 +57,9 @@ impl Default for Capacities {
     /// The default map sizes of [`mesh_common::maps`].
     fn default() -> Self {
         Self {
-            services: maps::SERVICES_CAPACITY,
-            slots: maps::SERVICE_BACKENDS_CAPACITY,
-            backends: maps::BACKENDS_CAPACITY,
+            services: maps::spec(maps::SERVICES).capacity,
+            slots: maps::spec(maps::SERVICE_BACKENDS).capacity,
+            backends: maps::spec(maps::BACKENDS).capacity,
         }
     }
 }

@@ -94,16 +94,8 @@ impl Reconciler {
         view: SharedView,
     ) -> Result<Self, crate::datapath::sync::SyncError> {
         let ids = maps.services.ids()?;
-        let capacities = Capacities {
-            services: maps.sizes.services,
-            slots: maps.sizes.slots,
-            backends: maps.sizes.backends,
-        };
-        let policy_capacities = PolicyCapacities {
-            endpoints: maps.sizes.endpoints,
-            ipcache: maps.sizes.ipcache,
-            policy: maps.sizes.policy,
-        };
+        let capacities = maps.sizes.capacities();
+        let policy_capacities = maps.sizes.policy_capacities();
         Ok(Self {
             state_path: state_path.into(),
             node: node.into(),

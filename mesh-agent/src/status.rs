@@ -1,8 +1,11 @@
 //! `mesh-agent status`: one node's datapath at a glance, read from its pins (so it works
 //! with or without a running agent): attached programs, same-node socket redirection,
-//! policy verdicts and map fill levels.
+//! policy verdicts and the fill level, capacity and kernel memory of every map of the
+//! registry.
 
 use std::fmt::Write as _;
+
+use mesh_common::maps::REGISTRY;
 
 use crate::metrics::Snapshot;
 
@@ -46,16 +49,27 @@ fn write_report(out: &mut String, node: &str, s: &Snapshot) -> std::fmt::Result 
             v.direction, v.verdict, v.reason, v.count
         )?;
     }
-    writeln!(out, "maps:")?;
+    let total: u64 = s.maps.iter().map(|m| m.memory_bytes).sum();
     writeln!(
         out,
-        "  {:<22} {:>10} {:>10} {:>12}",
-        "NAME", "ENTRIES", "CAPACITY", "MEMORY"
+        "maps: {}, {:.1} MiB of kernel memory",
+        s.maps.len(),
+        total as f64 / f64::from(1 << 20)
+    )?;
+    writeln!(
+        out,
+        "  {:<22} {:<12} {:>10} {:>10} {:>12}",
+        "NAME", "KIND", "ENTRIES", "CAPACITY", "MEMORY"
     )?;
     for m in &s.maps {
+        // Arrays and the ring buffer report their capacity as entries (a fixed fill).
+        let kind = REGISTRY
+            .iter()
+            .find(|spec| spec.name == m.name)
+            .map_or("-", |spec| spec.kind.name());
         writeln!(
             out,
-            "  {:<22} {:>10} {:>10} {:>12}",
+            "  {:<22} {kind:<12} {:>10} {:>10} {:>12}",
             m.name, m.entries, m.capacity, m.memory_bytes
         )?;
     }
@@ -74,12 +88,20 @@ mod tests {
                 ("mesh_connect4".into(), true),
                 ("mesh_sockops".into(), false),
             ],
-            maps: vec![MapFill {
-                name: "SOCKS_V1".into(),
-                entries: 4,
-                capacity: 65_536,
-                memory_bytes: 1_048_576,
-            }],
+            maps: vec![
+                MapFill {
+                    name: "SOCKS_V1".into(),
+                    entries: 4,
+                    capacity: 65_536,
+                    memory_bytes: 1_048_576,
+                },
+                MapFill {
+                    name: "EVENTS_V1".into(),
+                    entries: 262_144,
+                    capacity: 262_144,
+                    memory_bytes: 1_048_576,
+                },
+            ],
             sockmap: SockmapCounters {
                 enabled: false,
                 sockets: 4,
@@ -100,15 +122,14 @@ mod tests {
             "  redirected         7 messages, 9000 bytes",
             "  via TCP/IP stack   2 messages",
             "  none",
+            "maps: 2, 2.0 MiB of kernel memory",
+            "  SOCKS_V1               sockhash              4      65536      1048576",
+            "  EVENTS_V1              ringbuf          262144     262144      1048576",
         ] {
             assert!(
                 text.lines().any(|l| l == want),
                 "missing {want:?} in:\n{text}"
             );
         }
-        assert!(
-            text.contains("SOCKS_V1") && text.contains("65536"),
-            "{text}"
-        );
     }
 }

@@ -12,11 +12,9 @@ use std::{
     },
 };
 
-use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, SockHash};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use mesh_common::{
-    Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, EndpointValue, IpcacheValue,
-    LbMetricsKey, PolicyKeyData, PolicyValue, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
-    SockKey,
+    LbMetricsKey,
     event::{Reason, Verdict, VerdictKey},
     maps::{self, programs},
     policy::Direction,
@@ -157,47 +155,53 @@ impl Telemetry {
         }
     }
 
-    fn map_fill(&self, name: &'static str) -> Option<MapFill> {
-        let data = MapData::from_pin(self.node_dir.join(name)).ok()?;
-        let info = data.info().ok()?;
+    /// Fill level of the registry's map at `index`; `None` when it cannot be read (no
+    /// datapath yet).
+    fn map_fill(&self, index: usize) -> Option<MapFill> {
+        let spec = maps::REGISTRY.get(index)?;
+        let data = MapData::from_pin(self.node_dir.join(spec.name)).ok()?;
+        let capacity = data.info().ok()?.max_entries();
         let memory_bytes = memlock(&data).unwrap_or(0);
-        // Counting walks the keys: O(entries), acceptable at scrape intervals.
-        let entries = match name {
-            maps::SERVICES => count::<ServiceKey, ServiceValue>(Map::HashMap(data)),
-            maps::SERVICE_BACKENDS => count::<BackendSlotKey, u32>(Map::HashMap(data)),
-            maps::BACKENDS => count::<u32, Backend>(Map::HashMap(data)),
-            maps::AFFINITY => count::<AffinityKey, AffinityValue>(Map::LruHashMap(data)),
-            maps::REV_NAT => count::<RevNatKey, RevNatValue>(Map::LruHashMap(data)),
-            maps::ENDPOINTS => count::<u64, EndpointValue>(Map::HashMap(data)),
-            maps::IPCACHE => LpmTrie::<_, Addr, IpcacheValue>::try_from(Map::LpmTrie(data))
-                .ok()
-                .map(|m| m.keys().count()),
-            maps::POLICY => LpmTrie::<_, PolicyKeyData, PolicyValue>::try_from(Map::LpmTrie(data))
-                .ok()
-                .map(|m| m.keys().count()),
-            maps::SOCKS => SockHash::<_, SockKey>::try_from(Map::SockHash(data))
-                .ok()
-                .map(|m| m.keys().count()),
-            maps::SOCK_PATHS => count::<SockKey, u32>(Map::LruHashMap(data)),
-            maps::SOCKMAP_METRICS => Some(counter::LEN as usize),
-            _ => PerCpuHashMap::<_, LbMetricsKey, u64>::try_from(Map::PerCpuHashMap(data))
-                .ok()
-                .map(|m| m.keys().count()),
-        }?;
+        let entries = if spec.kind.fixed_fill() {
+            // Every index of an array exists from creation, and a ring buffer is all
+            // reserved: both report their capacity (slots, bytes) as their fill.
+            capacity as usize
+        } else {
+            KEY_COUNTERS.get(index)?(data)?
+        };
         Some(MapFill {
-            name: name.to_owned(),
+            name: spec.name.to_owned(),
             entries: entries as u64,
-            capacity: u64::from(info.max_entries()),
+            capacity: u64::from(capacity),
             memory_bytes,
         })
     }
 }
 
-fn count<K: aya::Pod, V: aya::Pod>(map: Map) -> Option<usize> {
-    HashMap::<_, K, V>::try_from(map)
+/// Counts the keys of a map whose keys are `K` bytes and values `V` bytes long, by
+/// walking them (O(entries), acceptable at scrape intervals). The walk only asks the
+/// kernel for the next key, which works alike for every keyed kind (hash, LRU, per-CPU,
+/// LPM trie, sockhash), so aya's plain hash-map view serves them all; it checks both
+/// sizes against the kernel's before any key is copied.
+fn count_keys<const K: usize, const V: usize>(data: MapData) -> Option<usize> {
+    HashMap::<_, [u8; K], [u8; V]>::try_from(Map::HashMap(data))
         .ok()
         .map(|m| m.keys().count())
 }
+
+/// [`count_keys`] for every entry of the registry, with that map's key and value sizes
+/// (known per entry at compile time; a registry entry without a counter here does not
+/// build).
+macro_rules! key_counters {
+    ($($i:literal)*) => {
+        [$(count_keys::<
+            { maps::REGISTRY[$i].key_size as usize },
+            { maps::REGISTRY[$i].value_size as usize },
+        >),*]
+    };
+}
+const KEY_COUNTERS: [fn(MapData) -> Option<usize>; maps::REGISTRY.len()] =
+    key_counters!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
 
 /// Locked memory of a map, from /proc/self/fdinfo (what `bpftool map show` reports).
 fn memlock(map: &MapData) -> Option<u64> {
@@ -226,7 +230,9 @@ impl SnapshotSource for Telemetry {
     fn snapshot(&self) -> Snapshot {
         let counters: BTreeMap<LbMetricsKey, u64> =
             self.per_cpu_totals(maps::LB_METRICS).into_iter().collect();
-        let fills: Vec<MapFill> = maps::ALL.iter().filter_map(|m| self.map_fill(m)).collect();
+        let fills: Vec<MapFill> = (0..maps::REGISTRY.len())
+            .filter_map(|i| self.map_fill(i))
+            .collect();
         let count = |service_id, backend_id| {
             counters
                 .get(&LbMetricsKey {

@@ -1,8 +1,21 @@
-//! Map names and capacities: the contract between the kernel programs, the agent and
-//! anyone reading `<bpffs>/mesh/<node>/` with bpftool.
+//! The map registry: every map of the datapath, described once. The contract between the
+//! kernel programs, the agent and anyone reading `<bpffs>/mesh/<node>/` with bpftool.
 //!
-//! A name is also the file name of the map's pin. A layout change bumps the suffix.
-//! Capacities are defaults: the agent can size the maps at load time.
+//! A name is also the file name of the map's pin; a layout change bumps its suffix. The
+//! kernel programs take each map's capacity and flags from [`REGISTRY`] (see
+//! [`spec`]); the agent drives from it the map sizes it loads with (`--map-size-*`),
+//! the planner's capacity checks, and the fill levels of `status` and `/metrics`. A unit
+//! test of the agent checks the built eBPF object against this table.
+
+use core::mem::size_of;
+
+use crate::{
+    AffinityKey, AffinityValue, Backend, BackendSlotKey, EndpointValue, IpcacheKey, IpcacheValue,
+    LbMetricsKey, PolicyKey, PolicyValue, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
+    SockKey,
+    event::{VerdictKey, config},
+    redirect::counter,
+};
 
 /// Frontends (VIP, port, protocol) → service id, backend count, affinity.
 pub const SERVICES: &str = "SERVICES_V2";
@@ -42,54 +55,337 @@ pub const SOCK_PATHS: &str = "SOCK_PATHS_V1";
 /// Per-CPU sockmap counters (array, indexes in `redirect::counter`).
 pub const SOCKMAP_METRICS: &str = "SOCKMAP_METRICS_V1";
 
-/// Every map, for pinning, cleanup and status.
-pub const ALL: [&str; 16] = [
-    SERVICES,
-    SERVICE_BACKENDS,
-    BACKENDS,
-    AFFINITY,
-    REV_NAT,
-    LB_METRICS,
-    ENDPOINTS,
-    IPCACHE,
-    POLICY,
-    EVENTS,
-    CONFIG,
-    POLICY_METRICS,
-    UDP_PEERS,
-    SOCKS,
-    SOCK_PATHS,
-    SOCKMAP_METRICS,
+/// `BPF_F_NO_PREALLOC` (uapi `linux/bpf.h`): the kernel allocates a hash map's entries
+/// when they are inserted instead of all of them at creation. LPM tries always carry it;
+/// LRU maps cannot (their eviction lists are preallocated).
+pub const NO_PREALLOC: u32 = 1;
+
+/// The kind of a map: its `BPF_MAP_TYPE_*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    /// `BPF_MAP_TYPE_HASH`.
+    Hash,
+    /// `BPF_MAP_TYPE_LRU_HASH`: full → the least recently used entry is evicted.
+    LruHash,
+    /// `BPF_MAP_TYPE_PERCPU_HASH`: one value per CPU.
+    PerCpuHash,
+    /// `BPF_MAP_TYPE_LPM_TRIE`: longest-prefix match; keys start with a u32 prefix length.
+    LpmTrie,
+    /// `BPF_MAP_TYPE_ARRAY`: every index exists from creation.
+    Array,
+    /// `BPF_MAP_TYPE_PERCPU_ARRAY`.
+    PerCpuArray,
+    /// `BPF_MAP_TYPE_RINGBUF`: its capacity is a size in bytes.
+    RingBuf,
+    /// `BPF_MAP_TYPE_SOCKHASH`: sockets by key.
+    SockHash,
+}
+
+impl MapKind {
+    /// The kernel's `BPF_MAP_TYPE_*` number.
+    pub const fn bpf_type(self) -> u32 {
+        match self {
+            Self::Hash => 1,
+            Self::Array => 2,
+            Self::PerCpuHash => 5,
+            Self::PerCpuArray => 6,
+            Self::LruHash => 9,
+            Self::LpmTrie => 11,
+            Self::SockHash => 18,
+            Self::RingBuf => 27,
+        }
+    }
+
+    /// Short name, as `bpftool map show` spells the type.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Hash => "hash",
+            Self::LruHash => "lru_hash",
+            Self::PerCpuHash => "percpu_hash",
+            Self::LpmTrie => "lpm_trie",
+            Self::Array => "array",
+            Self::PerCpuArray => "percpu_array",
+            Self::RingBuf => "ringbuf",
+            Self::SockHash => "sockhash",
+        }
+    }
+
+    /// Whether the map has a fixed fill: an array holds every index from creation, a
+    /// ring buffer its whole size. Other kinds hold the entries inserted.
+    pub const fn fixed_fill(self) -> bool {
+        matches!(self, Self::Array | Self::PerCpuArray | Self::RingBuf)
+    }
+}
+
+/// How a map's capacity is chosen when the agent creates it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sizing {
+    /// Fixed by the datapath (array indexes, ring buffer bytes, a few counters).
+    Fixed,
+    /// `--<flag>` entries, by default [`MapSpec::capacity`]. The map is not preallocated,
+    /// so a generous capacity costs only its hash buckets until entries arrive.
+    Flag(&'static str),
+    /// `--<flag>` entries; by default a share of `--map-size-ratio` of the node's memory,
+    /// between `min` and [`MapSpec::capacity`]. For the maps of per-connection state,
+    /// LRU maps the kernel preallocates whole (and SOCKS, sized with SOCK_PATHS).
+    NodeMemory {
+        /// The command-line flag, without its leading dashes.
+        flag: &'static str,
+        /// The smallest capacity the node's memory may give it.
+        min: u32,
+    },
+}
+
+impl Sizing {
+    /// The `--map-size-*` flag (without dashes) that sets the capacity, if any.
+    pub const fn flag(self) -> Option<&'static str> {
+        match self {
+            Self::Fixed => None,
+            Self::Flag(flag) | Self::NodeMemory { flag, .. } => Some(flag),
+        }
+    }
+}
+
+/// One datapath map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSpec {
+    /// Name, as pinned under `<bpffs>/mesh/<node>/`.
+    pub name: &'static str,
+    /// Map type.
+    pub kind: MapKind,
+    /// Key size in bytes, as the kernel sees it (an LPM key includes its prefix length).
+    pub key_size: u32,
+    /// Value size in bytes (per CPU for per-CPU kinds).
+    pub value_size: u32,
+    /// `max_entries` in the eBPF object: the default when sized by a flag, the ceiling
+    /// when sized by node memory, bytes for a ring buffer.
+    pub capacity: u32,
+    /// Creation flags (`map_flags`), e.g. [`NO_PREALLOC`].
+    pub flags: u32,
+    /// How the agent sizes it.
+    pub sizing: Sizing,
+    /// What one entry stands for (command-line help); for a ring buffer, its bytes.
+    pub purpose: &'static str,
+}
+
+impl MapSpec {
+    const fn new<K, V>(
+        name: &'static str,
+        kind: MapKind,
+        capacity: u32,
+        purpose: &'static str,
+    ) -> Self {
+        let flags = match kind {
+            // Entries arrive with the cluster's objects (written by the agent, read by
+            // the programs): no reason to pay for all of them up front. Lookups cost
+            // the same; only an insert allocates.
+            MapKind::Hash | MapKind::PerCpuHash | MapKind::LpmTrie => NO_PREALLOC,
+            _ => 0,
+        };
+        Self {
+            name,
+            kind,
+            key_size: size_of::<K>() as u32,
+            value_size: size_of::<V>() as u32,
+            capacity,
+            flags,
+            sizing: Sizing::Fixed,
+            purpose,
+        }
+    }
+
+    const fn sized(self, sizing: Sizing) -> Self {
+        Self { sizing, ..self }
+    }
+
+    const fn preallocated(self) -> Self {
+        Self { flags: 0, ..self }
+    }
+}
+
+/// Every map of the datapath.
+pub const REGISTRY: [MapSpec; 16] = [
+    MapSpec::new::<ServiceKey, ServiceValue>(
+        SERVICES,
+        MapKind::Hash,
+        65_536,
+        "frontends plus one entry per cluster IP",
+    )
+    .sized(Sizing::Flag("map-size-services")),
+    MapSpec::new::<BackendSlotKey, u32>(
+        SERVICE_BACKENDS,
+        MapKind::Hash,
+        262_144,
+        "the sum of all frontends' backend counts",
+    )
+    .sized(Sizing::Flag("map-size-backend-slots")),
+    MapSpec::new::<u32, Backend>(
+        BACKENDS,
+        MapKind::Hash,
+        131_072,
+        "distinct backend address/port/protocol triples",
+    )
+    .sized(Sizing::Flag("map-size-backends")),
+    MapSpec::new::<AffinityKey, AffinityValue>(
+        AFFINITY,
+        MapKind::LruHash,
+        65_536,
+        "client/service pairs remembered for session affinity (LRU)",
+    )
+    .sized(Sizing::NodeMemory {
+        flag: "map-size-affinity",
+        min: 4_096,
+    }),
+    MapSpec::new::<RevNatKey, RevNatValue>(
+        REV_NAT,
+        MapKind::LruHash,
+        262_144,
+        "translated sockets remembered for getpeername/recvmsg (LRU)",
+    )
+    .sized(Sizing::NodeMemory {
+        flag: "map-size-rev-nat",
+        min: 16_384,
+    }),
+    MapSpec::new::<LbMetricsKey, u64>(
+        LB_METRICS,
+        MapKind::PerCpuHash,
+        262_144,
+        "(service, backend) connection counters plus one refusal counter per service",
+    )
+    .sized(Sizing::Flag("map-size-metrics")),
+    MapSpec::new::<u64, EndpointValue>(ENDPOINTS, MapKind::Hash, 4_096, "pods on this node")
+        .sized(Sizing::Flag("map-size-endpoints")),
+    MapSpec::new::<IpcacheKey, IpcacheValue>(
+        IPCACHE,
+        MapKind::LpmTrie,
+        262_144,
+        "pod addresses and policy CIDRs, cluster-wide",
+    )
+    .sized(Sizing::Flag("map-size-ipcache")),
+    MapSpec::new::<PolicyKey, PolicyValue>(
+        POLICY,
+        MapKind::LpmTrie,
+        65_536,
+        "compiled policy entries of this node's pods",
+    )
+    .sized(Sizing::Flag("map-size-policy")),
+    // A ring buffer's size is a power of two (of pages).
+    MapSpec::new::<(), ()>(
+        EVENTS,
+        MapKind::RingBuf,
+        256 * 1024,
+        "bytes of flow events: 4,096 events of 64 bytes",
+    ),
+    MapSpec::new::<u32, u32>(
+        CONFIG,
+        MapKind::Array,
+        config::LEN,
+        "datapath settings, by `event::config` index",
+    ),
+    // A few dozen triples at most: preallocating them spares the hot path an allocation.
+    MapSpec::new::<VerdictKey, u64>(
+        POLICY_METRICS,
+        MapKind::PerCpuHash,
+        64,
+        "(direction, verdict, reason) counters",
+    )
+    .preallocated(),
+    MapSpec::new::<RevNatKey, u8>(
+        UDP_PEERS,
+        MapKind::LruHash,
+        65_536,
+        "peers local UDP sockets sent to, whose replies pass ingress policy (LRU)",
+    )
+    .sized(Sizing::NodeMemory {
+        flag: "map-size-udp-peers",
+        min: 4_096,
+    }),
+    // SOCKS and SOCK_PATHS hold the same sockets: one flag sizes both.
+    MapSpec::new::<SockKey, u32>(
+        SOCKS,
+        MapKind::SockHash,
+        65_536,
+        "established same-node sockets redirected by sockmap",
+    )
+    .sized(Sizing::NodeMemory {
+        flag: "map-size-socks",
+        min: 4_096,
+    }),
+    MapSpec::new::<SockKey, u32>(
+        SOCK_PATHS,
+        MapKind::LruHash,
+        65_536,
+        "established same-node sockets redirected by sockmap",
+    )
+    .sized(Sizing::NodeMemory {
+        flag: "map-size-socks",
+        min: 4_096,
+    }),
+    MapSpec::new::<u32, u64>(
+        SOCKMAP_METRICS,
+        MapKind::PerCpuArray,
+        counter::LEN,
+        "sockmap counters, by `redirect::counter` index",
+    ),
 ];
 
-/// Capacity of [`SOCKS`] (established sockets of the node's pods).
-pub const SOCKS_CAPACITY: u32 = 65_536;
+/// The registry entry of map `name`; a name not in the registry fails compilation when
+/// evaluated in a constant (as the kernel programs' map definitions do).
+pub const fn spec(name: &str) -> MapSpec {
+    let mut i = 0;
+    while i < REGISTRY.len() {
+        if str_eq(REGISTRY[i].name, name) {
+            return REGISTRY[i];
+        }
+        i += 1;
+    }
+    panic!("map not in the registry")
+}
 
-/// Capacity of [`UDP_PEERS`].
-pub const UDP_PEERS_CAPACITY: u32 = 65_536;
+const fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
 
-/// Size of [`EVENTS`] in bytes (a power of two; 4,096 events of 64 bytes).
-pub const EVENTS_BYTES: u32 = 256 * 1024;
-
-/// Default capacity of [`SERVICES`] (frontends, plus one VIP marker per cluster IP).
-pub const SERVICES_CAPACITY: u32 = 65_536;
-/// Default capacity of [`SERVICE_BACKENDS`] (sum of all frontends' backend counts).
-pub const SERVICE_BACKENDS_CAPACITY: u32 = 262_144;
-/// Default capacity of [`BACKENDS`] (distinct backend address/port/protocol triples).
-pub const BACKENDS_CAPACITY: u32 = 131_072;
-/// Capacity of [`AFFINITY`]: least recently used entries are evicted.
-pub const AFFINITY_CAPACITY: u32 = 65_536;
-/// Capacity of [`REV_NAT`]: one entry per translated socket and backend; LRU.
-pub const REV_NAT_CAPACITY: u32 = 262_144;
-/// Capacity of [`LB_METRICS`]: (service, backend) pairs plus one "refused" per service.
-pub const LB_METRICS_CAPACITY: u32 = 262_144;
-
-/// Default capacity of [`ENDPOINTS`] (pods on one node).
-pub const ENDPOINTS_CAPACITY: u32 = 4_096;
-/// Default capacity of [`IPCACHE`] (pod addresses and policy CIDRs cluster-wide).
-pub const IPCACHE_CAPACITY: u32 = 262_144;
-/// Default capacity of [`POLICY`] (compiled rule entries on one node).
-pub const POLICY_CAPACITY: u32 = 65_536;
+// Every name once; maps sharing a flag share their capacity (the agent gives them one
+// size); the kernel's rules on preallocation (an LRU map always preallocates, an LPM
+// trie never does); maps sized by a flag not preallocated; a floor below its ceiling.
+const _: () = {
+    let mut i = 0;
+    while i < REGISTRY.len() {
+        let spec = REGISTRY[i];
+        match spec.kind {
+            MapKind::LruHash => assert!(spec.flags & NO_PREALLOC == 0),
+            MapKind::LpmTrie => assert!(spec.flags & NO_PREALLOC != 0),
+            _ => {}
+        }
+        match spec.sizing {
+            // A generous capacity costs a flag-sized map only its buckets.
+            Sizing::Flag(_) => assert!(spec.flags & NO_PREALLOC != 0),
+            Sizing::NodeMemory { min, .. } => assert!(min <= spec.capacity),
+            Sizing::Fixed => {}
+        }
+        let mut j = i + 1;
+        while j < REGISTRY.len() {
+            assert!(!str_eq(REGISTRY[i].name, REGISTRY[j].name));
+            if let (Some(a), Some(b)) = (REGISTRY[i].sizing.flag(), REGISTRY[j].sizing.flag()) {
+                assert!(!str_eq(a, b) || REGISTRY[i].capacity == REGISTRY[j].capacity);
+            }
+            j += 1;
+        }
+        i += 1;
+    }
+};
 
 /// Names of the programs, as pinned under `<bpffs>/mesh/<node>/` (their links get a
 /// `_link` suffix).

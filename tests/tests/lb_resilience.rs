@@ -12,6 +12,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
+use mesh_common::maps::{NO_PREALLOC, REGISTRY, Sizing};
 use mesh_tests::{
     Agent, ChildGuard, Cluster, Node, StateDir, agent, assert_eventually, require_root, scenario,
     testpod::{self, ConnectSummary, HoldReport, HoldStarted},
@@ -201,6 +202,62 @@ fn samples(metrics: &str, name: &str, labels: &[&str]) -> Vec<f64> {
         })
         .filter_map(|(_, value)| value.parse().ok())
         .collect()
+}
+
+/// Every map of the registry appears once in `/metrics` and in `status`, with the same
+/// capacity: the registry's own for the maps sized by a flag or fixed, one between its
+/// floor and ceiling for the maps sized by node memory. Arrays and the ring buffer report
+/// their capacity as their fill.
+fn every_registry_map_is_reported(metrics: &str, status: &str) {
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with(&format!("maps: {}, ", REGISTRY.len()))),
+        "status does not count {} maps:\n{status}",
+        REGISTRY.len()
+    );
+    for spec in &REGISTRY {
+        let label = format!(r#"map="{}""#, spec.name);
+        let [capacity] = samples(metrics, "mesh_datapath_map_capacity", &[&label])[..] else {
+            panic!("no single capacity of {}:\n{metrics}", spec.name);
+        };
+        let [entries] = samples(metrics, "mesh_datapath_map_entries", &[&label])[..] else {
+            panic!("no single entry count of {}:\n{metrics}", spec.name);
+        };
+        let [memory] = samples(metrics, "mesh_datapath_map_memory_bytes", &[&label])[..] else {
+            panic!("no single memory of {}:\n{metrics}", spec.name);
+        };
+        let (floor, ceiling) = match spec.sizing {
+            Sizing::NodeMemory { min, .. } => (min, spec.capacity),
+            Sizing::Fixed | Sizing::Flag(_) => (spec.capacity, spec.capacity),
+        };
+        assert!(
+            (f64::from(floor)..=f64::from(ceiling)).contains(&capacity),
+            "{}: capacity {capacity}, want {floor}..={ceiling}",
+            spec.name
+        );
+        if spec.kind.fixed_fill() {
+            assert_eq!(entries, capacity, "{} has a fixed fill", spec.name);
+        }
+        // Maps not preallocated may hold nothing yet (LPM tries, unused counters).
+        assert!(
+            memory > 0.0 || spec.flags & NO_PREALLOC != 0,
+            "{}: no memory reported",
+            spec.name
+        );
+        let row: Vec<&str> = status
+            .lines()
+            .map(str::split_whitespace)
+            .map(Iterator::collect)
+            .find(|row: &Vec<&str>| row.first() == Some(&spec.name))
+            .unwrap_or_else(|| panic!("{} missing from status:\n{status}", spec.name));
+        assert_eq!(
+            row.get(1..=3).map(|r| (r[0], r[2])),
+            Some((spec.kind.name(), capacity.to_string().as_str())),
+            "{} row in status (NAME KIND ENTRIES CAPACITY MEMORY):\n{status}",
+            spec.name
+        );
+    }
 }
 
 fn bpftool(args: &[&str]) -> Result<String> {
@@ -577,6 +634,7 @@ fn metrics_count_connections_refusals_and_the_datapath() -> Result<()> {
         [1.0],
         "{metrics}"
     );
+    every_registry_map_is_reported(&metrics, &agent.status()?);
 
     let refused = bed.dial("client", EMPTY_VIP, 1)?;
     assert_eq!(refused.errors.get("ECONNREFUSED"), Some(&1), "{refused:?}");

@@ -343,12 +343,12 @@ fn iptables_rules(size: u32) -> String {
     chains + &rules + "COMMIT\n"
 }
 
-/// Kernel memory of the pinned maps (bpftool's `bytes_memlock`): fixed by capacity,
-/// not by the number of Services, since hash maps preallocate.
+/// Kernel memory of the pinned maps (bpftool's `bytes_memlock`): the preallocated
+/// per-connection maps, plus the hash maps' buckets and the entries the Services fill.
 fn map_memory(pin_dir: &std::path::Path) -> Result<u64> {
     let mut total = 0;
-    for name in mesh_common::maps::ALL {
-        let path = pin_dir.join(name);
+    for spec in &mesh_common::maps::REGISTRY {
+        let path = pin_dir.join(spec.name);
         let out = Command::new("bpftool")
             .args(["-j", "map", "show", "pinned"])
             .arg(&path)

@@ -4,7 +4,9 @@
 //! Pins make the datapath outlive the agent: with `--keep-datapath` (or after SIGKILL)
 //! the programs stay attached and keep translating with the last maps; the next agent
 //! reuses the pinned maps and swaps in its programs link by link, each new link attached
-//! before the old one is released, so no call goes untranslated in between.
+//! before the old one is released, so no call goes untranslated in between. Adopted
+//! maps keep their capacity and flags; every map's kind, sizes, capacity and flags come
+//! from the registry (`mesh_common::maps::REGISTRY`).
 
 use std::{
     collections::BTreeSet,
@@ -14,9 +16,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, PerCpuHashMap, RingBuf, SockHash,
-    },
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuHashMap, RingBuf, SockHash},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, Program, SkMsg, SockOps,
         links::{FdLink, PinnedLink},
@@ -26,7 +26,7 @@ use mesh_common::{
     Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, EndpointValue, IpcacheKey,
     IpcacheValue, LbMetricsKey, PolicyKey, PolicyKeyData, PolicyValue, ServiceKey, ServiceValue,
     SockKey,
-    maps::{self, programs},
+    maps::{self, Sizing, programs},
 };
 
 use super::{
@@ -51,50 +51,7 @@ pub type KernelPolicyMaps = PolicyMaps<
     KernelTrie<PolicyKey, PolicyValue>,
 >;
 
-/// Requested map sizes (entries). Maps adopted from an earlier agent keep their size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MapSizes {
-    /// SERVICES.
-    pub services: u32,
-    /// SVC_BACKENDS.
-    pub slots: u32,
-    /// BACKENDS.
-    pub backends: u32,
-    /// AFFINITY.
-    pub affinity: u32,
-    /// REV_NAT.
-    pub rev_nat: u32,
-    /// LB_METRICS.
-    pub metrics: u32,
-    /// ENDPOINTS.
-    pub endpoints: u32,
-    /// IPCACHE.
-    pub ipcache: u32,
-    /// POLICY.
-    pub policy: u32,
-    /// UDP_PEERS.
-    pub udp_peers: u32,
-    /// SOCKS.
-    pub socks: u32,
-}
-
-impl Default for MapSizes {
-    fn default() -> Self {
-        Self {
-            services: maps::SERVICES_CAPACITY,
-            slots: maps::SERVICE_BACKENDS_CAPACITY,
-            backends: maps::BACKENDS_CAPACITY,
-            affinity: maps::AFFINITY_CAPACITY,
-            rev_nat: maps::REV_NAT_CAPACITY,
-            metrics: maps::LB_METRICS_CAPACITY,
-            endpoints: maps::ENDPOINTS_CAPACITY,
-            ipcache: maps::IPCACHE_CAPACITY,
-            policy: maps::POLICY_CAPACITY,
-            udp_peers: maps::UDP_PEERS_CAPACITY,
-            socks: maps::SOCKS_CAPACITY,
-        }
-    }
-}
+pub use super::sizes::MapSizes;
 
 /// The maps the agent writes, taken out of the loaded object.
 pub struct DatapathMaps {
@@ -110,7 +67,7 @@ pub struct DatapathMaps {
     pub events: RingBuf<MapData>,
     /// CONFIG: datapath settings (policy audit mode).
     pub config: Array<MapData, u32>,
-    /// The real sizes (entries) of the maps, adopted ones included.
+    /// The real capacities of the maps, adopted ones included.
     pub sizes: MapSizes,
 }
 
@@ -139,20 +96,16 @@ impl Datapath {
             path: node_dir.clone(),
             source,
         })?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&node_dir)
-            .map_max_entries(maps::SERVICES, sizes.services)
-            .map_max_entries(maps::SERVICE_BACKENDS, sizes.slots)
-            .map_max_entries(maps::BACKENDS, sizes.backends)
-            .map_max_entries(maps::AFFINITY, sizes.affinity)
-            .map_max_entries(maps::REV_NAT, sizes.rev_nat)
-            .map_max_entries(maps::LB_METRICS, sizes.metrics)
-            .map_max_entries(maps::ENDPOINTS, sizes.endpoints)
-            .map_max_entries(maps::IPCACHE, sizes.ipcache)
-            .map_max_entries(maps::POLICY, sizes.policy)
-            .map_max_entries(maps::UDP_PEERS, sizes.udp_peers)
-            .map_max_entries(maps::SOCKS, sizes.socks)
-            .map_max_entries(maps::SOCK_PATHS, sizes.socks)
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&node_dir);
+        // Fixed maps keep the object's capacity; an adopted map keeps its own whatever
+        // is asked here (aya reuses a pin as it is).
+        for (spec, entries) in sizes.iter() {
+            if spec.sizing != Sizing::Fixed {
+                loader.map_max_entries(spec.name, entries);
+            }
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
         for name in programs::SOCK_ADDR {
@@ -199,19 +152,7 @@ impl Datapath {
             open_map(&mut self.ebpf, maps::POLICY)?;
         let events: RingBuf<_> = open_map(&mut self.ebpf, maps::EVENTS)?;
         let config: Array<_, u32> = open_map(&mut self.ebpf, maps::CONFIG)?;
-        let sizes = MapSizes {
-            services: max_entries(services.map(), maps::SERVICES)?,
-            slots: max_entries(slots.map(), maps::SERVICE_BACKENDS)?,
-            backends: max_entries(backends.map(), maps::BACKENDS)?,
-            affinity: max_entries(affinity.map(), maps::AFFINITY)?,
-            rev_nat: pinned_max_entries(&self.node_dir, maps::REV_NAT)?,
-            metrics: max_entries(metrics.map(), maps::LB_METRICS)?,
-            endpoints: max_entries(endpoints.map(), maps::ENDPOINTS)?,
-            ipcache: max_entries(ipcache.map(), maps::IPCACHE)?,
-            policy: max_entries(policy.map(), maps::POLICY)?,
-            udp_peers: pinned_max_entries(&self.node_dir, maps::UDP_PEERS)?,
-            socks: pinned_max_entries(&self.node_dir, maps::SOCKS)?,
-        };
+        let sizes = pinned_sizes(&self.node_dir)?;
         Ok(DatapathMaps {
             services: ServiceMaps {
                 services: KernelMap::new(maps::SERVICES, services),
@@ -353,7 +294,7 @@ impl Datapath {
             .copied()
             .chain(sockops)
             .flat_map(|p| [p.to_string(), format!("{p}_link")])
-            .chain(maps::ALL.iter().map(|m| m.to_string()))
+            .chain(maps::REGISTRY.iter().map(|m| m.name.to_string()))
             .collect();
         for name in pins::entries(&self.node_dir)? {
             if !ours.contains(&name) {
@@ -466,21 +407,34 @@ fn open_map<T: TryFrom<Map, Error = aya::maps::MapError>>(
     })
 }
 
-fn max_entries(map: &MapData, name: &'static str) -> Result<u32, DatapathError> {
-    map.info()
-        .map(|i| i.max_entries())
-        .map_err(|e| DatapathError::Map {
+/// The capacities of the maps pinned in `node_dir`: what this agent created, or what an
+/// earlier one did. An adopted map also keeps its creation flags: aya reuses a pin as it
+/// is, and the programs work alike on a preallocated map or not, so an upgrade keeps
+/// serving (and keeps its affinity and reverse-translation state) instead of renaming
+/// the maps; the smaller footprint comes with the next fresh datapath.
+fn pinned_sizes(node_dir: &Path) -> Result<MapSizes, DatapathError> {
+    let mut sizes = MapSizes::default();
+    for spec in &maps::REGISTRY {
+        let name = spec.name;
+        let map_error = |e| DatapathError::Map {
             name,
             source: Box::new(e),
-        })
-}
-
-fn pinned_max_entries(node_dir: &Path, name: &'static str) -> Result<u32, DatapathError> {
-    let map = MapData::from_pin(node_dir.join(name)).map_err(|e| DatapathError::Map {
-        name,
-        source: Box::new(e),
-    })?;
-    max_entries(&map, name)
+        };
+        let info = MapData::from_pin(node_dir.join(name))
+            .and_then(|map| map.info())
+            .map_err(map_error)?;
+        if info.map_flags() != spec.flags {
+            tracing::warn!(
+                map = name,
+                flags = info.map_flags(),
+                registry_flags = spec.flags,
+                "map adopted with the flags of an earlier version (e.g. preallocated); \
+                 `mesh-agent uninstall` and a restart recreate it"
+            );
+        }
+        sizes.set(name, info.max_entries());
+    }
+    Ok(sizes)
 }
 
 fn remove_if_exists(path: &Path) -> Result<(), DatapathError> {
@@ -492,5 +446,78 @@ fn remove_if_exists(path: &Path) -> Result<(), DatapathError> {
             path: path.into(),
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use aya_obj::{EbpfSectionKind, Object};
+    use mesh_common::maps::REGISTRY;
+
+    use super::OBJECT;
+
+    /// The eBPF object defines exactly the registry's maps, each with the registry's kind,
+    /// key and value sizes, capacity and flags. Parses the ELF only: no root needed.
+    #[test]
+    fn the_object_defines_the_registry_maps() {
+        if OBJECT.is_empty() {
+            // Built with AYA_BUILD_SKIP: there is no object to check.
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "no eBPF object embedded (AYA_BUILD_SKIP) under CI"
+            );
+            eprintln!("skipped: no eBPF object embedded (AYA_BUILD_SKIP)");
+            return;
+        }
+        let object = Object::parse(OBJECT).expect("the embedded eBPF object parses");
+        let defined: BTreeMap<&str, _> = object
+            .maps
+            .iter()
+            .filter(|(_, m)| {
+                matches!(
+                    m.section_kind(),
+                    EbpfSectionKind::Maps | EbpfSectionKind::BtfMaps
+                )
+            })
+            .map(|(name, m)| {
+                let def = (
+                    m.map_type(),
+                    m.key_size(),
+                    m.value_size(),
+                    m.max_entries(),
+                    m.map_flags(),
+                );
+                (name.as_str(), def)
+            })
+            .collect();
+        let registry: BTreeMap<&str, _> = REGISTRY
+            .iter()
+            .map(|s| {
+                let def = (
+                    s.kind.bpf_type(),
+                    s.key_size,
+                    s.value_size,
+                    s.capacity,
+                    s.flags,
+                );
+                (s.name, def)
+            })
+            .collect();
+        for (name, def) in &defined {
+            assert_eq!(
+                registry.get(name),
+                Some(def),
+                "map {name} of the eBPF object (type, key size, value size, capacity, \
+                 flags) differs from the registry"
+            );
+        }
+        for name in registry.keys() {
+            assert!(
+                defined.contains_key(name),
+                "registry map {name} is not defined by the eBPF object"
+            );
+        }
     }
 }

@@ -94,9 +94,9 @@ impl Default for PolicyCapacities {
     /// The default map sizes of [`mesh_common::maps`].
     fn default() -> Self {
         Self {
-            endpoints: maps::ENDPOINTS_CAPACITY,
-            ipcache: maps::IPCACHE_CAPACITY,
-            policy: maps::POLICY_CAPACITY,
+            endpoints: maps::spec(maps::ENDPOINTS).capacity,
+            ipcache: maps::spec(maps::IPCACHE).capacity,
+            policy: maps::spec(maps::POLICY).capacity,
         }
     }
 }
