@@ -47,6 +47,9 @@ enum Command {
         /// subjects); without it, only identities and addresses are planned.
         #[arg(long, value_parser = node_name)]
         node: Option<String>,
+        /// The capacities to check the plan against, as `run` would create the maps.
+        #[command(flatten)]
+        map_sizes: MapSizeArgs,
     },
     /// Print the load-balancing table the kernel holds (read from the pinned maps).
     Services {
@@ -386,9 +389,15 @@ impl Cli {
                 rt.block_on(app::run(args))?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Validate { path, node } => {
-                Ok(validate(&path, node.as_deref().unwrap_or_default()))
-            }
+            Command::Validate {
+                path,
+                node,
+                map_sizes,
+            } => Ok(validate(
+                &path,
+                node.as_deref().unwrap_or_default(),
+                &map_sizes.sizes(),
+            )),
             Command::Services { node, bpffs } => {
                 let node = match node {
                     Some(node) => node,
@@ -487,17 +496,8 @@ impl Cli {
 }
 
 /// Planning context for `validate`: default capacities, no node preference, all healthy.
-fn validate_context() -> crate::plan::PlanContext<'static> {
-    static NONE: std::collections::BTreeSet<crate::plan::BackendAddr> =
-        std::collections::BTreeSet::new();
-    crate::plan::PlanContext {
-        node: "",
-        unhealthy: &NONE,
-        capacities: crate::plan::Capacities::default(),
-    }
-}
-
-fn validate(path: &std::path::Path, node: &str) -> ExitCode {
+/// `validate`: load, check, and plan as node `node` would with maps of `sizes`.
+fn validate(path: &std::path::Path, node: &str, sizes: &MapSizes) -> ExitCode {
     let state = match state::load(path) {
         Ok(state) => state,
         Err(err) => {
@@ -505,13 +505,19 @@ fn validate(path: &std::path::Path, node: &str) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let services = crate::plan::plan(&state, &crate::plan::Ids::default(), &validate_context());
+    let all_healthy = std::collections::BTreeSet::new();
+    let ctx = crate::plan::PlanContext {
+        node,
+        unhealthy: &all_healthy,
+        capacities: sizes.capacities(),
+    };
+    let services = crate::plan::plan(&state, &crate::plan::Ids::default(), &ctx);
     let no_netns = std::collections::BTreeMap::new();
     let policy_ctx = crate::plan::policy::PolicyContext {
         node,
         local_netns: &no_netns,
         node_addrs: &[],
-        capacities: crate::plan::policy::PolicyCapacities::default(),
+        capacities: sizes.policy_capacities(),
     };
     let prev = crate::plan::policy::IdentityIds::default();
     let policy = crate::plan::policy::plan_policy(&state, &prev, &policy_ctx);
