@@ -359,23 +359,23 @@ pub fn plan(state: &State, prev: &Ids, ctx: &PlanContext<'_>) -> Result<(Plan, I
     for (f, selection) in frontends {
         let key = key(&f);
         let id = service_ids.id(&key);
-        let mut info = |i: usize, in_slot: bool| {
-            let b = &f.backends[i];
-            BackendInfo {
+        // Backends with slots first, in slot order, then the others.
+        let mut infos: Vec<BackendInfo> = f
+            .backends
+            .iter()
+            .zip(selection.states.iter().zip(&selection.in_slot))
+            .map(|(b, (&state, &in_slot))| BackendInfo {
                 addr: b.addr,
                 pod: b.pod.clone(),
                 id: backend_ids.id(&BackendAddr::new(b.addr, f.proto)),
-                state: selection.states[i],
+                state,
                 node: b.node.clone(),
                 in_slot,
-            }
-        };
-        let mut in_slot = vec![false; f.backends.len()];
-        for &i in &selection.slots {
-            in_slot[i] = true;
-        }
-        let mut infos: Vec<BackendInfo> = selection.slots.iter().map(|&i| info(i, true)).collect();
-        for (slot, b) in (1..).zip(&infos) {
+            })
+            .collect();
+        infos.sort_by_key(|b| !b.in_slot);
+        let in_slots = infos.iter().take_while(|b| b.in_slot);
+        for (slot, b) in (1..).zip(in_slots) {
             plan.slots.insert(
                 BackendSlotKey {
                     service_id: id,
@@ -384,12 +384,7 @@ pub fn plan(state: &State, prev: &Ids, ctx: &PlanContext<'_>) -> Result<(Plan, I
                 b.id,
             );
         }
-        infos.extend(
-            (0..f.backends.len())
-                .filter(|&i| !in_slot[i])
-                .map(|i| info(i, false)),
-        );
-        let count = u32::try_from(selection.slots.len()).map_err(|_| PlanError::Capacity {
+        let count = u32::try_from(selection.slot_count()).map_err(|_| PlanError::Capacity {
             service: f.service.clone(),
             map: maps::SERVICE_BACKENDS,
             capacity: ctx.capacities.slots,
@@ -465,7 +460,7 @@ fn check_capacity(
     let (mut entries, mut slots) = (0usize, 0usize);
     for (f, selection) in frontends {
         entries += 1 + usize::from(vips.insert(f.vip));
-        slots += selection.slots.len();
+        slots += selection.slot_count();
         backends.extend(f.backends.iter().map(|b| BackendAddr::new(b.addr, f.proto)));
         let full = [
             (entries, maps::SERVICES, capacities.services),

@@ -349,18 +349,24 @@ fn slice_terminating(endpoint: &SliceEndpoint) -> Option<bool> {
     }
 }
 
-/// How a frontend uses its backends.
+/// How a frontend uses its backends, one entry per backend (same order as
+/// [`Frontend::backends`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Selection {
-    /// This frontend's view of each backend (same order as [`Frontend::backends`]):
-    /// `BACKEND_ACTIVE` (in a slot, or left out only by topology), `BACKEND_UNHEALTHY`
-    /// or `BACKEND_TERMINATING`.
+    /// This frontend's view of each backend: `BACKEND_ACTIVE` (in a slot, or left out
+    /// only by topology), `BACKEND_UNHEALTHY` or `BACKEND_TERMINATING`.
     pub states: Vec<u8>,
-    /// Indices into [`Frontend::backends`] of the backends that get slots, in slot order
-    /// (slot = position + 1).
-    pub slots: Vec<usize>,
+    /// Whether each backend gets a slot; slots are numbered in backend order from 1.
+    pub in_slot: Vec<bool>,
     /// Every ready backend is unhealthy, so all of them keep their slots.
     pub health_panic: bool,
+}
+
+impl Selection {
+    /// Number of slots.
+    pub fn slot_count(&self) -> usize {
+        self.in_slot.iter().filter(|&&s| s).count()
+    }
 }
 
 /// Chooses the backends that get slots, in this order:
@@ -374,42 +380,36 @@ pub(super) struct Selection {
 ///    some left name `node`, only those; else, when the Service prefers close
 ///    endpoints and some left run on `node`, only those; else all that are left.
 pub(super) fn select(f: &Frontend, node: &str, unhealthy: &BTreeSet<BackendAddr>) -> Selection {
-    let ready: Vec<usize> = (0..f.backends.len())
-        .filter(|&i| !f.backends[i].terminating)
-        .collect();
-    let healthy: Vec<usize> = ready
-        .iter()
-        .copied()
-        .filter(|&i| !unhealthy.contains(&BackendAddr::new(f.backends[i].addr, f.proto)))
-        .collect();
-    let health_panic = healthy.is_empty() && !ready.is_empty();
-    let pool = if health_panic { ready.clone() } else { healthy };
-
-    let mut states: Vec<u8> = f
+    let healthy = |b: &Endpoint| !unhealthy.contains(&BackendAddr::new(b.addr, f.proto));
+    let any_ready = f.backends.iter().any(|b| !b.terminating);
+    let health_panic = any_ready && !f.backends.iter().any(|b| !b.terminating && healthy(b));
+    let pool: Vec<bool> = f
         .backends
         .iter()
-        .map(|b| {
-            if b.terminating {
-                BACKEND_TERMINATING
-            } else {
-                BACKEND_UNHEALTHY
-            }
+        .map(|b| !b.terminating && (health_panic || healthy(b)))
+        .collect();
+    let states = f
+        .backends
+        .iter()
+        .zip(&pool)
+        .map(|(b, &in_pool)| match (in_pool, b.terminating) {
+            (true, _) => BACKEND_ACTIVE,
+            (false, true) => BACKEND_TERMINATING,
+            (false, false) => BACKEND_UNHEALTHY,
         })
         .collect();
-    for &i in &pool {
-        states[i] = BACKEND_ACTIVE;
-    }
 
-    let near = |keep: &dyn Fn(&Endpoint) -> bool| -> Vec<usize> {
-        if node.is_empty() {
-            return Vec::new();
-        }
-        pool.iter()
-            .copied()
-            .filter(|&i| keep(&f.backends[i]))
+    // Those of the pool that `keep` picks, or none when there is no node to be near.
+    let near = |keep: &dyn Fn(&Endpoint) -> bool| -> Vec<bool> {
+        let zipped = f.backends.iter().zip(&pool);
+        zipped
+            .map(|(b, &p)| p && !node.is_empty() && keep(b))
             .collect()
     };
-    let hinted = !ready.is_empty() && ready.iter().all(|&i| f.backends[i].for_nodes.is_some());
+    let hinted = any_ready
+        && f.backends
+            .iter()
+            .all(|b| b.terminating || b.for_nodes.is_some());
     let for_node = if hinted {
         near(&|b| b.for_nodes.as_ref().is_some_and(|n| n.contains(node)))
     } else {
@@ -420,16 +420,13 @@ pub(super) fn select(f: &Frontend, node: &str, unhealthy: &BTreeSet<BackendAddr>
     } else {
         Vec::new()
     };
-    let slots = if !for_node.is_empty() {
-        for_node
-    } else if !local.is_empty() {
-        local
-    } else {
-        pool
-    };
+    let in_slot = [for_node, local]
+        .into_iter()
+        .find(|picked| picked.contains(&true))
+        .unwrap_or(pool);
     Selection {
         states,
-        slots,
+        in_slot,
         health_panic,
     }
 }
