@@ -33,7 +33,7 @@ use std::{
 
 use hyper::{
     Method, Request, Response, StatusCode,
-    body::{Body, Bytes, Frame, Incoming, SizeHint},
+    body::{Body, Bytes, Frame, SizeHint},
     header,
     server::conn::http1,
     service::service_fn,
@@ -401,8 +401,10 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-async fn handle(
-    request: Request<Incoming>,
+/// Answers one request (the body is never read: every endpoint is a GET). Follow
+/// streams end when the client drops the body or `stopping` turns true.
+pub async fn handle<B>(
+    request: Request<B>,
     view: SharedView,
     log: Arc<FlowLog>,
     stopping: watch::Receiver<bool>,
