@@ -27,8 +27,11 @@ const MAX_HEADERS: usize = 32;
 
 /// The view of a small cluster with policies, as the reconciler publishes it.
 static VIEW: LazyLock<SharedView> = LazyLock::new(|| {
-    let state = parse_str("flows.yaml", include_str!("../corpus/state/seed-flows.yaml"))
-        .expect("fixture state");
+    let state = parse_str(
+        "flows.yaml",
+        include_str!("../corpus/state/seed-flows.yaml"),
+    )
+    .expect("fixture state");
     let local_netns = BTreeMap::new();
     let ctx = PolicyContext {
         node: "n1",
@@ -97,7 +100,12 @@ fn flow(time: &str, verdict: Verdict, source: Option<&str>, destination: Option<
 /// Flows already stored when the request comes.
 fn stored() -> Vec<Flow> {
     vec![
-        flow("1", Verdict::Dropped, Some("prod/client"), Some("prod/db-1")),
+        flow(
+            "1",
+            Verdict::Dropped,
+            Some("prod/client"),
+            Some("prod/db-1"),
+        ),
         flow("2", Verdict::Audit, Some("prod/client"), None),
         flow("3", Verdict::Forwarded, None, Some("ops/probe")),
         flow("4", Verdict::Dropped, Some("a b/c+d"), Some("x/%")),
@@ -122,7 +130,10 @@ async fn check(request: Request<()>) {
     let (stop, stopping) = watch::channel(false);
     let Ok(response) = handle(request, VIEW.clone(), log.clone(), stopping).await;
     let (parts, mut body) = response.into_parts();
-    let content_type = parts.headers.get(header::CONTENT_TYPE).map(|v| v.as_bytes());
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.as_bytes());
     match (method == Method::GET, path.as_str()) {
         (true, "/v1/flows") => match FlowQuery::parse(&query) {
             Err(problem) => {
@@ -133,8 +144,10 @@ async fn check(request: Request<()>) {
                 assert_eq!(parts.status, StatusCode::OK, "query {query:?}");
                 assert_eq!(content_type, Some(&b"application/x-ndjson"[..]));
                 check_round_trip(&q);
-                let mut expected: Vec<Flow> =
-                    stored().into_iter().filter(|f| q.filter.matches(f)).collect();
+                let mut expected: Vec<Flow> = stored()
+                    .into_iter()
+                    .filter(|f| q.filter.matches(f))
+                    .collect();
                 if q.follow {
                     for f in live() {
                         if q.filter.matches(&f) {

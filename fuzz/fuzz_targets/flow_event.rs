@@ -44,25 +44,42 @@ static VIEW: LazyLock<View> = LazyLock::new(|| {
 
 fuzz_target!(|record: &[u8]| {
     let Some(event) = decode(record) else {
-        assert_ne!(record.len(), size_of::<FlowEvent>(), "a full record was refused");
+        assert_ne!(
+            record.len(),
+            size_of::<FlowEvent>(),
+            "a full record was refused"
+        );
         return;
     };
-    assert_eq!(record.len(), size_of::<FlowEvent>(), "a short or long record decoded");
+    assert_eq!(
+        record.len(),
+        size_of::<FlowEvent>(),
+        "a short or long record decoded"
+    );
     let time = rfc3339(i128::from(event.timestamp_ns) + CLOCK_OFFSET_NS);
     assert_rfc3339(&time);
     let flow = VIEW.flow(&event, time);
 
-    let reported = |addr: mesh_common::Addr| Some(IpAddr::from(addr)).filter(|ip| !ip.is_unspecified());
+    let reported =
+        |addr: mesh_common::Addr| Some(IpAddr::from(addr)).filter(|ip| !ip.is_unspecified());
     for (peer, addr, port_be, identity) in [
         (&flow.source, event.src, event.src_port, event.src_identity),
-        (&flow.destination, event.dst, event.dst_port, event.dst_identity),
+        (
+            &flow.destination,
+            event.dst,
+            event.dst_port,
+            event.dst_identity,
+        ),
     ] {
         if let Some(ip) = reported(addr) {
             assert_eq!(peer.ip, Some(ip), "the reported address was replaced");
         }
         assert_eq!(peer.port, u16::from_be(port_be));
         assert_eq!(peer.identity, identity);
-        assert!(!peer.identity_name.is_empty(), "identity {identity} has no name");
+        assert!(
+            !peer.identity_name.is_empty(),
+            "identity {identity} has no name"
+        );
     }
     let line = flow.line();
     assert!(line.contains(flow.verdict.as_str()) && line.contains(flow.direction.as_str()));
@@ -81,12 +98,26 @@ fn assert_rfc3339(time: &str) {
             .unwrap_or_else(|| panic!("malformed time {time}"))
     };
     assert_eq!(time.len(), 30, "malformed time {time}");
-    for (at, sep) in [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':'), (19, b'.'), (29, b'Z')] {
+    for (at, sep) in [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+        (29, b'Z'),
+    ] {
         assert_eq!(time.as_bytes()[at], sep, "malformed time {time}");
     }
     let (month, day) = (field(5..7), field(8..10));
-    assert!((1..=12).contains(&month) && (1..=31).contains(&day), "bad date {time}");
-    assert!(field(11..13) < 24 && field(14..16) < 60 && field(17..19) < 60, "bad time {time}");
+    assert!(
+        (1..=12).contains(&month) && (1..=31).contains(&day),
+        "bad date {time}"
+    );
+    assert!(
+        field(11..13) < 24 && field(14..16) < 60 && field(17..19) < 60,
+        "bad time {time}"
+    );
     field(0..4);
     field(20..29);
 }

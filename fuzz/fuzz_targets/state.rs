@@ -112,8 +112,7 @@ fn check_policy(state: &State, node: &str) {
     let local_netns: BTreeMap<IpAddr, u64> = state
         .pods()
         .filter(|(_, pod)| {
-            !node.is_empty()
-                && pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+            !node.is_empty() && pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
         })
         .flat_map(|(_, pod)| pod_ips(pod))
         .zip(1..)
@@ -131,20 +130,34 @@ fn check_policy(state: &State, node: &str) {
     };
     let (full, ids) = plan_policy(state, &IdentityIds::default(), &ctx(unbounded))
         .unwrap_or_else(|e| panic!("validated state does not plan policy: {e}"));
-    match plan_policy(state, &IdentityIds::default(), &ctx(PolicyCapacities::default())) {
+    match plan_policy(
+        state,
+        &IdentityIds::default(),
+        &ctx(PolicyCapacities::default()),
+    ) {
         Ok((plan, _)) => assert_eq!(plan, full, "map sizes changed a policy plan that fits"),
         Err(PlanError::PolicyCapacity {
             map,
             capacity,
             needed,
         }) => {
-            assert_eq!(needed, entries(&full, map), "{map}: needed entries miscounted");
-            assert!(needed > capacity as usize, "{map} reported full ({capacity}) with {needed} entries");
+            assert_eq!(
+                needed,
+                entries(&full, map),
+                "{map}: needed entries miscounted"
+            );
+            assert!(
+                needed > capacity as usize,
+                "{map} reported full ({capacity}) with {needed} entries"
+            );
         }
         Err(e) => panic!("unexpected error with default policy map sizes: {e}"),
     }
     let (again, next) = plan_policy(state, &ids, &ctx(unbounded)).expect("replan policy");
-    assert_eq!(again, full, "replanning with its own identities changed the plan");
+    assert_eq!(
+        again, full,
+        "replanning with its own identities changed the plan"
+    );
     assert_eq!(next, ids, "replanning changed the identities");
     for identity in &full.identities {
         let _ = identity.to_string();

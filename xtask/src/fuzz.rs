@@ -5,9 +5,12 @@
 //!
 //! The corpus is `fuzz/corpus/<target>/`: the committed seeds (`seed-*`) plus what
 //! libFuzzer adds (ignored by git). Crashes land in `fuzz/artifacts/<target>/`; replay
-//! one with `cargo xtask fuzz <target> -- fuzz/artifacts/<target>/crash-...`.
+//! one with `cargo xtask fuzz <target> --replay fuzz/artifacts/<target>/crash-...`.
 
-use std::{path::Path, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -24,6 +27,9 @@ pub struct FuzzArgs {
     /// How long to fuzz, in seconds.
     #[arg(long, default_value_t = 60)]
     secs: u64,
+    /// Run these inputs once each instead of fuzzing (crashes, to check a fix).
+    #[arg(long, num_args = 1..)]
+    replay: Vec<PathBuf>,
     /// More libFuzzer arguments, after `--` (flags such as -max_len=8192, or inputs to
     /// replay).
     #[arg(last = true)]
@@ -46,6 +52,8 @@ pub fn run(args: &FuzzArgs) -> Result<()> {
     cmd.current_dir(build::workspace_root())
         .args(["+nightly", "fuzz", "run", &args.target, "--fuzz-dir"])
         .arg(&fuzz_dir)
+        // Given inputs replace the corpus: libFuzzer then runs each once.
+        .args(&args.replay)
         // Overflow checks and debug assertions on: they turn silent wrong answers into
         // findings.
         .arg("--debug-assertions")
@@ -96,7 +104,13 @@ fn install_cargo_fuzz() -> Result<()> {
     }
     eprintln!("fuzz: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
     let st = Command::new("cargo")
-        .args(["install", "cargo-fuzz", "--locked", "--version", CARGO_FUZZ_VERSION])
+        .args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            CARGO_FUZZ_VERSION,
+        ])
         .status()
         .context("running cargo install cargo-fuzz")?;
     if !st.success() {

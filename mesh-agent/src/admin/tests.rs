@@ -33,7 +33,9 @@ fn written_queries_are_request_targets_that_read_back_the_same() {
         assert_eq!(uri.query().map(FlowQuery::parse), Some(Ok(q)), "{target}");
     }
     assert_eq!(
-        FlowQuery::parse("pod=prod/web-1").expect("parse").to_query(),
+        FlowQuery::parse("pod=prod/web-1")
+            .expect("parse")
+            .to_query(),
         "pod=prod/web-1",
         "plain names stay readable"
     );
