@@ -5,9 +5,10 @@
 //! default map sizes (what `validate` uses) it fails only with a capacity error that is
 //! true (the full plan does need more entries in that map than it holds). Planning is
 //! also checked to be deterministic and id-stable (replanning with the ids it returned
-//! gives the same plan), and every frontend to have a map entry of its own. Policy is
-//! planned as the agent of each node the state names would plan it, and the flow names
-//! and policy report the agent then publishes are built from it.
+//! gives the same plan, and so does an agent adopting the maps it wrote), and every
+//! frontend to have a map entry of its own. Policy is planned as the agent of each node
+//! the state names would plan it, and the flow names and policy report the agent then
+//! publishes are built from it.
 
 #![no_main]
 
@@ -99,6 +100,10 @@ fn check_services(state: &State, node: &str, unhealthy: &BTreeSet<BackendAddr>) 
     let (again, next) = plan(state, &ids, &ctx(unbounded)).expect("replan");
     assert_eq!(again, full, "replanning with its own ids changed the plan");
     assert_eq!(next, ids, "replanning changed the ids");
+    // An agent restarting over these maps adopts their ids and writes nothing.
+    let adopted = Ids::from_datapath(&full.services, &full.backends);
+    let (again, _) = plan(state, &adopted, &ctx(unbounded)).expect("replan over the maps");
+    assert_eq!(again, full, "adopting the maps' ids changed the plan");
     for frontend in &full.frontends {
         // What `services` and the logs print.
         let _ = frontend.to_string();
