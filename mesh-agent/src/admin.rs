@@ -34,7 +34,7 @@ use std::{
 
 use hyper::{
     Method, Request, Response, StatusCode,
-    body::{Body, Bytes, Frame, Incoming, SizeHint},
+    body::{Body, Bytes, Frame, SizeHint},
     header,
     server::conn::http1,
     service::service_fn,
@@ -314,7 +314,8 @@ impl FlowQuery {
         Ok(q)
     }
 
-    /// The query string that [`FlowQuery::parse`] reads back.
+    /// The query string that [`FlowQuery::parse`] reads back, valid in a request line
+    /// whatever the pod name holds.
     pub fn to_query(&self) -> String {
         let mut parts = Vec::new();
         if self.follow {
@@ -324,13 +325,24 @@ impl FlowQuery {
             parts.push(format!("verdict={}", v.as_str()));
         }
         if let Some(pod) = &self.filter.pod {
-            parts.push(format!(
-                "pod={}",
-                pod.replace('%', "%25").replace('&', "%26")
-            ));
+            parts.push(format!("pod={}", percent_encode(pod)));
         }
         parts.join("&")
     }
+}
+
+/// Every byte but the unreserved ones (RFC 3986) and `/` as `%XX`: a space, `+`, `#`
+/// or a control character would otherwise change the value or break the request line.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn percent_decode(s: &str) -> String {
@@ -338,8 +350,10 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
+        // Two hex digits exactly (from_str_radix alone would take a sign: "%+1").
         let hex = bytes
             .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
             .and_then(|h| std::str::from_utf8(h).ok());
         match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
             (b'%', Some(b)) => {
@@ -359,8 +373,10 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-async fn handle(
-    request: Request<Incoming>,
+/// Answers one request (the body is never read: every endpoint is a GET). Follow
+/// streams end when the client drops the body or `stopping` turns true.
+pub async fn handle<B>(
+    request: Request<B>,
     view: SharedView,
     log: Arc<FlowLog>,
     status: AgentStatus,

@@ -335,8 +335,9 @@ pub async fn read_events(
     }
 }
 
-/// A FlowEvent from ring buffer bytes (which need not be aligned for it).
-fn decode(bytes: &[u8]) -> Option<FlowEvent> {
+/// A FlowEvent from ring buffer bytes (which need not be aligned for it); `None` when
+/// the record is not exactly one event long.
+pub fn decode(bytes: &[u8]) -> Option<FlowEvent> {
     sys::read_pod(bytes)
 }
 
@@ -346,7 +347,7 @@ fn clock_offset_ns() -> i128 {
 }
 
 /// Unix time in nanoseconds as RFC 3339 UTC with nanoseconds.
-fn rfc3339(unix_ns: i128) -> String {
+pub fn rfc3339(unix_ns: i128) -> String {
     let secs = unix_ns.div_euclid(1_000_000_000);
     let nanos = unix_ns.rem_euclid(1_000_000_000);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));

@@ -104,8 +104,8 @@ pub fn load(path: &Path) -> Result<State, StateError> {
     builder.finish()
 }
 
-/// Parses one file's text; `file` names it in error messages (tests feed fixtures this way).
-#[cfg(test)]
+/// Parses one file's text the way [`load`] parses each file; `file` names it in error
+/// messages (tests and fuzz targets feed their inputs this way).
 pub fn parse_str(file: &str, text: &str) -> Result<State, StateError> {
     let mut builder = source::Builder::default();
     builder.add_file(file, text);

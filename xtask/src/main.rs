@@ -7,6 +7,7 @@ mod bench_policy;
 mod bench_sockmap;
 mod build;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -39,6 +40,8 @@ enum Task {
     Demo(demo::DemoArgs),
     /// Benchmarks against an in-run baseline.
     Bench(bench::BenchArgs),
+    /// Run a libFuzzer target of fuzz/ for a while (cargo-fuzz, nightly).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 /// Demo and benchmarks build namespaces, cgroups and eBPF programs: they need root.
@@ -70,5 +73,6 @@ fn main() -> anyhow::Result<()> {
         Task::Test { args } => test::run(&args),
         Task::Demo(args) => demo::run(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::Fuzz(args) => fuzz::run(&args),
     }
 }
