@@ -15,10 +15,13 @@ use std::sync::{Arc, LazyLock};
 
 use hyper::{Method, Request, StatusCode, Uri, header};
 use libfuzzer_sys::fuzz_target;
-use mesh_agent::admin::{ApiBody, FlowQuery, PolicyReport, handle};
-use mesh_agent::flows::{Direction, Flow, FlowLog, Peer, Reason, SharedView, Verdict, View};
+use mesh_agent::admin::{ApiBody, FlowQuery, handle};
+use mesh_agent::report::PolicyReport;
+use mesh_agent::flows::{FlowLog, SharedView, View};
+use mesh_agent::report::{Direction, Flow, Peer, Reason, Verdict};
 use mesh_agent::plan::policy::{IdentityIds, PolicyCapacities, PolicyContext, plan_policy};
 use mesh_agent::state::parse_str;
+use mesh_agent::telemetry::AgentStatus;
 use tokio::sync::watch;
 
 /// Header slots, as many as a request may carry here (hyper's default is 100; more
@@ -89,7 +92,7 @@ fn flow(time: &str, verdict: Verdict, source: Option<&str>, destination: Option<
         time: time.to_owned(),
         verdict,
         direction: Direction::Egress,
-        reason: Reason::PolicyDenied,
+        reason: Some(Reason::PolicyDenied),
         proto: "TCP".to_owned(),
         source: peer(source, 256),
         destination: peer(destination, 257),
@@ -120,6 +123,14 @@ fn live() -> Vec<Flow> {
     ]
 }
 
+/// The agent's status as the handler is given it.
+const STATUS: AgentStatus = AgentStatus {
+    ready: true,
+    applied: 3,
+    reconcile_errors: 1,
+    last_reconcile_ok: true,
+};
+
 async fn check(request: Request<()>) {
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
     let query = request.uri().query().unwrap_or_default().to_owned();
@@ -128,7 +139,7 @@ async fn check(request: Request<()>) {
         log.push(f);
     }
     let (stop, stopping) = watch::channel(false);
-    let Ok(response) = handle(request, VIEW.clone(), log.clone(), stopping).await;
+    let Ok(response) = handle(request, VIEW.clone(), log.clone(), STATUS, stopping).await;
     let (parts, mut body) = response.into_parts();
     let content_type = parts
         .headers
@@ -171,6 +182,13 @@ async fn check(request: Request<()>) {
             let report: PolicyReport =
                 serde_json::from_str(&text(&mut body).await).expect("report JSON");
             assert_eq!(&report, VIEW.get().report());
+        }
+        (true, "/v1/status") => {
+            assert_eq!(parts.status, StatusCode::OK);
+            assert_eq!(content_type, Some(&b"application/json"[..]));
+            let status: AgentStatus =
+                serde_json::from_str(&text(&mut body).await).expect("status JSON");
+            assert_eq!(status, STATUS);
         }
         _ => {
             assert_eq!(parts.status, StatusCode::NOT_FOUND, "{method} {path}");

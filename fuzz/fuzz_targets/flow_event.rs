@@ -11,7 +11,8 @@ use std::net::IpAddr;
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use mesh_agent::flows::{Flow, View, decode, rfc3339};
+use mesh_agent::flows::{View, decode, rfc3339};
+use mesh_agent::report::Flow;
 use mesh_agent::plan::policy::{IdentityIds, PolicyCapacities, PolicyContext, plan_policy};
 use mesh_agent::state::parse_str;
 use mesh_common::FlowEvent;
