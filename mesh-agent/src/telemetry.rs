@@ -212,13 +212,6 @@ fn memlock(map: &MapData) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// A state code of a newer datapath reads as the one that takes no connections.
-fn state_name(state: u8) -> &'static str {
-    BackendState::from_u8(state)
-        .unwrap_or(BackendState::Unhealthy)
-        .as_str()
-}
-
 fn frontend_name(f: &FrontendInfo) -> String {
     match Protocol::from_u8(f.proto) {
         Some(proto) => format!("{}/{proto}", f.addr),
@@ -258,7 +251,7 @@ impl SnapshotSource for Telemetry {
                     .iter()
                     .map(|b| BackendCounter {
                         backend: b.addr.to_string(),
-                        state: state_name(b.state),
+                        state: BackendState::name_of(b.state),
                         connections: count(f.id, b.id),
                     })
                     .collect(),

@@ -54,6 +54,14 @@ pub const BACKEND_TERMINATING: u8 = BackendState::Terminating as u8;
 /// [`Backend::state`]: [`BackendState::Unhealthy`].
 pub const BACKEND_UNHEALTHY: u8 = BackendState::Unhealthy as u8;
 
+impl BackendState {
+    /// The name of a wire state; a code this build does not know reads as unhealthy,
+    /// which is what the datapath makes of it (no new connections).
+    pub fn name_of(code: u8) -> &'static str {
+        Self::from_u8(code).unwrap_or(Self::Unhealthy).as_str()
+    }
+}
+
 /// Key of the SERVICES map: one frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

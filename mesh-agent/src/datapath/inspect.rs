@@ -130,13 +130,6 @@ fn socket(addr: Addr, port_be: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::from(addr), u16::from_be(port_be))
 }
 
-/// A state code of a newer datapath reads as the one that takes no connections.
-fn state_name(state: u8) -> &'static str {
-    BackendState::from_u8(state)
-        .unwrap_or(BackendState::Unhealthy)
-        .as_str()
-}
-
 impl fmt::Display for ServiceTable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "{:<32} {:>5}  BACKENDS", "FRONTEND", "ID")?;
@@ -177,7 +170,7 @@ impl fmt::Display for ServiceTable {
                 f,
                 "{:<32} {id:>5}  (backend in no slot: {})",
                 backend,
-                state_name(b.state)
+                BackendState::name_of(b.state)
             )?;
         }
         Ok(())
