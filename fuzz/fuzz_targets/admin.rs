@@ -10,17 +10,18 @@
 
 #![no_main]
 
+#[path = "fixture.rs"]
+mod fixture;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};
 
 use hyper::{Method, Request, StatusCode, Uri, header};
 use libfuzzer_sys::fuzz_target;
 use mesh_agent::admin::{ApiBody, FlowQuery, handle};
+use mesh_agent::flows::{FlowLog, SharedView};
 use mesh_agent::report::PolicyReport;
-use mesh_agent::flows::{FlowLog, SharedView, View};
 use mesh_agent::report::{Direction, Flow, Peer, Reason, Verdict};
-use mesh_agent::plan::policy::{IdentityIds, PolicyCapacities, PolicyContext, plan_policy};
-use mesh_agent::state::parse_str;
 use mesh_agent::telemetry::AgentStatus;
 use tokio::sync::watch;
 
@@ -30,21 +31,8 @@ const MAX_HEADERS: usize = 32;
 
 /// The view of a small cluster with policies, as the reconciler publishes it.
 static VIEW: LazyLock<SharedView> = LazyLock::new(|| {
-    let state = parse_str(
-        "flows.yaml",
-        include_str!("../corpus/state/seed-flows.yaml"),
-    )
-    .expect("fixture state");
-    let local_netns = BTreeMap::new();
-    let ctx = PolicyContext {
-        node: "n1",
-        local_netns: &local_netns,
-        node_addrs: &[],
-        capacities: PolicyCapacities::default(),
-    };
-    let (plan, _) = plan_policy(&state, &IdentityIds::default(), &ctx).expect("fixture plan");
     let view = SharedView::default();
-    view.publish(View::new(&state, &plan, "n1", &local_netns));
+    view.publish(fixture::view(&BTreeMap::new()));
     view
 });
 

@@ -6,6 +6,9 @@
 
 #![no_main]
 
+#[path = "fixture.rs"]
+mod fixture;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::LazyLock;
@@ -13,34 +16,19 @@ use std::sync::LazyLock;
 use libfuzzer_sys::fuzz_target;
 use mesh_agent::flows::{View, decode, rfc3339};
 use mesh_agent::report::Flow;
-use mesh_agent::plan::policy::{IdentityIds, PolicyCapacities, PolicyContext, plan_policy};
-use mesh_agent::state::parse_str;
 use mesh_common::FlowEvent;
-
-/// Two namespaces on two nodes, dual-stack pods, identities of one and of two pods,
-/// and ipBlock prefixes: every way a peer gets its name. Identities are numbered from
-/// 256 in (namespace, labels) order, then the prefixes.
-const STATE: &str = include_str!("../corpus/state/seed-flows.yaml");
 
 /// A CLOCK_MONOTONIC → Unix offset as the reader measures it (fixed: the runs must be
 /// reproducible).
 const CLOCK_OFFSET_NS: i128 = 1_764_650_000_000_000_000;
 
 static VIEW: LazyLock<View> = LazyLock::new(|| {
-    let state = parse_str("flows.yaml", STATE).expect("fixture state");
     let local_netns: BTreeMap<IpAddr, u64> = [
         ("10.244.1.10".parse().expect("ip"), 1),
         ("10.244.1.11".parse().expect("ip"), 2),
     ]
     .into();
-    let ctx = PolicyContext {
-        node: "n1",
-        local_netns: &local_netns,
-        node_addrs: &[],
-        capacities: PolicyCapacities::default(),
-    };
-    let (plan, _) = plan_policy(&state, &IdentityIds::default(), &ctx).expect("fixture plan");
-    View::new(&state, &plan, "n1", &local_netns)
+    fixture::view(&local_netns)
 });
 
 fuzz_target!(|record: &[u8]| {
@@ -85,7 +73,10 @@ fuzz_target!(|record: &[u8]| {
     let line = flow.line();
     // The line shows direction and verdict in capitals, as Hubble does.
     let shown = |name: &str| line.contains(&name.to_ascii_uppercase());
-    assert!(shown(flow.direction.as_str()) && shown(flow.verdict.as_str()), "{line}");
+    assert!(
+        shown(flow.direction.as_str()) && shown(flow.verdict.as_str()),
+        "{line}"
+    );
 
     let json = serde_json::to_string(&flow).expect("a flow serializes");
     let back: Flow = serde_json::from_str(&json).expect("a served flow parses");
