@@ -350,8 +350,13 @@ struct PeerClass {
     within: Vec<Cidr>,
     /// Its addresses, with the pod (index) each belongs to; `None` for the node.
     addrs: Vec<(IpAddr, Option<usize>)>,
+}
+
+impl PeerClass {
     /// Split off its owner, so an identity of its own.
-    part: bool,
+    fn is_part(&self) -> bool {
+        self.id != self.owner
+    }
 }
 
 /// (subject, direction) of POLICY entries.
@@ -488,8 +493,7 @@ fn add_classes(
 ) -> Vec<u32> {
     let mut peer_ids = vec![owner_id];
     for (n, (within, addrs)) in parts.into_iter().enumerate() {
-        let part = n > 0;
-        let id = if part {
+        let id = if n > 0 {
             let id = alloc.id(&part_key(owner, &within));
             peer_ids.push(id);
             id
@@ -501,7 +505,6 @@ fn add_classes(
             owner: owner_id,
             within,
             addrs,
-            part,
         });
     }
     peer_ids
@@ -678,7 +681,7 @@ impl<'a> Identities<'a> {
         for g in &self.groups {
             pods_by_id.insert(g.id, keys(&g.pods));
         }
-        for class in self.classes.iter().filter(|c| c.part) {
+        for class in self.classes.iter().filter(|c| c.is_part()) {
             let pods = self
                 .class_pods
                 .get(&class.id)
@@ -709,13 +712,18 @@ impl<'a> Identities<'a> {
             .into_iter()
             .filter_map(|i| self.groups.get(i))
             .collect();
-        let pods_of = |g: &Group<'_>| -> Vec<&PodView<'_>> {
-            g.pods.iter().filter_map(|&i| self.pods.get(i)).collect()
-        };
+        let subjects: Vec<(u32, Vec<&PodView<'_>>)> = subjects
+            .iter()
+            .map(|g| {
+                (
+                    g.id,
+                    g.pods.iter().filter_map(|&i| self.pods.get(i)).collect(),
+                )
+            })
+            .collect();
         let mut selected: Vec<ObjectKey> = subjects
             .iter()
-            .flat_map(|g| pods_of(g))
-            .map(|p| p.key.clone())
+            .flat_map(|(_, pods)| pods.iter().map(|p| p.key.clone()))
             .collect();
         selected.sort();
         plan.policies.push(PolicyInfo {
@@ -728,8 +736,8 @@ impl<'a> Identities<'a> {
 
         // Subjects are the identities of local pods; other nodes enforce the rest.
         let locals: Vec<(u32, Vec<&PodView<'_>>)> = subjects
-            .iter()
-            .map(|g| (g.id, pods_of(g).into_iter().filter(|p| p.local).collect()))
+            .into_iter()
+            .map(|(id, pods)| (id, pods.into_iter().filter(|p| p.local).collect()))
             .filter(|(_, pods): &(u32, Vec<_>)| !pods.is_empty())
             .collect();
         if locals.is_empty() {
@@ -892,7 +900,7 @@ impl<'a> Identities<'a> {
         let parts: BTreeSet<u32> = self
             .classes
             .iter()
-            .filter(|c| c.part)
+            .filter(|c| c.is_part())
             .map(|c| c.id)
             .collect();
         SplitStats {

@@ -408,6 +408,11 @@ fn ip_blocks_resolve_by_longest_prefix() {
     assert!(reach(&plan, B1, "11.0.0.1", TCP, 80));
 }
 
+/// Addresses of [`split_cluster_yaml`]'s pods.
+const X_A: &str = "10.244.1.10";
+const X_B: &str = "10.244.2.10";
+const Y_C: &str = "10.244.1.20";
+
 /// x/a and x/b share labels (one identity) on two addresses; y/c is another pod.
 fn split_cluster(policies: &str) -> PolicyPlan {
     plan_of(&split_cluster_yaml(policies))
@@ -422,7 +427,7 @@ fn ip_block_of_one_pod_allows_that_pod_not_its_twin() {
         "to-a",
         "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 10.244.1.10/32}}]",
     ));
-    let (c, a, b) = ("10.244.1.20", "10.244.1.10", "10.244.2.10");
+    let (c, a, b) = (Y_C, X_A, X_B);
     assert!(reach(&plan, c, a, TCP, 80), "the /32 allows x/a");
     assert!(
         !reach(&plan, c, b, TCP, 80),
@@ -455,7 +460,7 @@ fn ip_block_except_applies_to_pod_addresses() {
         "except-a",
         "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 10.244.0.0/16, except: [10.244.1.10/32]}}]",
     ));
-    let (c, a, b) = ("10.244.1.20", "10.244.1.10", "10.244.2.10");
+    let (c, a, b) = (Y_C, X_A, X_B);
     assert!(!reach(&plan, c, a, TCP, 80), "x/a is excepted");
     assert!(reach(&plan, c, b, TCP, 80), "x/b is in the block");
     assert!(!reach(&plan, c, "10.245.0.1", TCP, 80), "outside the block");
@@ -474,7 +479,7 @@ fn ip_overlapping_cidr_and_except_is_allowed_by_another_peer() {
         "union",
         "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 10.244.0.0/16, except: [10.244.1.10/32]}}, {ipBlock: {cidr: 10.244.1.10/32}}]",
     ));
-    let (c, a, b) = ("10.244.1.20", "10.244.1.10", "10.244.2.10");
+    let (c, a, b) = (Y_C, X_A, X_B);
     assert!(reach(&plan, c, a, TCP, 80));
     assert!(reach(&plan, c, b, TCP, 80));
 }
@@ -487,7 +492,7 @@ fn ingress_ip_block_judges_pod_sources() {
         "from-block",
         "  podSelector: {}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{ipBlock: {cidr: 10.244.0.0/16, except: [10.244.2.10/32]}}]\n    ports: [{port: 80}]",
     ));
-    let (c, a, b) = ("10.244.1.20", "10.244.1.10", "10.244.2.10");
+    let (c, a, b) = (Y_C, X_A, X_B);
     assert!(reach(&plan, a, c, TCP, 80));
     assert!(!reach(&plan, b, c, TCP, 80));
     assert!(!reach(&plan, a, c, TCP, 81), "port 80 only");
@@ -508,7 +513,7 @@ fn selector_rules_allow_every_part_of_their_peers() {
             "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 10.244.1.10/32}}]",
         )),
     );
-    let (c, a, b) = ("10.244.1.20", "10.244.1.10", "10.244.2.10");
+    let (c, a, b) = (Y_C, X_A, X_B);
     assert!(reach(&plan, c, a, TCP, 8080), "named port resolved on x/a");
     assert!(reach(&plan, c, b, TCP, 8080), "and on x/b");
     assert!(!reach(&plan, c, b, TCP, 80));
@@ -535,7 +540,7 @@ fn ip_block_covers_the_node_but_the_node_stays_host() {
         capacities: PolicyCapacities::default(),
     };
     let (plan, _) = plan_policy(&state, &IdentityIds::default(), &ctx).expect("plan");
-    let c = "10.244.1.20";
+    let c = Y_C;
     assert!(
         reach(&plan, c, "169.254.1.1", TCP, 80),
         "the node address in the block"
@@ -553,9 +558,9 @@ fn split_cluster_yaml(policies: &str) -> String {
     [
         namespace("x", "{ns: x}"),
         namespace("y", "{ns: y}"),
-        pod("x", "a", "{app: same}", "10.244.1.10", "n1"),
-        pod("x", "b", "{app: same}", "10.244.2.10", "n2"),
-        pod("y", "c", "{app: c}", "10.244.1.20", "n1"),
+        pod("x", "a", "{app: same}", X_A, "n1"),
+        pod("x", "b", "{app: same}", X_B, "n2"),
+        pod("y", "c", "{app: c}", Y_C, "n1"),
         policies.to_owned(),
     ]
     .concat()

@@ -3,6 +3,7 @@
 //! to every object of the namespace: N Services each selecting one Pod among N in one
 //! namespace plan in O(N), not O(N²).
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 
@@ -97,40 +98,48 @@ impl<'a> LabelIndex<'a> {
     }
 
     /// The objects of `namespace` that `selector` matches, in index order. Candidates
-    /// come from the narrowest of its `matchLabels` pairs, `In` and `Exists`
-    /// requirements; a selector with none of those checks every object of the
-    /// namespace (it can only exclude).
+    /// come from the narrowest of the namespace's objects and its `matchLabels` pairs,
+    /// `In` and `Exists` requirements (`NotIn` and `DoesNotExist` can only exclude).
     pub(super) fn select(&self, namespace: &str, selector: &LabelSelector) -> Vec<usize> {
         let Some(ns) = self.namespaces.get(namespace) else {
             return Vec::new();
         };
-        let mut narrowest: Option<Vec<usize>> = None;
-        let mut narrow = |list: Vec<usize>| {
-            if narrowest.as_ref().is_none_or(|n| list.len() < n.len()) {
-                narrowest = Some(list);
-            }
-        };
+        // Candidates are borrowed from the index; only an `In` union that is narrower
+        // than anything else is built, so a selector that also names a label most
+        // objects carry costs no copy of that label's list.
+        let mut narrowest: Cow<'_, [usize]> = Cow::Borrowed(&ns.all);
         for (k, v) in selector.match_labels.iter().flatten() {
-            narrow(ns.pair(k, v).to_vec());
+            let list = ns.pair(k, v);
+            if list.len() < narrowest.len() {
+                narrowest = Cow::Borrowed(list);
+            }
         }
         for req in selector.match_expressions.iter().flatten() {
             match req.operator.as_str() {
                 "In" => {
-                    let values = req.values.iter().flatten();
-                    let mut union: Vec<usize> =
-                        values.flat_map(|v| ns.pair(&req.key, v)).copied().collect();
-                    union.sort_unstable();
-                    union.dedup();
-                    narrow(union);
+                    let lists: Vec<&[usize]> = req
+                        .values
+                        .iter()
+                        .flatten()
+                        .map(|v| ns.pair(&req.key, v))
+                        .collect();
+                    if lists.iter().map(|l| l.len()).sum::<usize>() < narrowest.len() {
+                        let mut union = lists.concat();
+                        union.sort_unstable();
+                        union.dedup();
+                        narrowest = Cow::Owned(union);
+                    }
                 }
-                "Exists" => narrow(ns.with_key(&req.key).to_vec()),
+                "Exists" => {
+                    let list = ns.with_key(&req.key);
+                    if list.len() < narrowest.len() {
+                        narrowest = Cow::Borrowed(list);
+                    }
+                }
                 _ => {}
             }
         }
-        match narrowest {
-            Some(list) => self.check(list.into_iter(), |l| selector_matches(selector, l)),
-            None => self.check(ns.all.iter().copied(), |l| selector_matches(selector, l)),
-        }
+        self.check(narrowest.iter().copied(), |l| selector_matches(selector, l))
     }
 
     /// Candidates checks so far (see [`super::PlanCost`]).
