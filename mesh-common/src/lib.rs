@@ -5,8 +5,13 @@
 //! changes, the map's name gets a new version suffix (see [`maps`]).
 #![no_std]
 
+#[cfg(feature = "user")]
+extern crate std;
+
 pub mod addr;
 pub mod event;
+#[cfg(feature = "user")]
+pub mod l7;
 pub mod maps;
 pub mod policy;
 pub mod redirect;

@@ -34,6 +34,14 @@ pub const VIP_MARKER_PORT: u16 = 0;
 
 /// [`ServiceValue::flags`]: ClientIP session affinity is on.
 pub const SVC_FLAG_AFFINITY: u32 = 1;
+/// [`ServiceValue::flags`]: an L7 frontend. connect4/6 send the client to the node
+/// proxy's in-pod listener ([`PROXY_OUTBOUND_PORT`] on the pod's loopback) instead of
+/// a backend, and remember the original destination for it.
+pub const SVC_FLAG_L7: u32 = 2;
+
+/// Port of the node proxy's outbound listener inside each pod's network namespace, on
+/// the pod's loopback (127.0.0.1 and ::1), as ztunnel's in-pod mode uses 15001.
+pub const PROXY_OUTBOUND_PORT: u16 = 15001;
 
 wire_enum! {
     /// [`Backend::state`]: whether a backend takes new connections.

@@ -1,0 +1,10 @@
+//! The node proxy: one per node, its own process. It serves the L7 Service ports of the
+//! node's pods (HTTP/1.1, h2c, gRPC), routed by GAMMA HTTPRoutes, from listeners and
+//! outbound sockets it opens inside each pod's own network namespace, so the pod's
+//! NetworkPolicy and identity still apply to every connection it makes.
+//!
+//! Reading order: [`feed`] (configuration from the agent) → [`listeners`] (in-pod
+//! sockets) → [`server`] (HTTP) → [`router`] and [`filters`] (HTTPRoute) → [`forward`]
+//! (timeouts, retries) → [`balance`] and [`upstream`] (endpoint choice, pooled
+//! connections, circuit breaking) → [`metrics`] and [`trace`].
+#![deny(unsafe_code)]
