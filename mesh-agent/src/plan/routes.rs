@@ -4,7 +4,7 @@
 //!
 //! Pure: State in, tables and statuses out.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use mesh_common::l7::{AppProtocol, ObjectRef, RouteTable, ServicePortRef};
 
@@ -58,6 +58,45 @@ pub struct Condition {
 
 /// Compiles every HTTPRoute of `state`.
 pub fn compile(state: &State) -> CompiledRoutes {
-    let _ = (state, BTreeSet::<ObjectKey>::new());
-    CompiledRoutes::default()
+    let mut compiled = CompiledRoutes::default();
+    for (key, svc) in state.services() {
+        let ports = svc.spec.iter().flat_map(|spec| spec.ports.iter().flatten());
+        for port in ports {
+            let Some(protocol) = port.app_protocol.as_deref().and_then(app_protocol) else {
+                continue;
+            };
+            if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
+                continue;
+            }
+            let Ok(number) = u16::try_from(port.port) else {
+                continue;
+            };
+            compiled.l7_ports.insert(
+                ServicePortRef {
+                    service: object_ref(key),
+                    port: number,
+                },
+                protocol,
+            );
+        }
+    }
+    compiled
+}
+
+/// The L7 protocol an `appProtocol` value declares, if any.
+pub fn app_protocol(value: &str) -> Option<AppProtocol> {
+    match value {
+        "http" => Some(AppProtocol::Http),
+        "kubernetes.io/h2c" => Some(AppProtocol::H2c),
+        "grpc" => Some(AppProtocol::Grpc),
+        _ => None,
+    }
+}
+
+/// The schema's name for an object key.
+pub fn object_ref(key: &ObjectKey) -> ObjectRef {
+    ObjectRef {
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+    }
 }
