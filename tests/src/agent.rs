@@ -403,7 +403,7 @@ pub struct AgentStatus {
 }
 
 /// A plain HTTP/1.1 GET with `Connection: close`; returns the body of a 200 response.
-fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
     let stream = TcpStream::connect_timeout(&addr, SCRAPE_TIMEOUT)
         .with_context(|| format!("connect {addr}"))?;
     stream.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
