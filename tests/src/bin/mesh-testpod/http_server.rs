@@ -100,6 +100,9 @@ pub fn run(args: &HttpServerArgs) -> Result<()> {
                     continue;
                 }
             };
+            // An IPv4 client of a dual-stack listener is reported as itself, not as
+            // `::ffff:a.b.c.d`.
+            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
             let server = Arc::clone(&server);
             tokio::spawn(serve_connection(server, stream, peer));
         }
