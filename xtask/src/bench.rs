@@ -20,14 +20,15 @@ use crate::{build, setup};
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Which benchmark: `lb`, `policy`, `sockmap` or `plan`.
+    /// Which benchmark: `lb`, `policy`, `sockmap`, `plan` or `l7`.
     which: String,
     /// Measured connections per round and path.
     #[arg(long, default_value_t = 600)]
     count: u32,
-    /// Rounds per path; each round runs both paths of a phase, alternating the order.
-    #[arg(long, default_value_t = 15)]
-    rounds: u32,
+    /// Rounds per path; each round runs every path of a phase, rotating the order
+    /// (default 15; l7: 3).
+    #[arg(long)]
+    rounds: Option<u32>,
     /// Numbers of Services in force (lb), comma separated.
     #[arg(long, default_value = "1,1000,10000", value_delimiter = ',')]
     sizes: Vec<u32>,
@@ -37,6 +38,29 @@ pub struct BenchArgs {
     /// Numbers of NetworkPolicies to plan (plan), comma separated.
     #[arg(long, default_value = "1000,10000", value_delimiter = ',')]
     policies: Vec<u32>,
+    /// Seconds of load per run (l7).
+    #[arg(long, default_value_t = 5)]
+    secs: u32,
+    /// Concurrent connections of wrk and h2load (l7).
+    #[arg(long, default_value_t = 16)]
+    connections: u32,
+    /// Concurrent streams per h2c connection of h2load (l7).
+    #[arg(long, default_value_t = 1)]
+    streams: u32,
+    /// Variants to run (l7), comma separated; direct (the baseline) always runs.
+    #[arg(
+        long,
+        default_value = "direct,mesh,haproxy,nginx",
+        value_delimiter = ','
+    )]
+    variants: Vec<String>,
+}
+
+impl BenchArgs {
+    /// `--rounds`, or `default` when not given.
+    fn rounds_or(&self, default: u32) -> u32 {
+        self.rounds.unwrap_or(default)
+    }
 }
 
 /// The measured Service and its one backend.
@@ -49,10 +73,17 @@ const FILLER_BACKENDS: u32 = 10;
 pub fn run(args: &BenchArgs) -> Result<()> {
     match args.which.as_str() {
         "lb" => lb(args),
-        "policy" => crate::bench_policy::run(args.count, args.rounds),
-        "sockmap" => crate::bench_sockmap::run(args.count * 5, args.rounds),
+        "policy" => crate::bench_policy::run(args.count, args.rounds_or(15)),
+        "sockmap" => crate::bench_sockmap::run(args.count * 5, args.rounds_or(15)),
         "plan" => crate::bench_plan::run(&args.services, &args.policies),
-        other => bail!("unknown benchmark {other:?}; available: lb, policy, sockmap, plan"),
+        "l7" => crate::bench_l7::run(&crate::bench_l7::Options {
+            secs: args.secs,
+            rounds: args.rounds_or(3),
+            connections: args.connections,
+            streams: args.streams,
+            variants: args.variants.clone(),
+        }),
+        other => bail!("unknown benchmark {other:?}; available: lb, policy, sockmap, plan, l7"),
     }
 }
 
@@ -155,7 +186,8 @@ fn lb(args: &BenchArgs) -> Result<()> {
     println!(
         "lb: connect + 64 B request/echo + close from a pod to one backend pod;\n    \
          {} rounds x {} connections per path and size, paths alternating",
-        args.rounds, args.count
+        args.rounds_or(15),
+        args.count
     );
     // Unmeasured warm-up: the first rounds after building the cluster run slower (cold
     // caches, CPU frequency ramp-up) and would otherwise land on the first size only.
@@ -221,7 +253,7 @@ fn rounds(
     via: &str,
 ) -> Result<(PathStats, PathStats)> {
     let (mut d, mut v) = (PathStats::default(), PathStats::default());
-    for round in 1..=args.rounds {
+    for round in 1..=args.rounds_or(15) {
         let run = |addr, what: &str| {
             testpod::bench(client, addr, args.count, 100)
                 .with_context(|| format!("{what} round {round}"))

@@ -2,6 +2,7 @@
 //! or a green test run. Each task installs what it needs first (idempotently).
 
 mod bench;
+mod bench_l7;
 mod bench_plan;
 mod bench_policy;
 mod bench_sockmap;
