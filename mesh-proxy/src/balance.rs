@@ -9,6 +9,8 @@
 
 mod ewma;
 mod outlier;
+#[cfg(test)]
+mod tests;
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -175,23 +177,28 @@ impl Balancer {
                 }
             }
         };
-        let slot = &mut shared.slots[chosen];
-        slot.in_flight += 1;
-        Some(Pick {
-            endpoint: slot.endpoint.clone(),
-            in_flight: InFlight {
-                shared: Arc::clone(&self.shared),
-                id: slot.id,
-                released: false,
-            },
-        })
+        Some(shared.take(chosen, &self.shared))
     }
 }
 
 impl Shared {
-    fn cost(&mut self, index: usize, now: Instant) -> f64 {
-        let slot = &mut self.slots[index];
+    fn cost(&self, index: usize, now: Instant) -> f64 {
+        let slot = &self.slots[index];
         slot.ewma.current(now, DECAY) * f64::from(slot.in_flight.saturating_add(1))
+    }
+
+    /// Hands out slot `index` for one request.
+    fn take(&mut self, index: usize, shared: &Arc<Mutex<Shared>>) -> Pick {
+        let slot = &mut self.slots[index];
+        slot.in_flight += 1;
+        Pick {
+            endpoint: slot.endpoint.clone(),
+            in_flight: InFlight {
+                shared: Arc::clone(shared),
+                id: slot.id,
+                released: false,
+            },
+        }
     }
 
     /// Applies an outcome to slot `id` (if it is still there) and releases its

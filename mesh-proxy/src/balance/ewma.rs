@@ -21,7 +21,9 @@ impl PeakEwma {
         }
     }
 
-    /// Adds one observed latency at `now`; `decay` is the time constant.
+    /// Adds one observed latency at `now`; `decay` is the time constant. The old
+    /// estimate keeps the weight `exp(-t / decay)`, t the time since the previous
+    /// sample.
     pub(super) fn observe(&mut self, rtt: Duration, now: Instant, decay: Duration) {
         let rtt = nanos(rtt);
         self.estimate_ns = if rtt > self.estimate_ns {
@@ -34,12 +36,16 @@ impl PeakEwma {
         self.updated_at = now;
     }
 
-    /// The estimate at `now`, decayed toward zero for the time without an answer (an
-    /// observation of 0), as tower does before every load comparison.
-    pub(super) fn current(&mut self, now: Instant, decay: Duration) -> f64 {
-        self.estimate_ns *= self.weight_of_old(now, decay);
-        self.updated_at = now;
-        self.estimate_ns
+    /// The estimate at `now`: decayed toward zero for the time without a sample, as if
+    /// that time had been a stream of instant answers, so that an endpoint that was
+    /// avoided for being slow is tried again.
+    ///
+    /// Unlike tower and Finagle, reading does not store the decayed value: there, every
+    /// comparison is a zero sample that restarts the clock, so on a busy balancer a
+    /// real sample right after a comparison gets almost no weight. Here a sample's
+    /// weight is the time since the previous sample, whatever was read in between.
+    pub(super) fn current(&self, now: Instant, decay: Duration) -> f64 {
+        self.estimate_ns * self.weight_of_old(now, decay)
     }
 
     /// `exp(-elapsed / decay)`: how much of the old estimate survives.
@@ -63,7 +69,7 @@ mod tests {
     #[test]
     fn starts_at_the_default() {
         let t0 = Instant::now();
-        let mut e = PeakEwma::new(Duration::from_millis(30), t0);
+        let e = PeakEwma::new(Duration::from_millis(30), t0);
         assert!((e.current(t0, TAU) - 30e6).abs() < 1.0);
     }
 
@@ -102,7 +108,7 @@ mod tests {
     #[test]
     fn an_idle_estimate_decays_toward_zero() {
         let t0 = Instant::now();
-        let mut e = PeakEwma::new(Duration::from_millis(100), t0);
+        let e = PeakEwma::new(Duration::from_millis(100), t0);
         let later = e.current(t0 + Duration::from_secs(60), TAU);
         assert!(later < 1e6, "{later}");
     }
