@@ -151,5 +151,122 @@ pub fn backoff(base: Duration, retry: u32) -> Duration {
         .min(base.saturating_mul(BACKOFF_CAP_FACTOR));
     let half = full / 2;
     let jitter_ns = u64::try_from((full - half).as_nanos()).unwrap_or(u64::MAX);
-    half + Duration::from_nanos(rand::rng().random_range(0..=jitter_ns))
+    half.saturating_add(Duration::from_nanos(
+        rand::rng().random_range(0..=jitter_ns),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(percent: u32, min_per_sec: u32) -> Resilience {
+        Resilience {
+            retry_budget_percent: percent,
+            retry_budget_min_per_sec: min_per_sec,
+            ..Resilience::default()
+        }
+    }
+
+    /// Deposits `requests` spread over `over` from `start`, each followed by a retry
+    /// attempt; returns the retries allowed.
+    fn run(budget: &RetryBudget, start: Instant, requests: u32, over: Duration) -> u32 {
+        let mut allowed = 0;
+        for i in 0..requests {
+            let now = start + over * i / requests;
+            budget.deposit_at(now);
+            allowed += u32::from(budget.try_withdraw_at(now));
+        }
+        allowed
+    }
+
+    #[test]
+    fn retries_are_bounded_by_the_percentage_plus_the_floor() {
+        let t0 = Instant::now();
+        let budget = RetryBudget::new_at(&cfg(20, 10), t0);
+        // 20 % of 1000, plus 10 per second over the 10 s window.
+        assert_eq!(run(&budget, t0, 1000, Duration::from_secs(1)), 200 + 100);
+        // Nothing left in the window.
+        assert!(!budget.try_withdraw_at(t0 + Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn the_floor_alone_allows_retries_without_requests() {
+        let t0 = Instant::now();
+        let budget = RetryBudget::new_at(&cfg(20, 3), t0);
+        let allowed = (0..100).filter(|_| budget.try_withdraw_at(t0)).count();
+        assert_eq!(allowed, 30);
+    }
+
+    #[test]
+    fn a_zero_budget_allows_nothing() {
+        let t0 = Instant::now();
+        let budget = RetryBudget::new_at(&cfg(0, 0), t0);
+        assert_eq!(run(&budget, t0, 1000, Duration::from_secs(5)), 0);
+    }
+
+    #[test]
+    fn the_window_slides() {
+        let t0 = Instant::now();
+        let budget = RetryBudget::new_at(&cfg(20, 0), t0);
+        assert_eq!(run(&budget, t0, 100, Duration::from_millis(500)), 20);
+        // Still in the window: the 100 requests are spent.
+        assert!(!budget.try_withdraw_at(t0 + Duration::from_millis(9_900)));
+        // Five more requests earn one more retry.
+        assert_eq!(
+            run(&budget, t0 + Duration::from_secs(9), 5, Duration::ZERO),
+            1
+        );
+        // Once the first second has left the window, its requests and retries have too:
+        // only the five later requests count, and their retry is spent.
+        let t10 = t0 + Duration::from_secs(10);
+        assert!(!budget.try_withdraw_at(t10));
+        // Ten seconds after those, nothing is left at all; new requests start over.
+        let t19 = t0 + Duration::from_secs(19);
+        assert_eq!(run(&budget, t19, 50, Duration::ZERO), 10);
+    }
+
+    #[test]
+    fn update_changes_the_share_and_keeps_the_counts() {
+        let t0 = Instant::now();
+        let budget = RetryBudget::new_at(&cfg(10, 0), t0);
+        assert_eq!(run(&budget, t0, 100, Duration::ZERO), 10);
+        budget.update(&cfg(50, 0));
+        // 100 requests at 50 % allow 50 retries, 10 of which were taken.
+        let more = (0..100).filter(|_| budget.try_withdraw_at(t0)).count();
+        assert_eq!(more, 40);
+    }
+
+    #[test]
+    fn backoff_doubles_with_equal_jitter_and_is_capped() {
+        let base = Duration::from_millis(100);
+        for _ in 0..200 {
+            for (retry, full_ms) in [(0, 100), (1, 100), (2, 200), (3, 400), (4, 800)] {
+                let d = backoff(base, retry);
+                let full = Duration::from_millis(full_ms);
+                assert!(d >= full / 2 && d <= full, "retry {retry}: {d:?}");
+            }
+            for retry in [5, 6, 40, u32::MAX] {
+                let d = backoff(base, retry);
+                assert!(
+                    d >= base * 5 && d <= base * BACKOFF_CAP_FACTOR,
+                    "retry {retry}: {d:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn backoff_edges() {
+        assert_eq!(backoff(Duration::ZERO, 1), Duration::ZERO);
+        assert_eq!(backoff(Duration::ZERO, 30), Duration::ZERO);
+        // Huge bases saturate instead of overflowing.
+        let d = backoff(Duration::MAX, 3);
+        assert!(d >= Duration::MAX / 2);
+        // Jitter does vary.
+        let base = Duration::from_secs(1);
+        let distinct: std::collections::HashSet<Duration> =
+            (0..20).map(|_| backoff(base, 2)).collect();
+        assert!(distinct.len() > 1);
+    }
 }
