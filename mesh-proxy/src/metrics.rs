@@ -441,3 +441,6 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
     );
     response
 }
+
+#[cfg(test)]
+mod tests;
