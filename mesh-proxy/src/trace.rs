@@ -116,3 +116,147 @@ fn random_nonzero_u128() -> u128 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const PARENT: &str = "00f067aa0ba902b7";
+
+    fn headers(traceparent: &[&str], tracestate: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in traceparent {
+            h.append(TRACEPARENT.clone(), HeaderValue::from_str(v).unwrap());
+        }
+        if let Some(s) = tracestate {
+            h.insert(TRACESTATE.clone(), HeaderValue::from_str(s).unwrap());
+        }
+        h.insert("x-other", HeaderValue::from_static("kept"));
+        h
+    }
+
+    /// The single traceparent after propagation, split into its four fields, each
+    /// checked to be well formed.
+    fn out(h: &HeaderMap) -> [String; 4] {
+        let all: Vec<_> = h.get_all(&TRACEPARENT).iter().collect();
+        assert_eq!(all.len(), 1, "exactly one traceparent");
+        let v = all[0].to_str().unwrap();
+        assert!(parse_value(v).is_some(), "valid: {v}");
+        let parts: Vec<String> = v.split('-').map(str::to_owned).collect();
+        assert_eq!(parts.len(), 4, "{v}");
+        assert_eq!(h["x-other"], "kept");
+        parts.try_into().unwrap()
+    }
+
+    #[test]
+    fn a_valid_traceparent_gets_this_hop_as_parent() {
+        for flags in ["01", "00", "03"] {
+            let incoming = format!("00-{TRACE}-{PARENT}-{flags}");
+            let mut h = headers(
+                &[&incoming],
+                Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"),
+            );
+            propagate(&mut h);
+            let [version, trace, parent, out_flags] = out(&h);
+            assert_eq!(version, "00");
+            assert_eq!(trace, TRACE);
+            assert_ne!(parent, PARENT);
+            assert_ne!(parent, "0000000000000000");
+            assert_eq!(out_flags, flags);
+            assert_eq!(h[&TRACESTATE], "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7");
+        }
+    }
+
+    #[test]
+    fn each_hop_gets_a_fresh_span_id() {
+        let incoming = format!("00-{TRACE}-{PARENT}-01");
+        let parents: std::collections::HashSet<String> = (0..20)
+            .map(|_| {
+                let mut h = headers(&[&incoming], None);
+                propagate(&mut h);
+                out(&h)[2].clone()
+            })
+            .collect();
+        assert_eq!(parents.len(), 20);
+    }
+
+    #[test]
+    fn no_traceparent_starts_an_unsampled_trace_and_drops_tracestate() {
+        let mut h = headers(&[], Some("congo=t61rcWkgMzE"));
+        propagate(&mut h);
+        let [version, trace, parent, flags] = out(&h);
+        assert_eq!(version, "00");
+        assert_ne!(trace, "0".repeat(32));
+        assert_ne!(parent, "0".repeat(16));
+        assert_eq!(flags, "00");
+        assert!(h.get(&TRACESTATE).is_none());
+    }
+
+    #[test]
+    fn an_invalid_traceparent_restarts_the_trace() {
+        let zero_trace = "0".repeat(32);
+        let zero_parent = "0".repeat(16);
+        let upper = TRACE.to_ascii_uppercase();
+        let invalid = [
+            format!("00-{zero_trace}-{PARENT}-01"),
+            format!("00-{TRACE}-{zero_parent}-01"),
+            format!("00-{upper}-{PARENT}-01"),
+            format!("ff-{TRACE}-{PARENT}-01"),
+            format!("0g-{TRACE}-{PARENT}-01"),
+            format!("00-{TRACE}-{PARENT}-1"),
+            format!("00-{TRACE}-{PARENT}-0x"),
+            format!("00-{TRACE}-{PARENT}-01-extra"),
+            format!("00_{TRACE}_{PARENT}_01"),
+            format!("00-{}-{PARENT}-01", &TRACE[1..]),
+            format!("00-{TRACE}-{PARENT}1-01"),
+            format!("cc-{TRACE}-{PARENT}-01x"),
+            "garbage".to_owned(),
+            String::new(),
+        ];
+        for incoming in &invalid {
+            let mut h = headers(&[incoming], Some("congo=t61rcWkgMzE"));
+            propagate(&mut h);
+            let [_, trace, _, flags] = out(&h);
+            assert_ne!(trace, TRACE, "{incoming:?} was accepted");
+            assert_eq!(flags, "00", "{incoming:?}");
+            assert!(h.get(&TRACESTATE).is_none(), "{incoming:?} kept tracestate");
+        }
+    }
+
+    #[test]
+    fn two_traceparents_are_invalid() {
+        let a = format!("00-{TRACE}-{PARENT}-01");
+        let b = format!("00-{TRACE}-{PARENT}-00");
+        let mut h = headers(&[&a, &b], Some("congo=t61rcWkgMzE"));
+        propagate(&mut h);
+        assert_ne!(out(&h)[1], TRACE);
+        assert!(h.get(&TRACESTATE).is_none());
+    }
+
+    #[test]
+    fn a_future_version_is_read_by_its_first_four_fields() {
+        for incoming in [
+            format!("cc-{TRACE}-{PARENT}-01"),
+            format!("cc-{TRACE}-{PARENT}-01-what-the-future-holds"),
+        ] {
+            let mut h = headers(&[&incoming], Some("congo=t61rcWkgMzE"));
+            propagate(&mut h);
+            let [version, trace, parent, flags] = out(&h);
+            // Forwarded in the version this proxy speaks.
+            assert_eq!(version, "00", "{incoming}");
+            assert_eq!(trace, TRACE);
+            assert_ne!(parent, PARENT);
+            assert_eq!(flags, "01");
+            assert_eq!(h[&TRACESTATE], "congo=t61rcWkgMzE");
+        }
+    }
+
+    #[test]
+    fn surrounding_whitespace_is_tolerated() {
+        let incoming = format!(" 00-{TRACE}-{PARENT}-01\t");
+        let mut h = headers(&[&incoming], None);
+        propagate(&mut h);
+        assert_eq!(out(&h)[1], TRACE);
+    }
+}
