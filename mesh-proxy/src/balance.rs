@@ -4,7 +4,7 @@
 //!
 //! The cost of an endpoint is `latency estimate * (requests in flight + 1)`. Each pick
 //! draws two distinct endpoints at random among those not ejected and takes the cheaper
-//! one: nearly as good as the least loaded of all, without a scan, and without the herd
+//! one: nearly as good as the least loaded of all without comparing them all, and without the herd
 //! a strict "least loaded" causes when many requests decide on the same stale view.
 
 mod ewma;
