@@ -8,3 +8,8 @@
 //! (timeouts, retries) → [`balance`] and [`upstream`] (endpoint choice, pooled
 //! connections, circuit breaking) → [`metrics`] and [`trace`].
 #![deny(unsafe_code)]
+
+pub mod balance;
+pub mod metrics;
+pub mod retry;
+pub mod trace;
