@@ -1,4 +1,4 @@
-//! Finding the binaries the test bed runs: the test workload and the agent.
+//! Finding the binaries the test bed runs: the test workload, the agent and the proxy.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -10,6 +10,8 @@ use anyhow::{Result, bail};
 pub const TESTPOD_BIN_ENV: &str = "MESH_TESTPOD_BIN";
 /// Env override for the `mesh-agent` binary.
 pub const AGENT_BIN_ENV: &str = "MESH_AGENT_BIN";
+/// Env override for the `mesh-proxy` binary.
+pub const PROXY_BIN_ENV: &str = "MESH_PROXY_BIN";
 
 /// Path of the `mesh-testpod` binary.
 ///
@@ -27,6 +29,12 @@ pub fn testpod_bin() -> Result<PathBuf> {
 /// `<target>` is `$CARGO_TARGET_DIR` or the workspace's `target/`.
 pub fn agent_bin() -> Result<PathBuf> {
     find_binary("mesh-agent", AGENT_BIN_ENV, false)
+}
+
+/// Path of the `mesh-proxy` binary (built by `cargo xtask`, not by this crate); found
+/// as [`agent_bin`] is, through `$MESH_PROXY_BIN`.
+pub fn proxy_bin() -> Result<PathBuf> {
+    find_binary("mesh-proxy", PROXY_BIN_ENV, false)
 }
 
 fn find_binary(name: &str, env_var: &str, near_current_exe: bool) -> Result<PathBuf> {

@@ -31,8 +31,10 @@
 pub mod agent;
 mod binaries;
 mod cgroup;
+pub mod l7;
 mod netns;
 mod process;
+pub mod proxy;
 pub mod reachability;
 pub mod scenario;
 mod sys;
@@ -42,9 +44,12 @@ pub mod topology;
 use std::time::{Duration, Instant};
 
 pub use agent::{Agent, StateDir};
-pub use binaries::{AGENT_BIN_ENV, TESTPOD_BIN_ENV, agent_bin, testpod_bin};
+pub use binaries::{
+    AGENT_BIN_ENV, PROXY_BIN_ENV, TESTPOD_BIN_ENV, agent_bin, proxy_bin, testpod_bin,
+};
 pub use cgroup::cgroup2_mount;
 pub use process::{ChildGuard, DEFAULT_RUN_TIMEOUT};
+pub use proxy::Proxy;
 pub use topology::{Cluster, ClusterBuilder, Ipv4Cidr, Node, Pod, cleanup_stale};
 
 /// Whether this process may build clusters (it must be root).

@@ -37,7 +37,7 @@ use std::{
 use anyhow::{Result, ensure};
 
 use crate::{
-    Agent, ChildGuard, Cluster, Node, Pod, StateDir, agent, assert_eventually, eventually,
+    Agent, ChildGuard, Cluster, Node, Pod, Proxy, StateDir, agent, assert_eventually, eventually,
     testpod::{self, ConnectSummary},
 };
 
@@ -457,6 +457,12 @@ status: {{podIP: {ip}}}
     /// Starts the agent on `node` with `args` over the state written so far.
     pub fn start_agent(&self, node: &str, args: &[&str]) -> Result<Agent> {
         Agent::start_with(self.cluster.node(node), self.state.path(), args)
+    }
+
+    /// Starts the node proxy on `node` (its netns and cgroup) with extra `mesh-proxy`
+    /// flags `args`; it connects to the agent of that node.
+    pub fn start_proxy(&self, node: &str, args: &[&str]) -> Result<Proxy> {
+        Proxy::start(self.cluster.node(node), args)
     }
 
     /// Starts an agent on each of `nodes` over the state written so far.

@@ -326,6 +326,16 @@ impl Node {
         process::spawn(cmd, &self.placement(), &self.registry)
     }
 
+    /// Starts `cmd` in the node's netns AND in its cgroup: for the node proxy, whose
+    /// sockets must pass through the node's hooks as the pods' do.
+    pub fn spawn_in_cgroup(&self, cmd: impl BorrowMut<Command>) -> Result<ChildGuard> {
+        let placement = Placement {
+            netns: self.netns_path(),
+            cgroup: Some(self.cgroup_dir()),
+        };
+        process::spawn(cmd, &placement, &self.registry)
+    }
+
     /// Runs `cmd` to completion in the node's netns (not in its cgroup), like
     /// `Command::output` but killed after [`DEFAULT_RUN_TIMEOUT`].
     pub fn run_outside_cgroup(&self, cmd: impl BorrowMut<Command>) -> Result<Output> {

@@ -1,5 +1,5 @@
-//! Building the agent (whose build script builds and embeds the eBPF object) and the test
-//! workload binary.
+//! Building the agent (whose build script builds and embeds the eBPF object), the node
+//! proxy and the test workload binary.
 
 use std::{path::PathBuf, process::Command};
 
@@ -43,6 +43,8 @@ pub fn workspace_root() -> PathBuf {
 pub struct Binaries {
     /// The node agent.
     pub agent: PathBuf,
+    /// The node proxy (`mesh-proxy`).
+    pub proxy: PathBuf,
     /// The test workload (`mesh-testpod`).
     pub testpod: PathBuf,
 }
@@ -55,10 +57,19 @@ pub fn cargo() -> anyhow::Result<Command> {
     Ok(cmd)
 }
 
-/// Builds mesh-agent and mesh-testpod.
+/// Builds mesh-agent, mesh-proxy and mesh-testpod.
 pub fn run(profile: Profile) -> anyhow::Result<Binaries> {
     let mut cmd = cargo()?;
-    cmd.args(["build", "-p", "mesh-agent", "-p", "mesh-tests", "--bins"]);
+    cmd.args([
+        "build",
+        "-p",
+        "mesh-agent",
+        "-p",
+        "mesh-proxy",
+        "-p",
+        "mesh-tests",
+        "--bins",
+    ]);
     if profile == Profile::Release {
         cmd.arg("--release");
     }
@@ -72,6 +83,7 @@ pub fn run(profile: Profile) -> anyhow::Result<Binaries> {
         .join(profile.dir());
     Ok(Binaries {
         agent: target.join("mesh-agent"),
+        proxy: target.join("mesh-proxy"),
         testpod: target.join("mesh-testpod"),
     })
 }

@@ -59,6 +59,7 @@ fn use_binaries(bins: &build::Binaries) {
     // concurrently.
     unsafe {
         std::env::set_var(mesh_tests::AGENT_BIN_ENV, &bins.agent);
+        std::env::set_var(mesh_tests::PROXY_BIN_ENV, &bins.proxy);
         std::env::set_var(mesh_tests::TESTPOD_BIN_ENV, &bins.testpod);
     }
 }

@@ -1,6 +1,8 @@
 //! Idempotent installation of what building and testing need (../shared/TOOLCHAIN.md):
-//! rust-src for nightly, bpf-linker linked against nightly's own libLLVM, and bpftool and
-//! iproute2 from apt. Each step checks first and does nothing when already satisfied.
+//! rust-src for nightly, bpf-linker linked against nightly's own libLLVM, and from apt
+//! bpftool, iproute2 and the L7 test and benchmark clients and reference proxies (curl,
+//! wrk, h2load, haproxy, nginx). Each step checks first and does nothing when already
+//! satisfied.
 
 use std::{
     path::{Path, PathBuf},
@@ -35,8 +37,21 @@ pub fn path_with_tools() -> anyhow::Result<std::ffi::OsString> {
 pub fn run() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
-    apt_tools(&[("bpftool", "bpftool"), ("ip", "iproute2")])
+    apt_tools(APT_TOOLS)
 }
+
+/// Commands the tests, demo and benchmarks run, and the Debian packages that ship them.
+const APT_TOOLS: &[(&str, &str)] = &[
+    ("bpftool", "bpftool"),
+    ("ip", "iproute2"),
+    // L7: HTTP/1.1 and h2c clients, load generators, and reference proxies to compare
+    // the node proxy against.
+    ("curl", "curl"),
+    ("wrk", "wrk"),
+    ("h2load", "nghttp2-client"),
+    ("haproxy", "haproxy"),
+    ("nginx", "nginx-light"),
+];
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;

@@ -12,6 +12,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let mut cmd = build::cargo()?;
     cmd.arg("test")
         .env("MESH_AGENT_BIN", &bins.agent)
+        .env("MESH_PROXY_BIN", &bins.proxy)
         .env("MESH_TESTPOD_BIN", &bins.testpod);
     if !args.is_empty() {
         cmd.arg("--").args(args);

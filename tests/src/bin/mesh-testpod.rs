@@ -27,8 +27,23 @@
 //! - `churn`: N sequential short connections to a `sink --echo` (16 bytes and their
 //!   echo each), as [`ConnectSummary`].
 //!
+//! - `http-server`: HTTP/1.1 and h2c on one port, answering JSON about each request
+//!   ([`mesh_tests::l7::HttpEcho`]) with behaviours by path (`/status/{code}`,
+//!   `/delay/{ms}`, `/stream/{n}`, `/echo`, `/trailers`, `/stats`, `/upgrade`) and a
+//!   flaky mode (`--fail-every`, `--fail-first`).
+//! - `grpc-server`, `grpc-client`: grpc.health.v1 Check and Watch, one JSON line per
+//!   result ([`mesh_tests::l7::GrpcResult`]).
+//!
 //! Every network wait is bounded by a timeout, and client runs by a total time budget.
 #![deny(unsafe_code)]
+
+// The crate root is this file, so its modules live in `mesh-testpod/` only by `path`.
+#[path = "mesh-testpod/grpc.rs"]
+mod grpc;
+#[path = "mesh-testpod/http_server.rs"]
+mod http_server;
+#[path = "mesh-testpod/l7_runtime.rs"]
+mod l7_runtime;
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
@@ -81,6 +96,12 @@ enum Cmd {
     Stream(StreamArgs),
     /// N sequential short connections to a `sink --echo`.
     Churn(ChurnArgs),
+    /// Serve HTTP/1.1 and h2c, answering JSON about each request.
+    HttpServer(http_server::HttpServerArgs),
+    /// Serve the gRPC health service (grpc.health.v1).
+    GrpcServer(grpc::GrpcServerArgs),
+    /// Call the gRPC health service; one JSON line per result.
+    GrpcClient(grpc::GrpcClientArgs),
 }
 
 #[derive(Args)]
@@ -303,6 +324,9 @@ fn main() -> Result<()> {
         Cmd::Sink(args) => sink(&args),
         Cmd::Stream(args) => stream(&args),
         Cmd::Churn(args) => churn(&args),
+        Cmd::HttpServer(args) => http_server::run(&args),
+        Cmd::GrpcServer(args) => grpc::serve(&args),
+        Cmd::GrpcClient(args) => grpc::client(&args),
     }
 }
 
