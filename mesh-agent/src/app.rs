@@ -27,7 +27,7 @@ use crate::{
     health::HealthChecker,
     metrics,
     proxyfeed::ProxyFeed,
-    reconcile::{Outcome, ReconcileMaps, Reconciler},
+    reconcile::{Outcome, Outputs, ReconcileMaps, Reconciler},
     telemetry::Telemetry,
     watch,
 };
@@ -135,9 +135,11 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
         cgroup,
         maps,
         health,
-        telemetry.clone(),
-        view,
-        proxy_feed,
+        Outputs {
+            telemetry: telemetry.clone(),
+            view,
+            proxy: proxy_feed,
+        },
     )?;
     // Program the maps before attaching, so the first call already sees the table.
     let mut outcome = reconciler.reload();

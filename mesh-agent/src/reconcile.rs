@@ -65,6 +65,16 @@ pub struct ReconcileMaps {
     pub sizes: MapSizes,
 }
 
+/// Where a reconciler makes what it applied known.
+pub struct Outputs {
+    /// Reconcile counters and readiness, for metrics and `/v1/status`.
+    pub telemetry: Arc<Telemetry>,
+    /// The names flows and the admin API show.
+    pub view: SharedView,
+    /// The node proxy's configuration.
+    pub proxy: ProxyFeed,
+}
+
 /// Owns the maps and the memory of what was applied.
 pub struct Reconciler {
     state_path: PathBuf,
@@ -101,10 +111,13 @@ impl Reconciler {
         cgroup: &Path,
         maps: ReconcileMaps,
         health: Option<HealthChecker>,
-        telemetry: Arc<Telemetry>,
-        view: SharedView,
-        proxy: ProxyFeed,
+        outputs: Outputs,
     ) -> Result<Self, crate::datapath::sync::SyncError> {
+        let Outputs {
+            telemetry,
+            view,
+            proxy,
+        } = outputs;
         let ids = maps.services.ids()?;
         let capacities = maps.sizes.capacities();
         let policy_capacities = maps.sizes.policy_capacities();
