@@ -42,6 +42,11 @@ pub fn proxy_config(
         let Some(svc) = services.get(&object_key(&port_ref.service)) else {
             continue;
         };
+        // Headless: nothing to redirect, so nothing to serve.
+        let addrs = cluster_ips(svc);
+        if addrs.is_empty() {
+            continue;
+        }
         let table = routes.tables.get(port_ref);
         match table {
             Some(table) => targets.extend(table_targets(table)),
@@ -49,7 +54,7 @@ pub fn proxy_config(
                 targets.insert(port_ref.clone());
             }
         }
-        for addr in cluster_ips(svc) {
+        for addr in addrs {
             frontends.push(Frontend {
                 addr,
                 port: port_ref.port,
@@ -141,6 +146,7 @@ fn service_target(
         .as_deref()
         .and_then(app_protocol)
         .unwrap_or(AppProtocol::Http);
+    // Validation has rejected states with bad values: there are no problems left here.
     let (resilience, _) = resilience(svc.metadata.annotations.as_ref());
     Some(ServiceTarget {
         host: format!("{}.{}.svc.cluster.local", key.name, key.namespace),

@@ -8,7 +8,7 @@ use crate::state::parse_str;
 
 /// `web` (dual-stack, selector, named target port, appProtocol http, annotations),
 /// `api` (grpc, EndpointSlices of both families), `mirror` and `other` (plain TCP, not
-/// L7), their pods on nodes n1 and n2.
+/// L7), `headless` (L7 but without a cluster IP), their pods on nodes n1 and n2.
 const FIXTURE: &str = "
 apiVersion: v1
 kind: Service
@@ -35,6 +35,11 @@ apiVersion: v1
 kind: Service
 metadata: {name: other, namespace: shop}
 spec: {clusterIP: 10.96.0.40, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: headless, namespace: shop}
+spec: {clusterIP: None, ports: [{port: 80, appProtocol: http}]}
 ---
 apiVersion: v1
 kind: Pod
@@ -193,7 +198,7 @@ fn frontends_cover_every_cluster_ip_of_every_l7_port() {
         ]
     );
     // Without routes, each frontend's own Service port is a target; `mirror` and
-    // `other` are referenced by nothing.
+    // `other` are referenced by nothing, `headless` has no frontend.
     let targets: Vec<&ServicePortRef> = config.services.iter().map(|s| &s.target).collect();
     assert_eq!(targets, [&port_ref("api", 9000), &port_ref("web", 80)]);
 }
