@@ -108,6 +108,16 @@ enum Command {
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
     },
+    /// Print the configuration the agent streams to the node proxy (pretty JSON); waits
+    /// until the agent has applied a state.
+    ProxyConfig {
+        /// Node whose agent to ask; may be omitted when one agent runs on this host.
+        #[arg(long, value_parser = node_name)]
+        node: Option<String>,
+        /// Directory of the agents' admin sockets.
+        #[arg(long, default_value = admin::DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+    },
     /// Detach and unpin the datapath of a node (every node when --node is omitted),
     /// e.g. one left behind with --keep-datapath.
     Uninstall {
@@ -477,6 +487,15 @@ impl Cli {
                     let entries = client::kernel_policy(&node_dir, local.identity)?;
                     print!("{}", client::render_pod_policy(&report, &pod, &entries));
                 }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::ProxyConfig { node, run_dir } => {
+                let (_, socket) = client::agent_socket(&run_dir, node.as_deref())?;
+                let config = client::proxy_config(&socket)?;
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&config).context("printing the configuration")?
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Command::Uninstall { node, bpffs } => {

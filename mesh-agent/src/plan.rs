@@ -13,6 +13,7 @@
 mod identity;
 mod ids;
 pub mod policy;
+pub mod proxy;
 pub mod routes;
 mod selector;
 mod services;

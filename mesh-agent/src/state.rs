@@ -15,6 +15,7 @@
 //! good state in force.
 
 mod model;
+pub mod resilience;
 mod source;
 mod validate;
 

@@ -1,4 +1,5 @@
-//! The client end of the admin API, for `mesh-agent observe` and `mesh-agent policy`:
+//! The client end of the admin API, for `mesh-agent observe`, `mesh-agent policy` and
+//! `mesh-agent proxy-config`:
 //! one blocking HTTP/1.1 request per command over the agent's Unix socket, the body
 //! read line by line as it arrives (so `observe --follow` prints each flow at once).
 
@@ -11,7 +12,9 @@ use std::{
 
 use aya::maps::{LpmTrie, Map, MapData};
 use mesh_common::{
-    PolicyKeyData, PolicyValue, maps,
+    PolicyKeyData, PolicyValue,
+    l7::ProxyConfig,
+    maps,
     policy::{Direction, IDENTITY_ANY, POLICY_ALLOW, POLICY_FIXED_PREFIX, POLICY_ISOLATED},
     service::Protocol,
 };
@@ -236,6 +239,22 @@ pub fn observe(socket: &Path, query: &FlowQuery, json: bool) -> Result<(), Clien
         }
     }
     Ok(())
+}
+
+/// The first snapshot of `GET /v1/proxy/config`: the node proxy's current
+/// configuration (waits until the agent has applied a state).
+pub fn proxy_config(socket: &Path) -> Result<ProxyConfig, ClientError> {
+    let mut line = String::new();
+    get(socket, "/v1/proxy/config")?
+        .read_line(&mut line)
+        .map_err(|source| ClientError::Io {
+            path: socket.into(),
+            source,
+        })?;
+    serde_json::from_str(&line).map_err(|e| ClientError::Protocol {
+        path: socket.into(),
+        problem: format!("proxy configuration: {e}"),
+    })
 }
 
 /// `GET /v1/policy`.

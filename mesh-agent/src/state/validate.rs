@@ -34,6 +34,7 @@ fn problem(field: impl Into<String>, message: impl Into<String>) -> Problem {
 
 pub(super) fn service(svc: &Service) -> Vec<Problem> {
     let mut out = Vec::new();
+    check_resilience_annotations(&svc.metadata, &mut out);
     let Some(spec) = &svc.spec else { return out };
     check_cluster_ips(spec, &mut out);
     check_session_affinity(spec, &mut out);
@@ -200,6 +201,16 @@ fn check_sockmap_annotation(meta: &ObjectMeta, out: &mut Vec<Problem>) {
             format!("{v:?} is not \"true\" or \"false\""),
         ));
     }
+}
+
+/// The node proxy's `mesh.io/*` settings of a Service ([`super::resilience`]).
+fn check_resilience_annotations(meta: &ObjectMeta, out: &mut Vec<Problem>) {
+    let (_, errors) = super::resilience::resilience(meta.annotations.as_ref());
+    out.extend(
+        errors
+            .into_iter()
+            .map(|e| problem(format!("metadata.annotations[{:?}]", e.key), e.message)),
+    );
 }
 
 pub(super) fn network_policy(policy: &NetworkPolicy) -> Vec<Problem> {
