@@ -15,6 +15,8 @@
 //!   identities.
 //! - `GET /v1/status`: an [`AgentStatus`] as JSON: readiness (datapath attached) and
 //!   the reconcile record (states applied, errors, last outcome).
+//! - `GET /v1/routes`: the HTTPRoute statuses of the applied state as a JSON list of
+//!   [`RouteStatus`](crate::plan::routes::RouteStatus).
 //!
 //! `client` is the other end, for `mesh-agent observe` and `mesh-agent policy`.
 
@@ -406,6 +408,14 @@ pub async fn handle<B>(
                 format!("{err}\n"),
             ),
         },
+        (&Method::GET, "/v1/routes") => match serde_json::to_string(view.get().routes()) {
+            Ok(body) => reply(StatusCode::OK, JSON, body + "\n"),
+            Err(err) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                PLAIN_TEXT,
+                format!("{err}\n"),
+            ),
+        },
         (&Method::GET, "/v1/status") => match serde_json::to_string(&status) {
             Ok(body) => reply(StatusCode::OK, JSON, body + "\n"),
             Err(err) => reply(
@@ -417,7 +427,8 @@ pub async fn handle<B>(
         _ => reply(
             StatusCode::NOT_FOUND,
             PLAIN_TEXT,
-            "not found (GET /v1/flows, GET /v1/policy, GET /v1/status)\n".to_owned(),
+            "not found (GET /v1/flows, GET /v1/policy, GET /v1/routes, GET /v1/status)\n"
+                .to_owned(),
         ),
     };
     Ok(response)
