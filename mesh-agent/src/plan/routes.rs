@@ -203,7 +203,7 @@ fn table(
     let mut rules: Vec<Rule> = Vec::new();
     for &(key, route) in routes {
         let created = route.metadata.creation_timestamp.as_ref();
-        for (i, rule) in route.spec.rules.iter().flatten().enumerate() {
+        for (i, rule) in route.spec.effective_rules().iter().enumerate() {
             let mut ignored = Vec::new();
             let compiled = compile_rule(state, key, rule, i, Some((svc, port)), &mut ignored);
             let rule_slot = rules.len();
@@ -349,7 +349,7 @@ fn parent_status(state: &State, key: &ObjectKey, route: &HttpRoute, i: usize) ->
     };
     let mut problems = Vec::new();
     for parent in contexts {
-        for (r, rule) in route.spec.rules.iter().flatten().enumerate() {
+        for (r, rule) in route.spec.effective_rules().iter().enumerate() {
             compile_rule(state, key, rule, r, parent, &mut problems);
         }
     }

@@ -581,3 +581,11 @@ fn hostnames_do_not_apply_to_service_parents() {
     let compiled = compile(&state(&r));
     assert_eq!(order(web80(&compiled)), ["h#0 /"]);
 }
+
+#[test]
+fn a_route_without_rules_matches_everything_and_answers_500() {
+    let compiled = compile(&state(&route("bare", "", WEB)));
+    let table = web80(&compiled);
+    assert_eq!(order(table), ["bare#0 /"]);
+    assert!(table.rules[0].backends.is_empty());
+}

@@ -433,6 +433,17 @@ impl HttpRouteMatch {
     }
 }
 
+impl HttpRouteSpec {
+    /// The rules after defaulting: absent is one rule that matches every request (path
+    /// prefix `/`) and has no backends, as the CRD defaults it.
+    pub fn effective_rules(&self) -> std::borrow::Cow<'_, [HttpRouteRule]> {
+        match &self.rules {
+            Some(rules) => std::borrow::Cow::Borrowed(rules),
+            None => std::borrow::Cow::Owned(vec![HttpRouteRule::default()]),
+        }
+    }
+}
+
 impl HttpRouteRule {
     /// The matches after defaulting: absent or empty is one match, path prefix `/`.
     pub fn effective_matches(&self) -> Vec<HttpRouteMatch> {

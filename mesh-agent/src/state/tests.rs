@@ -1015,6 +1015,31 @@ fn http_route_validation_names_every_field() {
             )),
             vec!["spec.rules[0].matches[0].queryParams: 17 entries: at most 16"],
         ),
+        (
+            http_route(&format!(
+                "{{rules: [{}]}}",
+                vec![format!("{{matches: [{}]}}", vec!["{}"; 9].join(", ")); 15].join(", ")
+            )),
+            vec!["spec.rules: 135 matches in all rules: at most 128"],
+        ),
+        (
+            rule(
+                "{sessionPersistence: {type: Query, idleTimeout: 5x, cookieConfig: {lifetimeType: Forever}}}",
+            ),
+            vec![
+                "spec.rules[0].sessionPersistence.idleTimeout: \"5x\" is not a duration (units are h, m, s, ms; e.g. 10s, 500ms, 1m30s)",
+                "spec.rules[0].sessionPersistence.type: \"Query\" is not one of Cookie, Header",
+                "spec.rules[0].sessionPersistence.cookieConfig.lifetimeType: \"Forever\" is not one of Permanent, Session",
+            ],
+        ),
+        (
+            filter("{type: ExtensionRef, extensionRef: {group: '', kind: '', name: x}}"),
+            vec!["spec.rules[0].filters[0].extensionRef.kind: required"],
+        ),
+        (
+            http_route("{rules: []}"),
+            vec!["spec.rules: must have at least one rule when given"],
+        ),
     ];
     for (text, expected) in cases {
         let got: Vec<String> = match parse_str("r.yaml", &text) {
