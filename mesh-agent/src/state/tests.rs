@@ -1018,7 +1018,7 @@ fn http_route_validation_names_every_field() {
         (
             http_route(&format!(
                 "{{rules: [{}]}}",
-                vec![format!("{{matches: [{}]}}", vec!["{}"; 9].join(", ")); 15].join(", ")
+                vec![format!("{{matches: [{}]}}", ["{}"; 9].join(", ")); 15].join(", ")
             )),
             vec!["spec.rules: 135 matches in all rules: at most 128"],
         ),
