@@ -8,8 +8,9 @@
 //! Parsing is strict like `kubectl --validate=strict`: unknown fields are errors.
 //! Both address families are understood (dual-stack Services and Pods), and validation
 //! follows the API server's rules for the fields the datapath uses: cluster IPs and
-//! their families, session affinity, traffic distribution, addresses and ports, and
-//! NetworkPolicy selectors, peers, CIDRs and ports.
+//! their families, session affinity, traffic distribution, addresses and ports,
+//! NetworkPolicy selectors, peers, CIDRs and ports, and the HTTPRoute CRD's schema and
+//! CEL rules (see `validate/httproute.rs`).
 //!
 //! An update is all-or-nothing: every problem of every file is collected and returned
 //! together, and no partial [`State`] is ever produced, so the caller keeps the last
