@@ -520,11 +520,13 @@ impl Cli {
                     }
                 };
                 let statuses = routes_of_service(statuses, service.as_deref());
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&statuses)?);
+                let text = if json {
+                    serde_json::to_string_pretty(&statuses)? + "\n"
                 } else {
-                    print!("{}", render_routes(&statuses, service.as_deref()));
-                }
+                    render_routes(&statuses, service.as_deref())
+                };
+                // A closed stdout (`routes --json | head`) ends the command quietly.
+                let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
                 Ok(ExitCode::SUCCESS)
             }
             Command::Uninstall { node, bpffs } => {
