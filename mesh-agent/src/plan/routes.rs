@@ -187,6 +187,8 @@ fn table(
     port: u16,
     routes: &[(&ObjectKey, &HttpRoute)],
 ) -> RouteTable {
+    // The precedence of the module docs, criterion for criterion: path type, path
+    // length, method, headers, query parameters, age (none is newest), name, rule, match.
     type Key<'a> = (
         u8,
         Reverse<usize>,
@@ -641,7 +643,7 @@ fn resolve(
         (None, _) => {
             return fail(
                 "BackendNotFound",
-                format!("port is required (Service {target} is not the parent)"),
+                format!("port is required (Service {target} is not an attached parent)"),
             );
         }
     };

@@ -347,7 +347,7 @@ fn unresolved_backends_stay_in_the_rule_as_invalid() {
         "spec.rules[0].backendRefs[1]: Service shop/api has no TCP port 9999",
         "spec.rules[0].backendRefs[2]: Service other/ext is in another namespace (ReferenceGrant is not supported)",
         "spec.rules[0].backendRefs[3]: example.com/Bucket is not supported (only Service)",
-        "spec.rules[0].backendRefs[4]: port is required (Service shop/api is not the parent)",
+        "spec.rules[0].backendRefs[4]: port is required (Service shop/api is not an attached parent)",
     ] {
         assert!(message.contains(part), "{part:?} missing from {message}");
     }
