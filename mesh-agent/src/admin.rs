@@ -19,6 +19,8 @@
 //!   ([`ProxyConfig`](mesh_common::l7::ProxyConfig)) as NDJSON, chunked: the current
 //!   snapshot as one line at once (or as soon as the first state is applied), then one
 //!   line per change, until the client leaves or the agent stops ([`crate::proxyfeed`]).
+//! - `GET /v1/routes`: the HTTPRoute statuses of the applied state as a JSON list of
+//!   [`RouteStatus`](crate::plan::routes::RouteStatus).
 //!
 //! `client` is the other end, for `mesh-agent observe` and `mesh-agent policy`.
 
@@ -415,6 +417,14 @@ pub async fn handle<B>(
                 format!("{err}\n"),
             ),
         },
+        (&Method::GET, "/v1/routes") => match serde_json::to_string(view.get().routes()) {
+            Ok(body) => reply(StatusCode::OK, JSON, body + "\n"),
+            Err(err) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                PLAIN_TEXT,
+                format!("{err}\n"),
+            ),
+        },
         (&Method::GET, "/v1/status") => match serde_json::to_string(&status) {
             Ok(body) => reply(StatusCode::OK, JSON, body + "\n"),
             Err(err) => reply(
@@ -427,7 +437,7 @@ pub async fn handle<B>(
         _ => reply(
             StatusCode::NOT_FOUND,
             PLAIN_TEXT,
-            "not found (GET /v1/flows, GET /v1/policy, GET /v1/status, GET /v1/proxy/config)\n"
+            "not found (GET /v1/flows, GET /v1/policy, GET /v1/routes, GET /v1/status, GET /v1/proxy/config)\n"
                 .to_owned(),
         ),
     };

@@ -254,8 +254,9 @@ impl Reconciler {
         self.ids = next_ids;
         self.identity_ids = next_identity_ids;
         if let Some(state) = &self.state {
-            self.view
-                .publish(View::new(state, &policy, &self.node, &self.local_netns));
+            let view = View::new(state, &policy, &self.node, &self.local_netns)
+                .with_routes(plan::routes::compile(state).statuses);
+            self.view.publish(view);
         }
         self.after_apply(&plan);
         info!(

@@ -1,5 +1,5 @@
-//! The client end of the admin API, for `mesh-agent observe`, `mesh-agent policy` and
-//! `mesh-agent proxy-config`:
+//! The client end of the admin API, for `mesh-agent observe`, `policy`, `routes` and
+//! `proxy-config`:
 //! one blocking HTTP/1.1 request per command over the agent's Unix socket, the body
 //! read line by line as it arrives (so `observe --follow` prints each flow at once).
 
@@ -20,7 +20,10 @@ use mesh_common::{
 };
 
 use super::{FlowQuery, SOCKET_NAME, socket_path};
-use crate::report::{Flow, PolicyReport};
+use crate::{
+    plan::routes::RouteStatus,
+    report::{Flow, PolicyReport},
+};
 
 /// Errors of the admin client, naming the socket or map involved.
 #[derive(Debug, thiserror::Error)]
@@ -269,6 +272,21 @@ pub fn policy_report(socket: &Path) -> Result<PolicyReport, ClientError> {
     serde_json::from_str(&text).map_err(|e| ClientError::Protocol {
         path: socket.into(),
         problem: format!("policy report: {e}"),
+    })
+}
+
+/// `GET /v1/routes`.
+pub fn route_statuses(socket: &Path) -> Result<Vec<RouteStatus>, ClientError> {
+    let mut text = String::new();
+    get(socket, "/v1/routes")?
+        .read_to_string(&mut text)
+        .map_err(|source| ClientError::Io {
+            path: socket.into(),
+            source,
+        })?;
+    serde_json::from_str(&text).map_err(|e| ClientError::Protocol {
+        path: socket.into(),
+        problem: format!("route statuses: {e}"),
     })
 }
 

@@ -313,3 +313,51 @@ fn get(socket: &Path, uri: &str) -> String {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     body.to_owned()
 }
+
+#[tokio::test]
+async fn routes_are_served_from_the_published_view() {
+    use crate::plan::routes::{Condition, ParentStatus, RouteStatus};
+    let condition = |reason: &str| Condition {
+        status: true,
+        reason: reason.into(),
+        message: String::new(),
+    };
+    let routes = vec![RouteStatus {
+        route: mesh_common::l7::ObjectRef {
+            namespace: "shop".into(),
+            name: "split".into(),
+        },
+        parents: vec![ParentStatus {
+            service: mesh_common::l7::ObjectRef {
+                namespace: "shop".into(),
+                name: "web".into(),
+            },
+            kind: "Service".into(),
+            port: Some(80),
+            attached_ports: vec![80],
+            accepted: condition("Accepted"),
+            resolved_refs: condition("ResolvedRefs"),
+        }],
+    }];
+    let view = SharedView::default();
+    view.publish(crate::flows::View::default().with_routes(routes.clone()));
+    let request = hyper::Request::get("/v1/routes").body(()).expect("request");
+    let (_stop, stopping) = tokio::sync::watch::channel(false);
+    let feed = crate::proxyfeed::ProxyFeed::default();
+    let response = handle(
+        request,
+        view,
+        Arc::new(FlowLog::default()),
+        feed.subscribe(),
+        AgentStatus::default(),
+        stopping,
+    )
+    .await
+    .expect("infallible");
+    assert_eq!(response.status(), hyper::StatusCode::OK);
+    let ApiBody::Full(Some(body)) = response.into_body() else {
+        panic!("a whole body");
+    };
+    let served: Vec<RouteStatus> = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(served, routes);
+}

@@ -1,6 +1,8 @@
 //! Semantic checks of single objects, the subset of the API server's validation that
 //! the datapath relies on. Each problem carries the field path it is about.
 
+mod httproute;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -16,6 +18,8 @@ use super::model::{
     Cidr, MAX_AFFINITY_TIMEOUT_S, PREFER_CLOSE, SERVICE_NAME_LABEL, SOCKMAP_ANNOTATION, protocol,
     target_port,
 };
+
+pub(super) use httproute::http_route;
 
 /// One problem in one object, before the caller adds file, document and object.
 #[derive(Debug, PartialEq, Eq)]
