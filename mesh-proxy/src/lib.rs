@@ -8,3 +8,10 @@
 //! (timeouts, retries) → [`balance`] and [`upstream`] (endpoint choice, pooled
 //! connections, circuit breaking) → [`metrics`] and [`trace`].
 #![deny(unsafe_code)]
+
+pub mod cli;
+pub mod feed;
+pub mod filters;
+pub mod inpod;
+pub mod router;
+pub mod sys;
