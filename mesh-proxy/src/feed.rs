@@ -42,6 +42,11 @@ pub enum FeedError {
     Ended { socket: PathBuf },
 }
 
+/// A line grew past the splitter's bound.
+#[derive(Debug, thiserror::Error)]
+#[error("line too long")]
+pub struct LineTooLong;
+
 /// Splits a byte stream into lines, bounded by [`MAX_LINE`].
 #[derive(Default)]
 pub struct LineSplitter {
@@ -59,7 +64,7 @@ impl LineSplitter {
     }
 
     /// Adds `data`; returns the complete lines, or `Err` when a line grew past the bound.
-    pub fn push(&mut self, mut data: impl Buf) -> Result<Vec<BytesMut>, ()> {
+    pub fn push(&mut self, mut data: impl Buf) -> Result<Vec<BytesMut>, LineTooLong> {
         let mut lines = Vec::new();
         while data.has_remaining() {
             let chunk = data.chunk();
@@ -76,7 +81,7 @@ impl LineSplitter {
                 }
             }
             if self.buf.len() > self.max {
-                return Err(());
+                return Err(LineTooLong);
             }
         }
         Ok(lines)
@@ -166,7 +171,7 @@ async fn session(
 }
 
 /// Publishes one line's configuration, or logs why it is skipped.
-fn publish(socket: &PathBuf, line: &[u8], tx: &watch::Sender<Option<Arc<ProxyConfig>>>) {
+fn publish(socket: &std::path::Path, line: &[u8], tx: &watch::Sender<Option<Arc<ProxyConfig>>>) {
     match parse_line(line) {
         None => {}
         Some(Ok(config)) => {
@@ -239,10 +244,10 @@ mod tests {
         let got = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
                 rx.changed().await.unwrap();
-                if let Some(c) = rx.borrow().clone() {
-                    if c.version == 8 {
-                        return c.version;
-                    }
+                if let Some(c) = rx.borrow().clone()
+                    && c.version == 8
+                {
+                    return c.version;
                 }
             }
         })
