@@ -837,3 +837,6 @@ impl<B> Drop for Recorded<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
