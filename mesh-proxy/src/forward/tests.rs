@@ -166,6 +166,10 @@ struct Harness {
 }
 
 async fn harness(config: ProxyConfig) -> Harness {
+    harness_with(config, AppProtocol::Http).await
+}
+
+async fn harness_with(config: ProxyConfig, protocol: AppProtocol) -> Harness {
     let settings = Settings {
         connect_timeout: Duration::from_secs(2),
         idle_timeout: Duration::from_secs(30),
@@ -214,7 +218,7 @@ async fn harness(config: ProxyConfig) -> Harness {
             tokio::spawn(server::serve(
                 stream,
                 conn,
-                AppProtocol::Http,
+                protocol,
                 limits,
                 graceful.watcher(),
             ));
@@ -507,4 +511,149 @@ fn weighted_choice_never_picks_weight_zero() {
     assert_eq!(counts, [0, 300, 100]);
     assert!(choose(&[to_web(0)], 7).is_none());
     assert!(choose(&[], 7).is_none());
+}
+
+/// An HTTP/2 backend answering every request with `grpc-status: 0` in the trailers.
+async fn grpc_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let te = req.headers().get("te").cloned();
+                    let got = req.into_body().collect().await.unwrap();
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", "0".parse().unwrap());
+                    let body = Replay {
+                        data: Some(got.to_bytes()),
+                        trailers: Some(trailers),
+                    };
+                    let mut resp = Response::new(body);
+                    resp.headers_mut()
+                        .insert("content-type", "application/grpc".parse().unwrap());
+                    if let Some(te) = te {
+                        resp.headers_mut().insert("x-seen-te", te);
+                    }
+                    Ok::<_, Infallible>(resp)
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn grpc_over_h2c_passes_trailers_both_ways() {
+    let b = grpc_backend().await;
+    let mut c = config(&[b], None, Resilience::default());
+    c.frontends[0].protocol = AppProtocol::Grpc;
+    c.services[0].protocol = AppProtocol::Grpc;
+    let h = harness_with(c, AppProtocol::Grpc).await;
+    let stream = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post("http://web.default:80/pkg.Echo/Say")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02hi")))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-seen-te"], "trailers");
+    let collected = resp.into_body().collect().await.unwrap();
+    assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+    assert_eq!(collected.to_bytes().as_ref(), b"\0\0\0\0\x02hi");
+    // Metrics are recorded when the response body ends.
+    let m = h.metrics();
+    assert!(m.contains("grpc_response_status=\"0\""), "{m}");
+    assert!(m.contains("request_protocol=\"grpc\""), "{m}");
+}
+
+#[tokio::test]
+async fn upgrade_is_tunnelled() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A backend that switches protocols and then echoes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        let svc = service_fn(|mut req: Request<hyper::body::Incoming>| async move {
+            assert_eq!(req.headers()["upgrade"], "echo");
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let mut io = TokioIo::new(on.await.unwrap());
+                let mut buf = [0u8; 5];
+                io.read_exact(&mut buf).await.unwrap();
+                io.write_all(&buf).await.unwrap();
+            });
+            let mut resp = Response::new(Full::new(Bytes::new()));
+            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            resp.headers_mut()
+                .insert("upgrade", "echo".parse().unwrap());
+            resp.headers_mut()
+                .insert("connection", "upgrade".parse().unwrap());
+            Ok::<_, Infallible>(resp)
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), svc)
+            .with_upgrades()
+            .await;
+    });
+    let h = harness(config(&[b], None, Resilience::default())).await;
+    let stream = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    let req = Request::get("/ws")
+        .header("host", "web")
+        .header("connection", "Upgrade")
+        .header("upgrade", "echo")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let mut resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let mut io = TokioIo::new(hyper::upgrade::on(&mut resp).await.unwrap());
+    io.write_all(b"hello").await.unwrap();
+    let mut buf = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"hello");
+}
+
+#[tokio::test]
+async fn oversized_head_gets_431() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = harness(config(&[], None, Resilience::default())).await;
+    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let big = "a".repeat(40_000);
+    let req = format!("GET / HTTP/1.1\r\nhost: web\r\nx-big: {big}\r\n\r\n");
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut buf = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 431"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
 }
