@@ -18,6 +18,7 @@ use std::{
 use hyper_util::server::graceful::GracefulShutdown;
 use mesh_common::l7::{LocalPod, ProxyConfig};
 use tokio::{net::TcpListener, task::JoinHandle};
+use tracing::Instrument as _;
 
 use crate::{
     forward::{Conn, Proxy, Source},
@@ -184,10 +185,14 @@ impl Listeners {
                 let active = Arc::clone(&active);
                 let metrics = Arc::clone(&proxy.metrics);
                 metrics.set_connections(active.fetch_add(1, Ordering::AcqRel) + 1);
-                tokio::spawn(async move {
-                    server::serve(stream, conn, protocol, limits, watcher).await;
-                    metrics.set_connections(active.fetch_sub(1, Ordering::AcqRel) - 1);
-                });
+                let span = tracing::info_span!("conn", pod = %source.netns.name, %peer, %dst);
+                tokio::spawn(
+                    async move {
+                        server::serve(stream, conn, protocol, limits, watcher).await;
+                        metrics.set_connections(active.fetch_sub(1, Ordering::AcqRel) - 1);
+                    }
+                    .instrument(span),
+                );
             }
         }
     }

@@ -657,3 +657,56 @@ async fn oversized_head_gets_431() {
         String::from_utf8_lossy(&buf[..n])
     );
 }
+
+#[tokio::test]
+async fn mirror_gets_a_copy_and_retry_replays_the_body() {
+    let primary = backend(script(|n| {
+        let s = if n == 0 {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        };
+        (s, Duration::ZERO)
+    }))
+    .await;
+    let mirror = backend(script(|_| (StatusCode::IM_A_TEAPOT, Duration::ZERO))).await;
+    let mirror_ref = ServicePortRef {
+        service: obj("shadow"),
+        port: 80,
+    };
+    let mut r = rule(vec![to_web(1)]);
+    r.retry = Some(RetryPolicy {
+        attempts: 1,
+        codes: vec![503],
+        backoff_ms: 1,
+    });
+    r.filters = vec![Filter::RequestMirror(mesh_common::l7::Mirror {
+        target: BackendTarget::Service(mirror_ref.clone()),
+        fraction_ppm: 1_000_000,
+    })];
+    let mut c = config(&[primary.addr], Some(r), Resilience::default());
+    let mut shadow = c.services[0].clone();
+    shadow.target = mirror_ref;
+    shadow.host = "shadow.default.svc.cluster.local".into();
+    shadow.endpoints[0].port = mirror.addr.port();
+    c.services.push(shadow);
+    let h = harness(c).await;
+
+    let stream = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post("/submit")
+        .header("host", "web")
+        .body(Full::new(Bytes::from_static(b"payload")))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(primary.requests.load(Ordering::SeqCst), 2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while mirror.requests.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(mirror.requests.load(Ordering::SeqCst), 1);
+}
