@@ -30,7 +30,7 @@ use mesh_common::l7::{
 use tokio::sync::{Semaphore, watch};
 
 use crate::{
-    balance::{Balancer, Outcome},
+    balance::{Balancer, Outcome, Pick},
     filters,
     inpod::Netns,
     metrics::{ProxyMetrics, RequestLabels},
@@ -294,10 +294,13 @@ impl Conn {
             let failure_flag = match result {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
-                    pick.finish(Outcome::Response {
-                        status,
-                        latency: sent.elapsed(),
-                    });
+                    let latency = sent.elapsed();
+                    finish(
+                        &self.proxy.metrics,
+                        service,
+                        pick,
+                        Outcome::Response { status, latency },
+                    );
                     let retryable = policy.is_some_and(|p| p.codes.contains(&status));
                     if !retryable || !can_retry {
                         let flag = if retryable && retry > 0 { "URX" } else { "-" };
@@ -321,11 +324,11 @@ impl Conn {
                 Err(e) => {
                     let flag = match e {
                         UpstreamError::Reset { .. } => {
-                            pick.finish(Outcome::Reset);
+                            finish(&self.proxy.metrics, service, pick, Outcome::Reset);
                             "UC"
                         }
                         _ => {
-                            pick.finish(Outcome::ConnectFailure);
+                            finish(&self.proxy.metrics, service, pick, Outcome::ConnectFailure);
                             "UF"
                         }
                     };
@@ -398,6 +401,14 @@ impl Conn {
             }
             drop(permit);
         });
+    }
+}
+
+/// Reports how an attempt ended to the balancer, and counts the ejection it caused.
+fn finish(metrics: &ProxyMetrics, service: &str, pick: Pick, outcome: Outcome) {
+    if let Some(e) = pick.finish_report(outcome) {
+        let endpoint = SocketAddr::new(e.endpoint.addr, e.endpoint.port);
+        metrics.record_ejection(service, &endpoint.to_string());
     }
 }
 
