@@ -85,24 +85,26 @@ impl Listeners {
                 (key, p)
             })
             .collect();
-        self.pods.retain(|k, l| {
-            let keep = wanted.get(k).is_some_and(|p| **p == l.pod);
-            if !keep {
-                tracing::info!(pod = %format!("{}/{}", k.namespace, k.name), "closing pod listeners");
-            }
-            keep
-        });
-        for (key, pod) in wanted {
-            if self.pods.contains_key(&key) {
+        // New listeners first (SO_REUSEPORT lets them share the port), so a pod whose
+        // entry changed is never without one; then the old ones close.
+        for (key, pod) in &wanted {
+            if self.pods.get(key).is_some_and(|l| l.pod == **pod) {
                 continue;
             }
             let Some(netns) = inpod::open_pod(pod) else {
                 continue;
             };
             if let Some(l) = self.open(pod, Arc::new(netns)).await {
-                self.pods.insert(key, l);
+                self.pods.insert(key.clone(), l);
             }
         }
+        self.pods.retain(|k, _| {
+            let keep = wanted.contains_key(k);
+            if !keep {
+                tracing::info!(pod = %format!("{}/{}", k.namespace, k.name), "closing pod listeners");
+            }
+            keep
+        });
     }
 
     /// Opens a pod's listeners in `netns`; `None` (logged) when IPv4 fails.
