@@ -101,7 +101,13 @@ pub fn parse_line(line: &[u8]) -> Option<Result<ProxyConfig, serde_json::Error>>
 pub async fn run(socket: PathBuf, tx: watch::Sender<Option<Arc<ProxyConfig>>>) {
     let mut backoff = BACKOFF_MIN;
     loop {
-        match session(&socket, &tx).await {
+        let mut connected = false;
+        let ended = session(&socket, &tx, &mut connected).await;
+        if connected {
+            // The agent was there: the next attempt starts fast again.
+            backoff = BACKOFF_MIN;
+        }
+        match ended {
             Ok(()) => {}
             Err(e) => {
                 let serving = tx.borrow().as_ref().map(|c| c.version);
@@ -116,10 +122,12 @@ pub async fn run(socket: PathBuf, tx: watch::Sender<Option<Arc<ProxyConfig>>>) {
     }
 }
 
-/// One connection to the agent: returns when it ends.
+/// One connection to the agent: returns when it ends; `connected` tells whether the
+/// agent answered 200.
 async fn session(
     socket: &PathBuf,
     tx: &watch::Sender<Option<Arc<ProxyConfig>>>,
+    connected: &mut bool,
 ) -> Result<(), FeedError> {
     let io_err = |e: Box<dyn std::error::Error + Send + Sync>| FeedError::Io {
         socket: socket.clone(),
@@ -144,6 +152,7 @@ async fn session(
             status: resp.status(),
         });
     }
+    *connected = true;
     tracing::info!(agent = %socket.display(), "configuration feed connected");
     let mut body = resp.into_body();
     let mut lines = LineSplitter::new(MAX_LINE);

@@ -367,7 +367,7 @@ async fn no_endpoint_is_503_uh() {
 
 #[tokio::test]
 async fn circuit_breaker_overflow_is_503_uo() {
-    let b = backend(script(|_| (StatusCode::OK, Duration::from_millis(500)))).await;
+    let b = backend(script(|_| (StatusCode::OK, Duration::from_millis(1500)))).await;
     let limits = Resilience {
         max_connections: 1,
         max_pending_requests: 0,
@@ -378,7 +378,11 @@ async fn circuit_breaker_overflow_is_503_uo() {
         let h = Arc::clone(&h);
         tokio::spawn(async move { h.get("/slow").await.unwrap().status() })
     };
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The first request holds the only connection once the backend has it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while b.requests.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let rejected = h.get("/second").await.unwrap();
     assert_eq!(rejected.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(slow.await.unwrap(), StatusCode::OK);
@@ -709,4 +713,35 @@ async fn mirror_gets_a_copy_and_retry_replays_the_body() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(mirror.requests.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn snapshot_keeps_service_state_across_versions() {
+    let settings = Settings {
+        connect_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(1),
+    };
+    let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let first = Snapshot::build(
+        Arc::new(config(&[a], None, Resilience::default())),
+        None,
+        settings,
+    );
+    let mut next = config(&[a], None, Resilience::default());
+    next.version = 2;
+    let second = Snapshot::build(Arc::new(next.clone()), Some(&first), settings);
+    let (t1, t2) = (&first.targets[&port_ref()], &second.targets[&port_ref()]);
+    assert!(Arc::ptr_eq(&t1.pool, &t2.pool));
+    assert!(Arc::ptr_eq(&t1.balancer, &t2.balancer));
+    assert!(Arc::ptr_eq(&t1.budget, &t2.budget));
+    // A Service port that goes away and comes back starts fresh.
+    next.services.clear();
+    let third = Snapshot::build(Arc::new(next.clone()), Some(&second), settings);
+    assert!(third.targets.is_empty());
+    let fourth = Snapshot::build(
+        Arc::new(config(&[a], None, Resilience::default())),
+        Some(&third),
+        settings,
+    );
+    assert!(!Arc::ptr_eq(&fourth.targets[&port_ref()].pool, &t1.pool));
 }
