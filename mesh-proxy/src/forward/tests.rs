@@ -174,6 +174,14 @@ async fn harness_with(config: ProxyConfig, protocol: AppProtocol) -> Harness {
         connect_timeout: Duration::from_secs(2),
         idle_timeout: Duration::from_secs(30),
     };
+    harness_settings(config, protocol, settings).await
+}
+
+async fn harness_settings(
+    config: ProxyConfig,
+    protocol: AppProtocol,
+    settings: Settings,
+) -> Harness {
     let snapshot = Snapshot::build(Arc::new(config), None, settings);
     let (tx, rx) = watch::channel(Arc::new(snapshot));
     std::mem::forget(tx);
@@ -744,4 +752,70 @@ fn snapshot_keeps_service_state_across_versions() {
         settings,
     );
     assert!(!Arc::ptr_eq(&fourth.targets[&port_ref()].pool, &t1.pool));
+}
+
+#[tokio::test]
+async fn connect_timeout_resets_the_client_without_an_answer() {
+    // A listener that never accepts, its queue filled: further SYNs are dropped, as a
+    // policy drop would, so connects hang.
+    let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    full.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    full.listen(0).unwrap();
+    let addr = full.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..16 {
+        match tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => fillers.push(s),
+            _ => break,
+        }
+    }
+    let settings = Settings {
+        connect_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_secs(30),
+    };
+    let h = harness_settings(
+        config(&[addr], None, Resilience::default()),
+        AppProtocol::Http,
+        settings,
+    )
+    .await;
+    let got = h.get("/").await.map(|r| r.status());
+    assert!(got.is_none(), "the client gets no HTTP answer: {got:?}");
+}
+
+#[test]
+fn denied_and_timed_out_connects_reset_the_client() {
+    let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let denied = std::io::Error::from_raw_os_error(libc::EPERM);
+    assert!(crate::sys::is_denied(&denied));
+    let e = UpstreamError::Denied {
+        addr,
+        pod: "p".into(),
+        source: denied,
+    };
+    assert!(e.resets_client());
+    let refused = std::io::Error::from_raw_os_error(libc::ECONNREFUSED);
+    assert!(!crate::sys::is_denied(&refused));
+    assert!(
+        !UpstreamError::Connect {
+            addr,
+            pod: "p".into(),
+            source: refused
+        }
+        .resets_client()
+    );
+    assert!(
+        UpstreamError::ConnectTimeout {
+            addr,
+            pod: "p".into(),
+            after: Duration::ZERO
+        }
+        .resets_client()
+    );
 }
