@@ -4,7 +4,7 @@
 //!
 //! The cost of an endpoint is `latency estimate * (requests in flight + 1)`. Each pick
 //! draws two distinct endpoints at random among those not ejected and takes the cheaper
-//! one: nearly as good as the least loaded of all, without a scan, and without the herd
+//! one: nearly as good as the least loaded of all without comparing them all, and without the herd
 //! a strict "least loaded" causes when many requests decide on the same stale view.
 
 mod ewma;
@@ -12,6 +12,7 @@ mod outlier;
 #[cfg(test)]
 mod tests;
 
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -123,15 +124,18 @@ impl Balancer {
         let mut shared = self.lock();
         let shared = &mut *shared;
         shared.cfg = *cfg;
-        let mut old = std::mem::take(&mut shared.slots);
+        let mut old: HashMap<(IpAddr, u16), Slot> = std::mem::take(&mut shared.slots)
+            .into_iter()
+            .map(|slot| (key_of(&slot.endpoint), slot))
+            .collect();
+        let mut seen = HashSet::with_capacity(endpoints.len());
         for endpoint in endpoints {
             let key = key_of(endpoint);
-            if shared.slots.iter().any(|s| key_of(&s.endpoint) == key) {
+            if !seen.insert(key) {
                 continue;
             }
-            let slot = match old.iter().position(|s| key_of(&s.endpoint) == key) {
-                Some(i) => {
-                    let mut slot = old.swap_remove(i);
+            let slot = match old.remove(&key) {
+                Some(mut slot) => {
                     slot.endpoint = endpoint.clone();
                     slot
                 }
@@ -152,24 +156,22 @@ impl Balancer {
 
     fn pick_at(&self, now: Instant, rng: &mut impl Rng) -> Option<Pick> {
         let mut shared = self.lock();
-        let mut candidates = Vec::with_capacity(shared.slots.len());
-        for (i, slot) in shared.slots.iter_mut().enumerate() {
+        let mut available = 0;
+        for slot in &mut shared.slots {
             slot.outlier.recover(now);
-            if !slot.outlier.is_ejected() {
-                candidates.push(i);
-            }
+            available += usize::from(!slot.outlier.is_ejected());
         }
-        let chosen = match candidates.len() {
+        let chosen = match available {
             0 => return None,
-            1 => candidates[0],
+            1 => shared.nth_available(0),
             len => {
-                // Two distinct indexes: the second is drawn from the others.
+                // Two distinct draws: the second is drawn from the others.
                 let a = rng.random_range(0..len);
                 let mut b = rng.random_range(0..len - 1);
                 if b >= a {
                     b += 1;
                 }
-                let (a, b) = (candidates[a], candidates[b]);
+                let (a, b) = (shared.nth_available(a), shared.nth_available(b));
                 if shared.cost(b, now) < shared.cost(a, now) {
                     b
                 } else {
@@ -182,6 +184,20 @@ impl Balancer {
 }
 
 impl Shared {
+    /// The slot index of the `n`-th endpoint that is not ejected (there must be one).
+    fn nth_available(&self, n: usize) -> usize {
+        if self.slots.iter().all(|s| !s.outlier.is_ejected()) {
+            return n;
+        }
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.outlier.is_ejected())
+            .nth(n)
+            .map(|(i, _)| i)
+            .expect("n is below the number of endpoints not ejected")
+    }
+
     fn cost(&self, index: usize, now: Instant) -> f64 {
         let slot = &self.slots[index];
         slot.ewma.current(now, DECAY) * f64::from(slot.in_flight.saturating_add(1))

@@ -257,6 +257,12 @@ mod tests {
     }
 
     #[test]
+    fn the_budget_is_shared_across_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<RetryBudget>();
+    }
+
+    #[test]
     fn backoff_edges() {
         assert_eq!(backoff(Duration::ZERO, 1), Duration::ZERO);
         assert_eq!(backoff(Duration::ZERO, 30), Duration::ZERO);

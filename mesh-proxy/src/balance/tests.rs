@@ -338,3 +338,51 @@ fn an_avoided_endpoint_is_tried_again_once_its_estimate_decays() {
     let step = first_retry.expect("endpoint 1 tried again within 60 s");
     assert!((400..=500).contains(&step), "retried at step {step}");
 }
+
+#[test]
+fn picks_skip_ejected_endpoints_wherever_they_sit() {
+    let mut bench = Bench::new(&[1, 2, 3, 4, 5], &cfg(1, 1000, 100));
+    for port in [1, 3, 5] {
+        let pick = bench.take(port);
+        assert!(bench.finish(pick, err5xx()).is_some());
+    }
+    let mut seen = HashSet::new();
+    for _ in 0..200 {
+        let pick = bench.pick().expect("2 and 4 remain");
+        seen.insert(pick.endpoint.port);
+        bench.finish(pick, ok(30));
+    }
+    assert_eq!(seen, HashSet::from([2, 4]));
+}
+
+#[test]
+fn shared_types_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Balancer>();
+    send_sync::<Pick>();
+}
+
+#[test]
+fn concurrent_picks_release_every_in_flight_count() {
+    let balancer = Arc::new(Balancer::new(&eps(&[1, 2, 3]), &Resilience::default()));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let balancer = Arc::clone(&balancer);
+            std::thread::spawn(move || {
+                for i in 0..500u64 {
+                    let pick = balancer.pick().expect("endpoints");
+                    if (i + t) % 3 == 0 {
+                        drop(pick);
+                    } else {
+                        pick.finish(ok(i % 7));
+                    }
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("no panic");
+    }
+    let shared = balancer.lock();
+    assert!(shared.slots.iter().all(|s| s.in_flight == 0));
+}

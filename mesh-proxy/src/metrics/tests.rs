@@ -264,6 +264,12 @@ fn proxy_metrics_count_and_set() {
 }
 
 #[test]
+fn metrics_are_shared_across_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<ProxyMetrics>();
+}
+
+#[test]
 fn label_values_are_escaped() {
     let metrics = ProxyMetrics::new();
     let mut l = labels(200);
