@@ -819,3 +819,27 @@ fn denied_and_timed_out_connects_reset_the_client() {
         .resets_client()
     );
 }
+
+#[tokio::test]
+async fn slow_head_is_cut_off_after_the_header_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = harness(config(&[], None, Resilience::default())).await;
+    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: web\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 256];
+    // The harness allows 2 s for a head; the connection ends (maybe after a 408).
+    let closed = tokio::time::timeout(Duration::from_secs(6), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "connection still open after 6 s");
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+}
