@@ -205,7 +205,7 @@ impl ServicePool {
         shared.retain(|_, s| !s.send.is_closed());
     }
 
-    /// Open backend connections (for tests and metrics).
+    /// Backend connections open now (idle or busy).
     pub fn open_connections(&self) -> usize {
         let max = self.max_connections.load(Ordering::Acquire) as usize;
         max.saturating_sub(self.conns.available_permits())

@@ -398,6 +398,10 @@ async fn circuit_breaker_overflow_is_503_uo() {
     // Once the first request is done its connection serves the next one.
     assert_eq!(h.get("/third").await.unwrap().status(), StatusCode::OK);
     assert_eq!(b.connections.load(Ordering::SeqCst), 1);
+    let open = h.proxy.snapshot.borrow().targets[&port_ref()]
+        .pool
+        .open_connections();
+    assert_eq!(open, 1);
 }
 
 #[tokio::test]
@@ -842,4 +846,25 @@ async fn slow_head_is_cut_off_after_the_header_read_timeout() {
     .await;
     assert!(closed.is_ok(), "connection still open after 6 s");
     assert!(started.elapsed() >= Duration::from_millis(1500));
+}
+
+#[tokio::test]
+async fn http_frontend_speaks_h2_to_the_backend_when_the_client_does() {
+    // `http` ports: HTTP/2 prior knowledge from the client is passed on as HTTP/2.
+    let b = grpc_backend().await;
+    let h = harness(config(&[b], None, Resilience::default())).await;
+    let stream = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("http://web.default/x")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
 }
