@@ -148,7 +148,7 @@ impl Netns {
     }
 }
 
-/// The pod's listener addresses: 127.0.0.1:15001 and [::1]:15001 (the listeners skip
+/// The pod's listener addresses: `127.0.0.1:15001` and `[::1]:15001` (the listeners skip
 /// IPv6 quietly in a pod without `::1`).
 pub fn listen_addrs() -> [SocketAddr; 2] {
     let port = mesh_common::l7::PROXY_OUTBOUND_PORT;
