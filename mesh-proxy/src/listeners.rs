@@ -1,5 +1,5 @@
-//! The proxy's listeners inside each local pod's network namespace (127.0.0.1:15001,
-//! and [::1]:15001 where the pod has IPv6 loopback), reconciled with every
+//! The proxy's listeners inside each local pod's network namespace (`127.0.0.1:15001`,
+//! and `[::1]:15001` where the pod has IPv6 loopback), reconciled with every
 //! configuration: new pods get listeners, pods that went away lose theirs (connections
 //! already accepted go on). Each accepted connection is looked up by its original
 //! destination and served as its frontend's protocol.
