@@ -177,10 +177,12 @@ impl Reconciler {
                     .collect()
             })
             .unwrap_or_default();
+        let routes = plan::routes::compile(state);
         let ctx = PlanContext {
             node: &self.node,
             unhealthy: &unhealthy,
             capacities: self.capacities,
+            l7_ports: &routes.l7_ports,
         };
         let pctx = PolicyContext {
             node: &self.node,
