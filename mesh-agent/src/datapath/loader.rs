@@ -320,7 +320,8 @@ impl Datapath {
                     path: link_path.into(),
                     source,
                 })?;
-        let fresh = link_path.with_extension("new");
+        // bpffs rejects names with a dot.
+        let fresh = pins::link_pin(&self.node_dir, "mesh_getsockopt_new");
         remove_if_exists(&fresh)?;
         crate::sys::bpf_obj_pin(fd.as_fd(), &fresh).map_err(|source| DatapathError::Io {
             op: "pin new link",
