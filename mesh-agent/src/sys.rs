@@ -94,46 +94,6 @@ pub fn netns_cookie(socket: BorrowedFd<'_>) -> Result<u64, Errno> {
     Ok(cookie)
 }
 
-/// Whether the process runs as root (root-only tests check this first).
-#[cfg(test)]
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::os::fd::AsFd as _;
-
-    use super::*;
-
-    #[test]
-    fn pod_values_round_trip_through_bytes_of_any_alignment() {
-        let value: u64 = 0x0102_0304_0506_0708;
-        let mut buf = [0u8; 9];
-        buf[1..].copy_from_slice(pod_bytes(&value));
-        assert_eq!(read_pod::<u64>(&buf[1..]), Some(value));
-        assert_eq!(read_pod::<u64>(&buf), None, "too long");
-        assert_eq!(read_pod::<u64>(&buf[2..]), None, "too short");
-    }
-
-    #[test]
-    fn clocks_tick_and_unknown_ones_read_zero() {
-        assert!(clock_ns(libc::CLOCK_REALTIME) > 0);
-        assert!(clock_ns(libc::CLOCK_MONOTONIC) > 0);
-        assert_eq!(clock_ns(1_000), 0);
-    }
-
-    #[test]
-    fn sockets_of_one_namespace_share_its_cookie() {
-        let socket = || std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let (a, b) = (socket(), socket());
-        let cookie = netns_cookie(a.as_fd()).expect("cookie");
-        assert_ne!(cookie, 0);
-        assert_eq!(netns_cookie(b.as_fd()), Ok(cookie));
-    }
-}
-
 /// `BPF_OBJ_PIN` of `enum bpf_cmd`.
 const BPF_OBJ_PIN: libc::c_long = 6;
 /// `BPF_LINK_CREATE` of `enum bpf_cmd`.
@@ -218,4 +178,44 @@ pub fn bpf_obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     };
     // SAFETY: the BPF_OBJ_PIN member; `path` (NUL-terminated) and `fd` outlive the call.
     unsafe { bpf(BPF_OBJ_PIN, &attr) }.map(drop)
+}
+
+/// Whether the process runs as root (root-only tests check this first).
+#[cfg(test)]
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd as _;
+
+    use super::*;
+
+    #[test]
+    fn pod_values_round_trip_through_bytes_of_any_alignment() {
+        let value: u64 = 0x0102_0304_0506_0708;
+        let mut buf = [0u8; 9];
+        buf[1..].copy_from_slice(pod_bytes(&value));
+        assert_eq!(read_pod::<u64>(&buf[1..]), Some(value));
+        assert_eq!(read_pod::<u64>(&buf), None, "too long");
+        assert_eq!(read_pod::<u64>(&buf[2..]), None, "too short");
+    }
+
+    #[test]
+    fn clocks_tick_and_unknown_ones_read_zero() {
+        assert!(clock_ns(libc::CLOCK_REALTIME) > 0);
+        assert!(clock_ns(libc::CLOCK_MONOTONIC) > 0);
+        assert_eq!(clock_ns(1_000), 0);
+    }
+
+    #[test]
+    fn sockets_of_one_namespace_share_its_cookie() {
+        let socket = || std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let (a, b) = (socket(), socket());
+        let cookie = netns_cookie(a.as_fd()).expect("cookie");
+        assert_ne!(cookie, 0);
+        assert_eq!(netns_cookie(b.as_fd()), Ok(cookie));
+    }
 }
