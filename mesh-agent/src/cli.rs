@@ -637,10 +637,12 @@ fn validate(path: &std::path::Path, node: &str, sizes: &MapSizes) -> ExitCode {
         }
     };
     let all_healthy = std::collections::BTreeSet::new();
+    let routes = crate::plan::routes::compile(&state);
     let ctx = crate::plan::PlanContext {
         node,
         unhealthy: &all_healthy,
         capacities: sizes.capacities(),
+        l7_ports: &routes.l7_ports,
     };
     let services = crate::plan::plan(&state, &crate::plan::Ids::default(), &ctx);
     let no_netns = std::collections::BTreeMap::new();

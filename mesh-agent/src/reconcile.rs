@@ -32,7 +32,7 @@ use crate::{
         self, BackendAddr, Capacities, Ids, Plan, PlanContext,
         policy::{IdentityIds, PolicyCapacities, PolicyContext, plan_policy},
         proxy::proxy_config,
-        routes,
+        routes::CompiledRoutes,
     },
     proxyfeed::ProxyFeed,
     state::{self, State},
@@ -95,6 +95,9 @@ pub struct Reconciler {
     /// Whether `state` is the one in force (its plan applied): a rejected state must not
     /// reach the node proxy either.
     state_applied: bool,
+    /// The routes of the state in force, compiled once per plan for the planner, the
+    /// admin view and the node proxy.
+    routes: Option<CompiledRoutes>,
     applied: Option<Plan>,
     health: Option<HealthChecker>,
     telemetry: Arc<Telemetry>,
@@ -135,6 +138,7 @@ impl Reconciler {
             node_addrs: Vec::new(),
             state: None,
             state_applied: false,
+            routes: None,
             applied: None,
             health,
             telemetry,
@@ -214,10 +218,12 @@ impl Reconciler {
                     .collect()
             })
             .unwrap_or_default();
+        let routes = plan::routes::compile(state);
         let ctx = PlanContext {
             node: &self.node,
             unhealthy: &unhealthy,
             capacities: self.capacities,
+            l7_ports: &routes.l7_ports,
         };
         let pctx = PolicyContext {
             node: &self.node,
@@ -255,9 +261,10 @@ impl Reconciler {
         self.identity_ids = next_identity_ids;
         if let Some(state) = &self.state {
             let view = View::new(state, &policy, &self.node, &self.local_netns)
-                .with_routes(plan::routes::compile(state).statuses);
+                .with_routes(routes.statuses.clone());
             self.view.publish(view);
         }
+        self.routes = Some(routes);
         self.after_apply(&plan);
         info!(
             frontends = plan.frontends.len(),
@@ -281,11 +288,13 @@ impl Reconciler {
     /// Rebuilds the node proxy's configuration from the state in force and the last
     /// discovery; the feed publishes it only if it changed.
     fn publish_proxy_config(&self) {
-        let Some(state) = self.state.as_ref().filter(|_| self.state_applied) else {
+        let (Some(state), Some(routes)) = (
+            self.state.as_ref().filter(|_| self.state_applied),
+            &self.routes,
+        ) else {
             return;
         };
-        let routes = routes::compile(state);
-        let config = proxy_config(state, &self.node, &routes, &self.found_netns, 0);
+        let config = proxy_config(state, &self.node, routes, &self.found_netns, 0);
         self.proxy.publish(config);
     }
 
