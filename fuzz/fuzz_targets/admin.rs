@@ -5,6 +5,7 @@
 //! The answer must follow the API: `GET /v1/flows` serves exactly the stored flows its
 //! query selects (and, with `follow`, then every new one that matches, until the agent
 //! stops) or a 400 naming the problem; `GET /v1/policy` serves the view's report;
+//! `GET /v1/proxy/config` the published proxy configuration line until the agent stops;
 //! anything else is a 404. A query that parses must survive the trip through
 //! [`FlowQuery::to_query`] into the request line `mesh-agent observe` sends.
 
@@ -20,6 +21,7 @@ use hyper::{Method, Request, StatusCode, Uri, header};
 use libfuzzer_sys::fuzz_target;
 use mesh_agent::admin::{ApiBody, FlowQuery, handle};
 use mesh_agent::flows::{FlowLog, SharedView};
+use mesh_agent::proxyfeed::ProxyFeed;
 use mesh_agent::report::PolicyReport;
 use mesh_agent::report::{Direction, Flow, Peer, Reason, Verdict};
 use mesh_agent::telemetry::AgentStatus;
@@ -127,7 +129,10 @@ async fn check(request: Request<()>) {
         log.push(f);
     }
     let (stop, stopping) = watch::channel(false);
-    let Ok(response) = handle(request, VIEW.clone(), log.clone(), STATUS, stopping).await;
+    let feed = ProxyFeed::default();
+    feed.publish(mesh_common::l7::ProxyConfig::default());
+    let proxy = feed.subscribe();
+    let Ok(response) = handle(request, VIEW.clone(), log.clone(), proxy, STATUS, stopping).await;
     let (parts, mut body) = response.into_parts();
     let content_type = parts
         .headers
@@ -177,6 +182,18 @@ async fn check(request: Request<()>) {
             let status: AgentStatus =
                 serde_json::from_str(&text(&mut body).await).expect("status JSON");
             assert_eq!(status, STATUS);
+        }
+        (true, "/v1/proxy/config") => {
+            assert_eq!(parts.status, StatusCode::OK);
+            assert_eq!(content_type, Some(&b"application/x-ndjson"[..]));
+            let ApiBody::Stream(rx) = &mut body else {
+                panic!("the proxy configuration is streamed");
+            };
+            let first = rx.recv().await.expect("the current snapshot at once");
+            let snapshot = feed.subscribe().borrow().clone().expect("published");
+            assert_eq!(first, snapshot.line);
+            stop.send(true).expect("the follower is listening");
+            assert_eq!(text(&mut body).await, "");
         }
         _ => {
             assert_eq!(parts.status, StatusCode::NOT_FOUND, "{method} {path}");

@@ -63,10 +63,12 @@ fn nodes(state: &State) -> Vec<&str> {
 
 /// Plans the service maps; returns the plan made with unbounded maps.
 fn check_services(state: &State, node: &str, unhealthy: &BTreeSet<BackendAddr>) -> Plan {
+    let routes = mesh_agent::plan::routes::compile(state);
     let ctx = |capacities| PlanContext {
         node,
         unhealthy,
         capacities,
+        l7_ports: &routes.l7_ports,
     };
     let unbounded = Capacities {
         services: u32::MAX,

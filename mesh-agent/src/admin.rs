@@ -15,6 +15,12 @@
 //!   identities.
 //! - `GET /v1/status`: an [`AgentStatus`] as JSON: readiness (datapath attached) and
 //!   the reconcile record (states applied, errors, last outcome).
+//! - `GET /v1/proxy/config`: the node proxy's configuration
+//!   ([`ProxyConfig`](mesh_common::l7::ProxyConfig)) as NDJSON, chunked: the current
+//!   snapshot as one line at once (or as soon as the first state is applied), then one
+//!   line per change, until the client leaves or the agent stops ([`crate::proxyfeed`]).
+//! - `GET /v1/routes`: the HTTPRoute statuses of the applied state as a JSON list of
+//!   [`RouteStatus`](crate::plan::routes::RouteStatus).
 //!
 //! `client` is the other end, for `mesh-agent observe` and `mesh-agent policy`.
 
@@ -51,6 +57,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     flows::{FlowLog, SharedView},
+    proxyfeed,
     report::{Flow, FlowFilter, Verdict},
     telemetry::{AgentStatus, Telemetry},
 };
@@ -169,9 +176,10 @@ impl AdminServer {
         view: SharedView,
         log: Arc<FlowLog>,
         telemetry: Arc<Telemetry>,
+        proxy: proxyfeed::Subscription,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), AdminError> {
-        info!(component = "admin", path = %self.path.display(), "serving /v1/flows, /v1/policy and /v1/status");
+        info!(component = "admin", path = %self.path.display(), "serving /v1/flows, /v1/policy, /v1/status and /v1/proxy/config");
         let graceful = GracefulShutdown::new();
         let (stop_followers, stopping) = watch::channel(false);
         let mut shutdown = std::pin::pin!(shutdown);
@@ -190,10 +198,11 @@ impl AdminServer {
                     }
                 },
             };
-            let (view, log, telemetry, stopping) = (
+            let (view, log, telemetry, proxy, stopping) = (
                 view.clone(),
                 log.clone(),
                 telemetry.clone(),
+                proxy.clone(),
                 stopping.clone(),
             );
             let connection = http1::Builder::new()
@@ -203,7 +212,8 @@ impl AdminServer {
                     TokioIo::new(stream),
                     service_fn(move |request| {
                         let status = telemetry.status();
-                        handle(request, view.clone(), log.clone(), status, stopping.clone())
+                        let (view, log, proxy) = (view.clone(), log.clone(), proxy.clone());
+                        handle(request, view, log, proxy, status, stopping.clone())
                     }),
                 );
             let connection = graceful.watch(connection);
@@ -379,6 +389,7 @@ pub async fn handle<B>(
     request: Request<B>,
     view: SharedView,
     log: Arc<FlowLog>,
+    proxy: proxyfeed::Subscription,
     status: AgentStatus,
     stopping: watch::Receiver<bool>,
 ) -> Result<Response<ApiBody>, Infallible> {
@@ -406,6 +417,14 @@ pub async fn handle<B>(
                 format!("{err}\n"),
             ),
         },
+        (&Method::GET, "/v1/routes") => match serde_json::to_string(view.get().routes()) {
+            Ok(body) => reply(StatusCode::OK, JSON, body + "\n"),
+            Err(err) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                PLAIN_TEXT,
+                format!("{err}\n"),
+            ),
+        },
         (&Method::GET, "/v1/status") => match serde_json::to_string(&status) {
             Ok(body) => reply(StatusCode::OK, JSON, body + "\n"),
             Err(err) => reply(
@@ -414,10 +433,12 @@ pub async fn handle<B>(
                 format!("{err}\n"),
             ),
         },
+        (&Method::GET, "/v1/proxy/config") => follow_proxy_config(proxy, stopping),
         _ => reply(
             StatusCode::NOT_FOUND,
             PLAIN_TEXT,
-            "not found (GET /v1/flows, GET /v1/policy, GET /v1/status)\n".to_owned(),
+            "not found (GET /v1/flows, GET /v1/policy, GET /v1/routes, GET /v1/status, GET /v1/proxy/config)\n"
+                .to_owned(),
         ),
     };
     Ok(response)
@@ -460,6 +481,39 @@ fn follow(
                     );
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    let mut response = Response::new(ApiBody::Stream(rx));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(NDJSON),
+    );
+    response
+}
+
+/// The current proxy configuration, then each new one, until the client leaves or the
+/// agent stops. The forwarder holds at most one line besides the latest snapshot (the
+/// channel has room for one): a slow reader skips snapshots, it never queues them.
+fn follow_proxy_config(
+    mut proxy: proxyfeed::Subscription,
+    mut stopping: watch::Receiver<bool>,
+) -> Response<ApiBody> {
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        // The current value counts as new, so it is sent first.
+        proxy.mark_changed();
+        loop {
+            tokio::select! {
+                () = tx.closed() => return,
+                _ = stopping.wait_for(|&stop| stop) => return,
+                changed = proxy.changed() => if changed.is_err() { return },
+            }
+            let line = proxy.borrow_and_update().as_ref().map(|s| s.line.clone());
+            if let Some(line) = line
+                && tx.send(line).await.is_err()
+            {
+                return;
             }
         }
     });

@@ -26,7 +26,8 @@ use crate::{
     flows::{self, FlowLog, SharedView},
     health::HealthChecker,
     metrics,
-    reconcile::{Outcome, ReconcileMaps, Reconciler},
+    proxyfeed::ProxyFeed,
+    reconcile::{Outcome, Outputs, ReconcileMaps, Reconciler},
     telemetry::Telemetry,
     watch,
 };
@@ -107,15 +108,19 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
             }
         }
     });
+    let proxy_feed = ProxyFeed::default();
     let admin_server = admin::bind(&args.run_dir, &args.node)?;
     info!(path = %admin_server.path().display(), "serving the admin API");
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-    let admin_task =
-        tokio::spawn(
-            admin_server.run(view.clone(), flow_log, telemetry.clone(), async {
-                let _ = admin_stopped.await;
-            }),
-        );
+    let admin_task = tokio::spawn(admin_server.run(
+        view.clone(),
+        flow_log,
+        telemetry.clone(),
+        proxy_feed.subscribe(),
+        async {
+            let _ = admin_stopped.await;
+        },
+    ));
 
     let maps = ReconcileMaps {
         services,
@@ -130,8 +135,11 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
         cgroup,
         maps,
         health,
-        telemetry.clone(),
-        view,
+        Outputs {
+            telemetry: telemetry.clone(),
+            view,
+            proxy: proxy_feed,
+        },
     )?;
     // Program the maps before attaching, so the first call already sees the table.
     let mut outcome = reconciler.reload();

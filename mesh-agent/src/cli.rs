@@ -1,4 +1,5 @@
-//! Command line: `run`, `validate`, `services`, `observe`, `policy`, `uninstall`.
+//! Command line: `run`, `validate`, `services`, `observe`, `policy`, `routes`,
+//! `uninstall`.
 
 use std::{
     collections::BTreeMap, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration,
@@ -17,6 +18,7 @@ use crate::{
     },
     health::HealthConfig,
     metrics::SnapshotSource as _,
+    plan::routes::{self, RouteStatus},
     report::{FlowFilter, Verdict},
     state, status,
     telemetry::Telemetry,
@@ -107,6 +109,36 @@ enum Command {
         /// bpffs mount point (the POLICY map is read from the node's pins).
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
+    },
+    /// Print the configuration the agent streams to the node proxy (pretty JSON); waits
+    /// until the agent has applied a state.
+    ProxyConfig {
+        /// Node whose agent to ask; may be omitted when one agent runs on this host.
+        #[arg(long, value_parser = node_name)]
+        node: Option<String>,
+        /// Directory of the agents' admin sockets.
+        #[arg(long, default_value = admin::DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+    },
+    /// Show each HTTPRoute's status towards each parent Service (Accepted, ResolvedRefs),
+    /// as the running agent applied it, or compiled from state files with --state.
+    Routes {
+        /// Node whose agent to ask; may be omitted when one agent runs on this host.
+        #[arg(long, value_parser = node_name, conflicts_with = "state")]
+        node: Option<String>,
+        /// Only the parentRefs naming this Service.
+        #[arg(long, value_name = "NAMESPACE/NAME", value_parser = pod_name)]
+        service: Option<String>,
+        /// JSON (a list of route statuses) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Directory of the agents' admin sockets.
+        #[arg(long, default_value = admin::DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+        /// Compile the routes of this state file or directory instead of asking an
+        /// agent (offline).
+        #[arg(long)]
+        state: Option<PathBuf>,
     },
     /// Detach and unpin the datapath of a node (every node when --node is omitted),
     /// e.g. one left behind with --keep-datapath.
@@ -479,6 +511,43 @@ impl Cli {
                 }
                 Ok(ExitCode::SUCCESS)
             }
+            Command::ProxyConfig { node, run_dir } => {
+                let (_, socket) = client::agent_socket(&run_dir, node.as_deref())?;
+                let config = client::proxy_config(&socket)?;
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&config).context("printing the configuration")?
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Routes {
+                node,
+                service,
+                json,
+                run_dir,
+                state,
+            } => {
+                let statuses = match state {
+                    Some(path) => {
+                        let state = state::load(&path)
+                            .with_context(|| format!("loading the state {}", path.display()))?;
+                        routes::compile(&state).statuses
+                    }
+                    None => {
+                        let (_, socket) = client::agent_socket(&run_dir, node.as_deref())?;
+                        client::route_statuses(&socket)?
+                    }
+                };
+                let statuses = routes_of_service(statuses, service.as_deref());
+                let text = if json {
+                    serde_json::to_string_pretty(&statuses)? + "\n"
+                } else {
+                    render_routes(&statuses, service.as_deref())
+                };
+                // A closed stdout (`routes --json | head`) ends the command quietly.
+                let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Uninstall { node, bpffs } => {
                 let nodes = match node {
                     Some(node) => vec![node],
@@ -495,6 +564,68 @@ impl Cli {
     }
 }
 
+/// The statuses with only the parents naming Service `service` (`NAMESPACE/NAME`), and
+/// only the routes left with one; all of them when `service` is `None`.
+fn routes_of_service(statuses: Vec<RouteStatus>, service: Option<&str>) -> Vec<RouteStatus> {
+    let Some(service) = service else {
+        return statuses;
+    };
+    statuses
+        .into_iter()
+        .filter_map(|mut status| {
+            status.parents.retain(|p| {
+                p.kind == "Service"
+                    && format!("{}/{}", p.service.namespace, p.service.name) == service
+            });
+            (!status.parents.is_empty()).then_some(status)
+        })
+        .collect()
+}
+
+/// `mesh-agent routes` as text: each route, each parent, its two conditions.
+fn render_routes(statuses: &[RouteStatus], service: Option<&str>) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if statuses.is_empty() {
+        let _ = match service {
+            Some(service) => writeln!(out, "no HTTPRoute names Service {service} as parent"),
+            None => writeln!(out, "no HTTPRoutes"),
+        };
+        return out;
+    }
+    for status in statuses {
+        let _ = writeln!(
+            out,
+            "HTTPRoute {}/{}",
+            status.route.namespace, status.route.name
+        );
+        if status.parents.is_empty() {
+            let _ = writeln!(out, "  no parentRefs: attached to nothing");
+        }
+        for p in &status.parents {
+            let port = p.port.map(|p| format!(" port {p}")).unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  parent {} {}/{}{port}",
+                p.kind, p.service.namespace, p.service.name
+            );
+            for (name, c) in [
+                ("Accepted", &p.accepted),
+                ("ResolvedRefs", &p.resolved_refs),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "    {name:<13} {:<6} {:<17} {}",
+                    if c.status { "True" } else { "False" },
+                    c.reason,
+                    c.message
+                );
+            }
+        }
+    }
+    out
+}
+
 /// Planning context for `validate`: default capacities, no node preference, all healthy.
 /// `validate`: load, check, and plan as node `node` would with maps of `sizes`.
 fn validate(path: &std::path::Path, node: &str, sizes: &MapSizes) -> ExitCode {
@@ -506,10 +637,12 @@ fn validate(path: &std::path::Path, node: &str, sizes: &MapSizes) -> ExitCode {
         }
     };
     let all_healthy = std::collections::BTreeSet::new();
+    let routes = crate::plan::routes::compile(&state);
     let ctx = crate::plan::PlanContext {
         node,
         unhealthy: &all_healthy,
         capacities: sizes.capacities(),
+        l7_ports: &routes.l7_ports,
     };
     let services = crate::plan::plan(&state, &crate::plan::Ids::default(), &ctx);
     let no_netns = std::collections::BTreeMap::new();
@@ -544,7 +677,10 @@ fn validate(path: &std::path::Path, node: &str, sizes: &MapSizes) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::{Cli, Command, MapSizeArgs, REGISTRY, Sizing, node_name, pod_name, sizes};
+    use super::{
+        Cli, Command, MapSizeArgs, REGISTRY, Sizing, node_name, pod_name, render_routes,
+        routes_of_service, sizes,
+    };
     use clap::{CommandFactory as _, Parser as _};
 
     fn run_args(extra: &[&str]) -> Result<MapSizeArgs, clap::Error> {
@@ -639,6 +775,62 @@ mod tests {
         for bad in ["web-1", "/web", "prod/", "a/b/c"] {
             assert!(pod_name(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn routes_render_per_parent_and_filter_by_service() {
+        let state = crate::state::parse_str(
+            "t.yaml",
+            "
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: split, namespace: shop}
+spec:
+  parentRefs:
+  - {group: '', kind: Service, name: web, port: 80}
+  - {group: '', kind: Service, name: api}
+  rules: [{backendRefs: [{name: gone, port: 80}]}]
+",
+        )
+        .expect("state");
+        let statuses = super::routes::compile(&state).statuses;
+        let text = render_routes(&statuses, None);
+        assert_eq!(
+            text,
+            "HTTPRoute shop/split
+  parent Service shop/web port 80
+    Accepted      True   Accepted          attached to port 80
+    ResolvedRefs  False  BackendNotFound   spec.rules[0].backendRefs[0]: Service shop/gone not found
+  parent Service shop/api
+    Accepted      False  NoMatchingParent  Service shop/api not found
+    ResolvedRefs  False  BackendNotFound   spec.rules[0].backendRefs[0]: Service shop/gone not found
+"
+        );
+        let web = routes_of_service(statuses.clone(), Some("shop/web"));
+        assert_eq!(web.len(), 1);
+        assert_eq!(web[0].parents.len(), 1);
+        assert_eq!(web[0].parents[0].service.name, "web");
+        let none = routes_of_service(statuses, Some("shop/db"));
+        assert!(none.is_empty());
+        assert_eq!(
+            render_routes(&none, Some("shop/db")),
+            "no HTTPRoute names Service shop/db as parent\n"
+        );
+    }
+
+    #[test]
+    fn routes_takes_a_state_or_an_agent_not_both() {
+        let parse =
+            |args: &[&str]| Cli::try_parse_from(["mesh-agent", "routes"].iter().chain(args));
+        assert!(parse(&["--state", "s.yaml", "--service", "shop/web", "--json"]).is_ok());
+        assert!(parse(&["--node", "n1"]).is_ok());
+        assert!(parse(&["--node", "n1", "--state", "s.yaml"]).is_err());
+        assert!(parse(&["--service", "web"]).is_err());
     }
 
     #[test]

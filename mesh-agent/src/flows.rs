@@ -24,7 +24,10 @@ use tokio::sync::broadcast;
 use tracing::{debug, warn};
 
 use crate::{
-    plan::policy::{IdentityKey, PolicyPlan},
+    plan::{
+        policy::{IdentityKey, PolicyPlan},
+        routes::RouteStatus,
+    },
     report::{
         Direction, Flow, IdentityReport, LocalPodReport, Peer, PolicyReport, PolicyRuleReport,
         Reason, SplitReport, Verdict,
@@ -62,6 +65,8 @@ pub struct View {
     pods_by_ip: HashMap<IpAddr, String>,
     /// What `GET /v1/policy` serves.
     report: PolicyReport,
+    /// What `GET /v1/routes` serves: the HTTPRoute statuses of the applied state.
+    routes: Vec<RouteStatus>,
 }
 
 impl View {
@@ -148,6 +153,17 @@ impl View {
     /// What `GET /v1/policy` serves.
     pub fn report(&self) -> &PolicyReport {
         &self.report
+    }
+
+    /// The view with the HTTPRoute statuses compiled from the same state.
+    pub fn with_routes(mut self, routes: Vec<RouteStatus>) -> Self {
+        self.routes = routes;
+        self
+    }
+
+    /// What `GET /v1/routes` serves.
+    pub fn routes(&self) -> &[RouteStatus] {
+        &self.routes
     }
 
     fn identity_name(&self, id: u32) -> String {

@@ -19,6 +19,7 @@ pub mod flows;
 pub mod health;
 pub mod metrics;
 pub mod plan;
+pub mod proxyfeed;
 pub mod reconcile;
 pub mod report;
 pub mod state;

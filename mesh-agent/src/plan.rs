@@ -13,6 +13,7 @@
 mod identity;
 mod ids;
 pub mod policy;
+pub mod proxy;
 pub mod routes;
 mod selector;
 mod services;
@@ -22,10 +23,11 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use mesh_common::Addr;
+use mesh_common::l7::{AppProtocol, ServicePortRef};
 use mesh_common::maps;
 use mesh_common::service::{
     BACKEND_ACTIVE, BACKEND_TERMINATING, BACKEND_UNHEALTHY, Backend, BackendSlotKey, PROTO_TCP,
-    Protocol, SVC_FLAG_AFFINITY, ServiceKey, ServiceValue,
+    Protocol, SVC_FLAG_AFFINITY, SVC_FLAG_L7, ServiceKey, ServiceValue,
 };
 
 use crate::state::{ObjectKey, State};
@@ -41,6 +43,9 @@ pub struct PlanContext<'a> {
     pub unhealthy: &'a BTreeSet<BackendAddr>,
     /// Entries the service maps hold.
     pub capacities: Capacities,
+    /// Service ports the node proxy serves ([`routes::CompiledRoutes::l7_ports`]): their
+    /// TCP frontends get [`SVC_FLAG_L7`], so connect() sends clients to the proxy.
+    pub l7_ports: &'a BTreeMap<ServicePortRef, AppProtocol>,
 }
 
 /// Entries the service maps hold, as the datapath created them.
@@ -185,6 +190,9 @@ pub struct FrontendInfo {
     pub prefer_close: bool,
     /// Every ready backend is unhealthy: all of them keep their slots (fail open).
     pub health_panic: bool,
+    /// Served by the node proxy (L7): connect() goes to the proxy in the client's pod,
+    /// which picks the backend per request.
+    pub l7: bool,
     /// All backends of the frontend: those in slots first, in slot order (slot =
     /// index + 1), then the others (terminating, unhealthy, or left out by topology)
     /// by address.
@@ -229,6 +237,9 @@ impl fmt::Display for FrontendInfo {
         }
         if self.health_panic {
             f.write_str(" [all unhealthy: failing open]")?;
+        }
+        if self.l7 {
+            f.write_str(" [l7]")?;
         }
         f.write_str(" ->")?;
         if !self.backends.first().is_some_and(|b| b.in_slot) {
@@ -394,16 +405,24 @@ pub fn plan(state: &State, prev: &Ids, ctx: &PlanContext<'_>) -> Result<(Plan, I
             ServiceKey::vip_marker(Addr::from(f.vip)),
             ServiceValue::MARKER,
         );
+        let l7 = f.proto == PROTO_TCP
+            && ctx.l7_ports.contains_key(&ServicePortRef {
+                service: routes::object_ref(&f.service),
+                port: f.port,
+            });
+        let mut flags = 0;
+        if f.affinity_timeout_s.is_some() {
+            flags |= SVC_FLAG_AFFINITY;
+        }
+        if l7 {
+            flags |= SVC_FLAG_L7;
+        }
         plan.services.insert(
             key,
             ServiceValue {
                 id,
                 count,
-                flags: if f.affinity_timeout_s.is_some() {
-                    SVC_FLAG_AFFINITY
-                } else {
-                    0
-                },
+                flags,
                 affinity_timeout_s: f.affinity_timeout_s.unwrap_or(0),
             },
         );
@@ -416,6 +435,7 @@ pub fn plan(state: &State, prev: &Ids, ctx: &PlanContext<'_>) -> Result<(Plan, I
             affinity_timeout_s: f.affinity_timeout_s,
             prefer_close: f.prefer_close,
             health_panic: selection.health_panic,
+            l7,
             backends: infos,
         });
     }

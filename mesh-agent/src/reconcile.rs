@@ -3,7 +3,9 @@
 //! backends destroyed, health-check targets updated). Both plans are made before either
 //! is applied, so a state that fails either is rejected whole; the last good state stays
 //! in force and the problem is logged with the file, document and field involved. After
-//! each apply, the names flows and the admin API show are swapped in ([`SharedView`]).
+//! each apply, the names flows and the admin API show are swapped in ([`SharedView`]),
+//! and the node proxy's configuration is rebuilt and published when it changed
+//! ([`ProxyFeed`]); so it is when only the local pods' namespaces changed.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -18,7 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     datapath::{
-        endpoints,
+        endpoints::{self, LocalNetns},
         loader::{KernelPolicyMaps, KernelServiceMaps, MapSizes},
         sockdestroy,
         sync::KernelMap,
@@ -29,7 +31,10 @@ use crate::{
     plan::{
         self, BackendAddr, Capacities, Ids, Plan, PlanContext,
         policy::{IdentityIds, PolicyCapacities, PolicyContext, plan_policy},
+        proxy::proxy_config,
+        routes::CompiledRoutes,
     },
+    proxyfeed::ProxyFeed,
     state::{self, State},
     telemetry::Telemetry,
 };
@@ -60,6 +65,16 @@ pub struct ReconcileMaps {
     pub sizes: MapSizes,
 }
 
+/// Where a reconciler makes what it applied known.
+pub struct Outputs {
+    /// Reconcile counters and readiness, for metrics and `/v1/status`.
+    pub telemetry: Arc<Telemetry>,
+    /// The names flows and the admin API show.
+    pub view: SharedView,
+    /// The node proxy's configuration.
+    pub proxy: ProxyFeed,
+}
+
 /// Owns the maps and the memory of what was applied.
 pub struct Reconciler {
     state_path: PathBuf,
@@ -72,13 +87,22 @@ pub struct Reconciler {
     identity_ids: IdentityIds,
     /// Local pod IP → its network namespace cookie, from the last discovery.
     local_netns: BTreeMap<IpAddr, u64>,
+    /// The namespaces of the last discovery, for the node proxy.
+    found_netns: Vec<LocalNetns>,
     /// The node's own addresses, given the host identity in IPCACHE.
     node_addrs: Vec<IpAddr>,
     state: Option<State>,
+    /// Whether `state` is the one in force (its plan applied): a rejected state must not
+    /// reach the node proxy either.
+    state_applied: bool,
+    /// The routes of the state in force, compiled once per plan for the planner, the
+    /// admin view and the node proxy.
+    routes: Option<CompiledRoutes>,
     applied: Option<Plan>,
     health: Option<HealthChecker>,
     telemetry: Arc<Telemetry>,
     view: SharedView,
+    proxy: ProxyFeed,
 }
 
 impl Reconciler {
@@ -90,9 +114,13 @@ impl Reconciler {
         cgroup: &Path,
         maps: ReconcileMaps,
         health: Option<HealthChecker>,
-        telemetry: Arc<Telemetry>,
-        view: SharedView,
+        outputs: Outputs,
     ) -> Result<Self, crate::datapath::sync::SyncError> {
+        let Outputs {
+            telemetry,
+            view,
+            proxy,
+        } = outputs;
         let ids = maps.services.ids()?;
         let capacities = maps.sizes.capacities();
         let policy_capacities = maps.sizes.policy_capacities();
@@ -106,12 +134,16 @@ impl Reconciler {
             policy_capacities,
             identity_ids: IdentityIds::default(),
             local_netns: BTreeMap::new(),
+            found_netns: Vec::new(),
             node_addrs: Vec::new(),
             state: None,
+            state_applied: false,
+            routes: None,
             applied: None,
             health,
             telemetry,
             view,
+            proxy,
         })
     }
 
@@ -130,14 +162,22 @@ impl Reconciler {
         let cgroup = self.cgroup.clone();
         // Entering namespaces blocks this worker briefly; let the runtime move other tasks.
         let found = tokio::task::block_in_place(|| endpoints::discover(&cgroup));
-        let local = match found {
-            Ok(found) => endpoints::by_ip(&found),
+        let found = match found {
+            Ok(found) => found,
             Err(err) => {
                 warn!(%err, "discovering local pods failed");
                 return None;
             }
         };
+        let local = endpoints::by_ip(&found);
+        let found_changed = found != self.found_netns;
+        self.found_netns = found;
         if local == self.local_netns && !node_changed {
+            // The datapath is unchanged, but the proxy may reach a namespace through
+            // another process now.
+            if found_changed {
+                self.publish_proxy_config();
+            }
             return None;
         }
         self.local_netns = local;
@@ -150,6 +190,7 @@ impl Reconciler {
         match state::load(&self.state_path) {
             Ok(state) => {
                 self.state = Some(state);
+                self.state_applied = false;
                 self.replan()
             }
             Err(err) => {
@@ -177,10 +218,12 @@ impl Reconciler {
                     .collect()
             })
             .unwrap_or_default();
+        let routes = plan::routes::compile(state);
         let ctx = PlanContext {
             node: &self.node,
             unhealthy: &unhealthy,
             capacities: self.capacities,
+            l7_ports: &routes.l7_ports,
         };
         let pctx = PolicyContext {
             node: &self.node,
@@ -195,6 +238,7 @@ impl Reconciler {
             Err(err) => {
                 error!(state = %self.state_path.display(), %err, "state rejected; keeping the last good state");
                 self.telemetry.failed();
+                self.state_applied = false;
                 return Outcome::Rejected;
             }
         };
@@ -216,9 +260,11 @@ impl Reconciler {
         self.ids = next_ids;
         self.identity_ids = next_identity_ids;
         if let Some(state) = &self.state {
-            self.view
-                .publish(View::new(state, &policy, &self.node, &self.local_netns));
+            let view = View::new(state, &policy, &self.node, &self.local_netns)
+                .with_routes(routes.statuses.clone());
+            self.view.publish(view);
         }
+        self.routes = Some(routes);
         self.after_apply(&plan);
         info!(
             frontends = plan.frontends.len(),
@@ -234,7 +280,22 @@ impl Reconciler {
         );
         self.telemetry.applied(&plan.frontends);
         self.applied = Some(plan);
+        self.state_applied = true;
+        self.publish_proxy_config();
         Outcome::Applied
+    }
+
+    /// Rebuilds the node proxy's configuration from the state in force and the last
+    /// discovery; the feed publishes it only if it changed.
+    fn publish_proxy_config(&self) {
+        let (Some(state), Some(routes)) = (
+            self.state.as_ref().filter(|_| self.state_applied),
+            &self.routes,
+        ) else {
+            return;
+        };
+        let config = proxy_config(state, &self.node, routes, &self.found_netns, 0);
+        self.proxy.publish(config);
     }
 
     /// Follow-ups whose failure does not undo the apply: each is logged and retried by

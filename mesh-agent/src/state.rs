@@ -2,19 +2,23 @@
 //!
 //! State is read from multi-document YAML (one file, or the `*.yaml`/`*.yml` files of a
 //! directory). Understood kinds: `v1 Service`, `v1 Pod`, `discovery.k8s.io/v1
-//! EndpointSlice`, `v1 Namespace`, `networking.k8s.io/v1 NetworkPolicy`, and `v1 List`
-//! of those; other kinds are skipped with a warning.
+//! EndpointSlice`, `v1 Namespace`, `networking.k8s.io/v1 NetworkPolicy`,
+//! `gateway.networking.k8s.io/v1` (or `v1beta1`) `HTTPRoute`, and `v1 List` of those;
+//! other kinds are skipped with a warning.
 //! Parsing is strict like `kubectl --validate=strict`: unknown fields are errors.
 //! Both address families are understood (dual-stack Services and Pods), and validation
 //! follows the API server's rules for the fields the datapath uses: cluster IPs and
-//! their families, session affinity, traffic distribution, addresses and ports, and
-//! NetworkPolicy selectors, peers, CIDRs and ports.
+//! their families, session affinity, traffic distribution, addresses and ports,
+//! NetworkPolicy selectors, peers, CIDRs and ports, and the HTTPRoute CRD's schema and
+//! CEL rules (see `validate/httproute.rs`).
 //!
 //! An update is all-or-nothing: every problem of every file is collected and returned
 //! together, and no partial [`State`] is ever produced, so the caller keeps the last
 //! good state in force.
 
+pub mod httproute;
 mod model;
+pub mod resilience;
 mod source;
 mod validate;
 

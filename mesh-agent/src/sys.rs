@@ -7,8 +7,13 @@
 )]
 
 use std::{
+    ffi::CString,
     io,
-    os::fd::{AsRawFd as _, BorrowedFd},
+    os::{
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -87,6 +92,92 @@ pub fn netns_cookie(socket: BorrowedFd<'_>) -> Result<u64, Errno> {
         return Err(Errno::EINVAL);
     }
     Ok(cookie)
+}
+
+/// `BPF_OBJ_PIN` of `enum bpf_cmd`.
+const BPF_OBJ_PIN: libc::c_long = 6;
+/// `BPF_LINK_CREATE` of `enum bpf_cmd`.
+const BPF_LINK_CREATE: libc::c_long = 28;
+
+/// The `BPF_LINK_CREATE` member of `union bpf_attr` (the kernel zero-fills the rest).
+#[repr(C)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+/// The `BPF_OBJ_*` member of `union bpf_attr`.
+#[repr(C)]
+struct ObjPinAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+/// `bpf(cmd, attr, sizeof attr)`.
+///
+/// # Safety
+/// `attr` must be the `bpf_attr` member `cmd` reads, with every pointer in it valid for
+/// the call.
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
+    // SAFETY: the caller vouches for `attr`; the kernel reads size_of::<T>() bytes of it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            (attr as *const T).cast::<libc::c_void>(),
+            size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Attaches program `prog` to `target` (a cgroup) with a new bpf_link of `attach_type`
+/// (`enum bpf_attach_type`), for the program types whose aya link cannot be pinned.
+///
+/// # Errors
+/// The kernel refused the link (e.g. a program of another type, or no permission).
+pub fn bpf_link_create(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: target.as_raw_fd() as u32,
+        attach_type,
+        flags: 0,
+    };
+    // SAFETY: the BPF_LINK_CREATE member, with two fds borrowed for the call.
+    let fd = unsafe { bpf(BPF_LINK_CREATE, &attr) }?;
+    // SAFETY: on success the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins the bpf object `fd` (a link, a map...) at `path` on a bpffs.
+///
+/// # Errors
+/// The path exists, is not on a bpffs, or contains a NUL byte.
+pub fn bpf_obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let attr = ObjPinAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: the BPF_OBJ_PIN member; `path` (NUL-terminated) and `fd` outlive the call.
+    unsafe { bpf(BPF_OBJ_PIN, &attr) }.map(drop)
 }
 
 /// Whether the process runs as root (root-only tests check this first).

@@ -13,6 +13,7 @@ pub mod event;
 #[cfg(feature = "user")]
 pub mod l7;
 pub mod maps;
+pub mod origdst;
 pub mod policy;
 pub mod redirect;
 pub mod service;
@@ -20,6 +21,7 @@ mod wire;
 
 pub use addr::Addr;
 pub use event::FlowEvent;
+pub use origdst::{OrigDstKey, OrigDstValue};
 pub use policy::{EndpointValue, IpcacheKey, IpcacheValue, PolicyKey, PolicyKeyData, PolicyValue};
 pub use redirect::SockKey;
 pub use service::{

@@ -11,8 +11,8 @@ use core::mem::size_of;
 
 use crate::{
     AffinityKey, AffinityValue, Backend, BackendSlotKey, EndpointValue, IpcacheKey, IpcacheValue,
-    LbMetricsKey, PolicyKey, PolicyValue, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
-    SockKey,
+    LbMetricsKey, OrigDstKey, OrigDstValue, PolicyKey, PolicyValue, RevNatKey, RevNatValue,
+    ServiceKey, ServiceValue, SockKey,
     event::{VerdictKey, config},
     redirect::counter,
 };
@@ -54,6 +54,13 @@ pub const SOCKS: &str = "SOCKS_V1";
 pub const SOCK_PATHS: &str = "SOCK_PATHS_V1";
 /// Per-CPU sockmap counters (array, indexes in `redirect::counter`).
 pub const SOCKMAP_METRICS: &str = "SOCKMAP_METRICS_V1";
+
+/// Connections redirected to the node proxy, until established (LRU): socket cookie →
+/// the VIP and port the client dialled.
+pub const ORIG_DST_PENDING: &str = "ORIG_DST_PENDING_V1";
+/// Established connections redirected to the node proxy (LRU): (client netns, client
+/// loopback address, port) → the VIP and port it dialled, for `SO_ORIGINAL_DST`.
+pub const ORIG_DST: &str = "ORIG_DST_V1";
 
 /// `BPF_F_NO_PREALLOC` (uapi `linux/bpf.h`): the kernel allocates a hash map's entries
 /// when they are inserted instead of all of them at creation. LPM tries always carry it;
@@ -204,7 +211,7 @@ impl MapSpec {
 }
 
 /// Every map of the datapath.
-pub const REGISTRY: [MapSpec; 16] = [
+pub const REGISTRY: [MapSpec; 18] = [
     MapSpec::new::<ServiceKey, ServiceValue>(
         SERVICES,
         MapKind::Hash,
@@ -327,6 +334,28 @@ pub const REGISTRY: [MapSpec; 16] = [
         counter::LEN,
         "sockmap counters, by `redirect::counter` index",
     ),
+    // A connection sits in ORIG_DST_PENDING for one handshake, then in ORIG_DST for its
+    // life: one flag sizes both.
+    MapSpec::new::<u64, OrigDstValue>(
+        ORIG_DST_PENDING,
+        MapKind::LruHash,
+        65_536,
+        "connections redirected to the node proxy (LRU)",
+    )
+    .sized(Sizing::NodeMemory {
+        flag: "map-size-orig-dst",
+        min: 4_096,
+    }),
+    MapSpec::new::<OrigDstKey, OrigDstValue>(
+        ORIG_DST,
+        MapKind::LruHash,
+        65_536,
+        "connections redirected to the node proxy (LRU)",
+    )
+    .sized(Sizing::NodeMemory {
+        flag: "map-size-orig-dst",
+        min: 4_096,
+    }),
 ];
 
 /// The registry entry of map `name`; a name not in the registry fails compilation when
@@ -412,6 +441,11 @@ pub mod programs {
     pub const SOCKOPS: &str = "mesh_sockops";
     /// sk_msg on SOCKS: socket-to-socket redirection.
     pub const SK_MSG: &str = "mesh_redirect";
+    /// sock_ops: connections redirected to the node proxy, re-keyed for ORIG_DST once
+    /// established (attached with or without sockmap).
+    pub const ORIG_DST_OPS: &str = "mesh_origdst";
+    /// cgroup/getsockopt: `SO_ORIGINAL_DST` for the node proxy's accepted sockets.
+    pub const GETSOCKOPT: &str = "mesh_getsockopt";
 
     /// The cgroup sock_addr programs, in attach order.
     pub const SOCK_ADDR: [&str; 8] = [
@@ -424,14 +458,20 @@ pub mod programs {
         GETPEERNAME4,
         GETPEERNAME6,
     ];
-    /// Every program: the sock_addr ones, then the ingress program.
-    pub const ALL: [&str; 9] = {
-        let mut all = [INGRESS; 9];
-        let mut i = 0;
-        while i < SOCK_ADDR.len() {
-            all[i] = SOCK_ADDR[i];
-            i += 1;
-        }
-        all
-    };
+    /// Every program attached in any configuration (SOCKOPS and SK_MSG come on top with
+    /// sockmap), in attach order: the original-destination programs before connect4/6
+    /// redirect anything to the proxy, then the sock_addr ones, then ingress.
+    pub const ALL: [&str; 11] = [
+        ORIG_DST_OPS,
+        GETSOCKOPT,
+        CONNECT4,
+        CONNECT6,
+        SENDMSG4,
+        SENDMSG6,
+        RECVMSG4,
+        RECVMSG6,
+        GETPEERNAME4,
+        GETPEERNAME6,
+        INGRESS,
+    ];
 }

@@ -1,6 +1,9 @@
 //! cgroup/connect4 and cgroup/connect6: translate connect() to a Service VIP (TCP, and
 //! connected UDP) into a connect() to a backend (see `lb.rs` for the decision order),
-//! then apply egress policy to the final destination (`policy.rs`).
+//! then apply egress policy to the final destination (`policy.rs`). A connect() to an
+//! L7 frontend goes to the node proxy on the pod's own loopback instead, without a
+//! policy check: the proxy's own connection to the backend, opened inside the pod's
+//! network namespace, is judged as the pod's.
 //!
 //! Failure policy: a lookup that misses mid-translation refuses the connect. A VIP has no
 //! route, so passing it on would only turn a refusal into a timeout.
@@ -43,6 +46,7 @@ fn deny() -> i32 {
 pub fn verdict<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     let sa = SockAddr::new(ctx);
     match lb::translate::<V6>(&sa) {
+        Ok(Verdict::Proxied) => ALLOW,
         Ok(Verdict::Pass | Verdict::Translated) => {
             let (dst, port, proto) = (sa.addr::<V6>(), sa.port(), sa.protocol());
             if proto != PROTO_UDP {

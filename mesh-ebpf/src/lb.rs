@@ -2,6 +2,14 @@
 //!
 //! Decision order for a call to `addr:port` with protocol `p`:
 //! 1. `SERVICES[(addr, port, p)]` exists: a frontend.
+//!    - an L7 frontend (`SVC_FLAG_L7`, TCP): the node proxy serves it, whatever its
+//!      backends (it answers a request it cannot route itself). Rewrite to the proxy's
+//!      listener on the caller's own loopback (`127.0.0.1`, or `::1` / the mapped
+//!      `::ffff:127.0.0.1` in connect6), port `PROXY_OUTBOUND_PORT`; remember the VIP in
+//!      ORIG_DST_PENDING (for `SO_ORIGINAL_DST`, see `origdst.rs`) and in REV_NAT (for
+//!      getpeername). Not counted in LB_METRICS: no backend was chosen here; the proxy
+//!      counts its requests. No proxy listening in the pod: the connect fails with
+//!      ECONNREFUSED from the pod's own loopback.
 //!    - count == 0 (no usable backend): refuse (ECONNREFUSED), counted as refused.
 //!    - session affinity on, and the client's netns has an unexpired entry whose backend
 //!      is still active: that backend.
@@ -13,15 +21,20 @@
 
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use mesh_common::{
-    AffinityKey, AffinityValue, Backend, BackendSlotKey, LbMetricsKey, RevNatKey, RevNatValue,
-    ServiceKey, ServiceValue,
-    service::{BACKEND_ACTIVE, SVC_FLAG_AFFINITY},
+    Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, LbMetricsKey, OrigDstValue,
+    RevNatKey, RevNatValue, ServiceKey, ServiceValue,
+    service::{BACKEND_ACTIVE, PROTO_TCP, PROXY_OUTBOUND_PORT, SVC_FLAG_AFFINITY, SVC_FLAG_L7},
 };
 
 use crate::{
     ctx::SockAddr,
-    maps::{AFFINITY, BACKENDS, LB_METRICS, REV_NAT, SERVICE_BACKENDS, SERVICES},
+    maps::{AFFINITY, BACKENDS, LB_METRICS, ORIG_DST_PENDING, REV_NAT, SERVICE_BACKENDS, SERVICES},
 };
+
+/// 127.0.0.1, network byte order.
+const LOOPBACK4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+/// ::1, as `Addr` words (network byte order).
+const LOOPBACK6: Addr = Addr([0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]);
 
 /// What happened to one call.
 pub enum Verdict {
@@ -29,6 +42,8 @@ pub enum Verdict {
     Pass,
     /// Translated to a backend.
     Translated,
+    /// Sent to the node proxy on the caller's loopback (an L7 frontend).
+    Proxied,
     /// A cluster IP with no usable backend for this port and protocol.
     Refuse,
 }
@@ -61,6 +76,10 @@ pub fn translate<const V6: bool>(sa: &SockAddr) -> Result<Verdict, Miss> {
         });
     };
     let svc = *svc;
+    if svc.flags & SVC_FLAG_L7 != 0 && key.proto == PROTO_TCP {
+        to_proxy::<V6>(sa, &key, svc.id);
+        return Ok(Verdict::Proxied);
+    }
     if svc.count == 0 {
         count(svc.id, 0);
         return Ok(Verdict::Refuse);
@@ -85,6 +104,45 @@ pub fn translate<const V6: bool>(sa: &SockAddr) -> Result<Verdict, Miss> {
     let _ = REV_NAT.insert(&rev_key, &rev, 0);
     count(svc.id, backend_id);
     Ok(Verdict::Translated)
+}
+
+/// Rewrites the call to the node proxy's listener on the caller's own loopback, and
+/// remembers what it dialled (`key`, the frontend of service `service_id`).
+#[inline(always)]
+fn to_proxy<const V6: bool>(sa: &SockAddr, key: &ServiceKey, service_id: u32) {
+    let port = PROXY_OUTBOUND_PORT.to_be();
+    // The loopback of the VIP's family: an IPv6 socket dialling a mapped IPv4 VIP is an
+    // IPv4 connection, which the proxy's IPv4 listener takes.
+    let proxy = if V6 && key.addr.v4_be().is_none() {
+        LOOPBACK6
+    } else {
+        Addr::from_v4_be(LOOPBACK4_BE)
+    };
+    // Cannot fail: the address has the family of the VIP it replaces.
+    let _ = sa.set::<V6>(&proxy, port);
+    let cookie = sa.socket_cookie();
+    let orig = OrigDstValue {
+        addr: key.addr,
+        port: key.port,
+        proto: key.proto,
+        _pad: 0,
+        service_id,
+    };
+    // LRU maps: an insert evicts the oldest entry rather than fail for lack of room.
+    let _ = ORIG_DST_PENDING.insert(&cookie, &orig, 0);
+    let rev_key = RevNatKey {
+        cookie,
+        addr: proxy,
+        port,
+        _pad: [0; 6],
+    };
+    let rev = RevNatValue {
+        addr: key.addr,
+        port: key.port,
+        _pad: 0,
+        service_id,
+    };
+    let _ = REV_NAT.insert(&rev_key, &rev, 0);
 }
 
 /// Picks the backend: the affinity entry when valid, else a random slot.

@@ -1,7 +1,10 @@
 //! Kernel side of the mesh: socket-level service load balancing and egress policy in
 //! cgroup sock_addr hooks. One file per hook family (`connect.rs`, `sendmsg.rs`,
 //! `revnat.rs`), the shared decisions in `lb.rs` and `policy.rs`, every map in `maps.rs`,
-//! raw context access only in `ctx.rs`.
+//! raw context access only in `ctx.rs`. Besides: ingress policy (`ingress.rs`), same-node
+//! socket redirection (`sockops.rs`, `redirect.rs`), and the original destination of
+//! connections sent to the node proxy for L7 Services (`origdst.rs`: sock_ops re-keying
+//! and the getsockopt program answering `SO_ORIGINAL_DST`).
 #![no_std]
 #![no_main]
 
@@ -10,6 +13,7 @@ mod ctx;
 mod ingress;
 mod lb;
 mod maps;
+mod origdst;
 mod policy;
 mod redirect;
 mod revnat;

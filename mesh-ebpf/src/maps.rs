@@ -12,8 +12,8 @@ use aya_ebpf::{
 };
 use mesh_common::{
     Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, EndpointValue, IpcacheValue,
-    LbMetricsKey, PolicyKeyData, PolicyValue, RevNatKey, RevNatValue, ServiceKey, ServiceValue,
-    SockKey,
+    LbMetricsKey, OrigDstKey, OrigDstValue, PolicyKeyData, PolicyValue, RevNatKey, RevNatValue,
+    ServiceKey, ServiceValue, SockKey,
     event::VerdictKey,
     maps::{self as names, spec},
 };
@@ -116,3 +116,17 @@ pub static SOCKMAP_METRICS: PerCpuArray<u64> = PerCpuArray::pinned(
     spec(names::SOCKMAP_METRICS).capacity,
     spec(names::SOCKMAP_METRICS).flags,
 );
+
+/// Connections connect4/6 sent to the node proxy, until established: socket cookie →
+/// the VIP and port dialled (`origdst.rs` moves them to ORIG_DST).
+#[map(name = "ORIG_DST_PENDING_V1")]
+pub static ORIG_DST_PENDING: LruHashMap<u64, OrigDstValue> = LruHashMap::pinned(
+    spec(names::ORIG_DST_PENDING).capacity,
+    spec(names::ORIG_DST_PENDING).flags,
+);
+
+/// Established connections to the node proxy: (client netns, client loopback address,
+/// port) → the VIP and port dialled, for the getsockopt program.
+#[map(name = "ORIG_DST_V1")]
+pub static ORIG_DST: LruHashMap<OrigDstKey, OrigDstValue> =
+    LruHashMap::pinned(spec(names::ORIG_DST).capacity, spec(names::ORIG_DST).flags);

@@ -4,6 +4,8 @@
 //! SOCK_PATHS still undecided (`redirect.rs` decides at the first message). Sockets of
 //! connections to other nodes are left alone entirely. The kernel drops a socket from
 //! SOCKS when it closes; its SOCK_PATHS entry goes at the same time (state callback).
+//! Attached only with `--sockmap=true`; the node proxy's original destinations have a
+//! sock_ops program of their own (`origdst.rs`), attached either way.
 
 use aya_ebpf::{
     bindings::{

@@ -8,3 +8,18 @@
 //! (timeouts, retries) → [`balance`] and [`upstream`] (endpoint choice, pooled
 //! connections, circuit breaking) → [`metrics`] and [`trace`].
 #![deny(unsafe_code)]
+
+pub mod balance;
+pub mod cli;
+pub mod feed;
+pub mod filters;
+pub mod forward;
+pub mod inpod;
+pub mod listeners;
+pub mod metrics;
+pub mod retry;
+pub mod router;
+pub mod server;
+pub mod sys;
+pub mod trace;
+pub mod upstream;

@@ -1,1 +1,122 @@
-fn main() {}
+//! `mesh-proxy`: the node proxy binary. Follows the agent's configuration feed, keeps
+//! listeners in every local pod, serves metrics, and drains on SIGTERM.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use hyper_util::server::graceful::GracefulShutdown;
+use mesh_proxy::{
+    cli::Args,
+    feed,
+    forward::{MAX_MIRRORS, Proxy, Snapshot},
+    listeners::Listeners,
+    metrics::{self, ProxyMetrics},
+    server::Limits,
+    upstream::Settings,
+};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{Semaphore, watch},
+};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log)
+                .with_context(|| format!("--log {:?}", args.log))?,
+        )
+        .init();
+    run(args).await
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let metrics = Arc::new(ProxyMetrics::new());
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics address {}", args.metrics_addr))?;
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_server = tokio::spawn(metrics::serve(
+        metrics_listener,
+        Arc::clone(&metrics),
+        async {
+            let _ = metrics_stopped.await;
+        },
+    ));
+
+    let (config_tx, mut config_rx) = watch::channel(None);
+    let socket = args.agent_socket();
+    tracing::info!(node = %args.node, agent = %socket.display(), "following the agent's configuration");
+    let feed = tokio::spawn(feed::run(socket, config_tx));
+
+    let settings = Settings {
+        connect_timeout: args.connect_timeout,
+        idle_timeout: args.idle_timeout,
+    };
+    let limits = Limits {
+        max_header_bytes: args.max_header_bytes,
+        header_read_timeout: args.header_read_timeout,
+        max_concurrent_streams: args.max_concurrent_streams,
+        idle_timeout: args.idle_timeout,
+    };
+    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::empty()));
+    let proxy = Arc::new(Proxy {
+        snapshot: snapshot_rx,
+        metrics: Arc::clone(&metrics),
+        mirrors: Arc::new(Semaphore::new(MAX_MIRRORS)),
+    });
+    let graceful = Arc::new(GracefulShutdown::new());
+    let mut listeners = Listeners::new(proxy, limits, Arc::clone(&graceful));
+    let mut sweep = tokio::time::interval((args.idle_timeout / 2).max(Duration::from_secs(1)));
+
+    loop {
+        tokio::select! {
+            changed = config_rx.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let Some(config) = config_rx.borrow_and_update().clone() else { continue };
+                if config.node != args.node {
+                    tracing::warn!(config_node = %config.node, node = %args.node, "configuration is for another node; ignored");
+                    continue;
+                }
+                let prev = snapshot_tx.borrow().clone();
+                let snapshot = Snapshot::build(Arc::clone(&config), Some(&prev), settings);
+                snapshot_tx.send_replace(Arc::new(snapshot));
+                metrics.set_config_version(config.version);
+                listeners.reconcile(&config).await;
+                tracing::info!(version = config.version, pods = config.pods.len(), frontends = config.frontends.len(), "configuration applied");
+            }
+            _ = sweep.tick() => {
+                for t in snapshot_tx.borrow().targets.values() {
+                    t.pool.sweep();
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+
+    tracing::info!(drain_timeout = ?args.drain_timeout, "shutting down: no new connections, draining");
+    feed.abort();
+    listeners.close_all().await;
+    drop(listeners);
+    match Arc::try_unwrap(graceful) {
+        Ok(g) => {
+            if tokio::time::timeout(args.drain_timeout, g.shutdown())
+                .await
+                .is_err()
+            {
+                tracing::warn!("drain timeout reached; closing the remaining connections");
+            }
+        }
+        Err(_) => tracing::warn!("listeners still referenced; not draining"),
+    }
+    let _ = stop_metrics.send(());
+    let _ = metrics_server.await;
+    Ok(())
+}

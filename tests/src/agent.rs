@@ -438,12 +438,47 @@ fn http_exchange(mut stream: impl Read + Write, host: &str, path: &str) -> Resul
         status.split_whitespace().nth(1) == Some("200"),
         "GET {path}: {status}\n{body}"
     );
-    // The body is read to EOF, so only a chunked encoding would need decoding.
-    ensure!(
-        !head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked"),
-        "GET {path}: chunked responses are not decoded"
-    );
+    // The body is read to EOF, so only a chunked encoding needs decoding.
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return dechunk(body).with_context(|| format!("GET {path}: chunked body"));
+    }
     Ok(body.to_owned())
+}
+
+/// Decodes a chunked body read to its end (chunk extensions and trailers ignored).
+fn dechunk(mut rest: &str) -> Result<String> {
+    let mut body = String::new();
+    loop {
+        let (size_line, after) = rest.split_once("\r\n").context("chunk size line")?;
+        let size_hex = size_line.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_hex, 16)
+            .with_context(|| format!("chunk size {size_hex:?}"))?;
+        if size == 0 {
+            return Ok(body);
+        }
+        let chunk = after.get(..size).context("chunk shorter than its size")?;
+        body.push_str(chunk);
+        rest = after
+            .get(size..)
+            .and_then(|r| r.strip_prefix("\r\n"))
+            .context("chunk without its CRLF")?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dechunk;
+
+    #[test]
+    fn dechunks_bodies() {
+        assert_eq!(
+            dechunk("3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n").unwrap(),
+            "abcde"
+        );
+        assert!(dechunk("5\r\nab").is_err());
+        assert!(dechunk("zz\r\n").is_err());
+    }
 }

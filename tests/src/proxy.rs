@@ -80,6 +80,20 @@ impl Proxy {
     }
 
     fn spawn(&mut self, node: &Node) -> Result<()> {
+        self.launch(node)?;
+        let ready = eventually(READY_TIMEOUT, || self.exited() || self.metrics().is_ok());
+        if !ready || self.exited() {
+            bail!(
+                "proxy on node {} did not serve /metrics on {METRICS_ADDR}; log:\n{}",
+                self.node,
+                self.log()
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts the process (with a fresh log), without waiting for it.
+    fn launch(&mut self, node: &Node) -> Result<()> {
         // One log per process: a restarted proxy must not truncate its predecessor's.
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         if !self.log.as_os_str().is_empty() {
@@ -101,14 +115,6 @@ impl Proxy {
             .stdout(Stdio::null())
             .stderr(log);
         self.child = Some(node.spawn_in_cgroup(cmd)?);
-        let ready = eventually(READY_TIMEOUT, || self.exited() || self.metrics().is_ok());
-        if !ready || self.exited() {
-            bail!(
-                "proxy on node {} did not serve /metrics on {METRICS_ADDR}; log:\n{}",
-                self.node,
-                self.log()
-            );
-        }
         Ok(())
     }
 
@@ -177,6 +183,84 @@ impl Proxy {
         }
         self.spawn(node)
     }
+
+    /// Restarts without a gap, as an upgrade does: starts a successor with the same
+    /// arguments while this process still runs, waits until the successor itself
+    /// listens on [`METRICS_ADDR`] (so both must bind it with `SO_REUSEPORT`), then
+    /// stops the predecessor with SIGTERM and waits for its drain. Returns the
+    /// predecessor's exit status; the proxy is the successor afterwards.
+    pub fn hot_restart(&mut self, node: &Node) -> Result<ExitStatus> {
+        let old = self
+            .child
+            .take()
+            .with_context(|| format!("proxy on {} is not running", self.node))?;
+        if let Err(e) = self.launch(node) {
+            self.child = Some(old);
+            return Err(e);
+        }
+        let pid = self.child.as_ref().map(ChildGuard::pid);
+        let ready = eventually(READY_TIMEOUT, || {
+            self.exited() || pid.is_some_and(|pid| listens_on(pid, METRICS_ADDR))
+        });
+        if !ready || self.exited() {
+            // The predecessor keeps serving; the failed successor is dropped.
+            let log = self.log();
+            self.child = Some(old);
+            bail!(
+                "successor proxy on node {} did not listen on {METRICS_ADDR}; log:\n{log}",
+                self.node
+            );
+        }
+        old.signal(libc::SIGTERM)?;
+        old.wait_timeout(STOP_TIMEOUT)?.with_context(|| {
+            format!(
+                "predecessor proxy on {} did not exit {STOP_TIMEOUT:?} after SIGTERM",
+                self.node
+            )
+        })
+    }
+}
+
+/// Whether process `pid` holds a TCP socket listening on `addr` (IPv4), read from
+/// `/proc/<pid>/net/tcp` (its netns's table) and `/proc/<pid>/fd` (its sockets).
+fn listens_on(pid: u32, addr: SocketAddr) -> bool {
+    let SocketAddr::V4(addr) = addr else {
+        return false;
+    };
+    // /proc/net/tcp prints the address as the u32 in host order, in hex.
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(addr.ip().octets()),
+        addr.port()
+    );
+    let Ok(table) = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")) else {
+        return false;
+    };
+    // Fields: sl local_address rem_address st … inode (the 10th).
+    let listening: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A"))
+                .then(|| fields.get(9).copied())
+                .flatten()
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy().into_owned();
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_owned(),
+            )
+        })
+        .any(|inode| listening.contains(&inode.as_str()))
 }
 
 impl Drop for Proxy {

@@ -136,7 +136,7 @@ fn grpc_health_check_and_watch() {
     };
 
     let server = l7::grpc(client, &target, &["--call", "check"]).unwrap();
-    assert_eq!(server, [serving.clone()]);
+    assert_eq!(server.as_slice(), std::slice::from_ref(&serving));
     let named = l7::grpc(
         client,
         &target,
@@ -176,7 +176,7 @@ fn grpc_health_check_and_watch() {
 
 /// The proxy's placement, with `http-server` standing in for `mesh-proxy` on the
 /// proxy's metrics address: in the node's netns and cgroup, scraped, stopped,
-/// restarted and killed by pid.
+/// restarted (also without a gap) and killed by pid.
 #[test]
 fn proxy_runs_in_the_node_netns_and_cgroup() {
     if !require_root() {
@@ -190,6 +190,7 @@ fn proxy_runs_in_the_node_netns_and_cgroup() {
         &METRICS_ADDR.to_string(),
         "--name",
         "stand-in",
+        "--reuse-port",
     ]
     .iter()
     .map(OsString::from)
@@ -225,8 +226,16 @@ fn proxy_runs_in_the_node_netns_and_cgroup() {
     proxy.stop().unwrap();
     assert!(proxy.exited() && proxy.pid().is_none());
     proxy.restart(node).unwrap();
-    let new_pid = proxy.pid().expect("running again");
-    assert_ne!(new_pid, pid);
+    let restarted = proxy.pid().expect("running again");
+    assert_ne!(restarted, pid);
+    let predecessor = proxy.hot_restart(node).unwrap();
+    assert!(
+        !predecessor.success(),
+        "the stand-in dies of SIGTERM: {predecessor}"
+    );
+    let new_pid = proxy.pid().expect("the successor runs");
+    assert_ne!(new_pid, restarted);
+    proxy.metrics().unwrap();
     proxy.kill();
     assert!(proxy.exited());
     assert!(

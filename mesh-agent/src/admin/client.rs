@@ -1,4 +1,5 @@
-//! The client end of the admin API, for `mesh-agent observe` and `mesh-agent policy`:
+//! The client end of the admin API, for `mesh-agent observe`, `policy`, `routes` and
+//! `proxy-config`:
 //! one blocking HTTP/1.1 request per command over the agent's Unix socket, the body
 //! read line by line as it arrives (so `observe --follow` prints each flow at once).
 
@@ -11,13 +12,18 @@ use std::{
 
 use aya::maps::{LpmTrie, Map, MapData};
 use mesh_common::{
-    PolicyKeyData, PolicyValue, maps,
+    PolicyKeyData, PolicyValue,
+    l7::ProxyConfig,
+    maps,
     policy::{Direction, IDENTITY_ANY, POLICY_ALLOW, POLICY_FIXED_PREFIX, POLICY_ISOLATED},
     service::Protocol,
 };
 
 use super::{FlowQuery, SOCKET_NAME, socket_path};
-use crate::report::{Flow, PolicyReport};
+use crate::{
+    plan::routes::RouteStatus,
+    report::{Flow, PolicyReport},
+};
 
 /// Errors of the admin client, naming the socket or map involved.
 #[derive(Debug, thiserror::Error)]
@@ -238,6 +244,22 @@ pub fn observe(socket: &Path, query: &FlowQuery, json: bool) -> Result<(), Clien
     Ok(())
 }
 
+/// The first snapshot of `GET /v1/proxy/config`: the node proxy's current
+/// configuration (waits until the agent has applied a state).
+pub fn proxy_config(socket: &Path) -> Result<ProxyConfig, ClientError> {
+    let mut line = String::new();
+    get(socket, "/v1/proxy/config")?
+        .read_line(&mut line)
+        .map_err(|source| ClientError::Io {
+            path: socket.into(),
+            source,
+        })?;
+    serde_json::from_str(&line).map_err(|e| ClientError::Protocol {
+        path: socket.into(),
+        problem: format!("proxy configuration: {e}"),
+    })
+}
+
 /// `GET /v1/policy`.
 pub fn policy_report(socket: &Path) -> Result<PolicyReport, ClientError> {
     let mut text = String::new();
@@ -250,6 +272,21 @@ pub fn policy_report(socket: &Path) -> Result<PolicyReport, ClientError> {
     serde_json::from_str(&text).map_err(|e| ClientError::Protocol {
         path: socket.into(),
         problem: format!("policy report: {e}"),
+    })
+}
+
+/// `GET /v1/routes`.
+pub fn route_statuses(socket: &Path) -> Result<Vec<RouteStatus>, ClientError> {
+    let mut text = String::new();
+    get(socket, "/v1/routes")?
+        .read_to_string(&mut text)
+        .map_err(|source| ClientError::Io {
+            path: socket.into(),
+            source,
+        })?;
+    serde_json::from_str(&text).map_err(|e| ClientError::Protocol {
+        path: socket.into(),
+        problem: format!("route statuses: {e}"),
     })
 }
 

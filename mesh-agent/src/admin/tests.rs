@@ -64,9 +64,16 @@ async fn serves_flows_policy_and_follows_over_the_socket() {
     let view = SharedView::default();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let telemetry = Arc::new(crate::telemetry::Telemetry::new(dir.join("no-datapath")));
-    let task = tokio::spawn(server.run(view, log.clone(), telemetry.clone(), async {
-        let _ = stopped.await;
-    }));
+    let feed = crate::proxyfeed::ProxyFeed::default();
+    let task = tokio::spawn(server.run(
+        view,
+        log.clone(),
+        telemetry.clone(),
+        feed.subscribe(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
     let sample = |time: &str| Flow {
         time: time.into(),
         verdict: Verdict::Dropped,
@@ -173,6 +180,103 @@ async fn serves_flows_policy_and_follows_over_the_socket() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_the_proxy_configuration_as_it_changes() {
+    use mesh_common::l7::ProxyConfig;
+    use std::io::BufRead as _;
+
+    let dir = std::env::temp_dir().join(format!("mesh-admin-proxy-{}", std::process::id()));
+    let server = bind(&dir, "n1").expect("bind");
+    let path = server.path().to_owned();
+    let feed = crate::proxyfeed::ProxyFeed::default();
+    let telemetry = Arc::new(crate::telemetry::Telemetry::new(dir.join("no-datapath")));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(
+        SharedView::default(),
+        Arc::new(FlowLog::default()),
+        telemetry,
+        feed.subscribe(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let config = |node: &str| ProxyConfig {
+        node: node.into(),
+        ..ProxyConfig::default()
+    };
+    feed.publish(config("first"));
+
+    // The client as tests and `mesh-agent proxy-config` use it: the current snapshot.
+    let p = path.clone();
+    let current = tokio::task::spawn_blocking(move || client::proxy_config(&p))
+        .await
+        .expect("join")
+        .expect("snapshot");
+    assert_eq!((current.version, current.node.as_str()), (1, "first"));
+
+    let p = path.clone();
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut s = std::os::unix::net::UnixStream::connect(&p).expect("connect");
+        std::io::Write::write_all(&mut s, b"GET /v1/proxy/config HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut head = String::new();
+        let reader = std::io::BufReader::new(s);
+        // Headers, then chunk-size/data lines: pass on the JSON lines as they come.
+        for line in reader.lines().map_while(Result::ok) {
+            if line.starts_with('{') {
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            } else if line.starts_with("HTTP/")
+                || line.to_ascii_lowercase().starts_with("content-type")
+            {
+                head.push_str(&line);
+                head.push('\n');
+            }
+        }
+        head
+    });
+    let next = async |lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>| {
+        let line = tokio::time::timeout(Duration::from_secs(5), lines.recv())
+            .await
+            .expect("a line in time")
+            .expect("stream open");
+        serde_json::from_str::<ProxyConfig>(&line).expect("a configuration per line")
+    };
+    // At once: the current snapshot.
+    assert_eq!(next(&mut lines).await.node, "first");
+    // An equal configuration is not a change; a different one is the next line.
+    assert_eq!(feed.publish(config("first")), None);
+    assert_eq!(feed.publish(config("second")), Some(2));
+    let second = next(&mut lines).await;
+    assert_eq!((second.version, second.node.as_str()), (2, "second"));
+
+    // Other requests are served meanwhile.
+    let p = path.clone();
+    let status = tokio::task::spawn_blocking(move || get(&p, "/v1/status"))
+        .await
+        .expect("join");
+    assert!(status.starts_with('{'), "{status}");
+
+    // The agent stops: the stream ends.
+    stop.send(()).expect("running");
+    let head = tokio::time::timeout(Duration::from_secs(5), reader)
+        .await
+        .expect("stream ended")
+        .expect("join");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("application/x-ndjson"), "{head}");
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("stops")
+        .expect("join")
+        .expect("clean");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_live_socket_is_not_taken_over() {
     let dir = std::env::temp_dir().join(format!("mesh-admin-live-{}", std::process::id()));
@@ -208,4 +312,52 @@ fn get(socket: &Path, uri: &str) -> String {
     let (head, body) = response.split_once("\r\n\r\n").expect("header end");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     body.to_owned()
+}
+
+#[tokio::test]
+async fn routes_are_served_from_the_published_view() {
+    use crate::plan::routes::{Condition, ParentStatus, RouteStatus};
+    let condition = |reason: &str| Condition {
+        status: true,
+        reason: reason.into(),
+        message: String::new(),
+    };
+    let routes = vec![RouteStatus {
+        route: mesh_common::l7::ObjectRef {
+            namespace: "shop".into(),
+            name: "split".into(),
+        },
+        parents: vec![ParentStatus {
+            service: mesh_common::l7::ObjectRef {
+                namespace: "shop".into(),
+                name: "web".into(),
+            },
+            kind: "Service".into(),
+            port: Some(80),
+            attached_ports: vec![80],
+            accepted: condition("Accepted"),
+            resolved_refs: condition("ResolvedRefs"),
+        }],
+    }];
+    let view = SharedView::default();
+    view.publish(crate::flows::View::default().with_routes(routes.clone()));
+    let request = hyper::Request::get("/v1/routes").body(()).expect("request");
+    let (_stop, stopping) = tokio::sync::watch::channel(false);
+    let feed = crate::proxyfeed::ProxyFeed::default();
+    let response = handle(
+        request,
+        view,
+        Arc::new(FlowLog::default()),
+        feed.subscribe(),
+        AgentStatus::default(),
+        stopping,
+    )
+    .await
+    .expect("infallible");
+    assert_eq!(response.status(), hyper::StatusCode::OK);
+    let ApiBody::Full(Some(body)) = response.into_body() else {
+        panic!("a whole body");
+    };
+    let served: Vec<RouteStatus> = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(served, routes);
 }

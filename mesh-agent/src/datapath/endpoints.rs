@@ -22,6 +22,12 @@ use super::netns::{Netns, NetnsError, for_each_pod_netns};
 /// One network namespace of the local pods.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalNetns {
+    /// A process in the namespace, through which it was found: the node proxy opens
+    /// `/proc/<pid>/ns/net` to enter it.
+    pub pid: u32,
+    /// The namespace's inode (`net:[inode]`), to tell it from a later namespace should
+    /// `pid` exit and be reused.
+    pub inode: u64,
     /// The namespace's cookie, as `bpf_get_netns_cookie` reports it to the connect hooks.
     pub cookie: u64,
     /// Addresses configured in the namespace, sorted and without duplicates: those of every
@@ -134,7 +140,12 @@ fn inspect_netns(ns: &Netns) -> Result<LocalNetns, EndpointsError> {
     })?;
     let addrs = pod_addrs(ifaddrs.map(|ifa| (ifa.flags, ifa.address)));
     debug!(pid, netns, cookie, ?addrs, "found pod netns");
-    Ok(LocalNetns { cookie, addrs })
+    Ok(LocalNetns {
+        pid,
+        inode: netns,
+        cookie,
+        addrs,
+    })
 }
 
 /// Cookie of the calling thread's network namespace.
@@ -189,6 +200,8 @@ mod tests {
 
     fn local(cookie: u64, addrs: &[&str]) -> LocalNetns {
         LocalNetns {
+            pid: 100,
+            inode: cookie + 4_026_531_000,
             cookie,
             addrs: addrs.iter().map(|a| ip(a)).collect(),
         }
@@ -356,8 +369,20 @@ mod tests {
                     assert_ne!(cookie_b, 0);
                     assert!(cookie_a != cookie_b && cookie_a != own && cookie_b != own);
 
+                    // Each is found through one of its processes, and names its inode.
+                    for local in &found {
+                        assert_eq!(ns_id(&format!("/proc/{}/ns/net", local.pid)).1, local.inode);
+                    }
+                    let pid_of = |cookie| {
+                        found
+                            .iter()
+                            .find(|l| l.cookie == cookie)
+                            .map_or(0, |l| l.pid)
+                    };
                     let mut expected = vec![
                         LocalNetns {
+                            pid: pid_of(cookie_a),
+                            inode: ns_id(&format!("/run/netns/{a}")).1,
                             cookie: cookie_a,
                             addrs: vec![
                                 "10.250.1.1".parse().unwrap(),
@@ -365,6 +390,8 @@ mod tests {
                             ],
                         },
                         LocalNetns {
+                            pid: pid_of(cookie_b),
+                            inode: ns_id(&format!("/run/netns/{b}")).1,
                             cookie: cookie_b,
                             addrs: vec![
                                 "10.250.2.1".parse().unwrap(),

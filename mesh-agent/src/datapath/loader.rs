@@ -11,6 +11,7 @@
 use std::{
     collections::BTreeSet,
     fs::File,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -18,7 +19,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuHashMap, RingBuf, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, Program, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, CgroupSockopt, Program,
+        SkMsg, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -33,6 +35,9 @@ use super::{
     DatapathError, mounts, pins,
     sync::{KernelMap, KernelTrie, PolicyMaps, ServiceMaps},
 };
+
+/// `BPF_CGROUP_GETSOCKOPT` of `enum bpf_attach_type`.
+const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 
 /// The eBPF object built from `mesh-ebpf` by build.rs; the agent is one binary.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
@@ -116,9 +121,14 @@ impl Datapath {
         skb(&mut ebpf, programs::INGRESS)?
             .load()
             .map_err(|e| program_error(programs::INGRESS, e))?;
-        sock_ops(&mut ebpf)?
+        for name in [programs::SOCKOPS, programs::ORIG_DST_OPS] {
+            sock_ops(&mut ebpf, name)?
+                .load()
+                .map_err(|e| program_error(name, e))?;
+        }
+        sockopt(&mut ebpf, programs::GETSOCKOPT)?
             .load()
-            .map_err(|e| program_error(programs::SOCKOPS, e))?;
+            .map_err(|e| program_error(programs::GETSOCKOPT, e))?;
         sk_msg(&mut ebpf)?
             .load()
             .map_err(|e| program_error(programs::SK_MSG, e))?;
@@ -175,7 +185,9 @@ impl Datapath {
     /// Attaches every program to `cgroup` and pins the links, replacing the links of an
     /// earlier agent only once the new ones are attached; then removes pins this version
     /// (or this configuration) does not use. With `sockmap`, also same-node socket
-    /// redirection: sk_msg on the SOCKS map, then sock_ops on the cgroup.
+    /// redirection: sk_msg on the SOCKS map, then sock_ops on the cgroup. The node
+    /// proxy's original-destination programs (a sock_ops one of their own, and
+    /// getsockopt) are attached either way.
     pub fn attach(&mut self, cgroup: &Path, sockmap: bool) -> Result<(), DatapathError> {
         let cgroup_file = File::open(cgroup).map_err(|source| DatapathError::Io {
             op: "open cgroup",
@@ -237,13 +249,15 @@ impl Datapath {
         };
         // bpf_link attachments to a cgroup always coexist with others (multi semantics);
         // the kernel rejects any attach flag on them, so the mode must be `Single` (0).
-        let link = if name == programs::SOCKOPS {
-            let prog = sock_ops(&mut self.ebpf)?;
+        let link = if name == programs::SOCKOPS || name == programs::ORIG_DST_OPS {
+            let prog = sock_ops(&mut self.ebpf, name)?;
             let id = prog
                 .attach(cgroup, CgroupAttachMode::Single)
                 .map_err(|e| program_error(name, e))?;
             FdLink::try_from(prog.take_link(id).map_err(|e| program_error(name, e))?)
                 .map_err(link_error)?
+        } else if name == programs::GETSOCKOPT {
+            self.getsockopt_link(name, cgroup, &link_path)?
         } else if name == programs::INGRESS {
             let prog = skb(&mut self.ebpf, name)?;
             let id = prog
@@ -285,6 +299,42 @@ impl Datapath {
                 source: Box::new(e),
             })?;
         Ok(pinned)
+    }
+
+    /// Attaches the cgroup getsockopt program with a bpf_link of our own making: aya
+    /// 0.14 cannot turn its CgroupSockopt link into a pinnable `FdLink`. The new link
+    /// is pinned beside `link_path` for a moment, to come back as an `FdLink` that the
+    /// caller pins like every other.
+    fn getsockopt_link(
+        &mut self,
+        name: &'static str,
+        cgroup: &File,
+        link_path: &Path,
+    ) -> Result<FdLink, DatapathError> {
+        let prog = sockopt(&mut self.ebpf, name)?;
+        let prog_fd = prog.fd().map_err(|e| program_error(name, e))?;
+        let fd =
+            crate::sys::bpf_link_create(prog_fd.as_fd(), cgroup.as_fd(), BPF_CGROUP_GETSOCKOPT)
+                .map_err(|source| DatapathError::Io {
+                    op: "attach getsockopt program to cgroup",
+                    path: link_path.into(),
+                    source,
+                })?;
+        // bpffs rejects names with a dot.
+        let fresh = pins::link_pin(&self.node_dir, "mesh_getsockopt_new");
+        remove_if_exists(&fresh)?;
+        crate::sys::bpf_obj_pin(fd.as_fd(), &fresh).map_err(|source| DatapathError::Io {
+            op: "pin new link",
+            path: fresh.clone(),
+            source,
+        })?;
+        let pinned = PinnedLink::from_pin(&fresh).map_err(|e| DatapathError::Link {
+            path: fresh.clone(),
+            source: Box::new(e),
+        });
+        // The link lives on through the fds (ours and the reopened one) either way.
+        remove_if_exists(&fresh)?;
+        Ok(FdLink::from(pinned?))
     }
 
     fn remove_foreign_pins(&self, sockmap: bool) -> Result<(), DatapathError> {
@@ -366,10 +416,19 @@ fn sock_addr<'a>(
         .map_err(|e| program_error(name, e))
 }
 
-fn sock_ops(ebpf: &mut Ebpf) -> Result<&mut SockOps, DatapathError> {
-    program(ebpf, programs::SOCKOPS)?
+fn sock_ops<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SockOps, DatapathError> {
+    program(ebpf, name)?
         .try_into()
-        .map_err(|e| program_error(programs::SOCKOPS, e))
+        .map_err(|e| program_error(name, e))
+}
+
+fn sockopt<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockopt, DatapathError> {
+    program(ebpf, name)?
+        .try_into()
+        .map_err(|e| program_error(name, e))
 }
 
 fn sk_msg(ebpf: &mut Ebpf) -> Result<&mut SkMsg, DatapathError> {

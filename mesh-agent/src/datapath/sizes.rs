@@ -180,8 +180,8 @@ mod tests {
         let rev_nat_ceiling = maps::spec(maps::REV_NAT).capacity;
         for (memory, ratio, rev_nat) in [
             (64 * GIB, DEFAULT_RATIO, rev_nat_ceiling),
-            (24 * GIB, DEFAULT_RATIO, rev_nat_ceiling),
-            (4 * GIB, DEFAULT_RATIO, 47_104),
+            (24 * GIB, DEFAULT_RATIO, 229_376),
+            (4 * GIB, DEFAULT_RATIO, 37_888),
             (GIB / 4, DEFAULT_RATIO, 16_384),
             (GIB / 4, 0.0, rev_nat_ceiling),
         ] {

@@ -99,12 +99,7 @@ impl Endpoint {
 /// Also returns how many Pods were checked against Service selectors (the selection
 /// cost, linear in the number of Services and matches through the label index).
 pub(super) fn frontends(state: &State) -> (Vec<Frontend>, u64) {
-    let slices_by_service = slices_by_service(state);
-    let pods: Vec<(&ObjectKey, &Pod)> = state.pods().collect();
-    let index = LabelIndex::new(pods.iter().map(|(key, pod)| {
-        let labels = pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS);
-        (key.namespace.as_str(), labels)
-    }));
+    let sources = BackendSources::new(state);
     let mut out = Vec::new();
     for (key, svc) in state.services() {
         let vips = cluster_ips(svc);
@@ -123,21 +118,81 @@ pub(super) fn frontends(state: &State) -> (Vec<Frontend>, u64) {
             };
             // Validation has kept ports in 1..=65535.
             if let Ok(number) = u16::try_from(port.port) {
-                ports.push((port, proto_name, proto, number));
+                ports.push((port, proto, number));
             }
         }
         if ports.is_empty() {
             continue;
         }
 
-        let selected = selected_pods(&index, &pods, key, svc);
-        let slices: &[&EndpointSlice] = slices_by_service
+        let port_refs: Vec<&ServicePort> = ports.iter().map(|&(port, _, _)| port).collect();
+        let backends = sources.backends(key, svc, &port_refs);
+        let affinity_timeout_s = affinity_timeout(svc);
+        let prefer_close = prefers_close(svc);
+        for &vip in &vips {
+            for (&(port, proto, number), backends) in ports.iter().zip(&backends) {
+                out.push(Frontend {
+                    service: key.clone(),
+                    port_name: port.name.clone().unwrap_or_default(),
+                    vip,
+                    port: number,
+                    proto,
+                    affinity_timeout_s,
+                    prefer_close,
+                    backends: backends
+                        .iter()
+                        .filter(|b| b.addr.is_ipv4() == vip.is_ipv4())
+                        .cloned()
+                        .collect(),
+                });
+            }
+        }
+    }
+    (out, sources.examined())
+}
+
+/// Where Services' backends come from: the Pods their selectors pick and their
+/// EndpointSlices, indexed once per state.
+pub(super) struct BackendSources<'a> {
+    slices_by_service: BTreeMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+    pods: Vec<(&'a ObjectKey, &'a Pod)>,
+    index: LabelIndex<'a>,
+}
+
+impl<'a> BackendSources<'a> {
+    /// Indexes the Pods and EndpointSlices of `state`.
+    pub(super) fn new(state: &'a State) -> Self {
+        let pods: Vec<(&ObjectKey, &Pod)> = state.pods().collect();
+        let index = LabelIndex::new(pods.iter().map(|(key, pod)| {
+            let labels = pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS);
+            (key.namespace.as_str(), labels)
+        }));
+        Self {
+            slices_by_service: slices_by_service(state),
+            pods,
+            index,
+        }
+    }
+
+    /// The backends of each of `ports` (ports of `svc`, named `key`), both families,
+    /// sorted by address, without duplicates: serving selected Pods and serving
+    /// EndpointSlice endpoints, each marked terminating or not. Those that serve
+    /// neither are left out.
+    pub(super) fn backends(
+        &self,
+        key: &ObjectKey,
+        svc: &Service,
+        ports: &[&ServicePort],
+    ) -> Vec<Vec<Endpoint>> {
+        let selected = selected_pods(&self.index, &self.pods, key, svc);
+        let slices: &[&EndpointSlice] = self
+            .slices_by_service
             .get(&(key.namespace.as_str(), key.name.as_str()))
             .map_or(&[], Vec::as_slice);
-        // Backends of both families, per port.
-        let backends: Vec<Vec<Endpoint>> = ports
+        ports
             .iter()
-            .map(|&(port, proto_name, _, _)| {
+            .map(|&port| {
+                let proto_name = protocol(port.protocol.as_ref());
                 let mut backends = BTreeMap::new();
                 for (pod_key, pod, terminating) in &selected {
                     let Some(target) = pod_target_port(port, proto_name, pod) else {
@@ -161,30 +216,13 @@ pub(super) fn frontends(state: &State) -> (Vec<Frontend>, u64) {
                 }
                 backends.into_values().collect()
             })
-            .collect();
-
-        let affinity_timeout_s = affinity_timeout(svc);
-        let prefer_close = prefers_close(svc);
-        for &vip in &vips {
-            for (&(port, _, proto, number), backends) in ports.iter().zip(&backends) {
-                out.push(Frontend {
-                    service: key.clone(),
-                    port_name: port.name.clone().unwrap_or_default(),
-                    vip,
-                    port: number,
-                    proto,
-                    affinity_timeout_s,
-                    prefer_close,
-                    backends: backends
-                        .iter()
-                        .filter(|b| b.addr.is_ipv4() == vip.is_ipv4())
-                        .cloned()
-                        .collect(),
-                });
-            }
-        }
+            .collect()
     }
-    (out, index.examined())
+
+    /// How many Pods were checked against Service selectors so far.
+    pub(super) fn examined(&self) -> u64 {
+        self.index.examined()
+    }
 }
 
 fn add(backends: &mut BTreeMap<SocketAddr, Endpoint>, endpoint: Endpoint) {

@@ -9,6 +9,8 @@ fn state(yaml: &str) -> State {
 
 /// No backend is unhealthy.
 static HEALTHY: BTreeSet<BackendAddr> = BTreeSet::new();
+/// No Service port is served by the node proxy.
+static NO_L7: BTreeMap<ServicePortRef, AppProtocol> = BTreeMap::new();
 
 /// The context of an agent on node `n1` with every backend healthy.
 fn ctx() -> PlanContext<'static> {
@@ -16,6 +18,7 @@ fn ctx() -> PlanContext<'static> {
         node: "n1",
         unhealthy: &HEALTHY,
         capacities: Capacities::default(),
+        l7_ports: &NO_L7,
     }
 }
 
@@ -30,6 +33,7 @@ fn plan_on(yaml: &str, node: &str, unhealthy: &[&str]) -> Plan {
         node,
         unhealthy: &unhealthy,
         capacities: Capacities::default(),
+        l7_ports: &NO_L7,
     };
     plan(&state(yaml), &Ids::default(), &ctx).expect("plan").0
 }
@@ -1053,4 +1057,58 @@ fn selection_cost_grows_linearly_with_services_and_policies() {
     // Each policy checks one subject and one peer candidate.
     assert_eq!(policies_small, 2 * 200);
     assert_eq!(policies_large, 2 * 800);
+}
+
+#[test]
+fn l7_service_ports_get_the_l7_flag_on_every_cluster_ip_and_tcp_only() {
+    let state = state(&(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+         spec: {clusterIP: 10.96.0.2, clusterIPs: [10.96.0.2, 'fd00:96::2'], ipFamilies: [IPv4, IPv6], \
+         ipFamilyPolicy: RequireDualStack, selector: {app: web}, ports: [\
+         {name: http, port: 80, targetPort: 8080, appProtocol: http}, \
+         {name: plain, port: 81, targetPort: 8080}, \
+         {name: dns, port: 53, targetPort: 5353, protocol: UDP}]}\n"
+            .to_owned()
+            + &pod("p1", "10.244.0.1", "{app: web}", "")),
+    );
+    let routes = routes::compile(&state);
+    let l7 = |l7_ports| {
+        let ctx = PlanContext { l7_ports, ..ctx() };
+        let (plan, _) = plan(&state, &Ids::default(), &ctx).expect("plan");
+        let flagged: BTreeSet<String> = plan
+            .frontends
+            .iter()
+            .filter(|f| {
+                let key = ServiceKey::new(Addr::from(f.addr.ip()), f.addr.port(), f.proto);
+                let flag = plan.services[&key].flags & SVC_FLAG_L7 != 0;
+                assert_eq!(flag, f.l7, "{f}");
+                flag
+            })
+            .map(|f| format!("{}/{}", f.addr, proto_name(f.proto)))
+            .collect();
+        // The flag changes nothing else: backends keep their slots (the pod is IPv4 only).
+        assert_eq!(plan.slots.len(), 3, "{:?}", plan.slots);
+        flagged
+    };
+    assert_eq!(
+        l7(&routes.l7_ports),
+        BTreeSet::from([
+            "10.96.0.2:80/TCP".to_owned(),
+            "[fd00:96::2]:80/TCP".to_owned()
+        ])
+    );
+    // A UDP port named as L7 is still not sent to the proxy.
+    let mut udp = routes.l7_ports.clone();
+    udp.insert(
+        ServicePortRef {
+            service: routes::object_ref(&ObjectKey {
+                namespace: "default".into(),
+                name: "web".into(),
+            }),
+            port: 53,
+        },
+        AppProtocol::Http,
+    );
+    assert_eq!(l7(&udp).len(), 2);
+    assert!(l7(&NO_L7).is_empty());
 }

@@ -11,6 +11,8 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::httproute::HttpRoute;
+
 /// Namespace of an object whose `metadata.namespace` is absent, as in `kubectl apply`.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -58,6 +60,7 @@ pub struct State {
     /// [`NAMESPACE_NAME_LABEL`].
     pub(super) namespaces: BTreeMap<ObjectKey, Namespace>,
     pub(super) network_policies: BTreeMap<ObjectKey, NetworkPolicy>,
+    pub(super) http_routes: BTreeMap<ObjectKey, HttpRoute>,
 }
 
 impl State {
@@ -126,6 +129,16 @@ impl State {
     pub fn network_policies(&self) -> impl ExactSizeIterator<Item = (&ObjectKey, &NetworkPolicy)> {
         self.network_policies.iter()
     }
+
+    /// All HTTPRoutes (`v1` and `v1beta1` alike), ordered by namespace and name.
+    pub fn http_routes(&self) -> impl ExactSizeIterator<Item = (&ObjectKey, &HttpRoute)> {
+        self.http_routes.iter()
+    }
+
+    /// The Service at `key`, if the state has it.
+    pub fn service(&self, key: &ObjectKey) -> Option<&Service> {
+        self.services.get(key)
+    }
 }
 
 /// The kinds the state understands.
@@ -136,6 +149,7 @@ pub(super) enum Kind {
     EndpointSlice,
     Namespace,
     NetworkPolicy,
+    HttpRoute,
 }
 
 impl fmt::Display for Kind {
@@ -146,6 +160,7 @@ impl fmt::Display for Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Namespace => "Namespace",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::HttpRoute => "HTTPRoute",
         })
     }
 }

@@ -154,6 +154,11 @@ impl Builder {
                     });
                 }
             }
+            ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
+                if let Some((key, route)) = self.decode(loc, prefix, json, validate::http_route) {
+                    self.insert(Kind::HttpRoute, key, route, loc, |s| &mut s.http_routes);
+                }
+            }
             ("v1", "List") => match json.get("items") {
                 Some(Value::Array(items)) => {
                     for (i, item) in items.iter().enumerate() {

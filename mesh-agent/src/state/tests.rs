@@ -738,3 +738,323 @@ metadata: {name: db, namespace: shop, annotations: {mesh.io/sockmap: 'false'}}
         ]
     );
 }
+
+/// An HTTPRoute `shop/r` with `spec` (flow-style YAML).
+fn http_route(spec: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r, namespace: shop}}\nspec: {spec}\n"
+    )
+}
+
+#[test]
+fn http_routes_load_in_both_versions_with_status_ignored() {
+    let text = format!(
+        "{}---\n{}",
+        http_route("{parentRefs: [{group: '', kind: Service, name: web, port: 80}], rules: [{backendRefs: [{name: web, port: 80, weight: 2}]}]}"),
+        "apiVersion: gateway.networking.k8s.io/v1beta1
+kind: HTTPRoute
+metadata: {name: old, namespace: shop, creationTimestamp: '2024-05-01T10:00:00Z'}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web}]
+  hostnames: [web.shop.svc.cluster.local]
+  rules:
+  - name: all
+    matches:
+    - path: {type: PathPrefix, value: /}
+      headers: [{type: Exact, name: x-env, value: prod}]
+      queryParams: [{type: RegularExpression, name: v, value: '[0-9]+'}]
+      method: GET
+    filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {group: '', kind: Service, name: web, namespace: shop, port: 80}, fraction: {numerator: 1, denominator: 10}}
+    backendRefs: [{group: '', kind: Service, name: web, namespace: shop, port: 80, weight: 0}]
+    timeouts: {request: 10s, backendRequest: 2s}
+    retry: {codes: [503], attempts: 2, backoff: 50ms}
+    sessionPersistence: {sessionName: s, type: Cookie, absoluteTimeout: 1h, cookieConfig: {lifetimeType: Session}}
+status:
+  parents:
+  - parentRef: {name: web}
+    controllerName: example.com/x
+    conditions: [{type: Accepted, status: 'True'}]
+"
+    );
+    let state = ok(&text);
+    let routes: Vec<String> = state.http_routes().map(|(k, _)| k.to_string()).collect();
+    assert_eq!(routes, ["shop/old", "shop/r"]);
+    let (_, old) = state.http_routes().next().expect("route");
+    assert_eq!(old.api_version, "gateway.networking.k8s.io/v1beta1");
+    assert_eq!(old.metadata.namespace.as_deref(), Some("shop"));
+}
+
+#[test]
+fn http_route_unknown_fields_and_duplicates_are_rejected() {
+    let text = format!(
+        "{}---\n{}",
+        http_route(
+            "{parentRefs: [{name: web, prot: 80}], rules: [{matchs: [], backendRefs: [{name: a, wieght: 1}], filters: [{type: CORS, cors: {}}]}]}"
+        ),
+        http_route("{}")
+    );
+    assert_eq!(
+        problems("r.yaml", &text),
+        [
+            "r.yaml: document 1 (HTTPRoute shop/r): spec.parentRefs[0].prot: unknown field",
+            "r.yaml: document 1 (HTTPRoute shop/r): spec.rules[0].backendRefs[0].wieght: unknown field",
+            "r.yaml: document 1 (HTTPRoute shop/r): spec.rules[0].filters[0].type: CORS filters are not supported by this mesh",
+            "r.yaml: document 2 (HTTPRoute shop/r): metadata.name: duplicate object, first defined in r.yaml document 1",
+        ]
+    );
+}
+
+#[test]
+fn http_route_validation_names_every_field() {
+    let rule = |body: &str| http_route(&format!("{{rules: [{body}]}}"));
+    let filter = |f: &str| rule(&format!("{{filters: [{f}]}}"));
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (
+            rule("{matches: [{path: {value: /ok}}, {path: {type: Exact, value: api}}]}"),
+            vec!["spec.rules[0].matches[1].path.value: \"api\" must start with '/'"],
+        ),
+        (
+            rule("{matches: [{path: {type: PathPrefix, value: '/a//b'}}]}"),
+            vec!["spec.rules[0].matches[0].path.value: \"/a//b\" must not contain '//'"],
+        ),
+        (
+            rule("{matches: [{path: {type: Prefix, value: /a}}]}"),
+            vec![
+                "spec.rules[0].matches[0].path.type: \"Prefix\" is not one of Exact, PathPrefix, RegularExpression",
+            ],
+        ),
+        (
+            rule("{matches: [{path: {type: RegularExpression, value: '/(a'}}]}"),
+            vec![
+                "spec.rules[0].matches[0].path.value: \"/(a\" is not a valid regular expression: error: unclosed group",
+            ],
+        ),
+        (
+            rule(
+                "{matches: [{headers: [{name: 'x y', value: a}, {name: h, value: a}, {name: h, value: b}, {name: r, type: RegularExpression, value: '*'}, {name: e, value: ''}]}]}",
+            ),
+            vec![
+                "spec.rules[0].matches[0].headers[0].name: \"x y\" is not a valid header name (letters, digits and !#$%&'*+-.^_`|~)",
+                "spec.rules[0].matches[0].headers[2].name: duplicate name \"h\" (also [1])",
+                "spec.rules[0].matches[0].headers[3].value: \"*\" is not a valid regular expression: error: repetition operator missing expression",
+                "spec.rules[0].matches[0].headers[4].value: must be 1-4096 bytes",
+            ],
+        ),
+        (
+            rule("{matches: [{queryParams: [{name: q, type: Prefix, value: a}], method: get}]}"),
+            vec![
+                "spec.rules[0].matches[0].queryParams[0].type: \"Prefix\" is not one of Exact, RegularExpression",
+                "spec.rules[0].matches[0].method: \"get\" is not one of GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH",
+            ],
+        ),
+        (
+            rule(
+                "{backendRefs: [{name: a, port: 0, weight: 1000001}, {name: b, port: 80, weight: -1}, {name: '', port: 80}]}",
+            ),
+            vec![
+                "spec.rules[0].backendRefs[0].port: 0 is not a valid port (1-65535)",
+                "spec.rules[0].backendRefs[0].weight: 1000001 is not in 0-1000000",
+                "spec.rules[0].backendRefs[1].weight: -1 is not in 0-1000000",
+                "spec.rules[0].backendRefs[2].name: required",
+            ],
+        ),
+        (
+            http_route("{parentRefs: [{group: '', kind: Service, name: web, port: 70000}]}"),
+            vec!["spec.parentRefs[0].port: 70000 is not a valid port (1-65535)"],
+        ),
+        (
+            rule("{timeouts: {request: 1s, backendRequest: 2s}}"),
+            vec!["spec.rules[0].timeouts.backendRequest: must not be longer than timeouts.request"],
+        ),
+        (
+            rule(
+                "{timeouts: {request: 1d, backendRequest: 1s1s}, retry: {codes: [200, 503, 503], attempts: -1, backoff: 1.5s}}",
+            ),
+            vec![
+                "spec.rules[0].timeouts.request: \"1d\" is not a duration (units are h, m, s, ms; e.g. 10s, 500ms, 1m30s)",
+                "spec.rules[0].timeouts.backendRequest: \"1s1s\" is not a duration (unit s given twice; e.g. 10s, 500ms, 1m30s)",
+                "spec.rules[0].retry.codes[0]: 200 is not an HTTP status in 400-599",
+                "spec.rules[0].retry.codes[2]: duplicate code 503",
+                "spec.rules[0].retry.attempts: -1 is negative",
+                "spec.rules[0].retry.backoff: \"1.5s\" is not a duration (units are h, m, s, ms; e.g. 10s, 500ms, 1m30s)",
+            ],
+        ),
+        (
+            rule("{timeouts: {request: 0s, backendRequest: 5s}}"),
+            vec![],
+        ),
+        (
+            filter(
+                "{type: RequestRedirect, requestRedirect: {statusCode: 307, scheme: ftp, port: 0, hostname: Bad_Host}}",
+            ),
+            vec![
+                "spec.rules[0].filters[0].requestRedirect.scheme: \"ftp\" is not one of http, https",
+                "spec.rules[0].filters[0].requestRedirect.hostname: \"Bad_Host\" is not a lowercase RFC 1123 host name",
+                "spec.rules[0].filters[0].requestRedirect.port: 0 is not a valid port (1-65535)",
+                "spec.rules[0].filters[0].requestRedirect.statusCode: 307 is not 301 or 302",
+            ],
+        ),
+        (
+            rule(
+                "{matches: [{path: {type: PathPrefix, value: /a}}, {path: {type: Exact, value: /b}}], filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /c}}}]}",
+            ),
+            vec![
+                "spec.rules[0].filters[0].urlRewrite.path.type: ReplacePrefixMatch needs every match of the rule to be a PathPrefix (matches[1] is Exact)",
+            ],
+        ),
+        (
+            rule(
+                "{filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /c}}}]}",
+            ),
+            vec![],
+        ),
+        (
+            filter(
+                "{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replacePrefixMatch: /c}}}",
+            ),
+            vec![
+                "spec.rules[0].filters[0].urlRewrite.path: replaceFullPath is required when type is ReplaceFullPath",
+                "spec.rules[0].filters[0].urlRewrite.path.replacePrefixMatch: must not be set when type is ReplaceFullPath",
+            ],
+        ),
+        (
+            filter("{type: RequestHeaderModifier, responseHeaderModifier: {remove: [a]}}"),
+            vec![
+                "spec.rules[0].filters[0]: requestHeaderModifier is required when type is RequestHeaderModifier",
+                "spec.rules[0].filters[0].responseHeaderModifier: must not be set when type is RequestHeaderModifier",
+            ],
+        ),
+        (
+            filter("{type: Rewrite}"),
+            vec![
+                "spec.rules[0].filters[0].type: \"Rewrite\" is not one of RequestHeaderModifier, ResponseHeaderModifier, RequestMirror, RequestRedirect, URLRewrite, ExtensionRef",
+            ],
+        ),
+        (
+            rule(
+                "{filters: [{type: RequestHeaderModifier, requestHeaderModifier: {}}, {type: RequestHeaderModifier, requestHeaderModifier: {}}, {type: ResponseHeaderModifier, responseHeaderModifier: {}}, {type: ResponseHeaderModifier, responseHeaderModifier: {}}]}",
+            ),
+            vec![
+                "spec.rules[0].filters[1].type: RequestHeaderModifier may appear once per filter list (also [0])",
+                "spec.rules[0].filters[3].type: ResponseHeaderModifier may appear once per filter list (also [2])",
+            ],
+        ),
+        (
+            rule(
+                "{filters: [{type: RequestRedirect, requestRedirect: {}}, {type: URLRewrite, urlRewrite: {}}], backendRefs: [{name: a, port: 80}]}",
+            ),
+            vec![
+                "spec.rules[0].filters[1].type: RequestRedirect and URLRewrite may not be combined (also [0] RequestRedirect)",
+                "spec.rules[0].backendRefs: must be empty: the rule redirects (filters[0] is a RequestRedirect)",
+            ],
+        ),
+        (
+            filter(
+                "{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: X-A, value: '1'}], add: [{name: x-a, value: '2'}, {name: 'b:', value: '3'}], remove: [X-A]}}",
+            ),
+            vec![
+                "spec.rules[0].filters[0].requestHeaderModifier.add[0].name: header \"x-a\" is already modified by set[0]: one action per header",
+                "spec.rules[0].filters[0].requestHeaderModifier.add[1].name: \"b:\" is not a valid header name (letters, digits and !#$%&'*+-.^_`|~)",
+                "spec.rules[0].filters[0].requestHeaderModifier.remove[0]: header \"X-A\" is already modified by set[0]: one action per header",
+            ],
+        ),
+        (
+            filter(
+                "{type: RequestMirror, requestMirror: {backendRef: {name: a, port: 80}, percent: 101, fraction: {numerator: 3, denominator: 2}}}",
+            ),
+            vec![
+                "spec.rules[0].filters[0].requestMirror.percent: 101 is not in 0-100",
+                "spec.rules[0].filters[0].requestMirror.fraction.numerator: 3 is not in 0-2 (the denominator)",
+                "spec.rules[0].filters[0].requestMirror.fraction: only one of percent and fraction may be set",
+            ],
+        ),
+        (
+            rule(
+                "{backendRefs: [{name: a, port: 80, filters: [{type: RequestRedirect, requestRedirect: {statusCode: 303}}]}]}",
+            ),
+            vec![
+                "spec.rules[0].backendRefs[0].filters[0].requestRedirect.statusCode: 303 is not 301 or 302",
+            ],
+        ),
+        (
+            http_route(
+                "{rules: [{name: a}, {name: a}], hostnames: ['*.shop.example', '10.0.0.1']}",
+            ),
+            vec![
+                "spec.hostnames[1]: \"10.0.0.1\" is an IP address, not a host name",
+                "spec.rules[1].name: duplicate rule name \"a\" (also spec.rules[0])",
+            ],
+        ),
+        (
+            http_route(&format!("{{rules: [{}]}}", vec!["{}"; 17].join(", "))),
+            vec!["spec.rules: 17 entries: at most 16"],
+        ),
+        (
+            rule(&format!("{{matches: [{}]}}", vec!["{}"; 65].join(", "))),
+            vec!["spec.rules[0].matches: 65 entries: at most 64"],
+        ),
+        (
+            rule(&format!(
+                "{{matches: [{{headers: [{}]}}]}}",
+                (0..17)
+                    .map(|i| format!("{{name: h{i}, value: v}}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            vec!["spec.rules[0].matches[0].headers: 17 entries: at most 16"],
+        ),
+        (
+            rule(&format!(
+                "{{matches: [{{queryParams: [{}]}}]}}",
+                (0..17)
+                    .map(|i| format!("{{name: q{i}, value: v}}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            vec!["spec.rules[0].matches[0].queryParams: 17 entries: at most 16"],
+        ),
+        (
+            http_route(&format!(
+                "{{rules: [{}]}}",
+                vec![format!("{{matches: [{}]}}", ["{}"; 9].join(", ")); 15].join(", ")
+            )),
+            vec!["spec.rules: 135 matches in all rules: at most 128"],
+        ),
+        (
+            rule(
+                "{sessionPersistence: {type: Query, idleTimeout: 5x, cookieConfig: {lifetimeType: Forever}}}",
+            ),
+            vec![
+                "spec.rules[0].sessionPersistence.idleTimeout: \"5x\" is not a duration (units are h, m, s, ms; e.g. 10s, 500ms, 1m30s)",
+                "spec.rules[0].sessionPersistence.type: \"Query\" is not one of Cookie, Header",
+                "spec.rules[0].sessionPersistence.cookieConfig.lifetimeType: \"Forever\" is not one of Permanent, Session",
+            ],
+        ),
+        (
+            filter("{type: ExtensionRef, extensionRef: {group: '', kind: '', name: x}}"),
+            vec!["spec.rules[0].filters[0].extensionRef.kind: required"],
+        ),
+        (
+            http_route("{rules: []}"),
+            vec!["spec.rules: must have at least one rule when given"],
+        ),
+    ];
+    for (text, expected) in cases {
+        let got: Vec<String> = match parse_str("r.yaml", &text) {
+            Ok(_) => Vec::new(),
+            Err(StateError::Invalid(errors)) => errors
+                .iter()
+                .map(|e| {
+                    let prefix = "r.yaml: document 1 (HTTPRoute shop/r): ";
+                    let line = e.to_string();
+                    line.strip_prefix(prefix)
+                        .map_or(line.clone(), str::to_owned)
+                })
+                .collect(),
+            Err(e) => panic!("unexpected error: {e}"),
+        };
+        assert_eq!(got, expected, "for:\n{text}");
+    }
+}

@@ -1,6 +1,8 @@
 //! Semantic checks of single objects, the subset of the API server's validation that
 //! the datapath relies on. Each problem carries the field path it is about.
 
+mod httproute;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -16,6 +18,8 @@ use super::model::{
     Cidr, MAX_AFFINITY_TIMEOUT_S, PREFER_CLOSE, SERVICE_NAME_LABEL, SOCKMAP_ANNOTATION, protocol,
     target_port,
 };
+
+pub(super) use httproute::http_route;
 
 /// One problem in one object, before the caller adds file, document and object.
 #[derive(Debug, PartialEq, Eq)]
@@ -34,6 +38,7 @@ fn problem(field: impl Into<String>, message: impl Into<String>) -> Problem {
 
 pub(super) fn service(svc: &Service) -> Vec<Problem> {
     let mut out = Vec::new();
+    check_resilience_annotations(&svc.metadata, &mut out);
     let Some(spec) = &svc.spec else { return out };
     check_cluster_ips(spec, &mut out);
     check_session_affinity(spec, &mut out);
@@ -200,6 +205,16 @@ fn check_sockmap_annotation(meta: &ObjectMeta, out: &mut Vec<Problem>) {
             format!("{v:?} is not \"true\" or \"false\""),
         ));
     }
+}
+
+/// The node proxy's `mesh.io/*` settings of a Service ([`super::resilience`]).
+fn check_resilience_annotations(meta: &ObjectMeta, out: &mut Vec<Problem>) {
+    let (_, errors) = super::resilience::resilience(meta.annotations.as_ref());
+    out.extend(
+        errors
+            .into_iter()
+            .map(|e| problem(format!("metadata.annotations[{:?}]", e.key), e.message)),
+    );
 }
 
 pub(super) fn network_policy(policy: &NetworkPolicy) -> Vec<Problem> {

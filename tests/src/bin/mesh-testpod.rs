@@ -26,6 +26,10 @@
 //!   echo of a `sink --echo` concurrently.
 //! - `churn`: N sequential short connections to a `sink --echo` (16 bytes and their
 //!   echo each), as [`ConnectSummary`].
+//! - `origdst-echo`: stands in for the node proxy's outbound listener: on 127.0.0.1 and
+//!   [::1] (default port 15001) it announces each connection's original destination
+//!   (`getsockopt(SO_ORIGINAL_DST)`) as `VIP:PORT\n` (`none\n` when the option fails)
+//!   in place of `serve`'s name, then echoes until EOF, so `connect` reads it back.
 //!
 //! - `http-server`: HTTP/1.1 and h2c on one port, answering JSON about each request
 //!   ([`mesh_tests::l7::HttpEcho`]) with behaviours by path (`/status/{code}`,
@@ -102,6 +106,16 @@ enum Cmd {
     GrpcServer(grpc::GrpcServerArgs),
     /// Call the gRPC health service; one JSON line per result.
     GrpcClient(grpc::GrpcClientArgs),
+    /// Accept TCP connections on the netns loopback: send their original destination
+    /// (`VIP:PORT\n`, or `none\n`), then echo until EOF.
+    OrigdstEcho(OrigdstEchoArgs),
+}
+
+#[derive(Args)]
+struct OrigdstEchoArgs {
+    /// Port to listen on, on 127.0.0.1 and [::1].
+    #[arg(long, default_value_t = 15001)]
+    port: u16,
 }
 
 #[derive(Args)]
@@ -327,7 +341,63 @@ fn main() -> Result<()> {
         Cmd::HttpServer(args) => http_server::run(&args),
         Cmd::GrpcServer(args) => grpc::serve(&args),
         Cmd::GrpcClient(args) => grpc::client(&args),
+        Cmd::OrigdstEcho(args) => origdst_echo(&args),
     }
+}
+
+fn origdst_echo(args: &OrigdstEchoArgs) -> Result<()> {
+    let listeners = [
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    ]
+    .map(|ip| {
+        let addr = SocketAddr::new(ip, args.port);
+        bind(addr, Type::STREAM)
+            .and_then(|s| s.listen(1024).map(|()| TcpListener::from(s)))
+            .with_context(|| format!("bind tcp {addr}"))
+    });
+    let [v4, v6] = listeners;
+    let (v4, v6) = (v4?, v6?);
+    let v6 = std::thread::spawn(move || accept_origdst(&v6));
+    println!("{READY_LINE}");
+    io::stdout().flush()?;
+    accept_origdst(&v4);
+    let _ = v6.join();
+    Ok(())
+}
+
+fn accept_origdst(listener: &TcpListener) {
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                std::thread::spawn(move || {
+                    let line = match original_dst(&stream) {
+                        Ok(addr) => addr.to_string(),
+                        Err(_) => "none".to_owned(),
+                    };
+                    if let Err(e) = serve_tcp(&stream, &line) {
+                        eprintln!("mesh-testpod origdst-echo: connection: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                eprintln!("mesh-testpod origdst-echo: accept: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// `SO_ORIGINAL_DST` (IPv4 socket) or `IP6T_SO_ORIGINAL_DST` (IPv6 socket).
+fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let socket = SockRef::from(stream);
+    let addr = if stream.local_addr()?.is_ipv4() {
+        socket.original_dst_v4()?
+    } else {
+        socket.original_dst_v6()?
+    };
+    addr.as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not an IP address"))
 }
 
 /// Restricts this thread, and the threads it starts later, to `cpu`.

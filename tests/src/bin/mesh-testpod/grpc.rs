@@ -92,7 +92,7 @@ pub fn serve(args: &GrpcServerArgs) -> Result<()> {
                 }
             });
         }
-        let listener = listen(args.listen)?;
+        let listener = listen(args.listen, false)?;
         println!("{READY_LINE}");
         // Stamps the pod's name on every answer, so that clients see which backend a
         // proxy chose.

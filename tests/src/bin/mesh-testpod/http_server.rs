@@ -53,6 +53,9 @@ pub struct HttpServerArgs {
     /// The first N requests answer `--fail-status`.
     #[arg(long, default_value_t = 0)]
     fail_first: u64,
+    /// Bind with SO_REUSEPORT, so that a successor can listen before this one exits.
+    #[arg(long)]
+    reuse_port: bool,
     /// Status of the failed requests.
     #[arg(long, default_value_t = 503, value_parser = clap::value_parser!(u16).range(200..=599))]
     fail_status: u16,
@@ -73,7 +76,7 @@ impl Server {
     /// Counts one request and says whether it must fail.
     fn count_and_judge(&self) -> bool {
         let n = self.served.fetch_add(1, Ordering::Relaxed) + 1;
-        n <= self.fail_first || self.fail_every.is_some_and(|every| n % every == 0)
+        n <= self.fail_first || self.fail_every.is_some_and(|every| n.is_multiple_of(every))
     }
 }
 
@@ -89,7 +92,7 @@ pub fn run(args: &HttpServerArgs) -> Result<()> {
         served: AtomicU64::new(0),
     });
     runtime()?.block_on(async move {
-        let listener = listen(args.listen)?;
+        let listener = listen(args.listen, args.reuse_port)?;
         println!("{READY_LINE}");
         loop {
             let (stream, peer) = match listener.accept().await {

@@ -1,0 +1,200 @@
+//! Sockets inside a pod's network namespace (the in-pod pattern): the proxy's listener
+//! on the pod's loopback, and its outbound sockets to backends, which carry the pod's
+//! own address so the kernel's NetworkPolicy hooks judge them as the pod's.
+//!
+//! A socket keeps the namespace it was created in for life, so only its creation needs
+//! to happen inside: on a short-lived thread that enters the namespace and exits, so no
+//! tokio worker (or pooled blocking thread) is ever left in a pod's namespace.
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::OwnedFd,
+    sync::Arc,
+};
+
+use mesh_common::l7::{LocalPod, NetnsRef, ObjectRef};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::oneshot;
+
+use crate::sys;
+
+/// Errors of in-pod socket work, naming the pod.
+#[derive(Debug, thiserror::Error)]
+pub enum InpodError {
+    /// The namespace could not be opened.
+    #[error("pod {pod}: open /proc/{pid}/ns/net: {source}")]
+    Open {
+        pod: String,
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
+    /// The pid now lives in another namespace: the pod's process exited.
+    #[error(
+        "pod {pod}: /proc/{pid}/ns/net is net:[{found}], expected net:[{expected}] (pid reused?)"
+    )]
+    Reused {
+        pod: String,
+        pid: u32,
+        found: u64,
+        expected: u64,
+    },
+}
+
+/// A network namespace sockets are created in.
+#[derive(Debug)]
+pub struct Netns {
+    /// Who it belongs to, for logs.
+    pub name: String,
+    /// The namespace's inode (its identity).
+    pub inode: u64,
+    /// `None`: the proxy's own namespace (tests, and nothing to enter).
+    fd: Option<OwnedFd>,
+}
+
+impl Netns {
+    /// Opens the namespace of `pod`, checking it is still the pod's.
+    pub fn open(pod: &ObjectRef, netns: &NetnsRef) -> Result<Self, InpodError> {
+        let name = format!("{}/{}", pod.namespace, pod.name);
+        let (fd, inode) = sys::open_netns(netns.pid).map_err(|source| InpodError::Open {
+            pod: name.clone(),
+            pid: netns.pid,
+            source,
+        })?;
+        if inode != netns.inode {
+            return Err(InpodError::Reused {
+                pod: name,
+                pid: netns.pid,
+                found: inode,
+                expected: netns.inode,
+            });
+        }
+        Ok(Self {
+            name,
+            inode,
+            fd: Some(fd),
+        })
+    }
+
+    /// The proxy's own namespace: sockets are created directly (used by unit tests,
+    /// which run without the privilege to enter namespaces).
+    pub fn current(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            inode: 0,
+            fd: None,
+        }
+    }
+
+    /// Runs `make` inside this namespace and returns its result.
+    async fn run<T: Send + 'static>(
+        self: &Arc<Self>,
+        make: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        if self.fd.is_none() {
+            return make();
+        }
+        let ns = Arc::clone(self);
+        let (tx, rx) = oneshot::channel();
+        // The thread only enters and then ends: nothing has to be restored.
+        std::thread::Builder::new()
+            .name("mesh-proxy-netns".into())
+            .spawn(move || {
+                let res = match &ns.fd {
+                    Some(fd) => sys::enter_netns(fd).and_then(|()| make()),
+                    None => make(),
+                };
+                let _ = tx.send(res);
+            })?;
+        rx.await
+            .map_err(|_| io::Error::other("namespace thread ended without a result"))?
+    }
+
+    /// A listener on `addr` inside the namespace (SO_REUSEADDR and SO_REUSEPORT, so a
+    /// new proxy can listen before the old one drains).
+    pub async fn listen(self: &Arc<Self>, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+        let std = self
+            .run(move || {
+                let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+                if addr.is_ipv6() {
+                    s.set_only_v6(true)?;
+                }
+                s.set_reuse_address(true)?;
+                s.set_reuse_port(true)?;
+                s.set_nonblocking(true)?;
+                s.bind(&addr.into())?;
+                s.listen(1024)?;
+                Ok(std::net::TcpListener::from(s))
+            })
+            .await?;
+        tokio::net::TcpListener::from_std(std)
+    }
+
+    /// An unconnected TCP socket for `dst`, inside the namespace.
+    pub async fn tcp_socket(
+        self: &Arc<Self>,
+        dst: SocketAddr,
+    ) -> io::Result<tokio::net::TcpSocket> {
+        let sock = self
+            .run(move || {
+                let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+                s.set_nonblocking(true)?;
+                s.set_tcp_nodelay(true)?;
+                Ok(s)
+            })
+            .await?;
+        Ok(tokio::net::TcpSocket::from_std_stream(sock.into()))
+    }
+}
+
+/// The pod's listener addresses: `127.0.0.1:15001` and `[::1]:15001` (the listeners skip
+/// IPv6 quietly in a pod without `::1`).
+pub fn listen_addrs() -> [SocketAddr; 2] {
+    let port = mesh_common::l7::PROXY_OUTBOUND_PORT;
+    [
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
+    ]
+}
+
+/// Opens a pod's namespace, logging why not (and returning `None`) when it cannot.
+pub fn open_pod(pod: &LocalPod) -> Option<Netns> {
+    match Netns::open(&pod.pod, &pod.netns) {
+        Ok(ns) => Some(ns),
+        Err(e) => {
+            tracing::warn!(error = %e, "skipping pod");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn current_namespace_sockets() {
+        let ns = Arc::new(Netns::current("test"));
+        let l = ns.listen("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let s = ns.tcp_socket(addr).await.unwrap();
+        let _c = s.connect(addr).await.unwrap();
+        let _ = l.accept().await.unwrap();
+    }
+
+    #[test]
+    fn reused_pid_is_refused() {
+        let pod = ObjectRef {
+            namespace: "default".into(),
+            name: "p".into(),
+        };
+        let netns = NetnsRef {
+            pid: std::process::id(),
+            inode: 1,
+            cookie: 0,
+        };
+        let err = Netns::open(&pod, &netns).unwrap_err();
+        assert!(matches!(err, InpodError::Reused { .. }), "{err}");
+    }
+}

@@ -1,0 +1,213 @@
+//! The proxy's listeners inside each local pod's network namespace (`127.0.0.1:15001`,
+//! and `[::1]:15001` where the pod has IPv6 loopback), reconciled with every
+//! configuration: new pods get listeners, pods that went away lose theirs (connections
+//! already accepted go on). Each accepted connection is looked up by its original
+//! destination and served as its frontend's protocol.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
+
+use hyper_util::server::graceful::GracefulShutdown;
+use mesh_common::l7::{LocalPod, ProxyConfig};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tracing::Instrument as _;
+
+use crate::{
+    forward::{Conn, Proxy, Source},
+    inpod::{self, Netns},
+    server::{self, Limits},
+    sys,
+};
+
+/// Identifies a pod's listeners: a pod recreated under the same name has a new
+/// namespace, and gets new listeners.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PodKey {
+    namespace: String,
+    name: String,
+    inode: u64,
+}
+
+struct PodListeners {
+    pod: LocalPod,
+    accepts: Vec<JoinHandle<()>>,
+}
+
+impl Drop for PodListeners {
+    fn drop(&mut self) {
+        for a in &self.accepts {
+            a.abort();
+        }
+    }
+}
+
+/// Every pod's listeners.
+pub struct Listeners {
+    proxy: Arc<Proxy>,
+    limits: Limits,
+    graceful: Arc<GracefulShutdown>,
+    active: Arc<AtomicI64>,
+    pods: HashMap<PodKey, PodListeners>,
+}
+
+impl Listeners {
+    /// No listeners yet.
+    pub fn new(proxy: Arc<Proxy>, limits: Limits, graceful: Arc<GracefulShutdown>) -> Self {
+        Self {
+            proxy,
+            limits,
+            graceful,
+            active: Arc::default(),
+            pods: HashMap::new(),
+        }
+    }
+
+    /// Opens listeners for the pods of `config` that have none, and closes those of
+    /// pods it no longer lists.
+    pub async fn reconcile(&mut self, config: &ProxyConfig) {
+        let wanted: HashMap<PodKey, &LocalPod> = config
+            .pods
+            .iter()
+            .map(|p| {
+                let key = PodKey {
+                    namespace: p.pod.namespace.clone(),
+                    name: p.pod.name.clone(),
+                    inode: p.netns.inode,
+                };
+                (key, p)
+            })
+            .collect();
+        // New listeners first (SO_REUSEPORT lets them share the port), so a pod whose
+        // entry changed is never without one; then the old ones close.
+        for (key, pod) in &wanted {
+            if self.pods.get(key).is_some_and(|l| l.pod == **pod) {
+                continue;
+            }
+            let Some(netns) = inpod::open_pod(pod) else {
+                continue;
+            };
+            if let Some(l) = self.open(pod, Arc::new(netns)).await {
+                self.pods.insert(key.clone(), l);
+            }
+        }
+        self.pods.retain(|k, _| {
+            let keep = wanted.contains_key(k);
+            if !keep {
+                tracing::info!(pod = %format!("{}/{}", k.namespace, k.name), "closing pod listeners");
+            }
+            keep
+        });
+    }
+
+    /// Opens a pod's listeners in `netns`; `None` (logged) when IPv4 fails.
+    async fn open(&self, pod: &LocalPod, netns: Arc<Netns>) -> Option<PodListeners> {
+        let source = Arc::new(Source {
+            pod: pod.clone(),
+            netns: Arc::clone(&netns),
+        });
+        let mut accepts = Vec::new();
+        for addr in inpod::listen_addrs() {
+            match netns.listen(addr).await {
+                Ok(l) => {
+                    tracing::info!(pod = %netns.name, %addr, "listening");
+                    accepts.push(tokio::spawn(self.accept_loop(l, Arc::clone(&source))));
+                }
+                // No IPv6 loopback in this pod: IPv4 only.
+                Err(e) if addr.is_ipv6() && is_no_address(&e) => {}
+                Err(e) => {
+                    tracing::warn!(pod = %netns.name, %addr, error = %e, "cannot listen in pod");
+                    if addr.is_ipv4() {
+                        return None;
+                    }
+                }
+            }
+        }
+        Some(PodListeners {
+            pod: pod.clone(),
+            accepts,
+        })
+    }
+
+    /// Stops accepting everywhere, and returns once every accept loop has ended.
+    pub async fn close_all(&mut self) {
+        for (_, mut l) in self.pods.drain() {
+            for a in std::mem::take(&mut l.accepts) {
+                a.abort();
+                let _ = a.await;
+            }
+        }
+    }
+
+    fn accept_loop(
+        &self,
+        listener: TcpListener,
+        source: Arc<Source>,
+    ) -> impl Future<Output = ()> + use<> {
+        let proxy = Arc::clone(&self.proxy);
+        let limits = self.limits;
+        let graceful = Arc::clone(&self.graceful);
+        let active = Arc::clone(&self.active);
+        async move {
+            loop {
+                let (stream, peer) = match listener.accept().await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors and the like: pause instead of spinning.
+                        tracing::warn!(pod = %source.netns.name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let dst = match sys::original_dst(&stream, peer.is_ipv6()) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::warn!(pod = %source.netns.name, %peer, error = %e, "no original destination; closing");
+                        continue;
+                    }
+                };
+                let Some(protocol) = frontend_protocol(&proxy, dst) else {
+                    tracing::warn!(pod = %source.netns.name, %dst, "no L7 frontend for this destination; closing");
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let conn = Arc::new(Conn {
+                    proxy: Arc::clone(&proxy),
+                    source: Arc::clone(&source),
+                    dst,
+                });
+                let watcher = graceful.watcher();
+                let active = Arc::clone(&active);
+                let metrics = Arc::clone(&proxy.metrics);
+                metrics.set_connections(active.fetch_add(1, Ordering::AcqRel) + 1);
+                let span = tracing::info_span!("conn", pod = %source.netns.name, %peer, %dst);
+                tokio::spawn(
+                    async move {
+                        server::serve(stream, conn, protocol, limits, watcher).await;
+                        metrics.set_connections(active.fetch_sub(1, Ordering::AcqRel) - 1);
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+    }
+}
+
+fn frontend_protocol(proxy: &Proxy, dst: SocketAddr) -> Option<mesh_common::l7::AppProtocol> {
+    let snapshot = proxy.snapshot.borrow();
+    snapshot.routes.frontend(dst).map(|f| f.frontend.protocol)
+}
+
+fn is_no_address(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
+    )
+}
