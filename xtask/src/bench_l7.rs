@@ -663,7 +663,7 @@ impl Report<'_> {
         }
         let names = others
             .iter()
-            .map(|(v, _)| v.name())
+            .map(|(v, _)| format!("{}'s", v.name()))
             .collect::<Vec<_>>()
             .join(" and ");
         let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
@@ -681,8 +681,8 @@ impl Report<'_> {
             };
             let _ = writeln!(
                 out,
-                "target ({}): mesh added p50 < {names}'s: {} (mesh {:.0} us; {})\n\
-                 target ({}): mesh requests per CPU-second > {names}'s: {} (mesh {:.0}; {})",
+                "target ({}): mesh added p50 < {names}: {} (mesh {:.0} us; {})\n\
+                 target ({}): mesh requests per CPU-second > {names}: {} (mesh {:.0}; {})",
                 proto.name(),
                 verdict(others.iter().all(|(_, s)| added(mesh) < added(s))),
                 added(mesh),
