@@ -776,6 +776,58 @@ mod tests {
         assert!(y.contains("podIP: 10.244.1.10"));
     }
 
+    /// One round of a variant: both protocols at `p50_us`, `rps`, `cpu_us` per request.
+    fn one_round(p50_us: u64, rps: f64, cpu_us: Option<u64>) -> VariantStats {
+        let mut s = VariantStats::default();
+        for proto in Proto::ALL {
+            let p = s.of_mut(proto);
+            p.lat.add(&BenchSummary {
+                count: 1000,
+                p50_ns: p50_us * 1000,
+                p99_ns: p50_us * 3000,
+                mean_ns: 0,
+                elapsed_ns: 1_000_000_000,
+                conn_per_sec: rps,
+                errors: Default::default(),
+            });
+            p.rps.push(rps);
+            p.p50_us.push(p50_us as f64);
+            p.cpu_per_request.extend(cpu_us.map(Duration::from_micros));
+        }
+        s
+    }
+
+    #[test]
+    fn targets_compare_the_mesh_with_both_hops() {
+        let variants = Variant::ALL;
+        let stats = [
+            one_round(100, 10_000.0, None),
+            one_round(150, 8_000.0, Some(10)),
+            one_round(200, 7_000.0, Some(20)),
+            one_round(140, 7_500.0, Some(25)),
+        ];
+        let report = Report {
+            variants: &variants,
+            stats: &stats,
+        };
+        let t = report.targets();
+        assert!(
+            t.contains("(h2c): mesh added p50 < haproxy's and nginx's: NOT met (mesh 50 us; haproxy 100 us, nginx 40 us)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("(HTTP/1.1): mesh requests per CPU-second > haproxy's and nginx's: met (mesh 100000; haproxy 50000, nginx 40000)"),
+            "{t}"
+        );
+        let table = report.table();
+        assert!(table.contains("0.800x"), "{table}");
+        let without_mesh = Report {
+            variants: &[Variant::Direct, Variant::Hop(Kind::Nginx)],
+            stats: &stats[..2],
+        };
+        assert!(without_mesh.targets().contains("not judged"));
+    }
+
     #[test]
     fn paired_values_take_the_median_of_rounds() {
         assert_eq!(
