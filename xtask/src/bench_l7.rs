@@ -642,10 +642,12 @@ impl Report<'_> {
             .sum();
         let _ = writeln!(out, "({requests} requests measured, {errors} errors)");
         out.push_str(&self.targets());
-        out.push_str(
-            "note: nginx's h2c variant speaks HTTP/1.1 to the backend (nginx proxies only \
-             HTTP/1.x upstream); HAProxy and the node proxy speak h2c to it.\n",
-        );
+        if self.get(Variant::Hop(Kind::Nginx)).is_some() {
+            out.push_str(
+                "note: nginx's h2c variant speaks HTTP/1.1 to the backend (nginx proxies \
+                 only HTTP/1.x upstream); HAProxy and the node proxy speak h2c to it.\n",
+            );
+        }
         out
     }
 
