@@ -28,6 +28,8 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_new(&args.log)
                 .with_context(|| format!("--log {:?}", args.log))?,
         )
+        // Logs go to stderr, as the agent's: stdout is no log (journald takes both).
+        .with_writer(std::io::stderr)
         .init();
     run(args).await
 }
