@@ -5,14 +5,13 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use hyper_util::server::graceful::GracefulShutdown;
 use mesh_proxy::{
     cli::Args,
     feed,
     forward::{MAX_MIRRORS, Proxy, Snapshot},
     listeners::Listeners,
     metrics::{self, ProxyMetrics},
-    server::Limits,
+    server::{Drain, Limits},
     upstream::Settings,
 };
 use tokio::{
@@ -71,7 +70,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         metrics: Arc::clone(&metrics),
         mirrors: Arc::new(Semaphore::new(MAX_MIRRORS)),
     });
-    let graceful = Arc::new(GracefulShutdown::new());
+    let graceful = Arc::new(Drain::new());
     let mut listeners = Listeners::new(proxy, limits, Arc::clone(&graceful));
     let mut sweep = tokio::time::interval((args.idle_timeout / 2).max(Duration::from_secs(1)));
 
