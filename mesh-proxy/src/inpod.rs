@@ -112,10 +112,19 @@ impl Netns {
     }
 
     /// A listener on `addr` inside the namespace (SO_REUSEADDR and SO_REUSEPORT, so a
-    /// new proxy can listen before the old one drains).
+    /// new proxy can listen before the old one drains). In a pod's namespace it also
+    /// turns on `net.ipv4.tcp_migrate_req` there, so that connections still waiting in
+    /// this listener's accept queue when it closes move to the successor's listener
+    /// instead of being reset.
     pub async fn listen(self: &Arc<Self>, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+        let entered = self.fd.is_some();
+        let name = self.name.clone();
         let std = self
             .run(move || {
+                if entered && let Err(e) = sys::enable_request_migration() {
+                    // Kernels before 5.14: a takeover may reset queued connections.
+                    tracing::warn!(pod = %name, error = %e, "cannot set net.ipv4.tcp_migrate_req");
+                }
                 let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
                 if addr.is_ipv6() {
                     s.set_only_v6(true)?;

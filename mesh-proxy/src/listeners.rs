@@ -15,7 +15,6 @@ use std::{
     time::Duration,
 };
 
-use hyper_util::server::graceful::GracefulShutdown;
 use mesh_common::l7::{LocalPod, ProxyConfig};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::Instrument as _;
@@ -23,7 +22,7 @@ use tracing::Instrument as _;
 use crate::{
     forward::{Conn, Proxy, Source},
     inpod::{self, Netns},
-    server::{self, Limits},
+    server::{self, Drain, Limits},
     sys,
 };
 
@@ -53,14 +52,14 @@ impl Drop for PodListeners {
 pub struct Listeners {
     proxy: Arc<Proxy>,
     limits: Limits,
-    graceful: Arc<GracefulShutdown>,
+    graceful: Arc<Drain>,
     active: Arc<AtomicI64>,
     pods: HashMap<PodKey, PodListeners>,
 }
 
 impl Listeners {
     /// No listeners yet.
-    pub fn new(proxy: Arc<Proxy>, limits: Limits, graceful: Arc<GracefulShutdown>) -> Self {
+    pub fn new(proxy: Arc<Proxy>, limits: Limits, graceful: Arc<Drain>) -> Self {
         Self {
             proxy,
             limits,

@@ -1,21 +1,22 @@
 //! `mesh-proxy`: the node proxy binary. Follows the agent's configuration feed, keeps
 //! listeners in every local pod, serves metrics, and drains on SIGTERM.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use hyper_util::server::graceful::GracefulShutdown;
+use mesh_common::l7::ProxyConfig;
 use mesh_proxy::{
     cli::Args,
     feed,
     forward::{MAX_MIRRORS, Proxy, Snapshot},
     listeners::Listeners,
     metrics::{self, ProxyMetrics},
-    server::Limits,
+    server::{Drain, Limits},
     upstream::Settings,
 };
 use tokio::{
+    net::{TcpListener, TcpSocket},
     signal::unix::{SignalKind, signal},
     sync::{Semaphore, watch},
 };
@@ -28,25 +29,27 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_new(&args.log)
                 .with_context(|| format!("--log {:?}", args.log))?,
         )
+        // Logs go to stderr, as the agent's: stdout is no log (journald takes both).
+        .with_writer(std::io::stderr)
         .init();
     run(args).await
 }
 
+/// How long a starting proxy waits for the agent's first configuration before it binds
+/// the metrics address anyway (no agent: nothing to serve yet, but metrics to show).
+const FIRST_CONFIG_WAIT: Duration = Duration::from_secs(5);
+
+/// Takeover without resets: the successor applies its first configuration (every pod's
+/// listener open, sharing the port with the predecessor's through SO_REUSEPORT) BEFORE it
+/// binds the metrics address, so "the successor listens on the metrics address" means it
+/// serves; only then may the predecessor get SIGTERM. On SIGTERM the listeners close first
+/// (queued connections migrate to the successor: `tcp_migrate_req`), then the
+/// connections in flight drain (HTTP/1.1 `Connection: close`, HTTP/2 GOAWAY) for up to
+/// `--drain-timeout`, then the process exits.
 async fn run(args: Args) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let metrics = Arc::new(ProxyMetrics::new());
-    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .with_context(|| format!("binding the metrics address {}", args.metrics_addr))?;
-    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    let metrics_server = tokio::spawn(metrics::serve(
-        metrics_listener,
-        Arc::clone(&metrics),
-        async {
-            let _ = metrics_stopped.await;
-        },
-    ));
 
     let (config_tx, mut config_rx) = watch::channel(None);
     let socket = args.agent_socket();
@@ -69,9 +72,44 @@ async fn run(args: Args) -> anyhow::Result<()> {
         metrics: Arc::clone(&metrics),
         mirrors: Arc::new(Semaphore::new(MAX_MIRRORS)),
     });
-    let graceful = Arc::new(GracefulShutdown::new());
-    let mut listeners = Listeners::new(proxy, limits, Arc::clone(&graceful));
+    let drain = Arc::new(Drain::new());
+    let mut listeners = Listeners::new(proxy, limits, Arc::clone(&drain));
     let mut sweep = tokio::time::interval((args.idle_timeout / 2).max(Duration::from_secs(1)));
+    let mut apply = async |config: Option<Arc<ProxyConfig>>| {
+        let Some(config) = config else { return };
+        if config.node != args.node {
+            tracing::warn!(config_node = %config.node, node = %args.node, "configuration is for another node; ignored");
+            return;
+        }
+        let prev = snapshot_tx.borrow().clone();
+        let snapshot = Snapshot::build(Arc::clone(&config), Some(&prev), settings);
+        snapshot_tx.send_replace(Arc::new(snapshot));
+        metrics.set_config_version(config.version);
+        listeners.reconcile(&config).await;
+        tracing::info!(
+            version = config.version,
+            pods = config.pods.len(),
+            frontends = config.frontends.len(),
+            "configuration applied"
+        );
+    };
+
+    if let Ok(Ok(())) = tokio::time::timeout(FIRST_CONFIG_WAIT, config_rx.changed()).await {
+        let config = config_rx.borrow_and_update().clone();
+        apply(config).await;
+    } else {
+        tracing::warn!(wait = ?FIRST_CONFIG_WAIT, "no configuration from the agent yet; serving metrics meanwhile");
+    }
+    let metrics_listener = bind_shared(args.metrics_addr)
+        .with_context(|| format!("binding the metrics address {}", args.metrics_addr))?;
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_server = tokio::spawn(metrics::serve(
+        metrics_listener,
+        Arc::clone(&metrics),
+        async {
+            let _ = metrics_stopped.await;
+        },
+    ));
 
     loop {
         tokio::select! {
@@ -79,17 +117,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 if changed.is_err() {
                     break;
                 }
-                let Some(config) = config_rx.borrow_and_update().clone() else { continue };
-                if config.node != args.node {
-                    tracing::warn!(config_node = %config.node, node = %args.node, "configuration is for another node; ignored");
-                    continue;
-                }
-                let prev = snapshot_tx.borrow().clone();
-                let snapshot = Snapshot::build(Arc::clone(&config), Some(&prev), settings);
-                snapshot_tx.send_replace(Arc::new(snapshot));
-                metrics.set_config_version(config.version);
-                listeners.reconcile(&config).await;
-                tracing::info!(version = config.version, pods = config.pods.len(), frontends = config.frontends.len(), "configuration applied");
+                let config = config_rx.borrow_and_update().clone();
+                apply(config).await;
             }
             _ = sweep.tick() => {
                 for t in snapshot_tx.borrow().targets.values() {
@@ -105,7 +134,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     feed.abort();
     listeners.close_all().await;
     drop(listeners);
-    match Arc::try_unwrap(graceful) {
+    match Arc::try_unwrap(drain) {
         Ok(g) => {
             if tokio::time::timeout(args.drain_timeout, g.shutdown())
                 .await
@@ -119,4 +148,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = stop_metrics.send(());
     let _ = metrics_server.await;
     Ok(())
+}
+
+/// A listener on `addr` with SO_REUSEPORT (and SO_REUSEADDR), so that a successor can
+/// bind the metrics address while its predecessor still serves it.
+fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }

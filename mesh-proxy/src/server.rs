@@ -10,10 +10,10 @@ use http::{HeaderMap, HeaderName, HeaderValue, header};
 use hyper::service::service_fn;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::Watcher},
+    server::conn::auto,
 };
 use mesh_common::l7::AppProtocol;
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, sync::watch};
 
 use crate::forward::Conn;
 
@@ -59,21 +59,91 @@ pub fn builder(limits: &Limits, protocol: AppProtocol) -> auto::Builder<TokioExe
     }
 }
 
+/// The drain of client connections on shutdown: every connection holds a [`Watcher`];
+/// [`Drain::shutdown`] tells them all to finish (HTTP/1.1 `Connection: close`, HTTP/2
+/// GOAWAY) and returns once every one has ended.
+///
+/// hyper-util's `GracefulShutdown` is not used because it drops a connection whose first
+/// bytes (which choose HTTP/1.1 or HTTP/2) were not read yet, i.e. a request the client
+/// already sent to a connection accepted just before the shutdown.
+#[derive(Debug)]
+pub struct Drain {
+    tx: watch::Sender<bool>,
+}
+
+/// One connection's handle on the [`Drain`].
+#[derive(Debug)]
+pub struct Watcher {
+    rx: watch::Receiver<bool>,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drain {
+    /// Nothing draining yet.
+    pub fn new() -> Self {
+        Self {
+            tx: watch::Sender::new(false),
+        }
+    }
+
+    /// A handle for one more connection (the drain waits for it).
+    pub fn watcher(&self) -> Watcher {
+        Watcher {
+            rx: self.tx.subscribe(),
+        }
+    }
+
+    /// Tells every connection to finish, and waits until all have ended.
+    pub async fn shutdown(self) {
+        self.tx.send_replace(true);
+        self.tx.closed().await;
+    }
+}
+
 /// Serves one client connection until it ends (or drains, on shutdown).
 pub async fn serve(
     stream: TcpStream,
     conn: Arc<Conn>,
     protocol: AppProtocol,
     limits: Limits,
-    watcher: Watcher,
+    mut watcher: Watcher,
 ) {
+    // The connection's first bytes are read before a shutdown may ask it to finish (see
+    // [`Drain`]); a client that sends nothing in time is closed.
+    if tokio::time::timeout(limits.header_read_timeout, stream.readable())
+        .await
+        .is_err()
+    {
+        tracing::debug!("client sent nothing; closing");
+        return;
+    }
     let builder = builder(&limits, protocol);
     let svc = service_fn(move |req| {
         let conn = Arc::clone(&conn);
         async move { conn.handle(req).await }
     });
-    let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-    if let Err(e) = watcher.watch(served.into_owned()).await {
+    let mut served =
+        std::pin::pin!(builder.serve_connection_with_upgrades(TokioIo::new(stream), svc));
+    // Biased: the connection is polled (and reads what the client sent) before the
+    // shutdown signal is looked at.
+    let draining = async {
+        // The guard `wait_for` returns must not live across an await.
+        let _ = watcher.rx.wait_for(|draining| *draining).await;
+    };
+    let ended = tokio::select! {
+        biased;
+        ended = served.as_mut() => ended,
+        () = draining => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
+    if let Err(e) = ended {
         tracing::debug!(error = %e, "client connection ended with an error");
     }
 }

@@ -1,6 +1,7 @@
 //! The system calls the proxy needs beyond std and tokio: entering a network namespace,
-//! checking which namespace a file is, and the original destination of a redirected
-//! connection. All go through nix's safe wrappers, so this module holds no `unsafe`.
+//! checking which namespace a file is, the original destination of a redirected
+//! connection, and the namespace's accept-queue migration sysctl. All go through nix's
+//! safe wrappers (or plain files), so this module holds no `unsafe`.
 
 use std::{
     io,
@@ -29,6 +30,15 @@ pub fn open_netns(pid: u32) -> io::Result<(OwnedFd, u64)> {
 /// Moves the calling thread into the network namespace `fd`.
 pub fn enter_netns(fd: impl AsFd) -> io::Result<()> {
     setns(fd, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
+}
+
+/// Sets `net.ipv4.tcp_migrate_req = 1` in the calling thread's network namespace: when
+/// a listener of a SO_REUSEPORT group closes, the connections in its accept queue move
+/// to another listener of the group instead of being reset. `/proc/sys/net` resolves to
+/// the namespace of the thread that opens it, so a thread that entered a pod's namespace
+/// sets the pod's.
+pub fn enable_request_migration() -> io::Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")
 }
 
 /// The destination a redirected connection was dialled to (`SO_ORIGINAL_DST`, or

@@ -27,7 +27,9 @@
 //!   "tentative", i.e. unusable, for about a second after they are added.
 //!
 //! Each node also has a cgroup2 directory `<cgroup2>/mesh-test-<id>/<node>`; pod
-//! processes run inside it, the agent outside it.
+//! processes run inside it, the agent outside it, and the node proxy inside it (the
+//! cgroup the agent attaches to: the egress hooks then judge the proxy's in-pod outbound
+//! sockets as the pod's, as on a real node).
 //!
 //! Names are `<prefix>-<pid>-<counter>` ("the id"): unique across the threads of one
 //! test process and across processes, and they carry the creator's pid so that

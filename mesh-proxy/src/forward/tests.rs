@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
-use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown};
+use hyper_util::rt::TokioIo;
 use mesh_common::l7::{
     AppProtocol, BackendTarget, Endpoint, Filter, Frontend, LocalPod, NetnsRef, ObjectRef,
     PathMatch, ProxyConfig, Redirect, Resilience, RetryPolicy, RouteMatch, RouteTable, Rule,
@@ -25,7 +25,7 @@ use mesh_common::l7::{
 use tokio::{net::TcpListener, sync::watch};
 
 use super::*;
-use crate::server::Limits;
+use crate::server::{Drain, Limits};
 
 const VIP: &str = "10.96.0.10:80";
 
@@ -158,6 +158,23 @@ fn config(endpoints: &[SocketAddr], routes: Option<Rule>, resilience: Resilience
     }
 }
 
+/// The client pod, in the test's own namespace.
+fn client_source() -> Arc<Source> {
+    Arc::new(Source {
+        pod: LocalPod {
+            pod: obj("client"),
+            workload: "client".into(),
+            addrs: vec![],
+            netns: NetnsRef {
+                pid: 0,
+                inode: 0,
+                cookie: 0,
+            },
+        },
+        netns: Arc::new(Netns::current("default/client")),
+    })
+}
+
 /// The proxy serving `config` on a loopback listener, as if every accepted connection
 /// had been redirected from the VIP.
 struct Harness {
@@ -190,19 +207,7 @@ async fn harness_settings(
         metrics: Arc::new(ProxyMetrics::new()),
         mirrors: Arc::new(Semaphore::new(MAX_MIRRORS)),
     });
-    let source = Arc::new(Source {
-        pod: LocalPod {
-            pod: obj("client"),
-            workload: "client".into(),
-            addrs: vec![],
-            netns: NetnsRef {
-                pid: 0,
-                inode: 0,
-                cookie: 0,
-            },
-        },
-        netns: Arc::new(Netns::current("default/client")),
-    });
+    let source = client_source();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let limits = Limits {
@@ -213,7 +218,7 @@ async fn harness_settings(
     };
     let p = Arc::clone(&proxy);
     tokio::spawn(async move {
-        let graceful = GracefulShutdown::new();
+        let drain = Drain::new();
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
@@ -228,7 +233,7 @@ async fn harness_settings(
                 conn,
                 protocol,
                 limits,
-                graceful.watcher(),
+                drain.watcher(),
             ));
         }
     });
@@ -867,4 +872,56 @@ async fn http_frontend_speaks_h2_to_the_backend_when_the_client_does() {
     let resp = send.send_request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.version(), http::Version::HTTP_2);
+}
+
+/// A request the client sent on a connection accepted just before shutdown is served
+/// (with `Connection: close`), not dropped unread.
+#[tokio::test]
+async fn shutdown_serves_a_request_already_sent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = backend(script(|_| (StatusCode::OK, Duration::ZERO))).await;
+    let h = harness(config(&[b.addr], None, Resilience::default())).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    client
+        .write_all(b"GET /late HTTP/1.1\r\nhost: web.default:80\r\n\r\n")
+        .await
+        .unwrap();
+    let (stream, _) = listener.accept().await.unwrap();
+    let drain = Drain::new();
+    let watcher = drain.watcher();
+    let shutdown = tokio::spawn(drain.shutdown());
+    tokio::task::yield_now().await;
+    let conn = Arc::new(Conn {
+        proxy: Arc::clone(&h.proxy),
+        source: client_source(),
+        dst: VIP.parse().unwrap(),
+    });
+    let limits = Limits {
+        max_header_bytes: 16384,
+        header_read_timeout: Duration::from_secs(2),
+        max_concurrent_streams: 16,
+        idle_timeout: Duration::from_secs(30),
+    };
+    tokio::spawn(server::serve(
+        stream,
+        conn,
+        AppProtocol::Http,
+        limits,
+        watcher,
+    ));
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut answer))
+        .await
+        .expect("the proxy answers and closes in time")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    tokio::time::timeout(Duration::from_secs(5), shutdown)
+        .await
+        .expect("the drain ends with the connection")
+        .unwrap();
 }
