@@ -1,6 +1,7 @@
 //! `http-server`: HTTP/1.1 and h2c (prior knowledge) on one port, answering every
 //! request with what it saw ([`HttpEcho`]), plus behaviours chosen by path for the L7
-//! tests (status codes, delays, streams, trailers, upgrades, a flaky mode).
+//! tests (status codes, delays, streams, trailers, upgrades, an aborted response, a
+//! flaky mode).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -34,6 +35,11 @@ const UPGRADE_IDLE: Duration = Duration::from_secs(30);
 const UPGRADE_PROTOCOL: &str = "mesh-echo";
 /// Default pause between two chunks of `/stream/{n}`.
 const STREAM_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The body length `/reset` announces (and does not send).
+const RESET_LENGTH: u64 = 1 << 20;
+/// How long `/reset` waits between its first bytes and the abort.
+const RESET_PAUSE: Duration = Duration::from_millis(200);
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -197,6 +203,7 @@ async fn handle(server: &Server, req: Request<Incoming>, peer: SocketAddr) -> Re
             Full::new(body).boxed(),
         ),
         ["trailers"] => trailers(server, &echo),
+        ["reset"] => reset(server, &echo),
         ["upgrade"] => bad_request(
             server,
             echo,
@@ -289,6 +296,27 @@ fn stream(server: &Server, echo: &HttpEcho, n: u32, query: &str) -> Response<Bod
         Response::builder()
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, "application/x-ndjson"),
+        StreamBody::new(ReceiverStream::new(rx)).boxed(),
+    )
+}
+
+/// `/reset`: announces [`RESET_LENGTH`] bytes, sends the JSON answer (fewer), then
+/// ends the body after a pause (so the head and the start are on the wire): the
+/// connection is aborted mid-response, as a crashing backend does.
+fn reset(server: &Server, echo: &HttpEcho) -> Response<Body> {
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    let first = json_bytes(echo);
+    tokio::spawn(async move {
+        if tx.send(Ok(Frame::data(first))).await.is_ok() {
+            tokio::time::sleep(RESET_PAUSE).await;
+        }
+    });
+    with_pod(
+        server,
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_LENGTH, RESET_LENGTH),
         StreamBody::new(ReceiverStream::new(rx)).boxed(),
     )
 }
