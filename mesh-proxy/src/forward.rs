@@ -282,15 +282,33 @@ impl Conn {
             let req = to_wire(parts, b, wire);
             let sent = Instant::now();
             let send = target.pool.send(&self.source.netns, addr, wire, req);
+            let can_retry = retry < retries && body.replayable();
             let result = match per_attempt {
                 Some(t) => match tokio::time::timeout(t, send).await {
                     Ok(r) => r,
                     // Dropping the pick without finishing: cancelled, not a failure.
-                    Err(_) => return Final::Local(StatusCode::GATEWAY_TIMEOUT, "UT"),
+                    // A timed-out attempt is retried like a reset one (Envoy's per-try
+                    // timeout), under the same budget.
+                    Err(_) => {
+                        drop(pick);
+                        if !can_retry || policy.is_none() {
+                            let flag = if retry > 0 { "URX" } else { "UT" };
+                            return Final::Local(StatusCode::GATEWAY_TIMEOUT, flag);
+                        }
+                        if !target.budget.try_withdraw() {
+                            self.proxy.metrics.record_retry(service, true);
+                            return Final::Local(StatusCode::GATEWAY_TIMEOUT, "URX");
+                        }
+                        retry += 1;
+                        self.proxy.metrics.record_retry(service, false);
+                        tracing::debug!(retry, failed = "UT", "retrying");
+                        let base = Duration::from_millis(policy.map_or(0, |p| p.backoff_ms));
+                        tokio::time::sleep(backoff(base, retry)).await;
+                        continue;
+                    }
                 },
                 None => send.await,
             };
-            let can_retry = retry < retries && body.replayable();
             let failure_flag = match result {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
