@@ -22,6 +22,7 @@ const PODS: &[PodDef] = &[
     pod("n1", "prod", "slow", "10.244.1.13", "app: slow", &[]),
     pod("n1", "prod", "good", "10.244.1.14", "app: pair", &[]),
     pod("n1", "prod", "bad", "10.244.1.15", "app: pair", &[]),
+    pod("n1", "prod", "stall", "10.244.1.16", "app: stall", &[]),
 ];
 /// Where every backend's `http-server` listens (the Services' targetPort).
 const POD_PORT: u16 = 8080;
@@ -32,6 +33,7 @@ const SERVERS: &[(&str, &[&str])] = &[
     ("slow", &[]),
     ("good", &[]),
     ("bad", &["--fail-first", "100000"]),
+    ("stall", &["--slow-first", "1", "--slow-ms", "10000"]),
 ];
 /// Service name, cluster IP, selected `app`, annotations (YAML flow mapping body).
 const SERVICES: &[(&str, &str, &str, &str)] = &[
@@ -68,11 +70,17 @@ const SERVICES: &[(&str, &str, &str, &str)] = &[
          mesh.io/outlier-max-ejection-percent: '50'",
     ),
     ("web", "10.96.0.25", "slow", ""),
+    ("stall", "10.96.0.26", "stall", ""),
 ];
-/// HTTPRoutes: parent Service and the rule's `retry`.
-const ROUTES: &[(&str, &str)] = &[
-    ("flaky", "{attempts: 2, codes: [503], backoff: 1ms}"),
-    ("dead", "{attempts: 3, codes: [503], backoff: 1ms}"),
+/// HTTPRoutes: parent Service and the rule's `retry` and `timeouts`.
+const ROUTES: &[(&str, &str, &str)] = &[
+    ("flaky", "{attempts: 2, codes: [503], backoff: 1ms}", "{}"),
+    ("dead", "{attempts: 3, codes: [503], backoff: 1ms}", "{}"),
+    (
+        "stall",
+        "{attempts: 1, codes: [503], backoff: 1ms}",
+        "{backendRequest: 500ms}",
+    ),
 ];
 /// Bound on the proxy's first configuration reaching the client's netns.
 const READY: Duration = Duration::from_secs(30);
@@ -92,7 +100,7 @@ spec:
 "
         ));
     }
-    for (service, retry) in ROUTES {
+    for (service, retry, timeouts) in ROUTES {
         yaml.push_str(&format!(
             "---
 apiVersion: gateway.networking.k8s.io/v1
@@ -103,6 +111,7 @@ spec:
   rules:
   - backendRefs: [{{name: {service}, port: 80}}]
     retry: {retry}
+    timeouts: {timeouts}
 "
         ));
     }
@@ -320,6 +329,25 @@ fn retries_recover_a_flaky_backend_within_the_retry_budget() {
         &[("destination_service", &dead), ("response_flags", "URX")],
     );
     assert_eq!(urx as usize, M, "each answer says retries ran out (URX)");
+
+    // `stall` sits on its first request: the attempt times out (backendRequest) and
+    // the retry gets an answer.
+    let r = l7::curl(client, &chain.url("stall", "/"), &[]).expect("curl");
+    assert_eq!(
+        (r.http_code, r.header("x-pod")),
+        (200, Some("stall")),
+        "the timed-out attempt was retried: {r:?}"
+    );
+    assert_eq!(chain.served("stall"), 2, "two attempts");
+    let m = chain.metrics();
+    let retried = m.sum(
+        "mesh_proxy_retries_total",
+        &[
+            ("destination_service", &host("stall")),
+            ("outcome", "allowed"),
+        ],
+    );
+    assert_eq!(retried, 1.0, "the timeout was retried once");
 }
 
 #[test]

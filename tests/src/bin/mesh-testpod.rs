@@ -34,7 +34,8 @@
 //! - `http-server`: HTTP/1.1 and h2c on one port, answering JSON about each request
 //!   ([`mesh_tests::l7::HttpEcho`]) with behaviours by path (`/status/{code}`,
 //!   `/delay/{ms}`, `/stream/{n}`, `/echo`, `/trailers`, `/reset`, `/stats`,
-//!   `/upgrade`) and a flaky mode (`--fail-every`, `--fail-first`).
+//!   `/upgrade`), a flaky mode (`--fail-every`, `--fail-first`) and a slow one
+//!   (`--slow-first`).
 //! - `grpc-server`, `grpc-client`: grpc.health.v1 Check and Watch, one JSON line per
 //!   result ([`mesh_tests::l7::GrpcResult`]).
 //!

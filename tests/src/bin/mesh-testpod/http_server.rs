@@ -1,7 +1,7 @@
 //! `http-server`: HTTP/1.1 and h2c (prior knowledge) on one port, answering every
 //! request with what it saw ([`HttpEcho`]), plus behaviours chosen by path for the L7
 //! tests (status codes, delays, streams, trailers, upgrades, an aborted response, a
-//! flaky mode).
+//! flaky and a slow mode).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -65,6 +65,13 @@ pub struct HttpServerArgs {
     /// Status of the failed requests.
     #[arg(long, default_value_t = 503, value_parser = clap::value_parser!(u16).range(200..=599))]
     fail_status: u16,
+    /// The first N requests wait `--slow-ms` before they are handled (a stalled
+    /// backend, for per-attempt timeouts).
+    #[arg(long, default_value_t = 0)]
+    slow_first: u64,
+    /// How long the `--slow-first` requests wait (bounded by the longest `/delay`).
+    #[arg(long, default_value_t = 5000)]
+    slow_ms: u64,
 }
 
 /// What every connection shares.
@@ -74,15 +81,30 @@ struct Server {
     fail_every: Option<u64>,
     fail_first: u64,
     fail_status: StatusCode,
+    slow_first: u64,
+    slow: Duration,
     /// Requests served, /stats excepted.
     served: AtomicU64,
 }
 
+/// What becomes of one request, by its number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fate {
+    /// Answer `--fail-status`.
+    fail: bool,
+    /// Wait `--slow-ms` first.
+    slow: bool,
+}
+
 impl Server {
-    /// Counts one request and says whether it must fail.
-    fn count_and_judge(&self) -> bool {
+    /// Counts one request and says what becomes of it.
+    fn count_and_judge(&self) -> Fate {
         let n = self.served.fetch_add(1, Ordering::Relaxed) + 1;
-        n <= self.fail_first || self.fail_every.is_some_and(|every| n.is_multiple_of(every))
+        Fate {
+            fail: n <= self.fail_first
+                || self.fail_every.is_some_and(|every| n.is_multiple_of(every)),
+            slow: n <= self.slow_first,
+        }
     }
 }
 
@@ -95,6 +117,8 @@ pub fn run(args: &HttpServerArgs) -> Result<()> {
         fail_every: args.fail_every,
         fail_first: args.fail_first,
         fail_status: StatusCode::from_u16(args.fail_status).context("--fail-status")?,
+        slow_first: args.slow_first,
+        slow: Duration::from_millis(args.slow_ms.min(MAX_DELAY_MS)),
         served: AtomicU64::new(0),
     });
     runtime()?.block_on(async move {
@@ -142,7 +166,11 @@ async fn handle(server: &Server, req: Request<Incoming>, peer: SocketAddr) -> Re
         };
         return json_response(server, StatusCode::OK, &stats);
     }
-    let fail = server.count_and_judge();
+    let fate = server.count_and_judge();
+    if fate.slow {
+        tokio::time::sleep(server.slow).await;
+    }
+    let fail = fate.fail;
     if path == "/upgrade" && !fail && is_upgrade(req.headers()) {
         return upgrade(server, req);
     }
@@ -407,6 +435,8 @@ mod tests {
             fail_every,
             fail_first,
             fail_status: StatusCode::SERVICE_UNAVAILABLE,
+            slow_first: 1,
+            slow: Duration::from_secs(1),
             served: AtomicU64::new(0),
         }
     }
@@ -414,15 +444,22 @@ mod tests {
     #[test]
     fn fail_every_fails_each_nth_request() {
         let s = server(Some(2), 0);
-        let got: Vec<bool> = (0..6).map(|_| s.count_and_judge()).collect();
+        let got: Vec<bool> = (0..6).map(|_| s.count_and_judge().fail).collect();
         assert_eq!(got, [false, true, false, true, false, true]);
     }
 
     #[test]
     fn fail_first_fails_the_first_requests() {
         let s = server(None, 2);
-        let got: Vec<bool> = (0..4).map(|_| s.count_and_judge()).collect();
+        let got: Vec<bool> = (0..4).map(|_| s.count_and_judge().fail).collect();
         assert_eq!(got, [true, true, false, false]);
+    }
+
+    #[test]
+    fn slow_first_slows_the_first_requests() {
+        let s = server(None, 0);
+        let got: Vec<bool> = (0..3).map(|_| s.count_and_judge().slow).collect();
+        assert_eq!(got, [true, false, false]);
     }
 
     #[test]
