@@ -616,6 +616,35 @@ timeout 5 head -c 12 <&3; echo \" rc=$?\""
     );
     chain.assert_serving("an aborted backend response");
 
+    // Rapid reset (CVE-2023-44487): streams opened and cancelled at once, on one
+    // connection. The proxy may close the connection (GOAWAY); it must survive with
+    // bounded memory and serve others.
+    let pid = chain.proxy.pid().expect("proxy runs");
+    let before = rss_kib(pid);
+    let mut cmd = Command::new(mesh_tests::testpod_bin().expect("mesh-testpod"));
+    cmd.args([
+        "h2-rapid-reset",
+        "--addr",
+        &format!("{ip}:80"),
+        "--streams",
+        "20000",
+    ]);
+    let out = client
+        .run_timeout(cmd, Duration::from_secs(60))
+        .expect("h2-rapid-reset");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "h2-rapid-reset ran: {report} {out:?}");
+    let after = rss_kib(pid);
+    eprintln!(
+        "rapid reset: {}; proxy VmRSS {before} KiB before, {after} KiB after",
+        report.trim()
+    );
+    assert!(
+        after < 200 * 1024,
+        "bounded memory: VmRSS {before} KiB before, {after} KiB after"
+    );
+    chain.assert_serving("a rapid reset");
+
     // An h2c flood on one connection: the proxy survives it with bounded memory.
     if Command::new("h2load").arg("--version").output().is_ok() {
         let pid = chain.proxy.pid().expect("proxy runs");

@@ -38,6 +38,8 @@
 //!   (`--slow-first`).
 //! - `grpc-server`, `grpc-client`: grpc.health.v1 Check and Watch, one JSON line per
 //!   result ([`mesh_tests::l7::GrpcResult`]).
+//! - `h2-rapid-reset`: HTTP/2 streams opened and reset at once on one h2c connection
+//!   (CVE-2023-44487), reporting what the server did (JSON).
 //!
 //! Every network wait is bounded by a timeout, and client runs by a total time budget.
 #![deny(unsafe_code)]
@@ -49,6 +51,8 @@ mod grpc;
 mod http_server;
 #[path = "mesh-testpod/l7_runtime.rs"]
 mod l7_runtime;
+#[path = "mesh-testpod/rapid_reset.rs"]
+mod rapid_reset;
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
@@ -107,6 +111,8 @@ enum Cmd {
     GrpcServer(grpc::GrpcServerArgs),
     /// Call the gRPC health service; one JSON line per result.
     GrpcClient(grpc::GrpcClientArgs),
+    /// Open and at once reset N HTTP/2 streams on one h2c connection (rapid reset).
+    H2RapidReset(rapid_reset::RapidResetArgs),
     /// Accept TCP connections on the netns loopback: send their original destination
     /// (`VIP:PORT\n`, or `none\n`), then echo until EOF.
     OrigdstEcho(OrigdstEchoArgs),
@@ -342,6 +348,7 @@ fn main() -> Result<()> {
         Cmd::HttpServer(args) => http_server::run(&args),
         Cmd::GrpcServer(args) => grpc::serve(&args),
         Cmd::GrpcClient(args) => grpc::client(&args),
+        Cmd::H2RapidReset(args) => rapid_reset::run(&args),
         Cmd::OrigdstEcho(args) => origdst_echo(&args),
     }
 }
