@@ -70,7 +70,13 @@ const SERVICES: &[(&str, &str, &str, &str)] = &[
          mesh.io/outlier-max-ejection-percent: '50'",
     ),
     ("web", "10.96.0.25", "slow", ""),
-    ("stall", "10.96.0.26", "stall", ""),
+    // One connection: the retry needs the timed-out attempt's connection gone.
+    (
+        "stall",
+        "10.96.0.26",
+        "stall",
+        "mesh.io/max-connections: '1'",
+    ),
 ];
 /// HTTPRoutes: parent Service and the rule's `retry` and `timeouts`.
 const ROUTES: &[(&str, &str, &str)] = &[
@@ -331,7 +337,7 @@ fn retries_recover_a_flaky_backend_within_the_retry_budget() {
     assert_eq!(urx as usize, M, "each answer says retries ran out (URX)");
 
     // `stall` sits on its first request: the attempt times out (backendRequest) and
-    // the retry gets an answer.
+    // the retry gets an answer, on a new connection (the only one allowed).
     let r = l7::curl(client, &chain.url("stall", "/"), &[]).expect("curl");
     assert_eq!(
         (r.http_code, r.header("x-pod")),
