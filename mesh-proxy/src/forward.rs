@@ -403,19 +403,39 @@ impl Conn {
         let req = to_wire(parts, b, wire);
         let pool = Arc::clone(&target.pool);
         let ns = Arc::clone(&self.source.netns);
+        let metrics = Arc::clone(&self.proxy.metrics);
+        let service = target.service.host.clone();
         tokio::spawn(async move {
             let addr = SocketAddr::new(pick.endpoint.addr, pick.endpoint.port);
             let sent = Instant::now();
-            match pool.send(&ns, addr, wire, req).await {
+            // The mirror's target judges its endpoints by the copies too, as by any
+            // request: failures count toward their ejection.
+            let outcome = match pool.send(&ns, addr, wire, req).await {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     let _ = resp.into_body().collect().await;
-                    pick.finish(Outcome::Response {
+                    Some(Outcome::Response {
                         status,
                         latency: sent.elapsed(),
-                    });
+                    })
                 }
-                Err(e) => tracing::debug!(error = %e, "mirror failed"),
+                Err(e @ UpstreamError::Reset { .. }) => {
+                    tracing::debug!(error = %e, "mirror failed");
+                    Some(Outcome::Reset)
+                }
+                // As for the request itself: the breaker and the datapath (a denied
+                // or dropped connect) say nothing about the endpoint.
+                Err(e) if e.resets_client() || matches!(e, UpstreamError::Overflow { .. }) => {
+                    tracing::debug!(error = %e, "mirror failed");
+                    None
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "mirror failed");
+                    Some(Outcome::ConnectFailure)
+                }
+            };
+            if let Some(outcome) = outcome {
+                finish(&metrics, &service, pick, outcome);
             }
             drop(permit);
         });
