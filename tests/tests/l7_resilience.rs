@@ -77,6 +77,7 @@ const SERVICES: &[(&str, &str, &str, &str)] = &[
         "stall",
         "mesh.io/max-connections: '1'",
     ),
+    ("mirrored", "10.96.0.27", "slow", ""),
 ];
 /// HTTPRoutes: parent Service and the rule's `retry` and `timeouts`.
 const ROUTES: &[(&str, &str, &str)] = &[
@@ -121,6 +122,21 @@ spec:
 "
         ));
     }
+    // Every request to `mirrored` is copied to `pair`.
+    yaml.push_str(
+        "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mirrored, namespace: prod}
+spec:
+  parentRefs: [{group: '', kind: Service, name: mirrored, port: 80}]
+  rules:
+  - backendRefs: [{name: mirrored, port: 80}]
+    filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: pair, port: 80}}
+",
+    );
     yaml
 }
 
@@ -459,6 +475,27 @@ fn circuit_breaker_sheds_overflow_and_recovers() {
             .iter()
             .all(|p| p.starts_with(&format!("{}:", client.ip()))),
         "from the client pod's address: {peers:?}"
+    );
+
+    // Mirrored copies are requests to their target too: `bad` fails the copies sent
+    // to `pair` and is ejected by them alone (no request went to `pair` itself here).
+    let answers = batch(client, &chain.url("mirrored", "/"), 30);
+    assert!(
+        answers.iter().all(|a| a.code == 200 && a.pod == "slow"),
+        "the mirror's answers are not the client's: {answers:?}"
+    );
+    let pair = host("pair");
+    let bad_endpoint = format!("{}:{POD_PORT}", chain.bed.pod("bad").ip());
+    let ejected = eventually(Duration::from_secs(10), || {
+        chain.metrics().sum(
+            "mesh_proxy_ejections_total",
+            &[("destination_service", &pair), ("endpoint", &bad_endpoint)],
+        ) >= 1.0
+    });
+    assert!(
+        ejected,
+        "bad was ejected through mirrored copies ({} of them reached it)",
+        chain.served("bad")
     );
 }
 
