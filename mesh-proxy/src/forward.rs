@@ -282,15 +282,33 @@ impl Conn {
             let req = to_wire(parts, b, wire);
             let sent = Instant::now();
             let send = target.pool.send(&self.source.netns, addr, wire, req);
+            let can_retry = retry < retries && body.replayable();
             let result = match per_attempt {
                 Some(t) => match tokio::time::timeout(t, send).await {
                     Ok(r) => r,
                     // Dropping the pick without finishing: cancelled, not a failure.
-                    Err(_) => return Final::Local(StatusCode::GATEWAY_TIMEOUT, "UT"),
+                    // A timed-out attempt is retried like a reset one (Envoy's per-try
+                    // timeout), under the same budget.
+                    Err(_) => {
+                        drop(pick);
+                        if !can_retry || policy.is_none() {
+                            let flag = if retry > 0 { "URX" } else { "UT" };
+                            return Final::Local(StatusCode::GATEWAY_TIMEOUT, flag);
+                        }
+                        if !target.budget.try_withdraw() {
+                            self.proxy.metrics.record_retry(service, true);
+                            return Final::Local(StatusCode::GATEWAY_TIMEOUT, "URX");
+                        }
+                        retry += 1;
+                        self.proxy.metrics.record_retry(service, false);
+                        tracing::debug!(retry, failed = "UT", "retrying");
+                        let base = Duration::from_millis(policy.map_or(0, |p| p.backoff_ms));
+                        tokio::time::sleep(backoff(base, retry)).await;
+                        continue;
+                    }
                 },
                 None => send.await,
             };
-            let can_retry = retry < retries && body.replayable();
             let failure_flag = match result {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
@@ -385,19 +403,39 @@ impl Conn {
         let req = to_wire(parts, b, wire);
         let pool = Arc::clone(&target.pool);
         let ns = Arc::clone(&self.source.netns);
+        let metrics = Arc::clone(&self.proxy.metrics);
+        let service = target.service.host.clone();
         tokio::spawn(async move {
             let addr = SocketAddr::new(pick.endpoint.addr, pick.endpoint.port);
             let sent = Instant::now();
-            match pool.send(&ns, addr, wire, req).await {
+            // The mirror's target judges its endpoints by the copies too, as by any
+            // request: failures count toward their ejection.
+            let outcome = match pool.send(&ns, addr, wire, req).await {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     let _ = resp.into_body().collect().await;
-                    pick.finish(Outcome::Response {
+                    Some(Outcome::Response {
                         status,
                         latency: sent.elapsed(),
-                    });
+                    })
                 }
-                Err(e) => tracing::debug!(error = %e, "mirror failed"),
+                Err(e @ UpstreamError::Reset { .. }) => {
+                    tracing::debug!(error = %e, "mirror failed");
+                    Some(Outcome::Reset)
+                }
+                // As for the request itself: the breaker and the datapath (a denied
+                // or dropped connect) say nothing about the endpoint.
+                Err(e) if e.resets_client() || matches!(e, UpstreamError::Overflow { .. }) => {
+                    tracing::debug!(error = %e, "mirror failed");
+                    None
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "mirror failed");
+                    Some(Outcome::ConnectFailure)
+                }
+            };
+            if let Some(outcome) = outcome {
+                finish(&metrics, &service, pick, outcome);
             }
             drop(permit);
         });

@@ -107,11 +107,12 @@ impl Outlier {
     }
 }
 
-/// Envoy's cap on ejections: one more endpoint may be ejected while the share already
-/// ejected is below `max_percent` (so with 50 %, one of two endpoints may be, and the
-/// single endpoint of a Service may be too; 0 % ejects none).
+/// The cap on ejections: one more endpoint may be ejected when the share ejected then
+/// is at most `max_percent` (with 50 %, one of two endpoints, one of three, but never
+/// the single endpoint of a Service: the default cannot empty a Service, whose requests
+/// would all fail then, even those the endpoint could answer; 0 % ejects none).
 pub(super) fn may_eject(ejected: usize, total: usize, max_percent: u32) -> bool {
-    (ejected as u128) * 100 < u128::from(max_percent) * (total as u128)
+    (ejected as u128 + 1) * 100 <= u128::from(max_percent) * (total as u128)
 }
 
 #[cfg(test)]
@@ -173,12 +174,13 @@ mod tests {
     }
 
     #[test]
-    fn the_cap_follows_envoy() {
-        assert!(may_eject(0, 1, 50));
+    fn the_cap_is_the_share_ejected_after_the_ejection() {
+        assert!(!may_eject(0, 1, 50), "a single endpoint stays");
+        assert!(may_eject(0, 1, 100));
         assert!(may_eject(0, 2, 50));
         assert!(!may_eject(1, 2, 50));
-        assert!(may_eject(1, 3, 50));
-        assert!(!may_eject(2, 3, 50));
+        assert!(may_eject(0, 3, 50));
+        assert!(!may_eject(1, 3, 50));
         assert!(!may_eject(0, 5, 0));
         assert!(may_eject(4, 5, 100));
         assert!(!may_eject(5, 5, 100));

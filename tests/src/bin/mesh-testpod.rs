@@ -33,10 +33,13 @@
 //!
 //! - `http-server`: HTTP/1.1 and h2c on one port, answering JSON about each request
 //!   ([`mesh_tests::l7::HttpEcho`]) with behaviours by path (`/status/{code}`,
-//!   `/delay/{ms}`, `/stream/{n}`, `/echo`, `/trailers`, `/stats`, `/upgrade`) and a
-//!   flaky mode (`--fail-every`, `--fail-first`).
+//!   `/delay/{ms}`, `/stream/{n}`, `/echo`, `/trailers`, `/reset`, `/stats`,
+//!   `/upgrade`), a flaky mode (`--fail-every`, `--fail-first`) and a slow one
+//!   (`--slow-first`).
 //! - `grpc-server`, `grpc-client`: grpc.health.v1 Check and Watch, one JSON line per
 //!   result ([`mesh_tests::l7::GrpcResult`]).
+//! - `h2-rapid-reset`: HTTP/2 streams opened and reset at once on one h2c connection
+//!   (CVE-2023-44487), reporting what the server did (JSON).
 //!
 //! Every network wait is bounded by a timeout, and client runs by a total time budget.
 #![deny(unsafe_code)]
@@ -48,6 +51,8 @@ mod grpc;
 mod http_server;
 #[path = "mesh-testpod/l7_runtime.rs"]
 mod l7_runtime;
+#[path = "mesh-testpod/rapid_reset.rs"]
+mod rapid_reset;
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
@@ -106,6 +111,8 @@ enum Cmd {
     GrpcServer(grpc::GrpcServerArgs),
     /// Call the gRPC health service; one JSON line per result.
     GrpcClient(grpc::GrpcClientArgs),
+    /// Open and at once reset N HTTP/2 streams on one h2c connection (rapid reset).
+    H2RapidReset(rapid_reset::RapidResetArgs),
     /// Accept TCP connections on the netns loopback: send their original destination
     /// (`VIP:PORT\n`, or `none\n`), then echo until EOF.
     OrigdstEcho(OrigdstEchoArgs),
@@ -341,6 +348,7 @@ fn main() -> Result<()> {
         Cmd::HttpServer(args) => http_server::run(&args),
         Cmd::GrpcServer(args) => grpc::serve(&args),
         Cmd::GrpcClient(args) => grpc::client(&args),
+        Cmd::H2RapidReset(args) => rapid_reset::run(&args),
         Cmd::OrigdstEcho(args) => origdst_echo(&args),
     }
 }

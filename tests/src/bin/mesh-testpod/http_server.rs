@@ -1,6 +1,7 @@
 //! `http-server`: HTTP/1.1 and h2c (prior knowledge) on one port, answering every
 //! request with what it saw ([`HttpEcho`]), plus behaviours chosen by path for the L7
-//! tests (status codes, delays, streams, trailers, upgrades, a flaky mode).
+//! tests (status codes, delays, streams, trailers, upgrades, an aborted response, a
+//! flaky and a slow mode).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -35,6 +36,11 @@ const UPGRADE_PROTOCOL: &str = "mesh-echo";
 /// Default pause between two chunks of `/stream/{n}`.
 const STREAM_INTERVAL: Duration = Duration::from_millis(10);
 
+/// The body length `/reset` announces (and does not send).
+const RESET_LENGTH: u64 = 1 << 20;
+/// How long `/reset` waits between its first bytes and the abort.
+const RESET_PAUSE: Duration = Duration::from_millis(200);
+
 type Body = BoxBody<Bytes, Infallible>;
 
 /// Arguments of `http-server`.
@@ -59,6 +65,13 @@ pub struct HttpServerArgs {
     /// Status of the failed requests.
     #[arg(long, default_value_t = 503, value_parser = clap::value_parser!(u16).range(200..=599))]
     fail_status: u16,
+    /// The first N requests wait `--slow-ms` before they are handled (a stalled
+    /// backend, for per-attempt timeouts).
+    #[arg(long, default_value_t = 0)]
+    slow_first: u64,
+    /// How long the `--slow-first` requests wait (bounded by the longest `/delay`).
+    #[arg(long, default_value_t = 5000)]
+    slow_ms: u64,
 }
 
 /// What every connection shares.
@@ -68,15 +81,30 @@ struct Server {
     fail_every: Option<u64>,
     fail_first: u64,
     fail_status: StatusCode,
+    slow_first: u64,
+    slow: Duration,
     /// Requests served, /stats excepted.
     served: AtomicU64,
 }
 
+/// What becomes of one request, by its number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fate {
+    /// Answer `--fail-status`.
+    fail: bool,
+    /// Wait `--slow-ms` first.
+    slow: bool,
+}
+
 impl Server {
-    /// Counts one request and says whether it must fail.
-    fn count_and_judge(&self) -> bool {
+    /// Counts one request and says what becomes of it.
+    fn count_and_judge(&self) -> Fate {
         let n = self.served.fetch_add(1, Ordering::Relaxed) + 1;
-        n <= self.fail_first || self.fail_every.is_some_and(|every| n.is_multiple_of(every))
+        Fate {
+            fail: n <= self.fail_first
+                || self.fail_every.is_some_and(|every| n.is_multiple_of(every)),
+            slow: n <= self.slow_first,
+        }
     }
 }
 
@@ -89,6 +117,8 @@ pub fn run(args: &HttpServerArgs) -> Result<()> {
         fail_every: args.fail_every,
         fail_first: args.fail_first,
         fail_status: StatusCode::from_u16(args.fail_status).context("--fail-status")?,
+        slow_first: args.slow_first,
+        slow: Duration::from_millis(args.slow_ms.min(MAX_DELAY_MS)),
         served: AtomicU64::new(0),
     });
     runtime()?.block_on(async move {
@@ -136,7 +166,11 @@ async fn handle(server: &Server, req: Request<Incoming>, peer: SocketAddr) -> Re
         };
         return json_response(server, StatusCode::OK, &stats);
     }
-    let fail = server.count_and_judge();
+    let fate = server.count_and_judge();
+    if fate.slow {
+        tokio::time::sleep(server.slow).await;
+    }
+    let fail = fate.fail;
     if path == "/upgrade" && !fail && is_upgrade(req.headers()) {
         return upgrade(server, req);
     }
@@ -197,6 +231,7 @@ async fn handle(server: &Server, req: Request<Incoming>, peer: SocketAddr) -> Re
             Full::new(body).boxed(),
         ),
         ["trailers"] => trailers(server, &echo),
+        ["reset"] => reset(server, &echo),
         ["upgrade"] => bad_request(
             server,
             echo,
@@ -293,6 +328,27 @@ fn stream(server: &Server, echo: &HttpEcho, n: u32, query: &str) -> Response<Bod
     )
 }
 
+/// `/reset`: announces [`RESET_LENGTH`] bytes, sends the JSON answer (fewer), then
+/// ends the body after a pause (so the head and the start are on the wire): the
+/// connection is aborted mid-response, as a crashing backend does.
+fn reset(server: &Server, echo: &HttpEcho) -> Response<Body> {
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    let first = json_bytes(echo);
+    tokio::spawn(async move {
+        if tx.send(Ok(Frame::data(first))).await.is_ok() {
+            tokio::time::sleep(RESET_PAUSE).await;
+        }
+    });
+    with_pod(
+        server,
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_LENGTH, RESET_LENGTH),
+        StreamBody::new(ReceiverStream::new(rx)).boxed(),
+    )
+}
+
 /// `/trailers`: the JSON answer followed by the trailer `x-trailer: yes`.
 fn trailers(server: &Server, echo: &HttpEcho) -> Response<Body> {
     let mut trailers = HeaderMap::new();
@@ -379,6 +435,8 @@ mod tests {
             fail_every,
             fail_first,
             fail_status: StatusCode::SERVICE_UNAVAILABLE,
+            slow_first: 1,
+            slow: Duration::from_secs(1),
             served: AtomicU64::new(0),
         }
     }
@@ -386,15 +444,22 @@ mod tests {
     #[test]
     fn fail_every_fails_each_nth_request() {
         let s = server(Some(2), 0);
-        let got: Vec<bool> = (0..6).map(|_| s.count_and_judge()).collect();
+        let got: Vec<bool> = (0..6).map(|_| s.count_and_judge().fail).collect();
         assert_eq!(got, [false, true, false, true, false, true]);
     }
 
     #[test]
     fn fail_first_fails_the_first_requests() {
         let s = server(None, 2);
-        let got: Vec<bool> = (0..4).map(|_| s.count_and_judge()).collect();
+        let got: Vec<bool> = (0..4).map(|_| s.count_and_judge().fail).collect();
         assert_eq!(got, [true, true, false, false]);
+    }
+
+    #[test]
+    fn slow_first_slows_the_first_requests() {
+        let s = server(None, 0);
+        let got: Vec<bool> = (0..3).map(|_| s.count_and_judge().slow).collect();
+        assert_eq!(got, [true, false, false]);
     }
 
     #[test]
