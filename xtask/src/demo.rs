@@ -1,5 +1,6 @@
-//! `cargo xtask demo`: the cluster of deploy/local/demo.yaml built from network
-//! namespaces (2 nodes, 7 dual-stack pods), one agent per node, real connections from a
+//! `cargo xtask demo`: the cluster of deploy/local/demo.yaml and demo-l7.yaml built from
+//! network namespaces (2 nodes, 11 dual-stack pods), one agent and one node proxy per
+//! node, real connections from a
 //! client pod on each node to the Service VIPs (TCP over IPv4 and IPv6, DNS-style UDP),
 //! and a report of which backend answered and which peer the application saw; then
 //! network policy at work (an egress EPERM, an ingress drop) and the agents' flow log;

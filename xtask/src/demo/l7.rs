@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, time::Duration, time::Instant};
 use anyhow::{Context as _, Result, bail, ensure};
 use mesh_tests::{
     Agent, ChildGuard, Cluster, Pod, Proxy, eventually,
-    l7::{self, HttpStats, Metrics},
+    l7::{self, Curl, HttpEcho, HttpStats, Metrics},
 };
 
 /// Pods of deploy/local/demo-l7.yaml: (node, name, IP).
@@ -28,8 +28,11 @@ const REVIEWS_URL: &str = "http://10.96.0.30/reviews";
 const RATINGS_URL: &str = "http://10.96.0.40/ratings";
 const CANARY_REQUESTS: u32 = 200;
 const RETRY_REQUESTS: u32 = 100;
-/// Bound on each request loop (each request is a new curl process, ~10-50 ms).
-const LOOP_DEADLINE: Duration = Duration::from_secs(25);
+/// Bound on each request loop (each request is a new curl process, ~10-50 ms), so that
+/// the scene stays under a minute even when requests hang.
+const LOOP_DEADLINE: Duration = Duration::from_secs(20);
+/// Bound on one request.
+const MAX_TIME: Duration = Duration::from_secs(5);
 /// How long the proxy gets to open its listener in the client pod once it runs.
 const LISTENER_TIMEOUT: Duration = Duration::from_secs(15);
 /// The proxy's outbound listener inside each pod (`127.0.0.1:15001`) as
@@ -84,7 +87,8 @@ pub fn scene(cluster: &Cluster, agents: &[Agent], proxies: &[Proxy]) -> Result<(
     // Each request is its own curl process and connection, yet the split is made per
     // request by the proxy, not per connection by the kernel.
     let started = Instant::now();
-    let outcomes = l7::request_loop(client, REVIEWS_URL, CANARY_REQUESTS, LOOP_DEADLINE)?;
+    let outcomes =
+        l7::request_loop_with(client, &curl(REVIEWS_URL), CANARY_REQUESTS, LOOP_DEADLINE)?;
     let tally = l7::tally(&outcomes);
     println!(
         "\nclient -> reviews {REVIEWS_URL} (canary 90/10): {} requests in {:.1} s",
@@ -95,12 +99,13 @@ pub fn scene(cluster: &Cluster, agents: &[Agent], proxies: &[Proxy]) -> Result<(
 
     let before = backend_stats(client, "ratings")?;
     let started = Instant::now();
-    let outcomes = l7::request_loop(client, RATINGS_URL, RETRY_REQUESTS, LOOP_DEADLINE)?;
+    let outcomes =
+        l7::request_loop_with(client, &curl(RATINGS_URL), RETRY_REQUESTS, LOOP_DEADLINE)?;
     let served = backend_stats(client, "ratings")?.requests - before.requests;
     let ok = outcomes.iter().filter(|o| o.http_code == 200).count();
     println!(
-        "\nclient -> ratings {RATINGS_URL} (every {FAIL_EVERY}rd answer of the pod is 503; \
-         retry: attempts 2, codes [503]): {ok} of {} requests answered 200 in {:.1} s",
+        "\nclient -> ratings {RATINGS_URL} (the pod answers every {FAIL_EVERY}rd request with \
+         503;\n  the route retries 503 twice): {ok} of {} requests answered 200 in {:.1} s",
         outcomes.len(),
         started.elapsed().as_secs_f64()
     );
@@ -125,6 +130,18 @@ pub fn scene(cluster: &Cluster, agents: &[Agent], proxies: &[Proxy]) -> Result<(
     }
     print_samples(&metrics, "mesh_proxy_retries_total");
     print_samples(&metrics, "mesh_proxy_config_version");
+
+    // The backend's view: the proxy dialled from inside the client pod, so the peer is
+    // the pod's own address (what NetworkPolicy judged), and it joined a trace.
+    let res = curl(REVIEWS_URL).run(client)?;
+    let echo: HttpEcho = res.json()?;
+    println!(
+        "\nclient -> reviews once more, as the backend saw it: answered by {}, peer {} \
+         (pod client's own address),\n  traceparent {}",
+        echo.pod,
+        echo.peer,
+        echo.header("traceparent").unwrap_or("-")
+    );
 
     println!("\n$ mesh-agent routes --node {}", agents[0].pin_name());
     let out = agents[0].cli(&["routes", "--node", agents[0].pin_name()])?;
@@ -170,7 +187,7 @@ fn backend_stats(client: &Pod, name: &str) -> Result<HttpStats> {
         .find(|(_, pod, _)| *pod == name)
         .with_context(|| format!("no L7 pod {name}"))?;
     let url = format!("http://{ip}:{BACKEND_PORT}/stats");
-    let res = l7::curl(client, &url, &[])?;
+    let res = curl(&url).run(client)?;
     ensure!(
         res.http_code == 200,
         "{url}: HTTP {} (curl exit {}): {}",
@@ -179,6 +196,10 @@ fn backend_stats(client: &Pod, name: &str) -> Result<HttpStats> {
         res.stderr
     );
     res.json()
+}
+
+fn curl(url: &str) -> Curl {
+    Curl::new(url).max_time(MAX_TIME)
 }
 
 /// One line per answering pod (or failure), with its share and a bar of 2 % steps.
