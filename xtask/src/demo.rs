@@ -1,13 +1,12 @@
 //! `cargo xtask demo`: the cluster of deploy/local/demo.yaml and demo-l7.yaml built from
 //! network namespaces (2 nodes, 11 dual-stack pods), one agent and one node proxy per
-//! node, real connections from a
-//! client pod on each node to the Service VIPs (TCP over IPv4 and IPv6, DNS-style UDP),
-//! and a report of which backend answered and which peer the application saw; then
-//! network policy at work (an egress EPERM, an ingress drop) and the agents' flow log;
-//! then same-node socket redirection: a bulk transfer to a pod on the same node is
-//! handed socket to socket, one to the other node is not; then L7 through the node
-//! proxy (`mesh-proxy` on each node, deploy/local/demo-l7.yaml): a canary split and a
-//! retried flaky backend, with the proxy's metrics.
+//! node, real connections from a client pod on each node to the Service VIPs (TCP over
+//! IPv4 and IPv6, DNS-style UDP), and a report of which backend answered and which peer
+//! the application saw; then network policy at work (an egress EPERM, an ingress drop)
+//! and the agents' flow log; then same-node socket redirection: a bulk transfer to a pod
+//! on the same node is handed socket to socket, one to the other node is not; then L7
+//! through the node proxy (`mesh-proxy` on each node, deploy/local/demo-l7.yaml): a
+//! canary split and a retried flaky backend, with the proxy's metrics.
 //! Everything is removed at the end; `--keep` holds it up until Ctrl-C.
 
 mod l7;
