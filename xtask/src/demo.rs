@@ -268,7 +268,7 @@ fn keep_running(cluster: &Cluster, agents: &[Agent], state: &std::path::Path) ->
         "  then e.g.:             {} connect --addr 10.96.0.10:80 --count 10",
         mesh_tests::testpod_bin()?.display()
     );
-    println!("                        curl -s http://10.96.0.30/   # reviews, through mesh-proxy");
+    println!("                         curl -s http://10.96.0.30/   # reviews, via mesh-proxy");
     println!(
         "  (join its node's cgroup first so the mesh sees it: echo $$ > {}/cgroup.procs)",
         node.cgroup_dir().display()
