@@ -1,11 +1,15 @@
-//! `cargo xtask demo`: the cluster of deploy/local/demo.yaml built from network
-//! namespaces (2 nodes, 7 dual-stack pods), one agent per node, real connections from a
-//! client pod on each node to the Service VIPs (TCP over IPv4 and IPv6, DNS-style UDP),
-//! and a report of which backend answered and which peer the application saw; then
-//! network policy at work (an egress EPERM, an ingress drop) and the agents' flow log;
-//! then same-node socket redirection: a bulk transfer to a pod on the same node is
-//! handed socket to socket, one to the other node is not.
+//! `cargo xtask demo`: the cluster of deploy/local/demo.yaml and demo-l7.yaml built from
+//! network namespaces (2 nodes, 11 dual-stack pods), one agent and one node proxy per
+//! node, real connections from a client pod on each node to the Service VIPs (TCP over
+//! IPv4 and IPv6, DNS-style UDP), and a report of which backend answered and which peer
+//! the application saw; then network policy at work (an egress EPERM, an ingress drop)
+//! and the agents' flow log; then same-node socket redirection: a bulk transfer to a pod
+//! on the same node is handed socket to socket, one to the other node is not; then L7
+//! through the node proxy (`mesh-proxy` on each node, deploy/local/demo-l7.yaml): a
+//! canary split and a retried flaky backend, with the proxy's metrics.
 //! Everything is removed at the end; `--keep` holds it up until Ctrl-C.
+
+mod l7;
 
 use std::{
     collections::BTreeMap,
@@ -62,10 +66,12 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     setup::run()?;
     let bins = build::run(build::Profile::Release)?;
     crate::use_binaries(&bins);
-    let template = build::workspace_root().join("deploy/local/demo.yaml");
 
     let mut builder = Cluster::builder("demo").dual_stack().node("n1").node("n2");
     for (node, name, ip, _) in PODS {
+        builder = builder.pod(node, name, ip);
+    }
+    for (node, name, ip) in l7::PODS {
         builder = builder.pod(node, name, ip);
     }
     let cluster = builder.build().context("building the demo cluster")?;
@@ -74,35 +80,44 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         .filter(|(_, _, _, port)| *port != 0)
         .map(|(_, name, _, port)| testpod::start_server(cluster.pod(name), *port, name))
         .collect::<Result<_>>()?;
+    let l7_servers = l7::start_backends(&cluster)?;
     // Policy applies to the pods of an agent's own node (spec.nodeName), and the agents
     // run under names unique to this run: write the state with those names.
-    let mut yaml = std::fs::read_to_string(&template)
-        .with_context(|| format!("reading {}", template.display()))?;
-    for node in ["n1", "n2"] {
-        let name = node_name(cluster.node(node));
-        yaml = yaml.replace(
-            &format!("nodeName: {node}\n"),
-            &format!("nodeName: {name}\n"),
-        );
-    }
     let state_dir = StateDir::new("demo")?;
-    state_dir.write("demo.yaml", &yaml)?;
-    let state = state_dir.path().join("demo.yaml");
-    // The agent finds a pod's network namespace through a process in it; batch only
-    // runs short-lived clients, so it keeps an idle one.
-    let _batch_idle = cluster.pod("batch").spawn({
-        let mut idle = std::process::Command::new("sleep");
-        idle.arg("3600");
-        idle
-    })?;
+    for file in ["demo.yaml", "demo-l7.yaml"] {
+        let template = build::workspace_root().join("deploy/local").join(file);
+        let mut yaml = std::fs::read_to_string(&template)
+            .with_context(|| format!("reading {}", template.display()))?;
+        for node in ["n1", "n2"] {
+            let name = node_name(cluster.node(node));
+            yaml = yaml.replace(
+                &format!("nodeName: {node}\n"),
+                &format!("nodeName: {name}\n"),
+            );
+        }
+        state_dir.write(file, &yaml)?;
+    }
+    let state = state_dir.path();
+    // The agent finds a pod's network namespace through a process in it (and the node
+    // proxy listens only in pods it knows): client and batch run only short-lived
+    // clients, so each keeps an idle one.
+    let _idle = ["client", "batch"]
+        .iter()
+        .map(|pod| {
+            let mut idle = std::process::Command::new("sleep");
+            idle.arg("3600");
+            cluster.pod(pod).spawn(idle)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let agents = ["n1", "n2"]
         .iter()
-        .map(|node| Agent::start_with(cluster.node(node), &state, &["--sockmap=true"]))
+        .map(|node| Agent::start_with(cluster.node(node), state, &["--sockmap=true"]))
         .collect::<Result<Vec<_>>>()?;
+    let proxies = l7::start_proxies(&cluster, &["n1", "n2"])?;
     println!(
-        "\n== cluster {}: 2 nodes, {} pods, agents attached",
+        "\n== cluster {}: 2 nodes, {} pods, agents attached, mesh-proxy running",
         cluster.id(),
-        PODS.len()
+        PODS.len() + l7::PODS.len()
     );
     for agent in &agents {
         println!("\n$ mesh-agent services --node {}", agent.pin_name());
@@ -138,12 +153,15 @@ pub fn run(args: &DemoArgs) -> Result<()> {
 
     policy_scene(&cluster, &agents)?;
     sockmap_scene(&cluster, &agents)?;
+    l7::scene(&cluster, &agents, &proxies)?;
 
     if args.keep {
-        keep_running(&cluster, &agents, &state)?;
+        keep_running(&cluster, &agents, state)?;
     }
     println!("\ntearing down");
+    drop(proxies);
     drop(agents);
+    drop(l7_servers);
     drop(servers);
     drop(cluster);
     Ok(())
@@ -240,7 +258,7 @@ fn keep_running(cluster: &Cluster, agents: &[Agent], state: &std::path::Path) ->
     let client = cluster.pod("client");
     let node = cluster.node("n1");
     println!("\n== running; press Ctrl-C to tear down");
-    println!("state (edit it, the agents re-apply): {}", state.display());
+    println!("state (edit it, the agents re-apply): {}/", state.display());
     println!("flows:                   mesh-agent observe --follow --node <node>");
     println!(
         "a shell in pod client:   nsenter --net={} bash",
@@ -250,6 +268,7 @@ fn keep_running(cluster: &Cluster, agents: &[Agent], state: &std::path::Path) ->
         "  then e.g.:             {} connect --addr 10.96.0.10:80 --count 10",
         mesh_tests::testpod_bin()?.display()
     );
+    println!("                         curl -s http://10.96.0.30/   # reviews, via mesh-proxy");
     println!(
         "  (join its node's cgroup first so the mesh sees it: echo $$ > {}/cgroup.procs)",
         node.cgroup_dir().display()
@@ -263,7 +282,16 @@ fn keep_running(cluster: &Cluster, agents: &[Agent], state: &std::path::Path) ->
             "                         bpftool map dump pinned {}/SERVICES_V2",
             agent.pin_dir().display()
         );
+        println!(
+            "routes, proxy config:    mesh-agent routes --node {0}; mesh-agent proxy-config --node {0}",
+            agent.pin_name()
+        );
     }
+    println!(
+        "proxy metrics (n1):      nsenter --net={} curl -s 127.0.0.1:{}/metrics",
+        node.netns_path().display(),
+        mesh_tests::proxy::METRICS_ADDR.port()
+    );
     while !STOP.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
     }
