@@ -13,7 +13,7 @@ mod outlier;
 mod tests;
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -113,7 +113,14 @@ impl Balancer {
 
     /// Chooses an endpoint; `None` when there is none or every one is ejected.
     pub fn pick(&self) -> Option<Pick> {
-        self.pick_at(Instant::now(), &mut rand::rng())
+        self.pick_except(&[])
+    }
+
+    /// As [`Balancer::pick`], never choosing an endpoint in `skip`: those NetworkPolicy
+    /// refused to this request's client pod. The refusal says nothing about the
+    /// endpoint's health, so it is not recorded; it only steers this one request.
+    pub fn pick_except(&self, skip: &[SocketAddr]) -> Option<Pick> {
+        self.pick_at(Instant::now(), &mut rand::rng(), skip)
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
@@ -154,16 +161,16 @@ impl Balancer {
         }
     }
 
-    fn pick_at(&self, now: Instant, rng: &mut impl Rng) -> Option<Pick> {
+    fn pick_at(&self, now: Instant, rng: &mut impl Rng, skip: &[SocketAddr]) -> Option<Pick> {
         let mut shared = self.lock();
         let mut available = 0;
         for slot in &mut shared.slots {
             slot.outlier.recover(now);
-            available += usize::from(!slot.outlier.is_ejected());
+            available += usize::from(usable(slot, skip));
         }
         let chosen = match available {
             0 => return None,
-            1 => shared.nth_available(0),
+            1 => shared.nth_available(0, skip),
             len => {
                 // Two distinct draws: the second is drawn from the others.
                 let a = rng.random_range(0..len);
@@ -171,7 +178,7 @@ impl Balancer {
                 if b >= a {
                     b += 1;
                 }
-                let (a, b) = (shared.nth_available(a), shared.nth_available(b));
+                let (a, b) = (shared.nth_available(a, skip), shared.nth_available(b, skip));
                 if shared.cost(b, now) < shared.cost(a, now) {
                     b
                 } else {
@@ -183,16 +190,22 @@ impl Balancer {
     }
 }
 
+/// Whether `slot` may take a request: not ejected, and not skipped by the caller.
+fn usable(slot: &Slot, skip: &[SocketAddr]) -> bool {
+    !slot.outlier.is_ejected()
+        && !skip.contains(&SocketAddr::new(slot.endpoint.addr, slot.endpoint.port))
+}
+
 impl Shared {
-    /// The slot index of the `n`-th endpoint that is not ejected (there must be one).
-    fn nth_available(&self, n: usize) -> usize {
-        if self.slots.iter().all(|s| !s.outlier.is_ejected()) {
+    /// The slot index of the `n`-th endpoint that is [`usable`] (there must be one).
+    fn nth_available(&self, n: usize, skip: &[SocketAddr]) -> usize {
+        if skip.is_empty() && self.slots.iter().all(|s| !s.outlier.is_ejected()) {
             return n;
         }
         self.slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| !s.outlier.is_ejected())
+            .filter(|(_, s)| usable(s, skip))
             .nth(n)
             .map(|(i, _)| i)
             .expect("n is below the number of endpoints not ejected")

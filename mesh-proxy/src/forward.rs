@@ -270,8 +270,16 @@ impl Conn {
         let service = target.service.host.as_str();
         target.budget.deposit();
         let mut retry = 0;
+        // Endpoints NetworkPolicy refused to this client: the request goes to another
+        // one, as an allowed client must not fail because the proxy chose for it.
+        let mut denied: Vec<SocketAddr> = Vec::new();
         loop {
-            let Some(pick) = target.balancer.pick() else {
+            let Some(pick) = target.balancer.pick_except(&denied) else {
+                if !denied.is_empty() {
+                    return Final::Reset(format!(
+                        "every endpoint of {service} is denied to this client by NetworkPolicy"
+                    ));
+                }
                 return Final::Local(StatusCode::SERVICE_UNAVAILABLE, "UH");
             };
             rec.endpoint(&pick.endpoint);
@@ -329,6 +337,11 @@ impl Conn {
                         return Final::Upstream(Box::new(resp), "URX");
                     }
                     None
+                }
+                Err(e @ UpstreamError::Denied { .. }) if body.replayable() => {
+                    tracing::debug!(pod = %self.source.netns.name, error = %e, "endpoint denied by policy; trying another");
+                    denied.push(addr);
+                    continue;
                 }
                 Err(e) if e.resets_client() => {
                     tracing::info!(pod = %self.source.netns.name, error = %e, "connection refused by the datapath");

@@ -63,7 +63,7 @@ impl Bench {
     }
 
     fn pick(&mut self) -> Option<Pick> {
-        self.balancer.pick_at(self.now, &mut self.rng)
+        self.balancer.pick_at(self.now, &mut self.rng, &[])
     }
 
     /// Hands out `port` as if P2C had chosen it, for tests of outcomes.
@@ -385,4 +385,28 @@ fn concurrent_picks_release_every_in_flight_count() {
     }
     let shared = balancer.lock();
     assert!(shared.slots.iter().all(|s| s.in_flight == 0));
+}
+
+#[test]
+fn skipped_endpoints_are_never_picked_and_leave_no_trace() {
+    let mut b = Bench::new(&[1, 2, 3], &cfg(1, 1000, 100));
+    let skip = [
+        SocketAddr::new(ep(1).addr, 1),
+        SocketAddr::new(ep(2).addr, 2),
+    ];
+    for _ in 0..100 {
+        let pick = b
+            .balancer
+            .pick_at(b.now, &mut b.rng, &skip)
+            .expect("endpoint 3 is left");
+        assert_eq!(pick.endpoint.port, 3);
+    }
+    let all = [skip[0], skip[1], SocketAddr::new(ep(3).addr, 3)];
+    assert!(b.balancer.pick_at(b.now, &mut b.rng, &all).is_none());
+    // Skipping is per request: the next plain pick may choose any endpoint.
+    let ports: std::collections::BTreeSet<u16> = (0..100)
+        .filter_map(|_| b.pick())
+        .map(|p| p.endpoint.port)
+        .collect();
+    assert_eq!(ports.len(), 3);
 }
