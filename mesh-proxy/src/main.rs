@@ -23,7 +23,9 @@ use tokio::{
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Logs go to stderr, as the agent's (where the test bed collects them).
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&args.log)
                 .with_context(|| format!("--log {:?}", args.log))?,
