@@ -476,13 +476,21 @@ fn basics(mesh: &Mesh) {
         Curl::new(format!("http://{WEB}/echo"))
             .args(&["--data-binary".to_owned(), format!("@{}", file.display())]),
     );
-    let _ = std::fs::remove_file(&file);
-    assert_eq!(posted.http_code, 200, "{}", posted.stderr);
-    assert!(
-        posted.body == payload,
-        "body of {} bytes",
-        posted.body.len()
+    let posted_h2 = mesh.curl(
+        "client",
+        Curl::new(format!("http://{WEB}/echo"))
+            .h2c()
+            .args(&["--data-binary".to_owned(), format!("@{}", file.display())]),
     );
+    let _ = std::fs::remove_file(&file);
+    for (posted, how) in [(posted, "HTTP/1.1"), (posted_h2, "h2c")] {
+        assert_eq!(posted.http_code, 200, "{how}: {}", posted.stderr);
+        assert!(
+            posted.body == payload,
+            "{how}: body of {} bytes",
+            posted.body.len()
+        );
+    }
 
     // Trace context: created when absent, its trace id kept when valid.
     let echo = mesh.echo("client", WEB, "/trace", &[]);
@@ -590,17 +598,24 @@ fn matching(mesh: &Mesh) {
         ("/nothing", &[], "404"),
     ];
     let mut wrong = Vec::new();
+    // Both protocols of an `http` port, and the other node's proxy.
+    let clients = [("client", false), ("client", true), ("client2", false)];
     for (path, args, want) in cases {
-        let r = mesh.curl(
-            "client",
-            Curl::new(format!("http://{ROUTED}{path}")).args(args),
-        );
-        let got = match r.http_code {
-            200 => app_of_pod(r.header("x-pod").unwrap_or("")),
-            code => code.to_string(),
-        };
-        if got != *want {
-            wrong.push(format!("{path} {args:?}: want {want}, got {got} ({r:?})"));
+        for (client, h2c) in clients {
+            let mut curl = Curl::new(format!("http://{ROUTED}{path}")).args(args);
+            if h2c {
+                curl = curl.h2c();
+            }
+            let r = mesh.curl(client, curl);
+            let got = match r.http_code {
+                200 => app_of_pod(r.header("x-pod").unwrap_or("")),
+                code => code.to_string(),
+            };
+            if got != *want {
+                wrong.push(format!(
+                    "{client} h2c={h2c} {path} {args:?}: want {want}, got {got} ({r:?})"
+                ));
+            }
         }
     }
     assert!(wrong.is_empty(), "{}\n{}", wrong.join("\n"), mesh.logs());
@@ -682,12 +697,13 @@ fn filters(mesh: &Mesh) {
 }
 
 fn timeouts(mesh: &Mesh) {
-    for query in ["", "?t=backend"] {
+    for (query, h2c) in [("", false), ("?t=backend", false), ("", true)] {
         let started = Instant::now();
-        let r = mesh.curl(
-            "client",
-            Curl::new(format!("http://{FILTERS}/delay/3000{query}")),
-        );
+        let mut curl = Curl::new(format!("http://{FILTERS}/delay/3000{query}"));
+        if h2c {
+            curl = curl.h2c();
+        }
+        let r = mesh.curl("client", curl);
         let took = started.elapsed();
         assert_eq!(r.http_code, 504, "{query}: {r:?}");
         assert!(took < Duration::from_millis(2500), "{query}: {took:?}");
@@ -731,6 +747,24 @@ fn metrics(mesh: &Mesh) {
         N as f64
     );
     assert_eq!(delta("istio_requests_total", &routed_404), 3.0, "{after:?}");
+
+    // gRPC: HTTP 200 with the grpc-status of the trailer.
+    let grpc_not_found = [
+        ("reporter", "source"),
+        ("destination_service", "web.prod.svc.cluster.local"),
+        ("request_protocol", "grpc"),
+        ("response_code", "200"),
+        ("grpc_response_status", "5"),
+    ];
+    let before = proxy.metrics_parsed().unwrap();
+    let target = format!("{WEB}:{GRPC_PORT}");
+    let args = ["--call", "check", "--service", "nope", "--count", "2"];
+    let unknown = l7::grpc(mesh.pod("client"), &target, &args).unwrap();
+    assert!(unknown.iter().all(|r| r.code == Some(5)), "{unknown:?}");
+    let after = proxy.metrics_parsed().unwrap();
+    let delta = after.sum("istio_requests_total", &grpc_not_found)
+        - before.sum("istio_requests_total", &grpc_not_found);
+    assert_eq!(delta, 2.0, "{after:?}");
 }
 
 /// Weighted splits, unresolvable backends, and route changes the agent streams to the
