@@ -253,7 +253,7 @@ struct Mesh {
 }
 
 impl Mesh {
-    fn new(prefix: &str) -> Result<Self> {
+    fn new(prefix: &str, agent_args: &[&str]) -> Result<Self> {
         let mut bed = Bed::new(prefix, &["n1", "n2"], PODS)?;
         let mut servers = Vec::new();
         for (name, _) in BACKENDS {
@@ -275,7 +275,10 @@ impl Mesh {
         bed.state.write("routed.yaml", &matching_routes())?;
         bed.state.write("filters.yaml", &filter_routes())?;
         bed.state.write("canary.yaml", &canary_route([90, 10, 0]))?;
-        let agents = vec![bed.start_agent("n1", &[])?, bed.start_agent("n2", &[])?];
+        let agents = vec![
+            bed.start_agent("n1", agent_args)?,
+            bed.start_agent("n2", agent_args)?,
+        ];
         let proxies = vec![bed.start_proxy("n1", &[])?, bed.start_proxy("n2", &[])?];
         let mesh = Self {
             proxies,
@@ -424,7 +427,7 @@ fn proxied_http_grpc_matching_filters_timeouts_and_metrics() {
     if !require_root() {
         return;
     }
-    let mesh = Mesh::new("l7rt").expect("bed");
+    let mesh = Mesh::new("l7rt", &[]).expect("bed");
     basics(&mesh);
     grpc(&mesh);
     matching(&mesh);
@@ -774,7 +777,7 @@ fn canary_weights_missing_backends_and_live_route_updates() {
     if !require_root() {
         return;
     }
-    let mesh = Mesh::new("l7cn").expect("bed");
+    let mesh = Mesh::new("l7cn", &[]).expect("bed");
     let client = mesh.pod("client");
     let url = format!("http://{CANARY}/");
 
@@ -853,6 +856,11 @@ fn canary_weights_missing_backends_and_live_route_updates() {
     );
     assert!(version(&mesh.proxies[0]) > v_before);
     assert_eq!(mesh.proxies[0].pid(), pid, "the proxy was not restarted");
+    assert!(
+        mesh.proxies[0].log().contains("configuration applied"),
+        "{}",
+        mesh.proxies[0].log()
+    );
 
     // An invalid route file is refused, naming it; the last good routes stay.
     let invalid = canary_route([0, 0, 100]).replace("weight: 100", "weight: -3");
@@ -874,4 +882,41 @@ fn canary_weights_missing_backends_and_live_route_updates() {
     );
     let still = by_app(&burst(client, &url, 20, &[]).unwrap());
     assert_eq!(still.keys().collect::<Vec<_>>(), ["v3"], "{still:?}");
+}
+
+/// With sockmap, the client and the in-pod proxy listener talk socket to socket; the
+/// proxy's own outbound connections are sockmap'd too. Requests still flow both ways.
+#[test]
+fn proxied_requests_work_with_sockmap() {
+    if !require_root() {
+        return;
+    }
+    let mesh = Mesh::new("l7sm", &["--sockmap=true"]).expect("bed");
+    let echo = mesh.echo("client", WEB, "/hello", &[]);
+    assert!(["v1-a", "v1-b"].contains(&echo.pod.as_str()), "{echo:?}");
+    let answers = burst(
+        mesh.pod("client"),
+        &format!("http://{ROUTED}/exact"),
+        20,
+        &[],
+    )
+    .unwrap();
+    assert!(
+        answers
+            .iter()
+            .all(|(c, p, _)| *c == 200 && app_of_pod(p) == "v2"),
+        "{answers:?}"
+    );
+    let h2 = mesh.curl("client", Curl::new(format!("http://{WEB}/stream/5")).h2c());
+    assert_eq!(h2.body.lines().count(), 5, "{h2:?}");
+    let checked = l7::grpc(
+        mesh.pod("client"),
+        &format!("{WEB}:{GRPC_PORT}"),
+        &["--call", "check"],
+    )
+    .unwrap();
+    assert!(
+        matches!(checked.as_slice(), [GrpcResult { ok: true, .. }]),
+        "{checked:?}"
+    );
 }
