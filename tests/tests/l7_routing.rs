@@ -920,3 +920,79 @@ fn proxied_requests_work_with_sockmap() {
         "{checked:?}"
     );
 }
+
+/// A dual-stack Service: the proxy serves its IPv6 cluster IP as its IPv4 one (the
+/// in-pod `[::1]:15001` listener, `IP6T_SO_ORIGINAL_DST`).
+#[test]
+fn ipv6_cluster_ip_is_proxied() {
+    if !require_root() {
+        return;
+    }
+    let cluster = mesh_tests::Cluster::builder("l7v6")
+        .dual_stack()
+        .node("n1")
+        .node("n2")
+        .pod("n1", "client", "10.244.1.10")
+        .pod("n1", "v1-a", "10.244.1.11")
+        .pod("n2", "v1-b", "10.244.2.11")
+        .build()
+        .expect("cluster");
+    let mut yaml = "---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: ['10.96.0.10', 'fd00:96::10']
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  selector: {app: v1}
+  ports: [{name: http, port: 80, targetPort: 8080, appProtocol: http}]
+"
+    .to_owned();
+    for (name, app) in [("client", "client"), ("v1-a", "v1"), ("v1-b", "v1")] {
+        let pod = cluster.pod(name);
+        yaml.push_str(&format!(
+            "---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default, labels: {{app: {app}}}}}
+spec: {{nodeName: {node}, containers: [{{name: main, image: mesh-testpod}}]}}
+status: {{podIP: {ip}, podIPs: [{{ip: {ip}}}, {{ip: '{ip6}'}}]}}
+",
+            ip = pod.ip(),
+            ip6 = pod.ip6().expect("dual-stack"),
+            node = mesh_tests::agent::node_name(cluster.node(pod.node())),
+        ));
+    }
+    let state = mesh_tests::StateDir::new("l7v6").expect("state");
+    state.write("state.yaml", &yaml).expect("write");
+    let mut sleep = Command::new("sleep");
+    sleep.arg("600");
+    let _anchor = cluster.pod("client").spawn(sleep).expect("anchor");
+    let _servers: Vec<ChildGuard> = ["v1-a", "v1-b"]
+        .iter()
+        .map(|n| l7::start_http_server(cluster.pod(n), HTTP_PORT, n, &[]).expect("server"))
+        .collect();
+    let _agents: Vec<Agent> = ["n1", "n2"]
+        .iter()
+        .map(|n| Agent::start(cluster.node(n), state.path()).expect("agent"))
+        .collect();
+    let proxy = Proxy::start(cluster.node("n1"), &[]).expect("proxy");
+    let client = cluster.pod("client");
+    for url in ["http://10.96.0.10/v4", "http://[fd00:96::10]/v6"] {
+        let mut last = None;
+        let ok = eventually(READY, || {
+            let r = Curl::new(url)
+                .max_time(Duration::from_secs(2))
+                .run(client)
+                .unwrap();
+            let ok = r.http_code == 200;
+            last = Some(r);
+            ok
+        });
+        assert!(ok, "{url}: {last:?}\n{}", proxy.log());
+        let echo: HttpEcho = last.unwrap().json().unwrap();
+        assert!(["v1-a", "v1-b"].contains(&echo.pod.as_str()), "{echo:?}");
+    }
+}
