@@ -17,6 +17,8 @@ const HTTP_PORT: u16 = 8080;
 const GRPC_PORT: u16 = 9090;
 /// `grpc-server --flap-ms` on v3-a: its service (`v3-a`) changes status all the time.
 const FLAP_PORT: u16 = 9091;
+/// `http-server --fail-every 2` on v3-a: every second request answers 503.
+const FLAKY_PORT: u16 = 8081;
 /// Backend pods: `(name, app label)`; each runs http-server on [`HTTP_PORT`].
 const BACKENDS: &[(&str, &str)] = &[
     ("v1-a", "v1"),
@@ -87,9 +89,11 @@ spec:
 "
         ));
     }
-    // v3 also streams gRPC health changes.
+    // v3 also streams gRPC health changes, and has a flaky HTTP port.
     yaml.push_str(&format!(
-        "  - {{name: grpc, port: {FLAP_PORT}, targetPort: {FLAP_PORT}, appProtocol: grpc}}\n"
+        "  - {{name: grpc, port: {FLAP_PORT}, targetPort: {FLAP_PORT}, appProtocol: grpc}}
+  - {{name: flaky, port: {FLAKY_PORT}, targetPort: {FLAKY_PORT}, appProtocol: http}}
+"
     ));
     yaml
 }
@@ -212,6 +216,11 @@ fn filter_routes() -> String {
   - matches: [{{path: {{type: Exact, value: /delay/3000}}}}]
     timeouts: {{request: 500ms}}
     {v1}
+  - matches: [{{path: {{type: PathPrefix, value: /retried}}}}]
+    retry: {{codes: [503], attempts: 1}}
+    backendRefs: [{{name: v3, port: {FLAKY_PORT}}}]
+  - matches: [{{path: {{type: PathPrefix, value: /flaky}}}}]
+    backendRefs: [{{name: v3, port: {FLAKY_PORT}}}]
   - matches: [{{path: {{type: Exact, value: /delay/3000}}, queryParams: [{{name: t, value: backend}}]}}]
     timeouts: {{backendRequest: 500ms}}
     {v1}
@@ -262,6 +271,12 @@ impl Mesh {
         for name in ["v1-a", "v1-b"] {
             servers.push(l7::start_grpc_server(bed.pod(name), GRPC_PORT, name, &[])?);
         }
+        servers.push(l7::start_http_server(
+            bed.pod("v3-a"),
+            FLAKY_PORT,
+            "v3-a",
+            &["--fail-every", "2"],
+        )?);
         servers.push(l7::start_grpc_server(
             bed.pod("v3-a"),
             FLAP_PORT,
@@ -433,6 +448,7 @@ fn proxied_http_grpc_matching_filters_timeouts_and_metrics() {
     matching(&mesh);
     filters(&mesh);
     timeouts(&mesh);
+    retries(&mesh);
     metrics(&mesh);
 }
 
@@ -713,6 +729,17 @@ fn timeouts(mesh: &Mesh) {
     }
 }
 
+/// A 503 is retried once when the rule says so (the flaky backend fails every second
+/// request), and passed through when it does not.
+fn retries(mesh: &Mesh) {
+    let client = mesh.pod("client");
+    let plain = burst(client, &format!("http://{FILTERS}/flaky"), 10, &[]).unwrap();
+    let failed = plain.iter().filter(|a| a.0 == 503).count();
+    assert!((4..=6).contains(&failed), "every second fails: {plain:?}");
+    let retried = burst(client, &format!("http://{FILTERS}/retried"), 10, &[]).unwrap();
+    assert!(retried.iter().all(|a| a.0 == 200), "{retried:?}");
+}
+
 fn metrics(mesh: &Mesh) {
     const N: usize = 7;
     let proxy = &mesh.proxies[0];
@@ -867,7 +894,12 @@ fn canary_weights_missing_backends_and_live_route_updates() {
     mesh.bed.state.write("canary.yaml", &invalid).unwrap();
     let named = eventually(CONVERGE, || {
         let log = mesh.agents[0].log();
-        log.contains("canary.yaml") && log.contains("weight")
+        log.lines().any(|l| {
+            l.contains("state rejected")
+                && l.contains("canary.yaml")
+                && l.contains("document 1")
+                && l.contains("backendRefs[2].weight")
+        })
     });
     assert!(named, "{}", mesh.agents[0].log());
     let out = mesh.agents[0]
