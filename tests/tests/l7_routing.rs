@@ -804,8 +804,8 @@ fn canary_weights_missing_backends_and_live_route_updates() {
     if !require_root() {
         return;
     }
-    let mesh = Mesh::new("l7cn", &[]).expect("bed");
-    let client = mesh.pod("client");
+    let mut mesh = Mesh::new("l7cn", &[]).expect("bed");
+    let client = mesh.bed.cluster.pod("client");
     let url = format!("http://{CANARY}/");
 
     // 90/10 (and 0): 1000 requests over 4 keep-alive connections.
@@ -914,6 +914,29 @@ fn canary_weights_missing_backends_and_live_route_updates() {
     );
     let still = by_app(&burst(client, &url, 20, &[]).unwrap());
     assert_eq!(still.keys().collect::<Vec<_>>(), ["v3"], "{still:?}");
+
+    // The agent dies: the proxy keeps serving its last configuration, and follows the
+    // agent that takes over (its versions start again from 1).
+    let pinned = mesh.agents.remove(0).kill();
+    let still = by_app(&burst(client, &url, 20, &[]).unwrap());
+    assert_eq!(still.keys().collect::<Vec<_>>(), ["v3"], "{still:?}");
+    mesh.bed
+        .state
+        .write("canary.yaml", &canary_route([100, 0, 0]))
+        .unwrap();
+    let agent = pinned
+        .adopt(mesh.bed.cluster.node("n1"), mesh.bed.state.path(), &[])
+        .unwrap();
+    mesh.agents.insert(0, agent);
+    let followed = eventually(CONVERGE, || {
+        last = by_app(&burst(client, &url, 20, &[]).unwrap());
+        last.keys().eq(["v1"])
+    });
+    assert!(
+        followed,
+        "all to v1 from the new agent: {last:?}\n{}",
+        mesh.logs()
+    );
 }
 
 /// With sockmap, the client and the in-pod proxy listener talk socket to socket; the
