@@ -475,6 +475,19 @@ fn basics(mesh: &Mesh) {
     let connects: u32 = answers.iter().map(|a| a.2).sum();
     assert_eq!(connects, 1, "one connection for all five: {answers:?}");
 
+    // Many concurrent HTTP/1.1 connections. (curl 7.88 cannot reuse an h2c prior
+    // knowledge connection, not even straight to a backend: the gRPC section below
+    // covers many streams on one HTTP/2 connection.)
+    let args = ["--parallel", "--parallel-max", "20"];
+    let answers = burst(
+        mesh.pod("client"),
+        &format!("http://{WEB}/stream/3"),
+        200,
+        &args,
+    )
+    .unwrap();
+    assert!(answers.iter().all(|a| a.0 == 200), "{answers:?}");
+
     // h2c prior knowledge: spoken to the backend as the client spoke.
     let h2 = mesh.curl("client", Curl::new(&url).h2c());
     assert_eq!(h2.http_code, 200, "{h2:?}");
@@ -555,11 +568,13 @@ fn basics(mesh: &Mesh) {
 fn grpc(mesh: &Mesh) {
     let target = format!("{WEB}:{GRPC_PORT}");
     let client = mesh.pod("client");
-    let checked = l7::grpc(client, &target, &["--call", "check"]).unwrap();
-    assert_eq!(checked.len(), 1, "{checked:?}");
-    assert_eq!(
-        (checked[0].ok, checked[0].status.as_deref()),
-        (true, Some("SERVING")),
+    // 50 calls, one after the other on one HTTP/2 connection.
+    let checked = l7::grpc(client, &target, &["--call", "check", "--count", "50"]).unwrap();
+    assert_eq!(checked.len(), 50, "{checked:?}");
+    assert!(
+        checked
+            .iter()
+            .all(|r| r.ok && r.status.as_deref() == Some("SERVING")),
         "{checked:?}"
     );
     let unknown = l7::grpc(client, &target, &["--call", "check", "--service", "nope"]).unwrap();
