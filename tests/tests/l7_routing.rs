@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
 use mesh_tests::l7::{self, Curl, CurlResult, GrpcResult, HttpEcho, HttpStats};
-use mesh_tests::scenario::{Bed, CONVERGE, PodDef, pod};
+use mesh_tests::scenario::{Bed, CONVERGE, PodDef, host, pod};
 use mesh_tests::{Agent, ChildGuard, Pod, Proxy, eventually, require_root};
 
 const HTTP_PORT: u16 = 8080;
@@ -39,7 +39,16 @@ const PODS: &[PodDef] = &[
     pod("n2", "prod", "client2", "10.244.2.10", "app: client2", &[]),
     pod("n2", "prod", "v1-b", "10.244.2.11", "app: v1", &[]),
     pod("n2", "prod", "v2-b", "10.244.2.12", "app: v2", &[]),
+    // Not in the state until a test adds it (see [`LATE_POD`]).
+    host("n1", "late", "10.244.1.20", &[]),
 ];
+/// Pod `late` as the state describes it, once it is added.
+const LATE_POD: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: late, namespace: prod, labels: {app: late}}
+spec: {nodeName: NODE, containers: [{name: main, image: mesh-testpod}]}
+status: {podIP: 10.244.1.20}
+";
 
 const WEB: &str = "10.96.0.10";
 const ROUTED: &str = "10.96.0.20";
@@ -952,6 +961,18 @@ fn canary_weights_missing_backends_and_live_route_updates() {
         "all to v1 from the new agent: {last:?}\n{}",
         mesh.logs()
     );
+
+    // A pod the agent learns of later gets the proxy's listener then: until it is in
+    // the state, its L7 connections are refused in its own netns.
+    let late = mesh.bed.cluster.pod("late");
+    let refused = Curl::new(format!("http://{WEB}/")).run(late).unwrap();
+    assert_eq!(refused.exit_code, 7, "no listener yet: {refused:?}");
+    let node = mesh_tests::agent::node_name(mesh.bed.cluster.node("n1"));
+    mesh.bed
+        .state
+        .write("late.yaml", &LATE_POD.replace("NODE", &node))
+        .unwrap();
+    mesh.wait_ok("late", &format!("http://{WEB}/late"));
 }
 
 /// With sockmap, the client and the in-pod proxy listener talk socket to socket; the
