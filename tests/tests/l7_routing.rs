@@ -714,6 +714,38 @@ fn filters(mesh: &Mesh) {
         (echo.path.as_str(), echo.query.as_str()),
         ("/replaced", "q=2")
     );
+    // The same over h2c, where the host is the `:authority`.
+    let r = mesh.curl(
+        "client",
+        Curl::new(format!("http://{FILTERS}/old/page?q=1")).h2c(),
+    );
+    let echo: HttpEcho = r.json().unwrap();
+    assert_eq!(
+        (
+            echo.version.as_str(),
+            echo.path.as_str(),
+            echo.authority.as_deref()
+        ),
+        ("HTTP/2.0", "/new/page", Some("rewritten.example")),
+        "{echo:?}"
+    );
+    let r = mesh.curl(
+        "client",
+        Curl::new(format!("http://{FILTERS}/redirect/x")).h2c(),
+    );
+    assert_eq!(r.http_code, 301, "{r:?}");
+    assert_eq!(r.header("location"), Some("http://example.org/new/x"));
+    let r = mesh.curl("client", Curl::new(format!("http://{FILTERS}/found")).h2c());
+    assert_eq!(r.header("location"), Some("http://elsewhere.example/found"));
+    let r = mesh.curl(
+        "client",
+        Curl::new(format!("http://{FILTERS}/headers")).h2c(),
+    );
+    assert_eq!(
+        (r.http_code, r.header("x-resp"), r.header("x-pod")),
+        (200, Some("from-route"), None),
+        "{r:?}"
+    );
 
     // Mirror: the mirror backend gets a copy of each request, the client the primary's.
     let before = mesh.stats("mirror-a");
