@@ -1005,6 +1005,41 @@ fn canary_weights_missing_backends_and_live_route_updates() {
         .write("late.yaml", &LATE_POD.replace("NODE", &node))
         .unwrap();
     mesh.wait_ok("late", &format!("http://{WEB}/late"));
+
+    // The proxy's outbound sockets are the client pod's: its egress policy judges
+    // them (when they are made: `late` has no pooled backend connection to v2 yet).
+    // Allowed to v1 only, it reaches v1 through a route and is reset (never answered
+    // by v2) where the route leads to v2.
+    let policy = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: late-to-v1, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: late}}
+  policyTypes: [Egress]
+  egress: [{to: [{podSelector: {matchLabels: {app: v1}}}]}]
+";
+    mesh.bed
+        .apply(&mesh.agents[0], "policy.yaml", policy)
+        .unwrap();
+    let mut denied = None;
+    let enforced = eventually(CONVERGE, || {
+        let r = Curl::new(format!("http://{ROUTED}/exact"))
+            .run(late)
+            .unwrap();
+        let held = r.http_code != 200;
+        denied = Some(r);
+        held
+    });
+    assert!(enforced, "v2 still answers: {denied:?}\n{}", mesh.logs());
+    let denied = denied.unwrap();
+    assert!(
+        denied.http_code == 0 && denied.header("x-pod").is_none(),
+        "the client is reset, not answered: {denied:?}"
+    );
+    let allowed = Curl::new(format!("http://{ROUTED}/v1/x"))
+        .run(late)
+        .unwrap();
+    assert_eq!(allowed.http_code, 200, "{allowed:?}");
 }
 
 /// With sockmap, the client and the in-pod proxy listener talk socket to socket; the
