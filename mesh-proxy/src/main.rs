@@ -88,6 +88,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 let prev = snapshot_tx.borrow().clone();
                 let snapshot = Snapshot::build(Arc::clone(&config), Some(&prev), settings);
+                if config.policy_epoch != prev.config.policy_epoch {
+                    // Pooled connections were judged by the old policy.
+                    for t in snapshot.targets.values() {
+                        t.pool.flush();
+                    }
+                }
                 snapshot_tx.send_replace(Arc::new(snapshot));
                 metrics.set_config_version(config.version);
                 listeners.reconcile(&config).await;
