@@ -1154,3 +1154,37 @@ status: {{podIP: {ip}, podIPs: [{{ip: {ip}}}, {{ip: '{ip6}'}}]}}
         assert!(["v1-a", "v1-b"].contains(&echo.pod.as_str()), "{echo:?}");
     }
 }
+
+/// A policy change holds for new client connections, as it does without the proxy
+/// (policy is judged at connect), although the proxy had pooled backend connections to
+/// v2 under the old policy: the agent bumps `policyEpoch` and the proxy stops reusing
+/// them.
+#[test]
+fn policy_change_holds_for_pooled_backend_connections() {
+    if !require_root() {
+        return;
+    }
+    let mesh = Mesh::new("l7pp", &[]).expect("bed");
+    let url = format!("http://{ROUTED}/exact");
+    let before = burst(mesh.pod("client"), &url, 10, &[]).unwrap();
+    assert!(before.iter().all(|a| a.0 == 200), "{before:?}");
+    let policy = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: client-to-v1, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  policyTypes: [Egress]
+  egress: [{to: [{podSelector: {matchLabels: {app: v1}}}]}]
+";
+    mesh.bed
+        .apply(&mesh.agents[0], "policy.yaml", policy)
+        .unwrap();
+    let mut last = None;
+    let enforced = eventually(CONVERGE, || {
+        let r = Curl::new(&url).run(mesh.pod("client")).unwrap();
+        let held = r.http_code == 0;
+        last = Some(r);
+        held
+    });
+    assert!(enforced, "v2 still answers a new connection: {last:?}");
+}
