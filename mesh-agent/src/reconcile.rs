@@ -89,6 +89,8 @@ pub struct Reconciler {
     local_netns: BTreeMap<IpAddr, u64>,
     /// The namespaces of the last discovery, for the node proxy.
     found_netns: Vec<LocalNetns>,
+    /// Counts the applies that changed the policy maps, for the node proxy.
+    policy_epoch: u64,
     /// The node's own addresses, given the host identity in IPCACHE.
     node_addrs: Vec<IpAddr>,
     state: Option<State>,
@@ -135,6 +137,7 @@ impl Reconciler {
             identity_ids: IdentityIds::default(),
             local_netns: BTreeMap::new(),
             found_netns: Vec::new(),
+            policy_epoch: 0,
             node_addrs: Vec::new(),
             state: None,
             state_applied: false,
@@ -259,6 +262,9 @@ impl Reconciler {
         };
         self.ids = next_ids;
         self.identity_ids = next_identity_ids;
+        if policy_stats.written > 0 || policy_stats.removed > 0 {
+            self.policy_epoch += 1;
+        }
         if let Some(state) = &self.state {
             let view = View::new(state, &policy, &self.node, &self.local_netns)
                 .with_routes(routes.statuses.clone());
@@ -294,7 +300,8 @@ impl Reconciler {
         ) else {
             return;
         };
-        let config = proxy_config(state, &self.node, routes, &self.found_netns, 0);
+        let mut config = proxy_config(state, &self.node, routes, &self.found_netns, 0);
+        config.policy_epoch = self.policy_epoch;
         self.proxy.publish(config);
     }
 

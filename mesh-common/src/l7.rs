@@ -28,6 +28,11 @@ pub struct ProxyConfig {
     pub frontends: Vec<Frontend>,
     /// Every Service port a route or frontend sends traffic to, with its endpoints.
     pub services: Vec<ServiceTarget>,
+    /// Changes whenever the network policy the kernel enforces on this node changes.
+    /// Policy judges a connection when it is made, so the proxy then stops reusing the
+    /// backend connections it pooled under the old policy.
+    #[serde(default)]
+    pub policy_epoch: u64,
 }
 
 /// Namespace and name of an object.

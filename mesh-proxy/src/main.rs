@@ -24,7 +24,9 @@ use tokio::{
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Logs go to stderr, as the agent's (where the test bed collects them).
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&args.log)
                 .with_context(|| format!("--log {:?}", args.log))?,
@@ -83,6 +85,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         let prev = snapshot_tx.borrow().clone();
         let snapshot = Snapshot::build(Arc::clone(&config), Some(&prev), settings);
+        if config.policy_epoch != prev.config.policy_epoch {
+            // Pooled connections were judged by the old policy.
+            for t in snapshot.targets.values() {
+                t.pool.flush();
+            }
+        }
         snapshot_tx.send_replace(Arc::new(snapshot));
         metrics.set_config_version(config.version);
         listeners.reconcile(&config).await;

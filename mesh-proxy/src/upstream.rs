@@ -12,7 +12,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicU32, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -123,6 +123,8 @@ struct Idle {
     send: http1::SendRequest<Body>,
     used: u32,
     since: Instant,
+    /// The pool's generation when the connection was made (see [`ServicePool::flush`]).
+    generation: u64,
 }
 
 struct Shared {
@@ -141,6 +143,7 @@ pub struct ServicePool {
     pending: AtomicU32,
     idle: Mutex<HashMap<ConnKey, Vec<Idle>>>,
     shared: Mutex<HashMap<ConnKey, Shared>>,
+    generation: AtomicU64,
     returned: Notify,
 }
 
@@ -161,6 +164,7 @@ impl ServicePool {
             pending: AtomicU32::new(0),
             idle: Mutex::default(),
             shared: Mutex::default(),
+            generation: AtomicU64::new(0),
             returned: Notify::new(),
         })
     }
@@ -190,6 +194,18 @@ impl ServicePool {
             .store(cfg.max_pending_requests, Ordering::Release);
         self.max_per_conn
             .store(cfg.max_requests_per_connection, Ordering::Release);
+    }
+
+    /// Stops reusing every connection made so far: idle ones close now, HTTP/2 ones
+    /// take no new requests, busy HTTP/1.1 ones close when their exchange ends. For a
+    /// policy change: a new connection is judged by the new policy.
+    pub fn flush(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// Closes connections idle longer than the idle timeout.
@@ -269,6 +285,7 @@ impl ServicePool {
                 send,
                 used: 0,
                 since: Instant::now(),
+                generation: self.generation.load(Ordering::Acquire),
             });
         }
     }
@@ -371,6 +388,10 @@ impl ServicePool {
     }
 
     fn give_back(&self, key: ConnKey, mut conn: Idle) {
+        if conn.generation != self.generation.load(Ordering::Acquire) {
+            // Made before a flush: closed by the drop.
+            return;
+        }
         conn.since = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.entry(key).or_default().push(conn);

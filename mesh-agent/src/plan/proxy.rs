@@ -81,6 +81,7 @@ pub fn proxy_config(
         pods: local_pods(&pods, node, local),
         frontends,
         services,
+        policy_epoch: 0,
     }
 }
 

@@ -155,6 +155,7 @@ fn config(endpoints: &[SocketAddr], routes: Option<Rule>, resilience: Resilience
                 .collect(),
             resilience,
         }],
+        policy_epoch: 0,
     }
 }
 
