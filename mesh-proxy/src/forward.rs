@@ -611,14 +611,17 @@ enum RequestBody {
 }
 
 impl RequestBody {
-    /// Keeps the body when `keep` and it is known to fit [`MAX_REPLAY`]; else streams.
+    /// Keeps the body when `keep` and it is known to fit [`MAX_REPLAY`], and always an
+    /// empty one (free to keep, and then a request denied by policy at one endpoint can
+    /// go to another); else streams.
     async fn new(body: Incoming, keep: bool, counter: Arc<AtomicU64>) -> Result<Self, BoxError> {
-        let fits = body.is_end_stream()
+        let empty = body.is_end_stream();
+        let fits = empty
             || body
                 .size_hint()
                 .upper()
                 .is_some_and(|n| n <= MAX_REPLAY as u64);
-        if keep && fits {
+        if (keep && fits) || empty {
             let collected = Limited::new(body, MAX_REPLAY).collect().await?;
             let trailers = collected.trailers().cloned();
             let data = collected.to_bytes();
