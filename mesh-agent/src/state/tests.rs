@@ -887,13 +887,13 @@ fn http_route_validation_names_every_field() {
         ),
         (
             filter(
-                "{type: RequestRedirect, requestRedirect: {statusCode: 307, scheme: ftp, port: 0, hostname: Bad_Host}}",
+                "{type: RequestRedirect, requestRedirect: {statusCode: 304, scheme: ftp, port: 0, hostname: Bad_Host}}",
             ),
             vec![
                 "spec.rules[0].filters[0].requestRedirect.scheme: \"ftp\" is not one of http, https",
                 "spec.rules[0].filters[0].requestRedirect.hostname: \"Bad_Host\" is not a lowercase RFC 1123 host name",
                 "spec.rules[0].filters[0].requestRedirect.port: 0 is not a valid port (1-65535)",
-                "spec.rules[0].filters[0].requestRedirect.statusCode: 307 is not 301 or 302",
+                "spec.rules[0].filters[0].requestRedirect.statusCode: 304 is not 301, 302, 303, 307 or 308",
             ],
         ),
         (
@@ -972,10 +972,10 @@ fn http_route_validation_names_every_field() {
         ),
         (
             rule(
-                "{backendRefs: [{name: a, port: 80, filters: [{type: RequestRedirect, requestRedirect: {statusCode: 303}}]}]}",
+                "{backendRefs: [{name: a, port: 80, filters: [{type: RequestRedirect, requestRedirect: {statusCode: 300}}]}]}",
             ),
             vec![
-                "spec.rules[0].backendRefs[0].filters[0].requestRedirect.statusCode: 303 is not 301 or 302",
+                "spec.rules[0].backendRefs[0].filters[0].requestRedirect.statusCode: 300 is not 301, 302, 303, 307 or 308",
             ],
         ),
         (

@@ -470,13 +470,14 @@ fn check_filters(
             if let Some(port) = r.port {
                 super::check_port(&format!("{at}.port"), port, out);
             }
+            // 301 and 302 are the standard channel; 303, 307 and 308 the extended
+            // redirect codes (GEP-1323), served the same way.
             if let Some(code) = r.status_code
-                && code != 301
-                && code != 302
+                && ![301, 302, 303, 307, 308].contains(&code)
             {
                 out.push(problem(
                     format!("{at}.statusCode"),
-                    format!("{code} is not 301 or 302"),
+                    format!("{code} is not 301, 302, 303, 307 or 308"),
                 ));
             }
             if let Some(p) = &r.path {
