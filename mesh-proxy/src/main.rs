@@ -20,8 +20,7 @@ use tokio::{
     sync::{Semaphore, watch},
 };
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -29,7 +28,22 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("--log {:?}", args.log))?,
         )
         .init();
-    run(args).await
+    // One worker: the current-thread runtime, where a request's tasks (client
+    // connection, backend connection) wake each other without crossing threads.
+    let workers = args.workers();
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    let runtime = builder
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    tracing::info!(workers, "runtime started");
+    runtime.block_on(run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
