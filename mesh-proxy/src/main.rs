@@ -20,6 +20,11 @@ use tokio::{
     sync::{Semaphore, watch},
 };
 
+/// mimalloc: per-request allocations (headers, bodies, tasks) cost about half of what
+/// they cost with glibc's malloc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
