@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::sync::{Arc, RwLock};
 use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hyper::body::Incoming;
