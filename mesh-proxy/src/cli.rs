@@ -39,12 +39,33 @@ pub struct Args {
     /// time (a NetworkPolicy drop) resets the client's connection.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
+    /// Threads serving traffic. 1 runs everything on one thread (tokio's current-thread
+    /// runtime: no wake-ups across threads, the cheapest per request); more spread the
+    /// connections over that many threads. Default: one per CPU, at most
+    /// [`DEFAULT_MAX_WORKERS`].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info,mesh_proxy=debug`).
     #[arg(long, env = "MESH_PROXY_LOG", default_value = "info")]
     pub log: String,
 }
 
+/// Most worker threads chosen by default: the proxy shares its node with the pods it
+/// serves, so it does not take every core of a large node unasked.
+pub const DEFAULT_MAX_WORKERS: usize = 4;
+
 impl Args {
+    /// The number of worker threads: `--worker-threads`, else one per CPU available to
+    /// the process, at most [`DEFAULT_MAX_WORKERS`].
+    pub fn workers(&self) -> usize {
+        match self.worker_threads {
+            Some(n) => usize::from(n),
+            None => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(DEFAULT_MAX_WORKERS),
+        }
+    }
+
     /// The agent's admin socket.
     pub fn agent_socket(&self) -> PathBuf {
         self.run_dir.join(&self.node).join("agent.sock")
@@ -88,6 +109,12 @@ mod tests {
         assert_eq!(a.agent_socket(), PathBuf::from("/run/mesh/n1/agent.sock"));
         assert_eq!(a.drain_timeout, Duration::from_secs(10));
         assert_eq!(a.max_header_bytes, 65536);
+        assert!((1..=DEFAULT_MAX_WORKERS).contains(&a.workers()));
+        let one = Args::try_parse_from(["mesh-proxy", "--node", "n1", "--worker-threads", "1"]);
+        assert_eq!(one.unwrap().workers(), 1);
+        assert!(
+            Args::try_parse_from(["mesh-proxy", "--node", "n1", "--worker-threads", "0"]).is_err()
+        );
         assert!(Args::try_parse_from(["mesh-proxy"]).is_err());
     }
 }

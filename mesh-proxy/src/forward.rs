@@ -66,6 +66,9 @@ pub struct Snapshot {
     pub routes: Routes,
     /// Its Service ports.
     pub targets: HashMap<ServicePortRef, Arc<Target>>,
+    /// The rule of each frontend without routes (everything to its own Service port),
+    /// by cluster IP and port: made once here rather than per request.
+    service_rules: HashMap<SocketAddr, Rule>,
 }
 
 impl Snapshot {
@@ -98,10 +101,23 @@ impl Snapshot {
                 (s.target.clone(), Arc::new(t))
             })
             .collect();
+        let service_rules = config
+            .frontends
+            .iter()
+            .filter(|f| f.routes.is_none())
+            .map(|f| {
+                let port = ServicePortRef {
+                    service: f.service.clone(),
+                    port: f.port,
+                };
+                (SocketAddr::new(f.addr, f.port), service_rule_for(port))
+            })
+            .collect();
         Self {
             routes: Routes::compile(&config),
             config,
             targets,
+            service_rules,
         }
     }
 
@@ -111,6 +127,7 @@ impl Snapshot {
             config: Arc::default(),
             routes: Routes::default(),
             targets: HashMap::new(),
+            service_rules: HashMap::new(),
         }
     }
 }
@@ -181,15 +198,14 @@ impl Conn {
         if f.protocol == AppProtocol::Grpc {
             rec.labels.request_protocol = "grpc";
         }
-        let service_rule;
         let (rule, prefix) = match frontend.route(&parts) {
             Decision::NoRoute => return Ok(rec.local(StatusCode::NOT_FOUND, "NR", &[])),
             Decision::Service => {
-                service_rule = service_rule_for(ServicePortRef {
-                    service: f.service.clone(),
-                    port: f.port,
-                });
-                (&service_rule, None)
+                let Some(rule) = snapshot.service_rules.get(&SocketAddr::new(f.addr, f.port))
+                else {
+                    return Ok(rec.local(StatusCode::NOT_FOUND, "NR", &[]));
+                };
+                (rule, None)
             }
             Decision::Rule { rule, prefix } => (rule, prefix),
         };

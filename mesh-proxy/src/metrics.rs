@@ -5,11 +5,12 @@
 //! Unlike the agent, the proxy owns its counts: they live in one registry made at
 //! start, and each scrape encodes it.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -41,7 +42,7 @@ const UNKNOWN: &str = "unknown";
 
 /// The labels of one request, as Istio's standard metrics name them. Empty strings are
 /// exported as `unknown`, as Istio does.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct RequestLabels {
     /// `source`: this proxy reports for the client.
     pub reporter: &'static str,
@@ -171,6 +172,21 @@ struct EndpointLabels {
 
 type HistogramFamily = Family<IstioLabels, Histogram, fn() -> Histogram>;
 
+/// One label set's series in the four request families: looked up once per label set,
+/// then shared (the handles point at the families' own counts).
+#[derive(Clone, Debug)]
+struct RequestSeries {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+/// The series of the label sets seen so far, by the proxy's own (short) labels with a
+/// fast hash: spares each request building Istio's 25 labels and hashing them into
+/// four families.
+type SeriesCache = RwLock<HashMap<RequestLabels, RequestSeries, foldhash::fast::RandomState>>;
+
 /// The proxy's metrics, shared by every connection.
 #[derive(Debug)]
 pub struct ProxyMetrics {
@@ -179,6 +195,7 @@ pub struct ProxyMetrics {
     duration: HistogramFamily,
     request_bytes: HistogramFamily,
     response_bytes: HistogramFamily,
+    series: SeriesCache,
     retries: Family<RetryLabels, Counter>,
     overflows: Family<ServiceLabels, Counter>,
     ejections: Family<EndpointLabels, Counter>,
@@ -264,6 +281,7 @@ impl ProxyMetrics {
             duration,
             request_bytes,
             response_bytes,
+            series: RwLock::default(),
             retries,
             overflows,
             ejections,
@@ -281,17 +299,32 @@ impl ProxyMetrics {
         request_bytes: u64,
         response_bytes: u64,
     ) {
-        let labels = IstioLabels::from(labels);
-        self.requests.get_or_create(&labels).inc();
-        self.duration
-            .get_or_create(&labels)
-            .observe(duration.as_secs_f64() * 1000.0);
-        self.request_bytes
-            .get_or_create(&labels)
-            .observe(request_bytes as f64);
-        self.response_bytes
-            .get_or_create(&labels)
-            .observe(response_bytes as f64);
+        let series = self.series(labels);
+        series.requests.inc();
+        series.duration.observe(duration.as_secs_f64() * 1000.0);
+        series.request_bytes.observe(request_bytes as f64);
+        series.response_bytes.observe(response_bytes as f64);
+    }
+
+    /// The series of `labels`, made in the families on first use.
+    fn series(&self, labels: &RequestLabels) -> RequestSeries {
+        let cached = self.series.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = cached.get(labels) {
+            return s.clone();
+        }
+        drop(cached);
+        let istio = IstioLabels::from(labels);
+        let series = RequestSeries {
+            requests: self.requests.get_or_create(&istio).clone(),
+            duration: self.duration.get_or_create(&istio).clone(),
+            request_bytes: self.request_bytes.get_or_create(&istio).clone(),
+            response_bytes: self.response_bytes.get_or_create(&istio).clone(),
+        };
+        self.series
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(labels.clone(), series.clone());
+        series
     }
 
     /// Counts a retry the proxy wanted to make to `destination_service`.

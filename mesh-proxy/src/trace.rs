@@ -34,7 +34,11 @@ pub fn propagate(headers: &mut HeaderMap) {
             format_traceparent(random_nonzero_u128(), span_id, 0)
         }
     };
-    let value = HeaderValue::from_str(&value).expect("lowercase hex and dashes are valid");
+    let mut value = HeaderValue::from_str(&value).expect("lowercase hex and dashes are valid");
+    // A value unique to each request gains nothing from HTTP/2 header compression's
+    // table: marked sensitive, HPACK sends it as never-indexed instead of inserting it
+    // and evicting the headers that repeat (which then had to be sent again in full).
+    value.set_sensitive(true);
     headers.insert(TRACEPARENT.clone(), value);
 }
 
@@ -191,6 +195,8 @@ mod tests {
         assert_ne!(parent, "0".repeat(16));
         assert_eq!(flags, "00");
         assert!(h.get(&TRACESTATE).is_none());
+        // Unique per request: kept out of HPACK's table.
+        assert!(h[&TRACEPARENT].is_sensitive());
     }
 
     #[test]

@@ -270,6 +270,35 @@ fn metrics_are_shared_across_threads() {
 }
 
 #[test]
+fn concurrent_requests_are_counted_exactly() {
+    // Threads race to make the same series (the handle cache and the families must
+    // agree on one), and keep counting in it and in another.
+    let metrics = Arc::new(ProxyMetrics::new());
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let metrics = Arc::clone(&metrics);
+            std::thread::spawn(move || {
+                for i in 0..500 {
+                    let code = if (i + t) % 2 == 0 { 200 } else { 503 };
+                    metrics.record_request(&labels(code), Duration::from_millis(1), 1, 1);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let (_, _, samples) = parse(&metrics.encode());
+    let count = |code| value(&samples, "istio_requests_total", &[("response_code", code)]);
+    assert_eq!((count("200"), count("503")), (1000.0, 1000.0));
+    assert_eq!(
+        value(&samples, "istio_request_duration_milliseconds_count", &[]),
+        2000.0
+    );
+    assert_eq!(value(&samples, "istio_response_bytes_count", &[]), 2000.0);
+}
+
+#[test]
 fn label_values_are_escaped() {
     let metrics = ProxyMetrics::new();
     let mut l = labels(200);
