@@ -20,6 +20,7 @@ use mesh_agent::flows::View;
 use mesh_agent::plan::policy::{
     IdentityIds, PolicyCapacities, PolicyContext, PolicyPlan, plan_policy,
 };
+use mesh_agent::plan::proxy::proxy_config;
 use mesh_agent::plan::{BackendAddr, Capacities, Ids, Plan, PlanContext, PlanError, plan};
 use mesh_agent::state::{State, parse_str, pod_ips};
 use mesh_common::maps;
@@ -47,8 +48,31 @@ fuzz_target!(|data: &[u8]| {
     for node in nodes(&state) {
         check_services(&state, node, &unhealthy);
         check_policy(&state, node);
+        check_proxy(&state, node);
     }
 });
+
+/// Compiles the routes and the node proxy's configuration: deterministic, every match
+/// names a rule of its table, and the snapshot survives its JSON wire format intact.
+fn check_proxy(state: &State, node: &str) {
+    let routes = mesh_agent::plan::routes::compile(state);
+    assert_eq!(routes, mesh_agent::plan::routes::compile(state), "route compilation is not deterministic");
+    for (port, table) in &routes.tables {
+        for m in &table.matches {
+            assert!(
+                (m.rule as usize) < table.rules.len(),
+                "{port:?}: a match names rule {} of {}",
+                m.rule,
+                table.rules.len()
+            );
+        }
+    }
+    let config = proxy_config(state, node, &routes, &[], 1);
+    assert_eq!(config, proxy_config(state, node, &routes, &[], 1), "proxy config is not deterministic");
+    let line = serde_json::to_string(&config).expect("the proxy config serialises");
+    let back: mesh_common::l7::ProxyConfig = serde_json::from_str(&line).expect("and parses back");
+    assert_eq!(back, config, "the proxy config changed on the wire");
+}
 
 /// "" and the first few nodes pods are scheduled on.
 fn nodes(state: &State) -> Vec<&str> {
