@@ -21,6 +21,7 @@ use hyper::{Method, Request, StatusCode, Uri, header};
 use libfuzzer_sys::fuzz_target;
 use mesh_agent::admin::{ApiBody, FlowQuery, handle};
 use mesh_agent::flows::{FlowLog, SharedView};
+use mesh_agent::plan::routes::RouteStatus;
 use mesh_agent::proxyfeed::ProxyFeed;
 use mesh_agent::report::PolicyReport;
 use mesh_agent::report::{Direction, Flow, Peer, Reason, Verdict};
@@ -182,6 +183,13 @@ async fn check(request: Request<()>) {
             let status: AgentStatus =
                 serde_json::from_str(&text(&mut body).await).expect("status JSON");
             assert_eq!(status, STATUS);
+        }
+        (true, "/v1/routes") => {
+            assert_eq!(parts.status, StatusCode::OK);
+            assert_eq!(content_type, Some(&b"application/json"[..]));
+            let routes: Vec<RouteStatus> =
+                serde_json::from_str(&text(&mut body).await).expect("routes JSON");
+            assert_eq!(routes.as_slice(), VIEW.get().routes());
         }
         (true, "/v1/proxy/config") => {
             assert_eq!(parts.status, StatusCode::OK);
