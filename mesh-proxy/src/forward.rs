@@ -360,7 +360,7 @@ impl Conn {
                     continue;
                 }
                 Err(e) if e.resets_client() => {
-                    tracing::info!(pod = %self.source.netns.name, error = %e, "connection refused by the datapath");
+                    tracing::info!(pod = %self.source.netns.name, dst = %self.dst, error = %e, "connection refused by the datapath");
                     return Final::Reset(e.to_string());
                 }
                 Err(e @ UpstreamError::Overflow { .. }) => {

@@ -186,7 +186,10 @@ impl Listeners {
                 let active = Arc::clone(&active);
                 let metrics = Arc::clone(&proxy.metrics);
                 metrics.set_connections(active.fetch_add(1, Ordering::AcqRel) + 1);
-                let span = tracing::info_span!("conn", pod = %source.netns.name, %peer, %dst);
+                // A debug span: at the default level it is disabled, so polling the
+                // connection enters no span (a cost on every wake-up); the few events
+                // above debug name the pod and destination themselves.
+                let span = tracing::debug_span!("conn", pod = %source.netns.name, %peer, %dst);
                 tokio::spawn(
                     async move {
                         server::serve(stream, conn, protocol, limits, watcher).await;
