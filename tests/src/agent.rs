@@ -386,6 +386,12 @@ impl Drop for Agent {
         // crashed, or kept its datapath).
         self.datapath = None;
         let _ = std::fs::remove_file(&self.log);
+        // A killed agent leaves its admin socket behind; a successor for the same node
+        // may already listen there, so only a socket nobody answers on is removed.
+        let dir = Path::new(RUN_DIR).join(&self.node_name);
+        if UnixStream::connect(dir.join("agent.sock")).is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 }
 
