@@ -189,7 +189,10 @@ pub fn run(opts: &Options) -> Result<()> {
     // One worker thread, as HAProxy (`nbthread 1`) and nginx (`worker_processes 1`)
     // get: requests per core compare like with like.
     let proxy = if variants.contains(&Variant::Mesh) {
-        Some(Proxy::start(cluster.node("n1"), &["--worker-threads", "1"])?)
+        Some(Proxy::start(
+            cluster.node("n1"),
+            &["--worker-threads", "1"],
+        )?)
     } else {
         None
     };
