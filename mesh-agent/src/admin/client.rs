@@ -262,23 +262,22 @@ pub fn proxy_config(socket: &Path) -> Result<ProxyConfig, ClientError> {
 
 /// `GET /v1/policy`.
 pub fn policy_report(socket: &Path) -> Result<PolicyReport, ClientError> {
-    let mut text = String::new();
-    get(socket, "/v1/policy")?
-        .read_to_string(&mut text)
-        .map_err(|source| ClientError::Io {
-            path: socket.into(),
-            source,
-        })?;
-    serde_json::from_str(&text).map_err(|e| ClientError::Protocol {
-        path: socket.into(),
-        problem: format!("policy report: {e}"),
-    })
+    get_json(socket, "/v1/policy", "policy report")
 }
 
 /// `GET /v1/routes`.
 pub fn route_statuses(socket: &Path) -> Result<Vec<RouteStatus>, ClientError> {
+    get_json(socket, "/v1/routes", "route statuses")
+}
+
+/// `GET path`, its whole body parsed as the JSON of `what`.
+fn get_json<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    path: &str,
+    what: &str,
+) -> Result<T, ClientError> {
     let mut text = String::new();
-    get(socket, "/v1/routes")?
+    get(socket, path)?
         .read_to_string(&mut text)
         .map_err(|source| ClientError::Io {
             path: socket.into(),
@@ -286,7 +285,7 @@ pub fn route_statuses(socket: &Path) -> Result<Vec<RouteStatus>, ClientError> {
         })?;
     serde_json::from_str(&text).map_err(|e| ClientError::Protocol {
         path: socket.into(),
-        problem: format!("route statuses: {e}"),
+        problem: format!("{what}: {e}"),
     })
 }
 
