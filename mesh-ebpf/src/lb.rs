@@ -77,7 +77,7 @@ pub fn translate<const V6: bool>(sa: &SockAddr) -> Result<Verdict, Miss> {
     };
     let svc = *svc;
     if svc.flags & SVC_FLAG_L7 != 0 && key.proto == PROTO_TCP {
-        to_proxy::<V6>(sa, &key, svc.id);
+        to_proxy::<V6>(sa, &key, svc.id)?;
         return Ok(Verdict::Proxied);
     }
     if svc.count == 0 {
@@ -85,32 +85,47 @@ pub fn translate<const V6: bool>(sa: &SockAddr) -> Result<Verdict, Miss> {
         return Ok(Verdict::Refuse);
     }
     let (backend_id, backend) = choose(sa, &svc)?;
-    if !sa.set::<V6>(&backend.addr, backend.port) {
+    rewrite::<V6>(sa, &key, svc.id, &backend.addr, backend.port)?;
+    count(svc.id, backend_id);
+    Ok(Verdict::Translated)
+}
+
+/// Rewrites the call's destination to `addr:port_be` and remembers (socket, new
+/// destination) → frontend `key` of service `service_id` in REV_NAT, so getpeername and
+/// recvmsg show the VIP the application dialled.
+#[inline(always)]
+fn rewrite<const V6: bool>(
+    sa: &SockAddr,
+    key: &ServiceKey,
+    service_id: u32,
+    addr: &Addr,
+    port_be: u16,
+) -> Result<u64, Miss> {
+    if !sa.set::<V6>(addr, port_be) {
         return Err(Miss);
     }
+    let cookie = sa.socket_cookie();
     let rev_key = RevNatKey {
-        cookie: sa.socket_cookie(),
-        addr: backend.addr,
-        port: backend.port,
+        cookie,
+        addr: *addr,
+        port: port_be,
         _pad: [0; 6],
     };
     let rev = RevNatValue {
-        addr,
+        addr: key.addr,
         port: key.port,
         _pad: 0,
-        service_id: svc.id,
+        service_id,
     };
     // A full LRU map evicts the oldest entry; the insert itself cannot fail for lack of room.
     let _ = REV_NAT.insert(&rev_key, &rev, 0);
-    count(svc.id, backend_id);
-    Ok(Verdict::Translated)
+    Ok(cookie)
 }
 
 /// Rewrites the call to the node proxy's listener on the caller's own loopback, and
 /// remembers what it dialled (`key`, the frontend of service `service_id`).
 #[inline(always)]
-fn to_proxy<const V6: bool>(sa: &SockAddr, key: &ServiceKey, service_id: u32) {
-    let port = PROXY_OUTBOUND_PORT.to_be();
+fn to_proxy<const V6: bool>(sa: &SockAddr, key: &ServiceKey, service_id: u32) -> Result<(), Miss> {
     // The loopback of the VIP's family: an IPv6 socket dialling a mapped IPv4 VIP is an
     // IPv4 connection, which the proxy's IPv4 listener takes.
     let proxy = if V6 && key.addr.v4_be().is_none() {
@@ -118,9 +133,7 @@ fn to_proxy<const V6: bool>(sa: &SockAddr, key: &ServiceKey, service_id: u32) {
     } else {
         Addr::from_v4_be(LOOPBACK4_BE)
     };
-    // Cannot fail: the address has the family of the VIP it replaces.
-    let _ = sa.set::<V6>(&proxy, port);
-    let cookie = sa.socket_cookie();
+    let cookie = rewrite::<V6>(sa, key, service_id, &proxy, PROXY_OUTBOUND_PORT.to_be())?;
     let orig = OrigDstValue {
         addr: key.addr,
         port: key.port,
@@ -128,21 +141,9 @@ fn to_proxy<const V6: bool>(sa: &SockAddr, key: &ServiceKey, service_id: u32) {
         _pad: 0,
         service_id,
     };
-    // LRU maps: an insert evicts the oldest entry rather than fail for lack of room.
+    // LRU map: an insert evicts the oldest entry rather than fail for lack of room.
     let _ = ORIG_DST_PENDING.insert(&cookie, &orig, 0);
-    let rev_key = RevNatKey {
-        cookie,
-        addr: proxy,
-        port,
-        _pad: [0; 6],
-    };
-    let rev = RevNatValue {
-        addr: key.addr,
-        port: key.port,
-        _pad: 0,
-        service_id,
-    };
-    let _ = REV_NAT.insert(&rev_key, &rev, 0);
+    Ok(())
 }
 
 /// Picks the backend: the affinity entry when valid, else a random slot.
