@@ -182,7 +182,6 @@ impl Conn {
         self: Arc<Self>,
         mut req: Request<Incoming>,
     ) -> Result<Response<Body>, ResetClient> {
-        let start = Instant::now();
         let upgrading = req.version() < Version::HTTP_2 && server::wants_upgrade(req.headers());
         let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -194,7 +193,7 @@ impl Conn {
             return Ok(rec.local(StatusCode::NOT_FOUND, "NR", &[]));
         };
         let f = &frontend.frontend;
-        rec.service(&f.service.name, &f.service.namespace);
+        rec.service(&frontend.host, &f.service.name, &f.service.namespace);
         if f.protocol == AppProtocol::Grpc {
             rec.labels.request_protocol = "grpc";
         }
@@ -261,7 +260,7 @@ impl Conn {
                     tokio::spawn(tunnel(client, backend));
                 }
                 server::strip_hop_by_hop(resp.headers_mut(), switching);
-                Ok(rec.upstream(resp, flag, &edits.response, start))
+                Ok(rec.upstream(resp, flag, &edits.response))
             }
         }
     }
@@ -776,8 +775,8 @@ impl Recorder {
         }
     }
 
-    fn service(&mut self, name: &str, namespace: &str) {
-        self.labels.destination_service = format!("{name}.{namespace}.svc.cluster.local");
+    fn service(&mut self, host: &str, name: &str, namespace: &str) {
+        self.labels.destination_service = host.to_owned();
         self.labels.destination_service_name = name.to_owned();
         self.labels.destination_service_namespace = namespace.to_owned();
     }
@@ -837,7 +836,6 @@ impl Recorder {
         resp: UpstreamResponse,
         flag: &'static str,
         mods: &[HeaderModifier],
-        start: Instant,
     ) -> Response<Body> {
         let (mut head, body) = resp.into_parts();
         for m in mods {
@@ -852,7 +850,6 @@ impl Recorder {
         {
             self.labels.grpc_response_status = s.to_owned();
         }
-        self.start = start;
         let body = Recorded {
             inner: body,
             rec: Some(self),

@@ -28,6 +28,9 @@ pub struct Routes {
 pub struct CompiledFrontend {
     /// The frontend as configured.
     pub frontend: Frontend,
+    /// The Service's `<name>.<namespace>.svc.cluster.local`, made once per configuration
+    /// for the metrics of requests answered before a backend is chosen.
+    pub host: String,
     table: Option<CompiledTable>,
 }
 
@@ -92,6 +95,10 @@ impl Routes {
                     SocketAddr::new(f.addr, f.port),
                     CompiledFrontend {
                         frontend: f.clone(),
+                        host: format!(
+                            "{}.{}.svc.cluster.local",
+                            f.service.name, f.service.namespace
+                        ),
                         table,
                     },
                 )
