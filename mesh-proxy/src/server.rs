@@ -163,35 +163,45 @@ fn connection_names(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
         .filter(|n| !n.is_empty())
 }
 
+/// `Keep-Alive`, named once: a `&str` name would be parsed again on every removal.
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// `Proxy-Connection`, likewise.
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it
 /// names, `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `TE` (but `TE:
 /// trailers`, which gRPC needs, is kept), and `Upgrade` unless `upgrading` (then
 /// `Connection: upgrade` is set again for the next hop).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
-    let named: Vec<String> = connection_names(headers).collect();
-    for name in named {
-        if upgrading && name == "upgrade" {
-            continue;
+    // Most requests carry no `Connection` header: no names to collect, no allocation.
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<String> = connection_names(headers).collect();
+        for name in named {
+            if upgrading && name == "upgrade" {
+                continue;
+            }
+            if let Ok(n) = HeaderName::from_bytes(name.as_bytes())
+                && n != header::TE
+            {
+                headers.remove(n);
+            }
         }
-        if let Ok(n) = HeaderName::from_bytes(name.as_bytes())
-            && n != header::TE
-        {
-            headers.remove(n);
-        }
+        headers.remove(header::CONNECTION);
     }
-    headers.remove(header::CONNECTION);
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
     headers.remove(header::TRANSFER_ENCODING);
-    let trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-    headers.remove(header::TE);
-    if trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    if headers.contains_key(header::TE) {
+        let trailers = headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+        headers.remove(header::TE);
+        if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
     if upgrading {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));

@@ -27,14 +27,13 @@ struct TraceParent {
 /// `tracestate` is dropped, since it belonged to the broken trace.
 pub fn propagate(headers: &mut HeaderMap) {
     let span_id = random_nonzero_u64();
-    let value = match parse(headers) {
+    let mut value = match parse(headers) {
         Some(parent) => format_traceparent(parent.trace_id, span_id, parent.flags),
         None => {
             headers.remove(&TRACESTATE);
             format_traceparent(random_nonzero_u128(), span_id, 0)
         }
     };
-    let mut value = HeaderValue::from_str(&value).expect("lowercase hex and dashes are valid");
     // A value unique to each request gains nothing from HTTP/2 header compression's
     // table: marked sensitive, HPACK sends it as never-indexed instead of inserting it
     // and evicting the headers that repeat (which then had to be sent again in full).
@@ -98,9 +97,20 @@ fn hex_u8(s: &str) -> Option<u8> {
 }
 
 /// Always version `00`: the version this proxy speaks, also for a trace that arrived
-/// with a higher one.
-fn format_traceparent(trace_id: u128, span_id: u64, flags: u8) -> String {
-    format!("00-{trace_id:032x}-{span_id:016x}-{flags:02x}")
+/// with a higher one. Written into a fixed buffer: this runs on every request.
+fn format_traceparent(trace_id: u128, span_id: u64, flags: u8) -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    fn put(out: &mut [u8], mut value: u128) {
+        for b in out.iter_mut().rev() {
+            *b = HEX[(value & 0xf) as usize];
+            value >>= 4;
+        }
+    }
+    let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    put(&mut buf[3..35], trace_id);
+    put(&mut buf[36..52], u128::from(span_id));
+    put(&mut buf[53..55], u128::from(flags));
+    HeaderValue::from_bytes(&buf).expect("lowercase hex and dashes are valid")
 }
 
 fn random_nonzero_u64() -> u64 {
@@ -151,6 +161,12 @@ mod tests {
         assert_eq!(parts.len(), 4, "{v}");
         assert_eq!(h["x-other"], "kept");
         parts.try_into().unwrap()
+    }
+
+    #[test]
+    fn traceparent_is_zero_padded_lowercase_hex() {
+        let v = format_traceparent(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736, 0xab, 1);
+        assert_eq!(v, "00-4bf92f3577b34da6a3ce929d0e0e4736-00000000000000ab-01");
     }
 
     #[test]
