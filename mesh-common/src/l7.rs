@@ -11,7 +11,7 @@ use std::{net::IpAddr, string::String, vec::Vec};
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::service::PROXY_OUTBOUND_PORT;
+pub use crate::service::{HBONE_PORT, PROXY_OUTBOUND_PORT};
 
 /// One complete configuration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

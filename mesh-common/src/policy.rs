@@ -63,6 +63,11 @@ const _: () = assert!(core::mem::size_of::<EndpointValue>() == 8);
 /// `mesh.io/sockmap: "false"`), for all its sockets, loopback ones included.
 pub const ENDPOINT_NO_SOCKMAP: u32 = 1;
 
+/// [`EndpointValue::flags`]: the pod is in the mesh (Istio ambient enrollment). Its TCP
+/// connections to enrolled pods of other nodes go through the node proxy's mutual-TLS
+/// tunnel (HBONE).
+pub const ENDPOINT_MESH: u32 = 2;
+
 /// Key of the IPCACHE LPM trie (the kernel's `bpf_lpm_trie_key` layout: prefix length
 /// first, then the data the prefix applies to).
 #[repr(C)]
@@ -99,6 +104,35 @@ const _: () = assert!(core::mem::size_of::<IpcacheValue>() == 12);
 /// the node's own) and its TCP connections may be redirected socket to socket (the pod
 /// is not opted out with the `mesh.io/sockmap: "false"` annotation).
 pub const IPCACHE_REDIRECT: u32 = 1;
+
+/// [`IpcacheValue::flags`]: the address is an enrolled pod's (in the mesh, reachable by
+/// HBONE on its port 15008).
+pub const IPCACHE_MESH: u32 = 2;
+
+/// [`IpcacheValue::flags`]: the address lives on this node (a local pod's or one of the
+/// node's own), whatever its socket redirection.
+pub const IPCACHE_LOCAL: u32 = 4;
+
+/// Whether a TCP connection from an enrolled pod to `dst`:`port` is carried by the
+/// mesh's tunnel: `dst` is an enrolled pod on another node and the port is not the
+/// tunnel's own (the proxy's tunnel connections must not be captured again).
+#[inline(always)]
+pub fn tunnelled(dst: &IpcacheValue, port_be: u16) -> bool {
+    dst.flags & IPCACHE_MESH != 0
+        && dst.flags & IPCACHE_LOCAL == 0
+        && port_be != crate::service::HBONE_PORT.to_be()
+}
+
+/// Whether a connection from an enrolled pod (`source_enrolled`) to `dst`:`port` is a
+/// tunnel between enrolled pods, which NetworkPolicy does not judge as such: each
+/// stream inside it is judged by the node proxies for its own port (one tunnel carries
+/// streams to several ports).
+#[inline(always)]
+pub fn tunnel_port(source_enrolled: bool, dst: &IpcacheValue, port_be: u16) -> bool {
+    source_enrolled
+        && port_be == crate::service::HBONE_PORT.to_be()
+        && dst.flags & IPCACHE_MESH != 0
+}
 
 /// Key of the POLICY LPM trie. Every field before `port` is matched exactly (the
 /// prefix always covers them: 80 bits); the remaining 0..=16 prefix bits match the port.
@@ -246,6 +280,24 @@ mod tests {
     const OTHER: u32 = 302;
     const TCP: u8 = crate::service::PROTO_TCP;
     const UDP: u8 = crate::service::PROTO_UDP;
+
+    #[test]
+    fn only_enrolled_pods_elsewhere_are_tunnelled_and_never_the_tunnel_port() {
+        let dst = |flags| IpcacheValue {
+            identity: PEER,
+            owner: PEER,
+            flags,
+        };
+        let hbone = crate::service::HBONE_PORT.to_be();
+        assert!(tunnelled(&dst(IPCACHE_MESH), 80u16.to_be()));
+        assert!(!tunnelled(&dst(IPCACHE_MESH), hbone), "the proxy's own tunnel");
+        assert!(!tunnelled(&dst(IPCACHE_MESH | IPCACHE_LOCAL), 80u16.to_be()));
+        assert!(!tunnelled(&dst(0), 80u16.to_be()), "not in the mesh");
+        assert!(tunnel_port(true, &dst(IPCACHE_MESH), hbone));
+        assert!(!tunnel_port(false, &dst(IPCACHE_MESH), hbone), "source not enrolled");
+        assert!(!tunnel_port(true, &dst(0), hbone), "destination not enrolled");
+        assert!(!tunnel_port(true, &dst(IPCACHE_MESH), 80u16.to_be()));
+    }
 
     fn entry(direction: u8, peer: u32, proto: u8, port: u16, flags: u32) -> (PolicyKeyData, u32) {
         let key = PolicyKeyData {

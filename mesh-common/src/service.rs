@@ -43,6 +43,10 @@ pub const SVC_FLAG_L7: u32 = 2;
 /// the pod's loopback (127.0.0.1 and ::1), as ztunnel's in-pod mode uses 15001.
 pub const PROXY_OUTBOUND_PORT: u16 = 15001;
 
+/// Port of the node proxy's HBONE listener (mTLS tunnels between node proxies) on each
+/// enrolled pod's own address, as in Istio ambient.
+pub const HBONE_PORT: u16 = 15008;
+
 wire_enum! {
     /// [`Backend::state`]: whether a backend takes new connections.
     pub enum BackendState {

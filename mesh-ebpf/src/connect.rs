@@ -3,20 +3,25 @@
 //! then apply egress policy to the final destination (`policy.rs`). A connect() to an
 //! L7 frontend goes to the node proxy on the pod's own loopback instead, without a
 //! policy check: the proxy's own connection to the backend, opened inside the pod's
-//! network namespace, is judged as the pod's.
+//! network namespace, is judged as the pod's. A TCP connection between enrolled pods of
+//! different nodes goes to the proxy too, after policy, for the mesh tunnel
+//! (`tunnel.rs`).
 //!
 //! Failure policy: a lookup that misses mid-translation refuses the connect. A VIP has no
 //! route, so passing it on would only turn a refusal into a timeout.
 
 use aya_ebpf::{helpers::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext};
 
-use mesh_common::{RevNatKey, service::PROTO_UDP};
+use mesh_common::{
+    RevNatKey,
+    service::{PROTO_TCP, PROTO_UDP},
+};
 
 use crate::{
     ctx::SockAddr,
     lb::{self, Verdict},
     maps::UDP_PEERS,
-    policy,
+    policy, tunnel,
 };
 
 /// Lets the call proceed.
@@ -47,8 +52,21 @@ pub fn verdict<const V6: bool>(ctx: &SockAddrContext) -> i32 {
     let sa = SockAddr::new(ctx);
     match lb::translate::<V6>(&sa) {
         Ok(Verdict::Proxied) => ALLOW,
-        Ok(Verdict::Pass | Verdict::Translated) => {
+        Ok(verdict @ (Verdict::Pass | Verdict::Translated(..))) => {
             let (dst, port, proto) = (sa.addr::<V6>(), sa.port(), sa.protocol());
+            if proto == PROTO_TCP {
+                if !policy::egress_allowed(&sa, &dst, port, proto) {
+                    return deny();
+                }
+                let dialled = match verdict {
+                    Verdict::Translated(key, id) => Some((key, id)),
+                    _ => None,
+                };
+                return match tunnel::capture::<V6>(&sa, dialled) {
+                    Ok(_) => ALLOW,
+                    Err(lb::Miss) => refuse(),
+                };
+            }
             if proto != PROTO_UDP {
                 return if policy::egress_allowed(&sa, &dst, port, proto) {
                     ALLOW

@@ -3,7 +3,9 @@
 //! per-pod attachment and sees exactly the traffic the pods' processes receive, after
 //! the pod's own stack has reassembled it.
 //!
-//! The node's own addresses (IPCACHE identity host) and loopback always pass. Only new inbound
+//! The node's own addresses (IPCACHE identity host) and loopback always pass, and so
+//! do tunnels between enrolled pods (port 15008): the node proxy judges each stream in
+//! a tunnel for the stream's own port. Only new inbound
 //! flows are judged: TCP segments with SYN and without ACK, and UDP
 //! datagrams from a peer the receiving socket has not exchanged with yet (UDP_PEERS,
 //! written by the connect/sendmsg hooks and by this program for allowed flows). Replies
@@ -17,7 +19,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     Addr, RevNatKey,
-    policy::{DIR_INGRESS, IDENTITY_HOST},
+    policy::{DIR_INGRESS, IDENTITY_HOST, IPCACHE_MESH, tunnel_port},
     service::{PROTO_TCP, PROTO_UDP},
 };
 
@@ -108,6 +110,12 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<bool, ()> {
     if peer.owner == IDENTITY_HOST {
         return Ok(true);
     }
+    let local = policy::ipcache(&dst);
+    // A tunnel between enrolled pods: the destination's node proxy judges each stream
+    // in it for the stream's own port.
+    if proto == PROTO_TCP && tunnel_port(peer.flags & IPCACHE_MESH != 0, &local, dst_port) {
+        return Ok(true);
+    }
     let flow = Flow {
         src,
         dst,
@@ -116,7 +124,7 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<bool, ()> {
         proto,
     };
     let allowed = policy::judge(
-        policy::ipcache(&dst).owner,
+        local.owner,
         peer.identity,
         DIR_INGRESS,
         &flow,

@@ -40,8 +40,9 @@ const LOOPBACK6: Addr = Addr([0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]);
 pub enum Verdict {
     /// Not a service address.
     Pass,
-    /// Translated to a backend.
-    Translated,
+    /// Translated to a backend; the frontend dialled and its service id (what
+    /// getpeername shows).
+    Translated(ServiceKey, u32),
     /// Sent to the node proxy on the caller's loopback (an L7 frontend).
     Proxied,
     /// A cluster IP with no usable backend for this port and protocol.
@@ -77,7 +78,7 @@ pub fn translate<const V6: bool>(sa: &SockAddr) -> Result<Verdict, Miss> {
     };
     let svc = *svc;
     if svc.flags & SVC_FLAG_L7 != 0 && key.proto == PROTO_TCP {
-        to_proxy::<V6>(sa, &key, svc.id)?;
+        to_proxy::<V6>(sa, &key, svc.id, &key)?;
         return Ok(Verdict::Proxied);
     }
     if svc.count == 0 {
@@ -87,7 +88,7 @@ pub fn translate<const V6: bool>(sa: &SockAddr) -> Result<Verdict, Miss> {
     let (backend_id, backend) = choose(sa, &svc)?;
     rewrite::<V6>(sa, &key, svc.id, &backend.addr, backend.port)?;
     count(svc.id, backend_id);
-    Ok(Verdict::Translated)
+    Ok(Verdict::Translated(key, svc.id))
 }
 
 /// Rewrites the call's destination to `addr:port_be` and remembers (socket, new
@@ -122,22 +123,29 @@ fn rewrite<const V6: bool>(
     Ok(cookie)
 }
 
-/// Rewrites the call to the node proxy's listener on the caller's own loopback, and
-/// remembers what it dialled (`key`, the frontend of service `service_id`).
+/// Rewrites the call to the node proxy's listener on the caller's own loopback. REV_NAT
+/// remembers `shown` (what the application dialled: the frontend of service
+/// `service_id`, for getpeername), ORIG_DST_PENDING `orig` (where the proxy takes the
+/// connection: the same frontend for L7, the chosen pod for a tunnel).
 #[inline(always)]
-fn to_proxy<const V6: bool>(sa: &SockAddr, key: &ServiceKey, service_id: u32) -> Result<(), Miss> {
-    // The loopback of the VIP's family: an IPv6 socket dialling a mapped IPv4 VIP is an
-    // IPv4 connection, which the proxy's IPv4 listener takes.
-    let proxy = if V6 && key.addr.v4_be().is_none() {
+pub fn to_proxy<const V6: bool>(
+    sa: &SockAddr,
+    shown: &ServiceKey,
+    service_id: u32,
+    orig: &ServiceKey,
+) -> Result<(), Miss> {
+    // The loopback of the destination's family: an IPv6 socket dialling a mapped IPv4
+    // address makes an IPv4 connection, which the proxy's IPv4 listener takes.
+    let proxy = if V6 && orig.addr.v4_be().is_none() {
         LOOPBACK6
     } else {
         Addr::from_v4_be(LOOPBACK4_BE)
     };
-    let cookie = rewrite::<V6>(sa, key, service_id, &proxy, PROXY_OUTBOUND_PORT.to_be())?;
+    let cookie = rewrite::<V6>(sa, shown, service_id, &proxy, PROXY_OUTBOUND_PORT.to_be())?;
     let orig = OrigDstValue {
-        addr: key.addr,
-        port: key.port,
-        proto: key.proto,
+        addr: orig.addr,
+        port: orig.port,
+        proto: orig.proto,
         _pad: 0,
         service_id,
     };

@@ -19,6 +19,7 @@ mod redirect;
 mod revnat;
 mod sendmsg;
 mod sockops;
+mod tunnel;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -16,7 +16,9 @@ use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use mesh_common::{
     Addr, FlowEvent, IpcacheValue,
     event::{REASON_POLICY_DENIED, VERDICT_AUDIT, VERDICT_DROPPED, VerdictKey, config},
-    policy::{DIR_EGRESS, IDENTITY_WORLD, POLICY_FIXED_PREFIX, policy_allows},
+    policy::{
+        DIR_EGRESS, ENDPOINT_MESH, IDENTITY_WORLD, POLICY_FIXED_PREFIX, policy_allows, tunnel_port,
+    },
 };
 
 use crate::{
@@ -116,7 +118,8 @@ fn count(direction: u8, verdict: u8) {
 
 /// Egress check in the socket hooks: the calling pod (by netns cookie) sending to
 /// `dst`:`port_be`. Callers that are not known local pods (the node's own processes, a
-/// pod not discovered yet) pass, and so does loopback traffic.
+/// pod not discovered yet) pass, and so do loopback traffic and the node proxy's
+/// tunnels between enrolled pods (their streams are judged one by one by the proxies).
 #[inline(always)]
 pub fn egress_allowed(sa: &SockAddr, dst: &Addr, port_be: u16, proto: u8) -> bool {
     // Loopback never leaves the pod: NetworkPolicy does not apply to it.
@@ -127,6 +130,10 @@ pub fn egress_allowed(sa: &SockAddr, dst: &Addr, port_be: u16, proto: u8) -> boo
     let Some(endpoint) = (unsafe { ENDPOINTS.get(&sa.netns_cookie()) }) else {
         return true;
     };
+    let peer = ipcache(dst);
+    if tunnel_port(endpoint.flags & ENDPOINT_MESH != 0, &peer, port_be) {
+        return true;
+    }
     let flow = Flow {
         src: Addr([0; 4]),
         dst: *dst,
@@ -134,5 +141,5 @@ pub fn egress_allowed(sa: &SockAddr, dst: &Addr, port_be: u16, proto: u8) -> boo
         dst_port: port_be,
         proto,
     };
-    judge(endpoint.identity, ipcache(dst).identity, DIR_EGRESS, &flow)
+    judge(endpoint.identity, peer.identity, DIR_EGRESS, &flow)
 }

@@ -50,8 +50,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_common::Addr;
 use mesh_common::maps;
 use mesh_common::policy::{
-    DIR_EGRESS, DIR_INGRESS, ENDPOINT_NO_SOCKMAP, EndpointValue, IDENTITY_ANY, IDENTITY_HOST,
-    IDENTITY_WORLD, IPCACHE_REDIRECT, IpcacheKey, IpcacheValue, POLICY_ALLOW, POLICY_FIXED_PREFIX,
+    DIR_EGRESS, DIR_INGRESS, ENDPOINT_MESH, ENDPOINT_NO_SOCKMAP, EndpointValue, IDENTITY_ANY, IDENTITY_HOST,
+    IDENTITY_WORLD, IPCACHE_LOCAL, IPCACHE_MESH, IPCACHE_REDIRECT, IpcacheKey, IpcacheValue, POLICY_ALLOW, POLICY_FIXED_PREFIX,
     POLICY_ISOLATED, PolicyKey, PolicyValue,
 };
 
@@ -226,6 +226,8 @@ struct PodView<'a> {
     local: bool,
     /// Whether its connections may be redirected socket to socket (annotation).
     sockmap: bool,
+    /// Whether it is in the mesh (Istio ambient enrollment).
+    mesh: bool,
     /// Named container ports: (name, protocol number, port).
     named_ports: Vec<(&'a str, u8, u16)>,
 }
@@ -257,6 +259,7 @@ impl<'a> PodView<'a> {
             ips: pod_ips(pod),
             local: !node.is_empty() && spec.and_then(|s| s.node_name.as_deref()) == Some(node),
             sockmap: state.sockmap_allowed(key, pod),
+            mesh: state.enrolled(key, pod),
             named_ports,
         })
     }
@@ -616,8 +619,17 @@ impl<'a> Identities<'a> {
             .collect();
         pod_addrs.sort_by_key(|&(pod, ip, _)| (pod, ip));
         for (pod, ip, class) in pod_addrs {
-            let redirect = self.pods.get(pod).is_some_and(|p| p.local && p.sockmap);
-            let flags = if redirect { IPCACHE_REDIRECT } else { 0 };
+            let view = self.pods.get(pod);
+            let mut flags = 0;
+            if view.is_some_and(|p| p.local && p.sockmap) {
+                flags |= IPCACHE_REDIRECT;
+            }
+            if view.is_some_and(|p| p.local) {
+                flags |= IPCACHE_LOCAL;
+            }
+            if view.is_some_and(|p| p.mesh) {
+                flags |= IPCACHE_MESH;
+            }
             ipcache_insert(&mut out, address(ip), class.id, class.owner, flags);
         }
         // The node's addresses stay the host's even where an ipBlock prefix equals one.
@@ -628,7 +640,7 @@ impl<'a> Identities<'a> {
                     address(ip),
                     class.id,
                     class.owner,
-                    IPCACHE_REDIRECT,
+                    IPCACHE_REDIRECT | IPCACHE_LOCAL,
                 );
             }
         }
@@ -660,7 +672,10 @@ impl<'a> Identities<'a> {
             let Some(pod) = self.pods.get(i).filter(|p| p.local) else {
                 continue;
             };
-            let flags = if pod.sockmap { 0 } else { ENDPOINT_NO_SOCKMAP };
+            let mut flags = if pod.sockmap { 0 } else { ENDPOINT_NO_SOCKMAP };
+            if pod.mesh {
+                flags |= ENDPOINT_MESH;
+            }
             for ip in &pod.ips {
                 if let Some(&cookie) = local_netns.get(ip) {
                     out.entry(cookie)

@@ -209,7 +209,11 @@ fn local_pods_and_node_addresses_are_marked_local_for_sockmap() {
     };
     let (plan, _) = plan_policy(&state(&yaml), &IdentityIds::default(), &ctx).expect("plan");
     for local in [A1, B1, "169.254.1.1"] {
-        assert_eq!(flags_of(&plan, local), Some(IPCACHE_REDIRECT), "{local}");
+        assert_eq!(
+            flags_of(&plan, local),
+            Some(IPCACHE_REDIRECT | IPCACHE_LOCAL),
+            "{local}"
+        );
     }
     assert_eq!(
         flags_of(&plan, "10.244.9.9"),
@@ -252,10 +256,52 @@ fn sockmap_opt_out_by_pod_or_namespace_annotation() {
     // namespace's; no annotation anywhere means yes.
     for (ip, cookie, allowed) in [(A1, 1, true), (A2, 2, false), (B1, 3, false), (C1, 4, true)] {
         let want = if allowed { IPCACHE_REDIRECT } else { 0 };
-        assert_eq!(flags_of(&plan, ip), Some(want), "{ip}");
+        assert_eq!(flags_of(&plan, ip), Some(want | IPCACHE_LOCAL), "{ip}");
         let want = if allowed { 0 } else { ENDPOINT_NO_SOCKMAP };
         assert_eq!(plan.endpoints[&cookie].flags, want, "{ip}");
     }
+}
+
+#[test]
+fn ambient_enrollment_marks_endpoints_and_addresses() {
+    let labelled = |ns: &str, name: &str, ip: &str, node: &str, mode: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, \
+             labels: {{istio.io/dataplane-mode: {mode}}}}}\nspec: {{nodeName: {node}, \
+             containers: [{{name: c}}]}}\nstatus: {{podIP: '{ip}'}}\n"
+        )
+    };
+    let yaml = [
+        "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: mesh, labels: \
+         {istio.io/dataplane-mode: ambient}}\n"
+            .to_owned(),
+        pod("mesh", "in", "{app: web}", A1, "n1"),
+        labelled("mesh", "out", A2, "n1", "none"),
+        labelled("prod", "opted", B1, "n1", "ambient"),
+        pod("prod", "plain", "{app: web}", C1, "n1"),
+        pod("mesh", "far", "{app: web}", "10.244.9.9", "n2"),
+    ]
+    .concat();
+    let local_netns: BTreeMap<IpAddr, u64> = [(A1, 1), (A2, 2), (B1, 3), (C1, 4)]
+        .into_iter()
+        .map(|(ip, cookie)| (ip.parse().expect("ip"), cookie))
+        .collect();
+    let ctx = PolicyContext {
+        node: "n1",
+        local_netns: &local_netns,
+        node_addrs: &[],
+        capacities: PolicyCapacities::default(),
+    };
+    let (plan, _) = plan_policy(&state(&yaml), &IdentityIds::default(), &ctx).expect("plan");
+    // The namespace label enrolls, a pod's `none` opts out, a pod's `ambient` opts in.
+    for (ip, cookie, mesh) in [(A1, 1, true), (A2, 2, false), (B1, 3, true), (C1, 4, false)] {
+        let flags = flags_of(&plan, ip).expect(ip);
+        assert_eq!(flags & IPCACHE_MESH != 0, mesh, "{ip}");
+        assert_ne!(flags & IPCACHE_LOCAL, 0, "{ip}");
+        assert_eq!(plan.endpoints[&cookie].flags & ENDPOINT_MESH != 0, mesh, "{ip}");
+    }
+    // An enrolled pod elsewhere: in the mesh, not local (connect4 tunnels to it).
+    assert_eq!(flags_of(&plan, "10.244.9.9"), Some(IPCACHE_MESH));
 }
 
 #[test]

@@ -28,6 +28,14 @@ pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 /// applications reading blocking sockets; `"true"` (the default) lets them in.
 pub const SOCKMAP_ANNOTATION: &str = "mesh.io/sockmap";
 
+/// Label of a Namespace (or a Pod) that puts its pods in the mesh, as Istio ambient's:
+/// value [`DATAPLANE_AMBIENT`] enrolls, [`DATAPLANE_NONE`] on a pod opts it out.
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+/// [`DATAPLANE_MODE_LABEL`] value that enrolls.
+pub const DATAPLANE_AMBIENT: &str = "ambient";
+/// [`DATAPLANE_MODE_LABEL`] value that keeps a pod out.
+pub const DATAPLANE_NONE: &str = "none";
+
 /// Namespace and name of an object. Orders by namespace first, so one namespace's
 /// objects are contiguous in a [`State`] map. Cluster-scoped objects (Namespaces) have
 /// namespace "".
@@ -123,6 +131,29 @@ impl State {
                     .and_then(|n| value(n.metadata.annotations.as_ref()))
             })
             .is_none_or(|v| v != "false")
+    }
+
+    /// Whether the pod at `key` is in the mesh, by Istio ambient's rule: its own
+    /// [`DATAPLANE_MODE_LABEL`] decides when set (`ambient` in, `none` out), else its
+    /// Namespace's (`ambient` in).
+    pub fn enrolled(&self, key: &ObjectKey, pod: &Pod) -> bool {
+        let label = |labels: Option<&BTreeMap<String, String>>| {
+            labels.and_then(|l| l.get(DATAPLANE_MODE_LABEL)).cloned()
+        };
+        match label(pod.metadata.labels.as_ref()) {
+            Some(v) if v == DATAPLANE_NONE => false,
+            Some(v) if v == DATAPLANE_AMBIENT => true,
+            _ => {
+                let ns = ObjectKey {
+                    namespace: String::new(),
+                    name: key.namespace.clone(),
+                };
+                self.namespaces
+                    .get(&ns)
+                    .and_then(|n| label(n.metadata.labels.as_ref()))
+                    .is_some_and(|v| v == DATAPLANE_AMBIENT)
+            }
+        }
     }
 
     /// All NetworkPolicies, ordered by namespace and name.
