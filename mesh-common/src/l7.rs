@@ -11,6 +11,7 @@ use std::{net::IpAddr, string::String, vec::Vec};
 
 use serde::{Deserialize, Serialize};
 
+use crate::security::{MeshEndpoint, WorkloadSecurity};
 pub use crate::service::{HBONE_PORT, PROXY_OUTBOUND_PORT};
 
 /// One complete configuration.
@@ -33,6 +34,14 @@ pub struct ProxyConfig {
     /// backend connections it pooled under the old policy.
     #[serde(default)]
     pub policy_epoch: u64,
+    /// The mesh's SPIFFE trust domain (`--trust-domain`, else MeshConfig
+    /// `trustDomain`, else `cluster.local`).
+    #[serde(default)]
+    pub trust_domain: String,
+    /// Every pod of the mesh in the cluster (Istio ambient enrollment), by address:
+    /// which destinations are in the mesh, on which node, with which identity.
+    #[serde(default)]
+    pub mesh: Vec<MeshEndpoint>,
 }
 
 /// Namespace and name of an object.
@@ -57,6 +66,12 @@ pub struct LocalPod {
     pub addrs: Vec<IpAddr>,
     /// Where to find its network namespace.
     pub netns: NetnsRef,
+    /// Its SPIFFE identity when it is in the mesh (see [`ProxyConfig::mesh`]).
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// Its mTLS modes and authorization policies when it is in the mesh.
+    #[serde(default)]
+    pub security: Option<WorkloadSecurity>,
 }
 
 /// A network namespace, found through a process that lives in it.

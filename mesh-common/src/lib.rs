@@ -16,6 +16,8 @@ pub mod maps;
 pub mod origdst;
 pub mod policy;
 pub mod redirect;
+#[cfg(feature = "user")]
+pub mod security;
 pub mod service;
 mod wire;
 
