@@ -67,8 +67,8 @@ fn check_proxy(state: &State, node: &str) {
             );
         }
     }
-    let config = proxy_config(state, node, &routes, &[], 1);
-    assert_eq!(config, proxy_config(state, node, &routes, &[], 1), "proxy config is not deterministic");
+    let config = proxy_config(state, node, &routes, &[], 1, None);
+    assert_eq!(config, proxy_config(state, node, &routes, &[], 1, None), "proxy config is not deterministic");
     let line = serde_json::to_string(&config).expect("the proxy config serialises");
     let back: mesh_common::l7::ProxyConfig = serde_json::from_str(&line).expect("and parses back");
     assert_eq!(back, config, "the proxy config changed on the wire");

@@ -133,6 +133,7 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
         &args.state,
         &args.node,
         cgroup,
+        args.trust_domain.clone(),
         maps,
         health,
         Outputs {

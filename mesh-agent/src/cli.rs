@@ -209,8 +209,17 @@ pub struct RunArgs {
     /// Consecutive successful probes that make it healthy again.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub health_healthy_threshold: u32,
+    /// SPIFFE trust domain of the mesh's identities [default: MeshConfig `trustDomain`
+    /// of the istio-system/istio ConfigMap, else cluster.local].
+    #[arg(long, value_parser = trust_domain)]
+    pub trust_domain: Option<String>,
     #[command(flatten)]
     pub map_sizes: MapSizeArgs,
+}
+
+/// `--trust-domain`: as the SPIFFE ID specification allows.
+fn trust_domain(value: &str) -> Result<String, String> {
+    state::istio::check_trust_domain(value).map(|()| value.to_owned())
 }
 
 impl RunArgs {

@@ -15,6 +15,7 @@ mod ids;
 pub mod policy;
 pub mod proxy;
 pub mod routes;
+pub mod security;
 mod selector;
 mod services;
 

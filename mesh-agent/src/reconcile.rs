@@ -80,6 +80,8 @@ pub struct Reconciler {
     state_path: PathBuf,
     node: String,
     cgroup: PathBuf,
+    /// `--trust-domain`: overrides MeshConfig's for identities.
+    trust_domain: Option<String>,
     maps: ReconcileMaps,
     capacities: Capacities,
     ids: Ids,
@@ -114,6 +116,7 @@ impl Reconciler {
         state_path: &Path,
         node: &str,
         cgroup: &Path,
+        trust_domain: Option<String>,
         maps: ReconcileMaps,
         health: Option<HealthChecker>,
         outputs: Outputs,
@@ -130,6 +133,7 @@ impl Reconciler {
             state_path: state_path.into(),
             node: node.into(),
             cgroup: cgroup.into(),
+            trust_domain,
             maps,
             capacities,
             ids,
@@ -300,7 +304,14 @@ impl Reconciler {
         ) else {
             return;
         };
-        let mut config = proxy_config(state, &self.node, routes, &self.found_netns, 0);
+        let mut config = proxy_config(
+            state,
+            &self.node,
+            routes,
+            &self.found_netns,
+            0,
+            self.trust_domain.as_deref(),
+        );
         config.policy_epoch = self.policy_epoch;
         self.proxy.publish(config);
     }

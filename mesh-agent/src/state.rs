@@ -3,20 +3,25 @@
 //! State is read from multi-document YAML (one file, or the `*.yaml`/`*.yml` files of a
 //! directory). Understood kinds: `v1 Service`, `v1 Pod`, `discovery.k8s.io/v1
 //! EndpointSlice`, `v1 Namespace`, `networking.k8s.io/v1 NetworkPolicy`,
-//! `gateway.networking.k8s.io/v1` (or `v1beta1`) `HTTPRoute`, and `v1 List` of those;
-//! other kinds are skipped with a warning.
+//! `gateway.networking.k8s.io/v1` (or `v1beta1`) `HTTPRoute`, `security.istio.io/v1`
+//! (or `v1beta1`) `PeerAuthentication` and `AuthorizationPolicy`, `v1 ConfigMap` (only
+//! `istio-system/istio` is read, for MeshConfig's `trustDomain` and `rootNamespace`;
+//! other ConfigMaps are accepted and ignored), and `v1 List` of those; other kinds are
+//! skipped with a warning.
 //! Parsing is strict like `kubectl --validate=strict`: unknown fields are errors.
 //! Both address families are understood (dual-stack Services and Pods), and validation
 //! follows the API server's rules for the fields the datapath uses: cluster IPs and
 //! their families, session affinity, traffic distribution, addresses and ports,
-//! NetworkPolicy selectors, peers, CIDRs and ports, and the HTTPRoute CRD's schema and
-//! CEL rules (see `validate/httproute.rs`).
+//! NetworkPolicy selectors, peers, CIDRs and ports, the HTTPRoute CRD's schema and
+//! CEL rules (see `validate/httproute.rs`), and Istio's validation of its security
+//! APIs (see `validate/istio.rs`).
 //!
 //! An update is all-or-nothing: every problem of every file is collected and returned
 //! together, and no partial [`State`] is ever produced, so the caller keeps the last
 //! good state in force.
 
 pub mod httproute;
+pub mod istio;
 mod model;
 pub mod resilience;
 mod source;

@@ -1,6 +1,7 @@
 //! The node proxy's configuration ([`ProxyConfig`]): the L7 frontends with their
 //! compiled route tables, every Service port they send to with its ready endpoints and
-//! resilience settings, and the local pods the proxy listens in.
+//! resilience settings, the local pods the proxy listens in with their identities and
+//! security settings, and the pods of the mesh (see [`super::security`]).
 //!
 //! Pure: State, compiled routes and the discovered namespaces in, a snapshot out.
 //! Everything is sorted, so equal inputs give equal snapshots (the feed publishes only
@@ -16,6 +17,7 @@ use mesh_common::l7::{
 };
 
 use super::routes::{CompiledRoutes, app_protocol, object_ref};
+use super::security::MeshSecurity;
 use super::services::BackendSources;
 use crate::datapath::endpoints::LocalNetns;
 use crate::state::{ObjectKey, State, cluster_ips, pod_ips, protocol, resilience::resilience};
@@ -24,14 +26,16 @@ use crate::state::{ObjectKey, State, cluster_ips, pod_ips, protocol, resilience:
 pub const UNKNOWN_WORKLOAD: &str = "unknown";
 
 /// The proxy configuration of node `node` for `state`, whose routes compiled to
-/// `routes`, with the local pod namespaces `local` (from discovery) and the snapshot
-/// number `version`.
+/// `routes`, with the local pod namespaces `local` (from discovery), the snapshot
+/// number `version`, and the trust domain the agent was given (`--trust-domain`), if
+/// any.
 pub fn proxy_config(
     state: &State,
     node: &str,
     routes: &CompiledRoutes,
     local: &[LocalNetns],
     version: u64,
+    trust_domain: Option<&str>,
 ) -> ProxyConfig {
     let services: BTreeMap<&ObjectKey, &Service> = state.services().collect();
     let pods: BTreeMap<&ObjectKey, &Pod> = state.pods().collect();
@@ -75,13 +79,16 @@ pub fn proxy_config(
         })
         .collect();
 
+    let security = MeshSecurity::new(state, trust_domain);
     ProxyConfig {
         version,
         node: node.to_owned(),
-        pods: local_pods(&pods, node, local),
+        pods: local_pods(&pods, node, local, &security),
         frontends,
         services,
         policy_epoch: 0,
+        trust_domain: security.trust_domain().to_owned(),
+        mesh: security.mesh_endpoints(),
     }
 }
 
@@ -165,6 +172,7 @@ fn local_pods(
     pods: &BTreeMap<&ObjectKey, &Pod>,
     node: &str,
     local: &[LocalNetns],
+    security: &MeshSecurity<'_>,
 ) -> Vec<LocalPod> {
     let mut by_ip: BTreeMap<IpAddr, BTreeSet<&ObjectKey>> = BTreeMap::new();
     for (&key, pod) in pods {
@@ -195,6 +203,7 @@ fn local_pods(
                 return None;
             };
             let pod = pods.get(key)?;
+            let (identity, security) = security.workload(key, pod).unzip();
             Some(LocalPod {
                 pod: object_ref(key),
                 workload: workload(pod, &key.name),
@@ -204,6 +213,8 @@ fn local_pods(
                     inode: netns.inode,
                     cookie: netns.cookie,
                 },
+                identity,
+                security,
             })
         })
         .collect()

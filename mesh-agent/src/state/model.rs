@@ -12,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::httproute::HttpRoute;
+use super::istio::{AuthorizationPolicy, MeshConfig, PeerAuthentication};
 
 /// Namespace of an object whose `metadata.namespace` is absent, as in `kubectl apply`.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -69,6 +70,10 @@ pub struct State {
     pub(super) namespaces: BTreeMap<ObjectKey, Namespace>,
     pub(super) network_policies: BTreeMap<ObjectKey, NetworkPolicy>,
     pub(super) http_routes: BTreeMap<ObjectKey, HttpRoute>,
+    pub(super) peer_authentications: BTreeMap<ObjectKey, PeerAuthentication>,
+    pub(super) authorization_policies: BTreeMap<ObjectKey, AuthorizationPolicy>,
+    /// From the `istio-system/istio` ConfigMap, when the state has it.
+    pub(super) mesh_config: Option<MeshConfig>,
 }
 
 impl State {
@@ -166,6 +171,27 @@ impl State {
         self.http_routes.iter()
     }
 
+    /// All PeerAuthentications (`v1` and `v1beta1` alike), ordered by namespace and name.
+    pub fn peer_authentications(
+        &self,
+    ) -> impl ExactSizeIterator<Item = (&ObjectKey, &PeerAuthentication)> {
+        self.peer_authentications.iter()
+    }
+
+    /// All AuthorizationPolicies (`v1` and `v1beta1` alike), ordered by namespace and
+    /// name.
+    pub fn authorization_policies(
+        &self,
+    ) -> impl ExactSizeIterator<Item = (&ObjectKey, &AuthorizationPolicy)> {
+        self.authorization_policies.iter()
+    }
+
+    /// Istio's MeshConfig settings (`istio-system/istio` ConfigMap, key `mesh`); all
+    /// unset when the state has no such ConfigMap.
+    pub fn mesh_config(&self) -> MeshConfig {
+        self.mesh_config.clone().unwrap_or_default()
+    }
+
     /// The Service at `key`, if the state has it.
     pub fn service(&self, key: &ObjectKey) -> Option<&Service> {
         self.services.get(key)
@@ -181,6 +207,9 @@ pub(super) enum Kind {
     Namespace,
     NetworkPolicy,
     HttpRoute,
+    PeerAuthentication,
+    AuthorizationPolicy,
+    ConfigMap,
 }
 
 impl fmt::Display for Kind {
@@ -192,6 +221,9 @@ impl fmt::Display for Kind {
             Kind::Namespace => "Namespace",
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::ConfigMap => "ConfigMap",
         })
     }
 }

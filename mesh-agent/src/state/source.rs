@@ -13,6 +13,9 @@ use serde::Serialize;
 use serde::de::{Deserialize, DeserializeOwned};
 use serde_json::Value;
 
+use super::istio::{
+    AuthorizationPolicy, MESH_CONFIG_NAME, MESH_CONFIG_NAMESPACE, parse_mesh_config,
+};
 use super::model::{DEFAULT_NAMESPACE, Kind, NAMESPACE_NAME_LABEL, ObjectKey, State, cluster_ips};
 use super::validate::{self, Problem};
 use super::{DocError, StateError};
@@ -159,6 +162,36 @@ impl Builder {
                     self.insert(Kind::HttpRoute, key, route, loc, |s| &mut s.http_routes);
                 }
             }
+            ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
+                if let Some((key, pa)) =
+                    self.decode(loc, prefix, json, validate::peer_authentication)
+                {
+                    self.insert(Kind::PeerAuthentication, key, pa, loc, |s| {
+                        &mut s.peer_authentications
+                    });
+                }
+            }
+            ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
+                if let Some((key, policy)) =
+                    self.decode(loc, prefix, json, validate::authorization_policy)
+                {
+                    warn_ignored_target_refs(loc, &key, &policy);
+                    self.insert(Kind::AuthorizationPolicy, key, policy, loc, |s| {
+                        &mut s.authorization_policies
+                    });
+                }
+            }
+            ("v1", "ConfigMap") => {
+                if let Some((key, cm)) = self.decode(loc, prefix, json, validate::config_map)
+                    && self.claim(Kind::ConfigMap, &key, loc)
+                    && key.namespace == MESH_CONFIG_NAMESPACE
+                    && key.name == MESH_CONFIG_NAME
+                {
+                    // Validation has reported a bad `mesh`; the update is rejected then.
+                    let mesh = cm.data.as_ref().and_then(|d| d.get("mesh"));
+                    self.state.mesh_config = mesh.and_then(|m| parse_mesh_config(m).ok());
+                }
+            }
             ("v1", "List") => match json.get("items") {
                 Some(Value::Array(items)) => {
                     for (i, item) in items.iter().enumerate() {
@@ -272,6 +305,14 @@ impl Builder {
         loc: &Location,
         map: fn(&mut State) -> &mut BTreeMap<ObjectKey, T>,
     ) {
+        if self.claim(kind, &key, loc) {
+            map(&mut self.state).insert(key, object);
+        }
+    }
+
+    /// Records where the object `key` of `kind` is defined; false (and an error) when
+    /// it already was.
+    fn claim(&mut self, kind: Kind, key: &ObjectKey, loc: &Location) -> bool {
         match self.places.entry((kind, key.clone())) {
             Entry::Occupied(first) => {
                 let object = if key.namespace.is_empty() {
@@ -282,10 +323,11 @@ impl Builder {
                 let message = format!("duplicate object, first defined in {}", first.get());
                 self.errors
                     .push(doc_error(loc, Some(&object), "metadata.name", message));
+                false
             }
             Entry::Vacant(place) => {
                 place.insert(loc.clone());
-                map(&mut self.state).insert(key, object);
+                true
             }
         }
     }
@@ -321,6 +363,25 @@ impl Builder {
         } else {
             Err(StateError::Invalid(self.errors))
         }
+    }
+}
+
+/// Gateway targets are enforced by the Gateway's own controller, not by this mesh: a
+/// warning says so, the way unknown kinds are reported.
+fn warn_ignored_target_refs(loc: &Location, key: &ObjectKey, policy: &AuthorizationPolicy) {
+    let refs = policy
+        .spec
+        .target_ref
+        .iter()
+        .chain(&policy.spec.target_refs);
+    for r in refs.filter(|r| r.kind == "Gateway") {
+        tracing::warn!(
+            file = %loc.file,
+            document = loc.document,
+            policy = %key,
+            gateway = %r.name,
+            "AuthorizationPolicy targetRef to a Gateway is left to the Gateway's controller"
+        );
     }
 }
 

@@ -1058,3 +1058,336 @@ fn http_route_validation_names_every_field() {
         assert_eq!(got, expected, "for:\n{text}");
     }
 }
+
+/// A `security.istio.io/v1` object `shop/p` of `kind` with `spec` (flow-style YAML).
+fn istio(kind: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: {kind}\nmetadata: {{name: p, namespace: shop}}\nspec: {spec}\n"
+    )
+}
+
+/// The problems of one document, without their `file: document 1 (object): ` prefix.
+fn doc_problems(text: &str, object: &str) -> Vec<String> {
+    match parse_str("p.yaml", text) {
+        Ok(_) => Vec::new(),
+        Err(StateError::Invalid(errors)) => errors
+            .iter()
+            .map(|e| {
+                let prefix = format!("p.yaml: document 1 ({object}): ");
+                let line = e.to_string();
+                line.strip_prefix(&prefix)
+                    .map_or(line.clone(), str::to_owned)
+            })
+            .collect(),
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+#[test]
+fn istio_security_kinds_load_in_both_versions() {
+    let text = format!(
+        "{}---\n{}---\n{}",
+        istio(
+            "PeerAuthentication",
+            "{selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}, portLevelMtls: {8080: {mode: DISABLE}}}"
+        ),
+        "apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {name: a, namespace: shop, creationTimestamp: '2024-05-01T10:00:00Z'}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/x/sa/y], notNamespaces: [prod], ipBlocks: [10.0.0.0/8, 10.1.2.3], notRemoteIpBlocks: ['fd00::/8']}
+    to:
+    - operation: {hosts: ['*.shop'], ports: ['8080'], notMethods: [GET], paths: ['/admin*']}
+    when:
+    - {key: 'request.headers[X-Token]', values: ['*']}
+    - {key: destination.port, notValues: ['9090']}
+status: {validationMessages: []}
+",
+        istio("AuthorizationPolicy", "{}"),
+    );
+    let state = ok(&text);
+    let pas: Vec<String> = state
+        .peer_authentications()
+        .map(|(k, _)| k.to_string())
+        .collect();
+    assert_eq!(pas, ["shop/p"]);
+    let (_, pa) = state.peer_authentications().next().expect("pa");
+    assert_eq!(
+        pa.spec.port_level_mtls["8080"].mode.as_deref(),
+        Some("DISABLE")
+    );
+    let aps: Vec<String> = state
+        .authorization_policies()
+        .map(|(k, _)| k.to_string())
+        .collect();
+    assert_eq!(aps, ["shop/a", "shop/p"]);
+}
+
+#[test]
+fn istio_unknown_fields_and_duplicates_are_rejected() {
+    let text = format!(
+        "{}---\n{}",
+        istio(
+            "AuthorizationPolicy",
+            "{rules: [{from: [{source: {principal: [a]}}], to: [{operation: {path: [/]}}]}], actoin: DENY}"
+        ),
+        istio("AuthorizationPolicy", "{}"),
+    );
+    assert_eq!(
+        problems("p.yaml", &text),
+        [
+            "p.yaml: document 1 (AuthorizationPolicy shop/p): spec.actoin: unknown field",
+            "p.yaml: document 1 (AuthorizationPolicy shop/p): spec.rules[0].from[0].source.principal: unknown field",
+            "p.yaml: document 1 (AuthorizationPolicy shop/p): spec.rules[0].to[0].operation.path: unknown field",
+            "p.yaml: document 1 (AuthorizationPolicy shop/p): spec.rules[0].from[0].source: must set at least one field",
+            "p.yaml: document 1 (AuthorizationPolicy shop/p): spec.rules[0].to[0].operation: must set at least one field",
+            "p.yaml: document 2 (AuthorizationPolicy shop/p): metadata.name: duplicate object, first defined in p.yaml document 1",
+        ]
+    );
+}
+
+#[test]
+fn peer_authentication_validation() {
+    let pa = |spec: &str| istio("PeerAuthentication", spec);
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (pa("{mtls: {mode: STRICT}}"), vec![]),
+        (pa("{mtls: {}}"), vec![]),
+        (
+            pa("{mtls: {mode: strict}}"),
+            vec!["spec.mtls.mode: \"strict\" is not one of UNSET, DISABLE, PERMISSIVE, STRICT"],
+        ),
+        (
+            pa(
+                "{selector: {matchLabels: {app: web}}, portLevelMtls: {8080: {mode: DISABLE}, 9090: {mode: UNSET}}}",
+            ),
+            vec![],
+        ),
+        (
+            pa("{portLevelMtls: {8080: {mode: DISABLE}}}"),
+            vec![
+                "spec.portLevelMtls: requires a workload selector (spec.selector.matchLabels), as in Istio",
+            ],
+        ),
+        (
+            pa("{selector: {matchLabels: {}}, portLevelMtls: {8080: {mode: DISABLE}}}"),
+            vec![
+                "spec.portLevelMtls: requires a workload selector (spec.selector.matchLabels), as in Istio",
+            ],
+        ),
+        (
+            pa(
+                "{selector: {matchLabels: {app: web}}, portLevelMtls: {0: {mode: STRICT}, http: {mode: OFF}}}",
+            ),
+            vec![
+                "spec.portLevelMtls[0]: \"0\" is not a port number (1-65535)",
+                "spec.portLevelMtls[http]: \"http\" is not a port number (1-65535)",
+                "spec.portLevelMtls[http].mode: \"OFF\" is not one of UNSET, DISABLE, PERMISSIVE, STRICT",
+            ],
+        ),
+        (
+            pa("{selector: {matchLabels: {app: 'web*'}}}"),
+            vec!["spec.selector.matchLabels[\"app\"]: wildcards are not supported in selectors"],
+        ),
+    ];
+    for (text, expected) in cases {
+        assert_eq!(
+            doc_problems(&text, "PeerAuthentication shop/p"),
+            expected,
+            "for:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn authorization_policy_validation() {
+    let ap = |spec: &str| istio("AuthorizationPolicy", spec);
+    let rule = |body: &str| ap(&format!("{{rules: [{body}]}}"));
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (ap("{}"), vec![]),
+        (ap("{action: DENY, rules: [{}]}"), vec![]),
+        (ap("{action: AUDIT, rules: []}"), vec![]),
+        (
+            ap("{action: REJECT}"),
+            vec!["spec.action: \"REJECT\" is not one of ALLOW, DENY, AUDIT, CUSTOM"],
+        ),
+        (
+            ap("{action: CUSTOM, provider: {name: ext-authz}}"),
+            vec![
+                "spec.action: CUSTOM (external authorization through spec.provider) is not supported by this mesh",
+            ],
+        ),
+        (
+            ap("{action: DENY, provider: {name: ext-authz}}"),
+            vec!["spec.provider: only allowed with action CUSTOM"],
+        ),
+        (
+            ap(
+                "{selector: {matchLabels: {app: web}}, targetRefs: [{kind: Service, group: '', name: web}]}",
+            ),
+            vec![
+                "spec.targetRefs: only one of selector, targetRef and targetRefs may be set (selector is too)",
+            ],
+        ),
+        (
+            ap(
+                "{targetRefs: [{kind: Service, group: '', name: web}, {kind: Gateway, group: gateway.networking.k8s.io, name: gw}]}",
+            ),
+            vec![],
+        ),
+        (
+            ap("{targetRef: {kind: Service, name: web, namespace: shop}}"),
+            vec![],
+        ),
+        (
+            ap(
+                "{targetRefs: [{kind: ServiceEntry, group: networking.istio.io, name: x}, {kind: Service, name: '', namespace: other}]}",
+            ),
+            vec![
+                "spec.targetRefs[0].kind: ServiceEntry (group \"networking.istio.io\") is not supported: use Service (group \"\") or Gateway (group gateway.networking.k8s.io)",
+                "spec.targetRefs[1].name: required",
+                "spec.targetRefs[1].namespace: \"other\": cross-namespace references are not supported (must be \"shop\")",
+            ],
+        ),
+        (
+            rule("{from: [], to: []}"),
+            vec![
+                "spec.rules[0].from: must not be empty when given",
+                "spec.rules[0].to: must not be empty when given",
+            ],
+        ),
+        (
+            rule("{from: [{}], to: [{}]}"),
+            vec![
+                "spec.rules[0].from[0].source: required",
+                "spec.rules[0].to[0].operation: required",
+            ],
+        ),
+        (
+            rule("{from: [{source: {requestPrincipals: ['*'], principals: ['']}}]}"),
+            vec![
+                "spec.rules[0].from[0].source.principals[0]: empty value not allowed",
+                "spec.rules[0].from[0].source.requestPrincipals: JWT (RequestAuthentication) is not supported by this mesh",
+            ],
+        ),
+        (
+            rule(
+                "{from: [{source: {ipBlocks: [10.0.0.0/33, 'not-an-ip'], notRemoteIpBlocks: ['1.2.3.4/']}}]}",
+            ),
+            vec![
+                "spec.rules[0].from[0].source.ipBlocks[0]: \"10.0.0.0/33\" is not a CIDR: prefix length must be 0-32",
+                "spec.rules[0].from[0].source.ipBlocks[1]: \"not-an-ip\" is not an IP address or CIDR",
+                "spec.rules[0].from[0].source.notRemoteIpBlocks[0]: \"1.2.3.4/\" is not a CIDR: prefix length must be 0-32",
+            ],
+        ),
+        (
+            rule(
+                "{to: [{operation: {ports: ['0', '65536', http, '443'], notPorts: ['-1'], paths: ['/api/{*}']}}]}",
+            ),
+            vec![
+                "spec.rules[0].to[0].operation.paths[0]: \"/api/{*}\": path templates ({*}, {**}) are not supported by this mesh",
+                "spec.rules[0].to[0].operation.ports[0]: \"0\" is not a port number (1-65535)",
+                "spec.rules[0].to[0].operation.ports[1]: \"65536\" is not a port number (1-65535)",
+                "spec.rules[0].to[0].operation.ports[2]: \"http\" is not a port number (1-65535)",
+                "spec.rules[0].to[0].operation.notPorts[0]: \"-1\" is not a port number (1-65535)",
+            ],
+        ),
+        (
+            rule(
+                "{when: [{key: source.ip, values: [10.0.0.0/8]}, {key: destination.port, notValues: ['80']}, {key: 'request.headers[x-a]', values: [b]}, {key: source.principal, values: ['*']}]}",
+            ),
+            vec![],
+        ),
+        (
+            rule(
+                "{when: [{key: '', values: [a]}, {key: source.namespace}, {key: 'request.auth.claims[iss]', values: [a]}, {key: connection.sni, values: [a]}, {key: source.port, values: ['1']}, {key: 'request.headers[]', values: [a]}, {key: remote.ip, values: [x]}, {key: destination.port, values: ['99999']}]}",
+            ),
+            vec![
+                "spec.rules[0].when[0].key: required",
+                "spec.rules[0].when[1]: at least one of values or notValues must be set for key source.namespace",
+                "spec.rules[0].when[2].key: request.auth.claims[iss]: JWT (RequestAuthentication) is not supported by this mesh",
+                "spec.rules[0].when[3].key: \"connection.sni\" is not supported by this mesh",
+                "spec.rules[0].when[4].key: \"source.port\" is not a supported key (source.principal, source.namespace, source.ip, remote.ip, destination.ip, destination.port, request.headers[NAME])",
+                "spec.rules[0].when[5].key: \"request.headers[]\" is not a supported key (source.principal, source.namespace, source.ip, remote.ip, destination.ip, destination.port, request.headers[NAME])",
+                "spec.rules[0].when[6].values[0]: \"x\" is not an IP address or CIDR",
+                "spec.rules[0].when[7].values[0]: \"99999\" is not a port number (1-65535)",
+            ],
+        ),
+    ];
+    for (text, expected) in cases {
+        assert_eq!(
+            doc_problems(&text, "AuthorizationPolicy shop/p"),
+            expected,
+            "for:\n{text}"
+        );
+    }
+}
+
+/// A ConfigMap `namespace/name` with a `mesh` key.
+fn config_map(namespace: &str, name: &str, mesh: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {name}, namespace: {namespace}}}\ndata:\n  mesh: {mesh:?}\n"
+    )
+}
+
+#[test]
+fn mesh_config_is_read_from_istio_system_istio_only() {
+    let text = format!(
+        "{}---\n{}",
+        config_map(
+            "istio-system",
+            "istio",
+            "trustDomain: example.org\nrootNamespace: mesh-root\ndefaultConfig: {discoveryAddress: istiod:15012}\nenableAutoMtls: true\n"
+        ),
+        // Not Istio's: never interpreted, so its nonsense is no error.
+        config_map("shop", "istio", "[not, a, mesh, config"),
+    );
+    let mesh = ok(&text).mesh_config();
+    assert_eq!(mesh.trust_domain.as_deref(), Some("example.org"));
+    assert_eq!(mesh.root_namespace.as_deref(), Some("mesh-root"));
+    assert_eq!(
+        ok("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n").mesh_config(),
+        Default::default()
+    );
+
+    let bad = |mesh: &str| {
+        doc_problems(
+            &config_map("istio-system", "istio", mesh),
+            "ConfigMap istio-system/istio",
+        )
+    };
+    assert_eq!(
+        bad("trustDomain: Example.org"),
+        [
+            "data.mesh.trustDomain: \"Example.org\" is not a SPIFFE trust domain (1-255 lowercase letters, digits, '.', '-', '_')"
+        ]
+    );
+    assert_eq!(
+        bad("rootNamespace: 7"),
+        ["data.mesh.rootNamespace: must be a string"]
+    );
+    assert_eq!(
+        bad("rootNamespace: Root_NS"),
+        [
+            "data.mesh.rootNamespace: \"Root_NS\" is not a namespace name (a lowercase RFC 1123 label)"
+        ]
+    );
+    assert_eq!(
+        bad("- a list"),
+        ["data.mesh: must be a YAML mapping (MeshConfig)"]
+    );
+    let text = format!(
+        "{}---\n{}",
+        config_map("istio-system", "istio", ""),
+        config_map("istio-system", "istio", ""),
+    );
+    assert_eq!(
+        problems("p.yaml", &text),
+        [
+            "p.yaml: document 2 (ConfigMap istio-system/istio): metadata.name: duplicate object, first defined in p.yaml document 1"
+        ]
+    );
+}

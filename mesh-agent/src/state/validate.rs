@@ -2,6 +2,7 @@
 //! the datapath relies on. Each problem carries the field path it is about.
 
 mod httproute;
+pub(super) mod istio;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -20,6 +21,7 @@ use super::model::{
 };
 
 pub(super) use httproute::http_route;
+pub(super) use istio::{authorization_policy, config_map, peer_authentication};
 
 /// One problem in one object, before the caller adds file, document and object.
 #[derive(Debug, PartialEq, Eq)]

@@ -178,7 +178,7 @@ fn netns(pid: u32, cookie: u64, addrs: &[&str]) -> LocalNetns {
 fn frontends_cover_every_cluster_ip_of_every_l7_port() {
     let state = state();
     let routes = compile(&state);
-    let config = proxy_config(&state, "n1", &routes, &[], 3);
+    let config = proxy_config(&state, "n1", &routes, &[], 3, None);
     assert_eq!(config.version, 3);
     assert_eq!(config.node, "n1");
     let frontends: Vec<(IpAddr, u16, &str, AppProtocol, bool)> = config
@@ -208,7 +208,7 @@ fn services_are_those_routes_and_mirrors_send_to() {
     let state = state();
     let mut routes = compile(&state);
     routes.tables.insert(port_ref("web", 80), table());
-    let config = proxy_config(&state, "n1", &routes, &[], 1);
+    let config = proxy_config(&state, "n1", &routes, &[], 1, None);
     let web: Vec<&Frontend> = config
         .frontends
         .iter()
@@ -236,7 +236,7 @@ fn services_are_those_routes_and_mirrors_send_to() {
 #[test]
 fn endpoints_are_the_ready_ones_of_both_families_with_their_workloads() {
     let state = state();
-    let config = proxy_config(&state, "n1", &compile(&state), &[], 1);
+    let config = proxy_config(&state, "n1", &compile(&state), &[], 1, None);
     let endpoints = |name: &str| -> Vec<(IpAddr, u16, Option<ObjectRef>, String)> {
         let target = config
             .services
@@ -284,7 +284,7 @@ fn endpoints_are_the_ready_ones_of_both_families_with_their_workloads() {
 #[test]
 fn resilience_comes_from_annotations_or_defaults() {
     let state = state();
-    let config = proxy_config(&state, "n1", &compile(&state), &[], 1);
+    let config = proxy_config(&state, "n1", &compile(&state), &[], 1, None);
     let of = |name: &str| {
         let target = config
             .services
@@ -320,7 +320,7 @@ fn local_pods_are_matched_by_address_on_this_node() {
         // No pod has this address.
         netns(60, 11, &["10.244.1.99"]),
     ];
-    let config = proxy_config(&state, "n1", &compile(&state), &local, 1);
+    let config = proxy_config(&state, "n1", &compile(&state), &local, 1, None);
     assert_eq!(
         config.pods,
         [
@@ -333,6 +333,8 @@ fn local_pods_are_matched_by_address_on_this_node() {
                     inode: 4_026_532_008,
                     cookie: 8,
                 },
+                identity: None,
+                security: None,
             },
             LocalPod {
                 pod: pod_ref("web-1").expect("ref"),
@@ -343,11 +345,13 @@ fn local_pods_are_matched_by_address_on_this_node() {
                     inode: 4_026_532_009,
                     cookie: 9,
                 },
+                identity: None,
+                security: None,
             },
         ]
     );
     // On n2, only web-2 is local.
-    let config = proxy_config(&state, "n2", &compile(&state), &local, 1);
+    let config = proxy_config(&state, "n2", &compile(&state), &local, 1, None);
     let pods: Vec<&str> = config.pods.iter().map(|p| p.pod.name.as_str()).collect();
     assert_eq!(pods, ["web-2"]);
 }
@@ -362,7 +366,7 @@ fn ambiguous_namespaces_are_left_out() {
         netns(40, 9, &["10.244.1.6"]),
         netns(41, 12, &["10.244.1.6"]),
     ];
-    let config = proxy_config(&state, "n1", &compile(&state), &local, 1);
+    let config = proxy_config(&state, "n1", &compile(&state), &local, 1, None);
     assert_eq!(config.pods, []);
 }
 
@@ -375,9 +379,9 @@ fn equal_inputs_give_equal_snapshots_whatever_the_discovery_order() {
         netns(40, 9, &["fd00:244:1::5"]),
         netns(30, 8, &["10.244.1.7"]),
     ];
-    let first = proxy_config(&state, "n1", &routes, &local, 1);
+    let first = proxy_config(&state, "n1", &routes, &local, 1, None);
     local.reverse();
-    let second = proxy_config(&state, "n1", &routes, &local, 1);
+    let second = proxy_config(&state, "n1", &routes, &local, 1, None);
     assert_eq!(first, second);
     assert_eq!(
         serde_json::to_string(&first).expect("json"),
