@@ -9,6 +9,7 @@
 //! connections, circuit breaking) → [`metrics`] and [`trace`].
 #![deny(unsafe_code)]
 
+pub mod authz;
 pub mod balance;
 pub mod cli;
 pub mod feed;

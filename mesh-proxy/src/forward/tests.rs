@@ -156,6 +156,7 @@ fn config(endpoints: &[SocketAddr], routes: Option<Rule>, resilience: Resilience
             resilience,
         }],
         policy_epoch: 0,
+        ..ProxyConfig::default()
     }
 }
 
@@ -171,6 +172,8 @@ fn client_source() -> Arc<Source> {
                 inode: 0,
                 cookie: 0,
             },
+            identity: None,
+            security: None,
         },
         netns: Arc::new(Netns::current("default/client")),
     })
