@@ -35,8 +35,9 @@ pub struct WorkloadSecurity {
     /// The mTLS mode of the workload's ports, after PeerAuthentication precedence
     /// (workload > namespace > mesh, `UNSET` inheriting, default permissive).
     pub mtls: MtlsMode,
-    /// Ports whose mode differs from [`WorkloadSecurity::mtls`] (`portLevelMtls` of
-    /// the workload's policy, `UNSET` resolved), by container port, sorted.
+    /// Per container port overrides of [`WorkloadSecurity::mtls`]: the
+    /// `portLevelMtls` of the workload's own policy, `UNSET` resolved to the workload's
+    /// mode, sorted by port.
     pub port_mtls: Vec<PortMtls>,
     /// The AuthorizationPolicies that apply to the workload, by namespace and name.
     pub policies: Vec<AuthzPolicy>,
