@@ -290,12 +290,24 @@ mod tests {
         };
         let hbone = crate::service::HBONE_PORT.to_be();
         assert!(tunnelled(&dst(IPCACHE_MESH), 80u16.to_be()));
-        assert!(!tunnelled(&dst(IPCACHE_MESH), hbone), "the proxy's own tunnel");
-        assert!(!tunnelled(&dst(IPCACHE_MESH | IPCACHE_LOCAL), 80u16.to_be()));
+        assert!(
+            !tunnelled(&dst(IPCACHE_MESH), hbone),
+            "the proxy's own tunnel"
+        );
+        assert!(!tunnelled(
+            &dst(IPCACHE_MESH | IPCACHE_LOCAL),
+            80u16.to_be()
+        ));
         assert!(!tunnelled(&dst(0), 80u16.to_be()), "not in the mesh");
         assert!(tunnel_port(true, &dst(IPCACHE_MESH), hbone));
-        assert!(!tunnel_port(false, &dst(IPCACHE_MESH), hbone), "source not enrolled");
-        assert!(!tunnel_port(true, &dst(0), hbone), "destination not enrolled");
+        assert!(
+            !tunnel_port(false, &dst(IPCACHE_MESH), hbone),
+            "source not enrolled"
+        );
+        assert!(
+            !tunnel_port(true, &dst(0), hbone),
+            "destination not enrolled"
+        );
         assert!(!tunnel_port(true, &dst(IPCACHE_MESH), 80u16.to_be()));
     }
 

@@ -123,12 +123,7 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<bool, ()> {
         dst_port,
         proto,
     };
-    let allowed = policy::judge(
-        local.owner,
-        peer.identity,
-        DIR_INGRESS,
-        &flow,
-    );
+    let allowed = policy::judge(local.owner, peer.identity, DIR_INGRESS, &flow);
     if let (true, Some(key)) = (allowed, key) {
         // The socket may now answer this peer even under egress isolation: a reply
         // belongs to the flow ingress policy just allowed (see connect.rs).

@@ -27,8 +27,8 @@ pub fn capture<const V6: bool>(
 ) -> Result<bool, Miss> {
     let (dst, port) = (sa.addr::<V6>(), sa.port());
     // SAFETY: plain data; a concurrent update can at worst give a stale copy.
-    let enrolled = unsafe { ENDPOINTS.get(&sa.netns_cookie()) }
-        .is_some_and(|e| e.flags & ENDPOINT_MESH != 0);
+    let enrolled =
+        unsafe { ENDPOINTS.get(&sa.netns_cookie()) }.is_some_and(|e| e.flags & ENDPOINT_MESH != 0);
     if !enrolled || !tunnelled(&policy::ipcache(&dst), port) {
         return Ok(false);
     }

@@ -50,9 +50,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_common::Addr;
 use mesh_common::maps;
 use mesh_common::policy::{
-    DIR_EGRESS, DIR_INGRESS, ENDPOINT_MESH, ENDPOINT_NO_SOCKMAP, EndpointValue, IDENTITY_ANY, IDENTITY_HOST,
-    IDENTITY_WORLD, IPCACHE_LOCAL, IPCACHE_MESH, IPCACHE_REDIRECT, IpcacheKey, IpcacheValue, POLICY_ALLOW, POLICY_FIXED_PREFIX,
-    POLICY_ISOLATED, PolicyKey, PolicyValue,
+    DIR_EGRESS, DIR_INGRESS, ENDPOINT_MESH, ENDPOINT_NO_SOCKMAP, EndpointValue, IDENTITY_ANY,
+    IDENTITY_HOST, IDENTITY_WORLD, IPCACHE_LOCAL, IPCACHE_MESH, IPCACHE_REDIRECT, IpcacheKey,
+    IpcacheValue, POLICY_ALLOW, POLICY_FIXED_PREFIX, POLICY_ISOLATED, PolicyKey, PolicyValue,
 };
 
 pub use super::identity::{IdentityIds, IdentityKey};

@@ -298,7 +298,11 @@ fn ambient_enrollment_marks_endpoints_and_addresses() {
         let flags = flags_of(&plan, ip).expect(ip);
         assert_eq!(flags & IPCACHE_MESH != 0, mesh, "{ip}");
         assert_ne!(flags & IPCACHE_LOCAL, 0, "{ip}");
-        assert_eq!(plan.endpoints[&cookie].flags & ENDPOINT_MESH != 0, mesh, "{ip}");
+        assert_eq!(
+            plan.endpoints[&cookie].flags & ENDPOINT_MESH != 0,
+            mesh,
+            "{ip}"
+        );
     }
     // An enrolled pod elsewhere: in the mesh, not local (connect4 tunnels to it).
     assert_eq!(flags_of(&plan, "10.244.9.9"), Some(IPCACHE_MESH));

@@ -7,8 +7,8 @@
 //!
 //! - A pod is in the mesh when its namespace is labelled `istio.io/dataplane-mode:
 //!   ambient` and the pod is not labelled `istio.io/dataplane-mode: none`, or when the
-//!   pod itself is labelled `ambient`. Host-network pods never are: their traffic is the
-//!   node's, which ambient mode does not capture.
+//!   pod itself is labelled `ambient` ([`State::enrolled`], which the kernel's mesh
+//!   flags follow too, so proxy and kernel agree on who is in the mesh).
 //! - Identity: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
 //! - PeerAuthentication: the workload's own policy (selector) over its namespace's
 //!   (no selector) over the mesh's (no selector, root namespace); `UNSET` inherits from
@@ -22,7 +22,6 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use mesh_common::security::{
     AuthzAction, AuthzPolicy, AuthzRule, Condition, IpNet, Matches, MeshEndpoint, MtlsMode,
     Operation, Pattern, PortMtls, Source, WorkloadSecurity,
@@ -30,9 +29,9 @@ use mesh_common::security::{
 
 use super::routes::object_ref;
 use crate::state::istio::{
-    AuthorizationPolicy, AuthzCondition, AuthzOperation, AuthzSource, DATAPLANE_MODE_AMBIENT,
-    DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN,
-    PeerAuthentication, PeerMtls, WorkloadSelector, header_name, parse_ip_block, parse_port,
+    AuthorizationPolicy, AuthzCondition, AuthzOperation, AuthzSource, DEFAULT_ROOT_NAMESPACE,
+    DEFAULT_TRUST_DOMAIN, PeerAuthentication, PeerMtls, WorkloadSelector, header_name,
+    parse_ip_block, parse_port,
 };
 use crate::state::{ObjectKey, State, pod_ips};
 
@@ -74,26 +73,6 @@ impl<'a> MeshSecurity<'a> {
         &self.trust_domain
     }
 
-    /// Whether the pod is enrolled in the ambient mesh.
-    pub fn enrolled(&self, key: &ObjectKey, pod: &Pod) -> bool {
-        let host_network = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.host_network)
-            .unwrap_or(false);
-        if host_network {
-            return false;
-        }
-        match label(&pod.metadata, DATAPLANE_MODE_LABEL) {
-            Some(DATAPLANE_MODE_NONE) => false,
-            Some(DATAPLANE_MODE_AMBIENT) => true,
-            _ => {
-                let labels = self.state.namespace_labels(&key.namespace);
-                labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some(DATAPLANE_MODE_AMBIENT)
-            }
-        }
-    }
-
     /// The pod's SPIFFE identity (whether or not it is enrolled).
     pub fn identity(&self, key: &ObjectKey, pod: &Pod) -> String {
         let spec = pod.spec.as_ref();
@@ -112,7 +91,7 @@ impl<'a> MeshSecurity<'a> {
     /// The identity and security settings of an enrolled pod; `None` when it is not in
     /// the mesh.
     pub fn workload(&self, key: &ObjectKey, pod: &Pod) -> Option<(String, WorkloadSecurity)> {
-        if !self.enrolled(key, pod) {
+        if !self.state.enrolled(key, pod) {
             return None;
         }
         let labels = pod.metadata.labels.clone().unwrap_or_default();
@@ -138,7 +117,7 @@ impl<'a> MeshSecurity<'a> {
         let mut by_addr: BTreeMap<IpAddr, Vec<MeshEndpoint>> = BTreeMap::new();
         for (key, pod) in self.state.pods() {
             let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-            if matches!(phase, Some("Succeeded" | "Failed")) || !self.enrolled(key, pod) {
+            if matches!(phase, Some("Succeeded" | "Failed")) || !self.state.enrolled(key, pod) {
                 continue;
             }
             let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
@@ -257,10 +236,6 @@ fn selector_matches(
     labels: &BTreeMap<String, String>,
 ) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-}
-
-fn label<'m>(meta: &'m ObjectMeta, name: &str) -> Option<&'m str> {
-    meta.labels.as_ref()?.get(name).map(String::as_str)
 }
 
 /// The policy Istio picks among several at one level: the oldest, then by name.

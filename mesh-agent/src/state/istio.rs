@@ -19,13 +19,6 @@ use super::model::Cidr;
 /// The API group of PeerAuthentication and AuthorizationPolicy.
 pub const SECURITY_GROUP: &str = "security.istio.io";
 
-/// Namespace label (and pod label) that enrolls pods in the ambient mesh.
-pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
-/// [`DATAPLANE_MODE_LABEL`] value that enrolls.
-pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
-/// [`DATAPLANE_MODE_LABEL`] value of a pod that opts out of an ambient namespace.
-pub const DATAPLANE_MODE_NONE: &str = "none";
-
 /// Namespace of the ConfigMap holding Istio's MeshConfig.
 pub const MESH_CONFIG_NAMESPACE: &str = "istio-system";
 /// Name of the ConfigMap holding Istio's MeshConfig (key `mesh`).
