@@ -140,8 +140,12 @@ impl State {
 
     /// Whether the pod at `key` is in the mesh, by Istio ambient's rule: its own
     /// [`DATAPLANE_MODE_LABEL`] decides when set (`ambient` in, `none` out), else its
-    /// Namespace's (`ambient` in).
+    /// Namespace's (`ambient` in). Host-network pods never are: their address is the
+    /// node's.
     pub fn enrolled(&self, key: &ObjectKey, pod: &Pod) -> bool {
+        if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+            return false;
+        }
         let label = |labels: Option<&BTreeMap<String, String>>| {
             labels.and_then(|l| l.get(DATAPLANE_MODE_LABEL)).cloned()
         };
