@@ -1,10 +1,20 @@
 //! `mesh-identity`: the mesh's workload identities and the mTLS built on them.
 //!
 //! Every enrolled pod is `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`
-//! ([`spiffe`]); SVIDs are re-issued at half life ([`rotation`]).
+//! ([`spiffe`]). The operator makes one root CA; each node gets an intermediate CA of
+//! its own ([`ca`]), with which the node proxy issues short-lived X.509 SVIDs to its
+//! local pods only, keys in memory ([`svid`]), re-issued at half life ([`rotation`]).
 #![deny(unsafe_code)]
 
+pub mod ca;
+mod files;
 pub mod rotation;
 pub mod spiffe;
+pub mod svid;
+mod x509;
 
+pub use ca::{CaError, NodeCa, RootCa};
+pub use files::FileError;
 pub use spiffe::{SpiffeError, SpiffeId};
+pub use svid::{Svid, SvidInfo};
+pub use x509::CertError;
