@@ -4,6 +4,8 @@
 //! ([`spiffe`]). The operator makes one root CA; each node gets an intermediate CA of
 //! its own ([`ca`]), with which the node proxy issues short-lived X.509 SVIDs to its
 //! local pods only, keys in memory ([`svid`]), re-issued at half life ([`rotation`]).
+//! Node proxies talk TLS 1.3 with client certificates, verifying each other by SPIFFE
+//! ID ([`tls`]). Crypto is ring's throughout.
 #![deny(unsafe_code)]
 
 pub mod ca;
@@ -11,6 +13,7 @@ mod files;
 pub mod rotation;
 pub mod spiffe;
 pub mod svid;
+pub mod tls;
 mod x509;
 
 pub use ca::{CaError, NodeCa, RootCa};
