@@ -7,6 +7,7 @@
 //! Node proxies talk TLS 1.3 with client certificates, verifying each other by SPIFFE
 //! ID ([`tls`]). Crypto is ring's throughout.
 #![deny(unsafe_code)]
+#![deny(missing_docs)]
 
 pub mod ca;
 mod files;
