@@ -1,5 +1,5 @@
 //! Command line: `run`, `validate`, `services`, `observe`, `policy`, `routes`,
-//! `uninstall`.
+//! `uninstall`, `ca`.
 
 use std::{
     collections::BTreeMap, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration,
@@ -11,7 +11,7 @@ use mesh_common::maps::{MapSpec, REGISTRY, Sizing};
 
 use crate::{
     admin::{self, FlowQuery, client},
-    app,
+    app, ca,
     datapath::{
         self,
         sizes::{self, MapSizes},
@@ -140,6 +140,11 @@ enum Command {
         #[arg(long)]
         state: Option<PathBuf>,
     },
+    /// Certificate authorities of the mesh's mTLS: the root, and each node's intermediate.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Detach and unpin the datapath of a node (every node when --node is omitted),
     /// e.g. one left behind with --keep-datapath.
     Uninstall {
@@ -150,6 +155,56 @@ enum Command {
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
     },
+}
+
+/// `mesh-agent ca` subcommands.
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create the mesh's root CA (ECDSA P-256, 10 years), or import the operator's, into
+    /// DIR (`root-cert.pem`, `root-key.pem` mode 0600); print its SHA-256 fingerprint and
+    /// expiry. Keep DIR offline: it only serves `ca node`.
+    Init {
+        /// Directory of the root (created mode 0700 when missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// SPIFFE trust domain of the generated root.
+        #[arg(long, default_value = ca::DEFAULT_TRUST_DOMAIN, conflicts_with = "root_cert")]
+        trust_domain: String,
+        /// Import this root certificate (PEM, a CA) instead of generating one.
+        #[arg(long, requires = "root_key")]
+        root_cert: Option<PathBuf>,
+        /// The imported root's private key (unencrypted PKCS#8 PEM).
+        #[arg(long, requires = "root_cert")]
+        root_key: Option<PathBuf>,
+        /// Replace a root already in DIR (every node CA it signed stops being trusted).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue the intermediate CA of one node with the root of DIR, into OUT in Istio's
+    /// `cacerts` layout (`ca-cert.pem`, `ca-key.pem` mode 0600, `cert-chain.pem`,
+    /// `root-cert.pem`), replacing a previous one.
+    Node {
+        /// Directory of the root (`ca init --dir`).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The node's name.
+        #[arg(long, value_parser = node_name)]
+        node: String,
+        /// Output directory (created mode 0700 when missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime (GEP-2257 duration: 8760h, 720h, 90m), cut at the root's expiry.
+        #[arg(long, default_value = "8760h", value_parser = ca_ttl)]
+        ttl: Duration,
+    },
+}
+
+/// A CA lifetime: a non-zero GEP-2257 duration, as HTTPRoute timeouts are written.
+fn ca_ttl(value: &str) -> Result<Duration, String> {
+    match state::httproute::parse_duration(value)? {
+        0 => Err(format!("{value:?}: a CA needs a lifetime above zero")),
+        ms => Ok(Duration::from_millis(ms)),
+    }
 }
 
 /// Arguments of `mesh-agent run`.
@@ -557,6 +612,33 @@ impl Cli {
                 let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Ca { command } => {
+                let text = match command {
+                    CaCommand::Init {
+                        dir,
+                        trust_domain,
+                        root_cert,
+                        root_key,
+                        force,
+                    } => {
+                        let source = match (&root_cert, &root_key) {
+                            (Some(cert), Some(key)) => ca::RootSource::Import { cert, key },
+                            _ => ca::RootSource::Generate {
+                                trust_domain: &trust_domain,
+                            },
+                        };
+                        ca::init(&dir, &source, force)?
+                    }
+                    CaCommand::Node {
+                        dir,
+                        node,
+                        out,
+                        ttl,
+                    } => ca::node(&dir, &node, &out, ttl)?,
+                };
+                print!("{text}");
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Uninstall { node, bpffs } => {
                 let nodes = match node {
                     Some(node) => vec![node],
@@ -687,10 +769,11 @@ fn validate(path: &std::path::Path, node: &str, sizes: &MapSizes) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::{
-        Cli, Command, MapSizeArgs, REGISTRY, Sizing, node_name, pod_name, render_routes,
+        CaCommand, Cli, Command, MapSizeArgs, REGISTRY, Sizing, node_name, pod_name, render_routes,
         routes_of_service, sizes,
     };
     use clap::{CommandFactory as _, Parser as _};
+    use std::time::Duration;
 
     fn run_args(extra: &[&str]) -> Result<MapSizeArgs, clap::Error> {
         let args = ["mesh-agent", "run", "--node", "n1", "--state", "s.yaml"];
@@ -840,6 +923,55 @@ spec:
         assert!(parse(&["--node", "n1"]).is_ok());
         assert!(parse(&["--node", "n1", "--state", "s.yaml"]).is_err());
         assert!(parse(&["--service", "web"]).is_err());
+    }
+
+    #[test]
+    fn ca_flags_default_to_cluster_local_and_a_year() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(["mesh-agent", "ca"].iter().chain(args)).map(|cli| cli.command)
+        };
+        match parse(&["init", "--dir", "d"]).expect("init") {
+            Command::Ca {
+                command:
+                    CaCommand::Init {
+                        trust_domain,
+                        root_cert: None,
+                        force: false,
+                        ..
+                    },
+            } => assert_eq!(trust_domain, "cluster.local"),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["node", "--dir", "d", "--node", "n1", "--out", "o"]).expect("node") {
+            Command::Ca {
+                command: CaCommand::Node { ttl, .. },
+            } => assert_eq!(ttl, Duration::from_secs(365 * 24 * 3600)),
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            &["init", "--dir", "d", "--root-cert", "c.pem"][..],
+            &["init", "--dir", "d", "--root-key", "k.pem"],
+            &[
+                "init",
+                "--dir",
+                "d",
+                "--root-cert",
+                "c",
+                "--root-key",
+                "k",
+                "--trust-domain",
+                "td",
+            ],
+            &[
+                "node", "--dir", "d", "--node", "n1", "--out", "o", "--ttl", "0s",
+            ],
+            &[
+                "node", "--dir", "d", "--node", "n1", "--out", "o", "--ttl", "1d",
+            ],
+            &["node", "--dir", "d", "--node", "a.b", "--out", "o"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `mesh-agent` (library): the node agent of a sidecar-less, kernel-native service mesh.
 //!
-//! Layout: `cli` (commands), `app` (the `run` loop), `admin` (the Unix-socket API for
+//! Layout: `cli` (commands), `app` (the `run` loop), `ca` (the mesh's root CA and the
+//! nodes' intermediates, `mesh-agent ca`), `admin` (the Unix-socket API for
 //! flows and policy, and its client), `flows` (policy verdict events, named), `report`
 //! (the flow records and policy report `admin` serves), `state` (cluster objects and their
 //! files), `plan` (state → desired map contents, pure), `reconcile` (state → plan →
@@ -13,6 +14,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod ca;
 pub mod cli;
 pub mod datapath;
 pub mod flows;
