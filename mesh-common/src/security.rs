@@ -26,6 +26,12 @@ pub struct MeshEndpoint {
     pub node: String,
     /// Its SPIFFE identity, `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
     pub identity: String,
+    /// Its namespace (a metric label).
+    #[serde(default)]
+    pub namespace: String,
+    /// Its workload name, as [`crate::l7::LocalPod::workload`] (a metric label).
+    #[serde(default)]
+    pub workload: String,
 }
 
 /// The security settings of one enrolled workload (pod).

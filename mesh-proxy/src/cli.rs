@@ -45,6 +45,20 @@ pub struct Args {
     /// [`DEFAULT_MAX_WORKERS`].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
+    /// The node's intermediate CA (Istio's `cacerts` layout: `ca-cert.pem`,
+    /// `ca-key.pem`, `root-cert.pem`, `cert-chain.pem`; made by `mesh-agent ca node`).
+    /// Given: the proxy joins the mesh (SVIDs for the node's enrolled pods, HBONE
+    /// tunnels on port 15008). Absent: L7 only, no mesh.
+    #[arg(long)]
+    pub ca_dir: Option<PathBuf>,
+    /// Lifetime of the workload certificates (SVIDs) the proxy issues; each is
+    /// re-issued at half its lifetime.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub svid_ttl: Duration,
+    /// Where bpffs is mounted: the agent's pinned policy maps (`<bpffs>/mesh/<node>/`)
+    /// judge the streams of mesh tunnels.
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info,mesh_proxy=debug`).
     #[arg(long, env = "MESH_PROXY_LOG", default_value = "info")]
     pub log: String,
@@ -81,12 +95,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     };
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("{s:?}: expected a duration such as 250ms, 10s or 2m"))?;
+        .map_err(|_| format!("{s:?}: expected a duration such as 250ms, 10s, 2m or 24h"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s or m)")),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m or h)")),
     }
 }
 
@@ -99,6 +114,7 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
         assert!(parse_duration("x").is_err());
         assert!(parse_duration("5h").is_err());
     }

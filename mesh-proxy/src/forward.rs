@@ -33,6 +33,7 @@ use crate::{
     balance::{Balancer, Outcome, Pick},
     filters,
     inpod::Netns,
+    mesh::{Mesh, Via},
     metrics::{ProxyMetrics, RequestLabels},
     retry::{RetryBudget, backoff},
     router::{Decision, Routes},
@@ -140,6 +141,8 @@ pub struct Proxy {
     pub metrics: Arc<ProxyMetrics>,
     /// Bounds mirrors in flight.
     pub mirrors: Arc<Semaphore>,
+    /// The mesh (identities and tunnels); `None` when the proxy runs without a CA.
+    pub mesh: Option<Arc<Mesh>>,
 }
 
 /// A client pod: whose listener accepted, and the namespace its outbound sockets are
@@ -177,6 +180,18 @@ enum Final {
 }
 
 impl Conn {
+    /// The way to an endpoint at `addr` through the mesh tunnel, when the client pod
+    /// and the endpoint are both in the mesh.
+    fn via(&self, addr: std::net::IpAddr) -> Option<Via> {
+        let pod = &self.source.pod;
+        self.proxy.mesh.as_ref()?.via(
+            &self.source.netns,
+            pod.netns.cookie,
+            pod.identity.as_deref(),
+            addr,
+        )
+    }
+
     /// Serves one request.
     pub async fn handle(
         self: Arc<Self>,
@@ -304,7 +319,11 @@ impl Conn {
             let addr = SocketAddr::new(pick.endpoint.addr, pick.endpoint.port);
             let req = to_wire(parts, b, wire);
             let sent = Instant::now();
-            let send = target.pool.send(&self.source.netns, addr, wire, req);
+            let via = self.via(addr.ip());
+            rec.security(via.as_ref());
+            let send = target
+                .pool
+                .send(&self.source.netns, addr, wire, req, via.as_ref());
             let can_retry = retry < retries && body.replayable();
             let result = match per_attempt {
                 Some(t) => match tokio::time::timeout(t, send).await {
@@ -433,12 +452,13 @@ impl Conn {
         let ns = Arc::clone(&self.source.netns);
         let metrics = Arc::clone(&self.proxy.metrics);
         let service = target.service.host.clone();
+        let via = self.via(pick.endpoint.addr);
         tokio::spawn(async move {
             let addr = SocketAddr::new(pick.endpoint.addr, pick.endpoint.port);
             let sent = Instant::now();
             // The mirror's target judges its endpoints by the copies too, as by any
             // request: failures count toward their ejection.
-            let outcome = match pool.send(&ns, addr, wire, req).await {
+            let outcome = match pool.send(&ns, addr, wire, req, via.as_ref()).await {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     let _ = resp.into_body().collect().await;
@@ -786,6 +806,25 @@ impl Recorder {
         self.labels.destination_service = t.service.host.clone();
         self.labels.destination_service_name = s.name.clone();
         self.labels.destination_service_namespace = s.namespace.clone();
+    }
+
+    /// Whether this attempt goes through the mesh tunnel, and between which
+    /// identities.
+    fn security(&mut self, via: Option<&Via>) {
+        let l = &mut self.labels;
+        match via {
+            Some(v) => {
+                l.source_principal = v.source_principal().to_owned();
+                l.destination_principal = v.peer.identity.clone();
+                l.connection_security_policy = "mutual_tls";
+            }
+            None if l.connection_security_policy != "none" => {
+                l.source_principal.clear();
+                l.destination_principal.clear();
+                l.connection_security_policy = "none";
+            }
+            None => {}
+        }
     }
 
     fn endpoint(&mut self, e: &mesh_common::l7::Endpoint) {

@@ -2,7 +2,9 @@
 //! and `[::1]:15001` where the pod has IPv6 loopback), reconciled with every
 //! configuration: new pods get listeners, pods that went away lose theirs (connections
 //! already accepted go on). Each accepted connection is looked up by its original
-//! destination and served as its frontend's protocol.
+//! destination and served as its frontend's protocol, or, between two pods of the mesh,
+//! carried through the tunnel. Enrolled pods also get the HBONE listener on port 15008
+//! of their own addresses, where other node proxies' tunnels end.
 
 use std::{
     collections::HashMap,
@@ -21,7 +23,14 @@ use tracing::Instrument as _;
 
 use crate::{
     forward::{Conn, Proxy, Source},
+    gate::MeshGate,
+    hbone::{
+        self, HBONE_PORT,
+        inbound::{Gate, InboundPod},
+    },
     inpod::{self, Netns},
+    l4,
+    mesh::Mesh,
     server::{self, Drain, Limits},
     sys,
 };
@@ -113,6 +122,10 @@ impl Listeners {
             netns: Arc::clone(&netns),
         });
         let mut accepts = Vec::new();
+        if let (Some(mesh), Some(identity)) = (&self.proxy.mesh, &pod.identity) {
+            self.open_hbone(mesh, pod, identity, &netns, &mut accepts)
+                .await;
+        }
         for addr in inpod::listen_addrs() {
             match netns.listen(addr).await {
                 Ok(l) => {
@@ -133,6 +146,48 @@ impl Listeners {
             pod: pod.clone(),
             accepts,
         })
+    }
+
+    /// The pod's HBONE listeners (port 15008 on each of its addresses), where the
+    /// tunnels of other node proxies end. A pod without an SVID yet gets none (logged);
+    /// the next configuration retries.
+    async fn open_hbone(
+        &self,
+        mesh: &Arc<Mesh>,
+        pod: &LocalPod,
+        identity: &str,
+        netns: &Arc<Netns>,
+        accepts: &mut Vec<JoinHandle<()>>,
+    ) {
+        let Some(tls) = mesh.identities.server(identity) else {
+            tracing::warn!(pod = %netns.name, %identity, "no certificate yet; no HBONE listener");
+            return;
+        };
+        let inbound = Arc::new(InboundPod {
+            name: netns.name.clone(),
+            key: pod.pod.clone(),
+            addrs: pod.addrs.clone(),
+            netns: Arc::clone(netns),
+            tls,
+        });
+        for &ip in &pod.addrs {
+            let addr = SocketAddr::new(ip, HBONE_PORT);
+            match netns.listen(addr).await {
+                Ok(l) => {
+                    tracing::info!(pod = %netns.name, %addr, "HBONE listening");
+                    let gate: Arc<dyn Gate> = Arc::new(MeshGate::new(Arc::clone(&self.proxy)));
+                    accepts.push(tokio::spawn(hbone::inbound::serve(
+                        l,
+                        Arc::clone(&inbound),
+                        gate,
+                        Arc::clone(&self.proxy.metrics),
+                    )));
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %netns.name, %addr, error = %e, "cannot listen for HBONE in pod");
+                }
+            }
+        }
     }
 
     /// Stops accepting everywhere, and returns once every accept loop has ended.
@@ -173,7 +228,31 @@ impl Listeners {
                     }
                 };
                 let Some(protocol) = frontend_protocol(&proxy, dst) else {
-                    tracing::warn!(pod = %source.netns.name, %dst, "no L7 frontend for this destination; closing");
+                    // Not an L7 frontend: plain TCP between two pods of the mesh.
+                    let via = proxy.mesh.as_ref().and_then(|m| {
+                        let pod = &source.pod;
+                        m.via(
+                            &source.netns,
+                            pod.netns.cookie,
+                            pod.identity.as_deref(),
+                            dst.ip(),
+                        )
+                    });
+                    match via {
+                        Some(via) => {
+                            let metrics = Arc::clone(&proxy.metrics);
+                            tokio::spawn(l4::forward(
+                                stream,
+                                dst,
+                                Arc::clone(&source),
+                                via,
+                                metrics,
+                            ));
+                        }
+                        None => {
+                            tracing::warn!(pod = %source.netns.name, %dst, "neither an L7 frontend nor a mesh destination; closing");
+                        }
+                    }
                     continue;
                 };
                 let _ = stream.set_nodelay(true);

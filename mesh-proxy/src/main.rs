@@ -10,7 +10,10 @@ use mesh_proxy::{
     cli::Args,
     feed,
     forward::{MAX_MIRRORS, Proxy, Snapshot},
+    hbone::outbound::Tunnels,
+    identities::Identities,
     listeners::Listeners,
+    mesh::Mesh,
     metrics::{self, ProxyMetrics},
     server::{Drain, Limits},
     upstream::Settings,
@@ -87,11 +90,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_concurrent_streams: args.max_concurrent_streams,
         idle_timeout: args.idle_timeout,
     };
+    let mesh = match &args.ca_dir {
+        Some(dir) => {
+            let identities = Identities::load(dir, args.svid_ttl)
+                .with_context(|| format!("--ca-dir {}", dir.display()))?;
+            let node_dir = args.bpffs.join("mesh").join(&args.node);
+            Some(Arc::new(Mesh::new(
+                Arc::new(identities),
+                Tunnels::new(args.connect_timeout),
+                node_dir,
+            )))
+        }
+        None => None,
+    };
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::empty()));
     let proxy = Arc::new(Proxy {
         snapshot: snapshot_rx,
         metrics: Arc::clone(&metrics),
         mirrors: Arc::new(Semaphore::new(MAX_MIRRORS)),
+        mesh: mesh.clone(),
     });
     let drain = Arc::new(Drain::new());
     let mut listeners = Listeners::new(proxy, limits, Arc::clone(&drain));
@@ -111,6 +128,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         snapshot_tx.send_replace(Arc::new(snapshot));
+        if let Some(mesh) = &mesh {
+            // Before the listeners: enrolled pods need their SVIDs to listen for HBONE.
+            mesh.update(&config);
+        }
         metrics.set_config_version(config.version);
         listeners.reconcile(&config).await;
         tracing::info!(
@@ -133,11 +154,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let metrics_server = tokio::spawn(metrics::serve(
         metrics_listener,
         Arc::clone(&metrics),
+        mesh.as_ref().map(|m| Arc::clone(&m.identities)),
         async {
             let _ = metrics_stopped.await;
         },
     ));
 
+    let mut rotate_in = Duration::from_secs(1);
     loop {
         tokio::select! {
             changed = config_rx.changed() => {
@@ -150,6 +173,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = sweep.tick() => {
                 for t in snapshot_tx.borrow().targets.values() {
                     t.pool.sweep();
+                }
+                if let Some(mesh) = &mesh {
+                    mesh.tunnels.sweep();
+                }
+            }
+            () = tokio::time::sleep(rotate_in), if mesh.is_some() => {
+                if let Some(mesh) = &mesh {
+                    rotate_in = mesh.identities.rotate();
                 }
             }
             _ = term.recv() => break,

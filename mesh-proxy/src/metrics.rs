@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use crate::identities::Identities;
+
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -159,6 +161,34 @@ struct RetryLabels {
     outcome: &'static str,
 }
 
+/// The labels of one tunnelled TCP connection, with Istio's names.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// `source` (the client's node proxy) or `destination` (the server's).
+    pub reporter: &'static str,
+    /// The client pod's workload (`unknown` when the destination side cannot tell).
+    pub source_workload: String,
+    /// The client pod's namespace.
+    pub source_workload_namespace: String,
+    /// The client's SPIFFE identity.
+    pub source_principal: String,
+    /// The server pod's workload.
+    pub destination_workload: String,
+    /// The server pod's namespace.
+    pub destination_workload_namespace: String,
+    /// The server's SPIFFE identity.
+    pub destination_principal: String,
+    /// The Service the client dialled, when it dialled one.
+    pub destination_service: String,
+    /// `mutual_tls` through a tunnel, `none` otherwise.
+    pub connection_security_policy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceLabels {
     destination_service: String,
@@ -201,6 +231,11 @@ pub struct ProxyMetrics {
     ejections: Family<EndpointLabels, Counter>,
     config_version: Gauge<u64, AtomicU64>,
     connections: Gauge<i64, AtomicI64>,
+    tcp_opened: Family<TcpLabels, Counter>,
+    tcp_closed: Family<TcpLabels, Counter>,
+    tcp_sent: Family<TcpLabels, Counter>,
+    tcp_received: Family<TcpLabels, Counter>,
+    hbone_refusals: Family<ReasonLabels, Counter>,
 }
 
 impl Default for ProxyMetrics {
@@ -224,6 +259,11 @@ impl ProxyMetrics {
         let ejections = Family::<EndpointLabels, Counter>::default();
         let config_version = Gauge::<u64, AtomicU64>::default();
         let connections = Gauge::<i64, AtomicI64>::default();
+        let tcp_opened = Family::<TcpLabels, Counter>::default();
+        let tcp_closed = Family::<TcpLabels, Counter>::default();
+        let tcp_sent = Family::<TcpLabels, Counter>::default();
+        let tcp_received = Family::<TcpLabels, Counter>::default();
+        let hbone_refusals = Family::<ReasonLabels, Counter>::default();
 
         // Counter names are registered without `_total`: the encoder appends it.
         let mut registry = Registry::default();
@@ -275,7 +315,39 @@ impl ProxyMetrics {
             "Client connections the proxy is serving",
             connections.clone(),
         );
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened (Istio standard metric)",
+            tcp_opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed (Istio standard metric)",
+            tcp_closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the client during TCP connections (Istio standard metric)",
+            tcp_sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client during TCP connections (Istio standard metric)",
+            tcp_received.clone(),
+        );
+        registry.register(
+            "mesh_proxy_hbone_refusals",
+            "HBONE tunnels and streams refused, by reason (handshake, handshake_timeout, \
+             no_identity, not_connect, bad_target, not_hosted, network_policy, \
+             authorization, app_unreachable)",
+            hbone_refusals.clone(),
+        );
         Self {
+            tcp_opened,
+            tcp_closed,
+            tcp_sent,
+            tcp_received,
+            hbone_refusals,
             registry,
             requests,
             duration,
@@ -370,6 +442,25 @@ impl ProxyMetrics {
         self.connections.set(active);
     }
 
+    /// Counts a TCP connection the proxy opened for `labels`.
+    pub fn record_tcp_open(&self, labels: &TcpLabels) {
+        self.tcp_opened.get_or_create(labels).inc();
+    }
+
+    /// Counts a TCP connection's end and the bytes it carried each way.
+    pub fn record_tcp_close(&self, labels: &TcpLabels, sent: u64, received: u64) {
+        self.tcp_closed.get_or_create(labels).inc();
+        self.tcp_sent.get_or_create(labels).inc_by(sent);
+        self.tcp_received.get_or_create(labels).inc_by(received);
+    }
+
+    /// Counts an HBONE tunnel or stream refused for `reason`.
+    pub fn record_hbone_refusal(&self, reason: &'static str) {
+        self.hbone_refusals
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
     /// Everything, in the Prometheus text exposition format (version 0.0.4).
     pub fn encode(&self) -> String {
         let mut text = String::new();
@@ -386,7 +477,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Pause after a failed accept, so that running out of file descriptors does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Serves `GET /metrics` and `GET /healthz` (200 `ok`) on `listener` until `shutdown`
+/// Serves `GET /metrics`, `GET /healthz` (200 `ok`) and `GET /v1/certs` (the node's
+/// SVIDs, JSON) on `listener` until `shutdown`
 /// resolves, then waits briefly for scrapes in flight; anything else is 404.
 ///
 /// # Errors
@@ -395,6 +487,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<ProxyMetrics>,
+    identities: Option<Arc<Identities>>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let addr = listener.local_addr()?;
@@ -415,12 +508,15 @@ pub async fn serve(
             },
         };
         let metrics = Arc::clone(&metrics);
+        let identities = identities.clone();
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .serve_connection(
                 TokioIo::new(stream),
-                service_fn(move |request| handle(request, Arc::clone(&metrics))),
+                service_fn(move |request| {
+                    handle(request, Arc::clone(&metrics), identities.clone())
+                }),
             );
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
@@ -450,6 +546,7 @@ fn listener_broken(err: &io::Error) -> bool {
 async fn handle(
     request: Request<Incoming>,
     metrics: Arc<ProxyMetrics>,
+    identities: Option<Arc<Identities>>,
 ) -> Result<Response<String>, Infallible> {
     let response = match (request.method(), request.uri().path()) {
         (&Method::GET, "/metrics") => reply(
@@ -458,6 +555,13 @@ async fn handle(
             metrics.encode(),
         ),
         (&Method::GET, "/healthz") => reply(StatusCode::OK, PLAIN_TEXT, "ok".to_owned()),
+        // The node's workload certificates (identities, serials, validity, chains; never
+        // keys), for `mesh-agent certs`. Empty without the mesh.
+        (&Method::GET, "/v1/certs") => {
+            let infos = identities.map(|i| i.infos()).unwrap_or_default();
+            let body = serde_json::to_string(&infos).expect("certificate summaries serialize");
+            reply(StatusCode::OK, "application/json", body)
+        }
         _ => reply(StatusCode::NOT_FOUND, PLAIN_TEXT, "not found\n".to_owned()),
     };
     Ok(response)

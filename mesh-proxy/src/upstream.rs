@@ -29,7 +29,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_common::l7::Resilience;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::{inpod::Netns, sys};
+use crate::{
+    inpod::Netns,
+    mesh::{Via, ViaError},
+    sys,
+    transport::Transport,
+};
 
 /// Any error a body can carry.
 pub type BoxError = Box<dyn StdError + Send + Sync>;
@@ -117,6 +122,9 @@ struct ConnKey {
     netns: u64,
     addr: SocketAddr,
     wire: Wire,
+    /// Through the mesh tunnel (a pod that joins or leaves the mesh gets new
+    /// connections, not the other kind's).
+    tunnel: bool,
 }
 
 struct Idle {
@@ -227,23 +235,26 @@ impl ServicePool {
         max.saturating_sub(self.conns.available_permits())
     }
 
-    /// Sends `req` to `addr` from the pod namespace `ns`.
+    /// Sends `req` to `addr` from the pod namespace `ns`, through the mesh tunnel when
+    /// `via` is given.
     pub async fn send(
         self: &Arc<Self>,
         ns: &Arc<Netns>,
         addr: SocketAddr,
         wire: Wire,
         req: http::Request<Body>,
+        via: Option<&Via>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let key = ConnKey {
             netns: ns.inode,
             addr,
             wire,
+            tunnel: via.is_some(),
         };
         let reset = |source| UpstreamError::Reset { addr, source };
         match wire {
             Wire::Http1 => {
-                let mut conn = self.checkout_http1(ns, key).await?;
+                let mut conn = self.checkout_http1(ns, key, via).await?;
                 let resp = conn.send.send_request(req).await.map_err(reset)?;
                 conn.used += 1;
                 let max = self.max_per_conn.load(Ordering::Acquire);
@@ -253,14 +264,19 @@ impl ServicePool {
                 Ok(resp.map(|inner| PooledBody { inner, ret }))
             }
             Wire::Http2 => {
-                let mut send = self.checkout_http2(ns, key).await?;
+                let mut send = self.checkout_http2(ns, key, via).await?;
                 let resp = send.send_request(req).await.map_err(reset)?;
                 Ok(resp.map(|inner| PooledBody { inner, ret: None }))
             }
         }
     }
 
-    async fn checkout_http1(&self, ns: &Arc<Netns>, key: ConnKey) -> Result<Idle, UpstreamError> {
+    async fn checkout_http1(
+        &self,
+        ns: &Arc<Netns>,
+        key: ConnKey,
+        via: Option<&Via>,
+    ) -> Result<Idle, UpstreamError> {
         loop {
             if let Some(idle) = self.take_idle(key).await {
                 return Ok(idle);
@@ -269,7 +285,7 @@ impl ServicePool {
                 Some(p) => p,
                 None => continue,
             };
-            let stream = self.connect(ns, key.addr).await?;
+            let stream = self.connect(ns, key.addr, via).await?;
             let (send, conn) = http1::Builder::new()
                 .handshake(TokioIo::new(stream))
                 .await
@@ -294,6 +310,7 @@ impl ServicePool {
         &self,
         ns: &Arc<Netns>,
         key: ConnKey,
+        via: Option<&Via>,
     ) -> Result<http2::SendRequest<Body>, UpstreamError> {
         let max = self.max_per_conn.load(Ordering::Acquire);
         loop {
@@ -311,7 +328,7 @@ impl ServicePool {
             let Some(permit) = self.permit().await? else {
                 continue;
             };
-            let stream = self.connect(ns, key.addr).await?;
+            let stream = self.connect(ns, key.addr, via).await?;
             let (send, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .keep_alive_interval(self.settings.idle_timeout)
@@ -403,8 +420,24 @@ impl ServicePool {
         &self,
         ns: &Arc<Netns>,
         addr: SocketAddr,
-    ) -> Result<tokio::net::TcpStream, UpstreamError> {
+        via: Option<&Via>,
+    ) -> Result<Transport, UpstreamError> {
         let pod = || ns.name.clone();
+        if let Some(via) = via {
+            return match via.open(addr).await {
+                Ok(t) => Ok(Transport::Tunnel(t)),
+                Err(ViaError::Denied { .. }) => Err(UpstreamError::Denied {
+                    addr,
+                    pod: pod(),
+                    source: io::Error::from_raw_os_error(libc::EPERM),
+                }),
+                Err(e) => Err(UpstreamError::Connect {
+                    addr,
+                    pod: pod(),
+                    source: io::Error::other(e.to_string()),
+                }),
+            };
+        }
         let classify = |source: io::Error| {
             if sys::is_denied(&source) {
                 UpstreamError::Denied {
@@ -422,7 +455,7 @@ impl ServicePool {
         };
         let sock = ns.tcp_socket(addr).await.map_err(classify)?;
         match tokio::time::timeout(self.settings.connect_timeout, sock.connect(addr)).await {
-            Ok(r) => r.map_err(classify),
+            Ok(r) => r.map(Transport::Tcp).map_err(classify),
             Err(_) => Err(UpstreamError::ConnectTimeout {
                 addr,
                 pod: pod(),

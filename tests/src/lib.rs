@@ -30,6 +30,7 @@
 
 pub mod agent;
 mod binaries;
+pub mod capture;
 mod cgroup;
 pub mod l7;
 mod netns;

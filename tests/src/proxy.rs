@@ -146,6 +146,13 @@ impl Proxy {
             .with_context(|| format!("scrape the metrics of the proxy on {}", self.node))
     }
 
+    /// `GET /v1/certs`: the proxy's workload certificates (JSON, no keys).
+    pub fn certs(&self) -> Result<String> {
+        sys::in_netns(&self.netns, || http_get(METRICS_ADDR, "/v1/certs"))
+            .context("enter the node netns")?
+            .with_context(|| format!("certificates of the proxy on {}", self.node))
+    }
+
     /// [`Proxy::metrics`], parsed.
     pub fn metrics_parsed(&self) -> Result<Metrics> {
         Metrics::parse(&self.metrics()?)

@@ -221,7 +221,7 @@ fn local_pods(
 }
 
 /// A pod's workload name: label `app.kubernetes.io/name`, else `app`, else its name.
-fn workload(pod: &Pod, name: &str) -> String {
+pub(super) fn workload(pod: &Pod, name: &str) -> String {
     let labels = pod.metadata.labels.as_ref();
     ["app.kubernetes.io/name", "app"]
         .iter()

@@ -127,6 +127,8 @@ impl<'a> MeshSecurity<'a> {
                     addr,
                     node: node.clone().unwrap_or_default(),
                     identity: identity.clone(),
+                    namespace: key.namespace.clone(),
+                    workload: super::proxy::workload(pod, &key.name),
                 });
             }
         }

@@ -210,6 +210,7 @@ async fn harness_settings(
         snapshot: rx,
         metrics: Arc::new(ProxyMetrics::new()),
         mirrors: Arc::new(Semaphore::new(MAX_MIRRORS)),
+        mesh: None,
     });
     let source = client_source();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
