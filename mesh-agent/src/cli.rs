@@ -11,7 +11,7 @@ use mesh_common::maps::{MapSpec, REGISTRY, Sizing};
 
 use crate::{
     admin::{self, FlowQuery, client},
-    app, ca,
+    app, ca, certs,
     datapath::{
         self,
         sizes::{self, MapSizes},
@@ -139,6 +139,20 @@ enum Command {
         /// agent (offline).
         #[arg(long)]
         state: Option<PathBuf>,
+    },
+    /// The workload certificates (SVIDs) the node's proxy issued: identity, serial,
+    /// validity, chain (read from `<run-dir>/<node>/certs.json`; never keys).
+    Certs {
+        /// Node whose certificates to show; may be omitted when one agent runs on this
+        /// host.
+        #[arg(long, value_parser = node_name)]
+        node: Option<String>,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Directory of the agents' and proxies' run files.
+        #[arg(long, default_value = admin::DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
     },
     /// Certificate authorities of the mesh's mTLS: the root, and each node's intermediate.
     Ca {
@@ -610,6 +624,24 @@ impl Cli {
                 };
                 // A closed stdout (`routes --json | head`) ends the command quietly.
                 let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Certs {
+                node,
+                json,
+                run_dir,
+            } => {
+                let node = match node {
+                    Some(node) => node,
+                    None => client::agent_socket(&run_dir, None)?.0,
+                };
+                let list = certs::read(&run_dir, &node)?;
+                let text = if json {
+                    serde_json::to_string_pretty(&list)? + "\n"
+                } else {
+                    certs::render(&node, &list)
+                };
+                print!("{text}");
                 Ok(ExitCode::SUCCESS)
             }
             Command::Ca { command } => {

@@ -14,6 +14,11 @@ use serde::{Deserialize, Serialize};
 use crate::security::{MeshEndpoint, WorkloadSecurity};
 pub use crate::service::{HBONE_PORT, PROXY_OUTBOUND_PORT};
 
+/// File in the node's run directory (`<run-dir>/<node>/`) where the node proxy lists
+/// its workload certificates for `mesh-agent certs`: JSON, identities, serials,
+/// validity and chain subjects, never keys.
+pub const CERTS_FILE: &str = "certs.json";
+
 /// One complete configuration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -84,6 +84,14 @@ impl Args {
     pub fn agent_socket(&self) -> PathBuf {
         self.run_dir.join(&self.node).join("agent.sock")
     }
+
+    /// Where the proxy lists its workload certificates for `mesh-agent certs`:
+    /// `<run-dir>/<node>/certs.json` (identities, serials, validity; never keys).
+    pub fn certs_file(&self) -> PathBuf {
+        self.run_dir
+            .join(&self.node)
+            .join(mesh_common::l7::CERTS_FILE)
+    }
 }
 
 /// `250ms`, `10s`, `2m`, or a bare number of seconds.

@@ -169,6 +169,15 @@ impl Identities {
         infos
     }
 
+    /// Writes [`Identities::infos`] as JSON to `path` (for `mesh-agent certs`), through
+    /// a temporary file renamed over it, so a reader never sees half a list.
+    pub fn publish(&self, path: &Path) -> std::io::Result<()> {
+        let json = serde_json::to_vec_pretty(&self.infos()).map_err(std::io::Error::other)?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(&tmp, path)
+    }
+
     fn issue(&self, id: &str, trust_domain: &str) -> Option<Local> {
         let spiffe: SpiffeId = match id.parse() {
             Ok(s) => s,

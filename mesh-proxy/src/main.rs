@@ -110,6 +110,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         mirrors: Arc::new(Semaphore::new(MAX_MIRRORS)),
         mesh: mesh.clone(),
     });
+    let certs_file = args.certs_file();
     let drain = Arc::new(Drain::new());
     let mut listeners = Listeners::new(proxy, limits, Arc::clone(&drain));
     let mut sweep = tokio::time::interval((args.idle_timeout / 2).max(Duration::from_secs(1)));
@@ -131,6 +132,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if let Some(mesh) = &mesh {
             // Before the listeners: enrolled pods need their SVIDs to listen for HBONE.
             mesh.update(&config);
+            publish_certs(&mesh.identities, &certs_file);
         }
         metrics.set_config_version(config.version);
         listeners.reconcile(&config).await;
@@ -154,7 +156,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let metrics_server = tokio::spawn(metrics::serve(
         metrics_listener,
         Arc::clone(&metrics),
-        mesh.as_ref().map(|m| Arc::clone(&m.identities)),
         async {
             let _ = metrics_stopped.await;
         },
@@ -181,6 +182,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             () = tokio::time::sleep(rotate_in), if mesh.is_some() => {
                 if let Some(mesh) = &mesh {
                     rotate_in = mesh.identities.rotate();
+                    publish_certs(&mesh.identities, &certs_file);
                 }
             }
             _ = term.recv() => break,
@@ -206,6 +208,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = stop_metrics.send(());
     let _ = metrics_server.await;
     Ok(())
+}
+
+/// Lists the SVIDs for `mesh-agent certs`; a failure is logged (the mesh works on).
+fn publish_certs(identities: &Identities, path: &std::path::Path) {
+    if let Err(e) = identities.publish(path) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write the certificate list");
+    }
 }
 
 /// A listener on `addr` with SO_REUSEPORT (and SO_REUSEADDR), so that a successor can

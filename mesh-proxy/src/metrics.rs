@@ -13,8 +13,6 @@ use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use crate::identities::Identities;
-
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -477,8 +475,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Pause after a failed accept, so that running out of file descriptors does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Serves `GET /metrics`, `GET /healthz` (200 `ok`) and `GET /v1/certs` (the node's
-/// SVIDs, JSON) on `listener` until `shutdown`
+/// Serves `GET /metrics` and `GET /healthz` (200 `ok`) on `listener` until `shutdown`
 /// resolves, then waits briefly for scrapes in flight; anything else is 404.
 ///
 /// # Errors
@@ -487,7 +484,6 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<ProxyMetrics>,
-    identities: Option<Arc<Identities>>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let addr = listener.local_addr()?;
@@ -508,15 +504,12 @@ pub async fn serve(
             },
         };
         let metrics = Arc::clone(&metrics);
-        let identities = identities.clone();
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .serve_connection(
                 TokioIo::new(stream),
-                service_fn(move |request| {
-                    handle(request, Arc::clone(&metrics), identities.clone())
-                }),
+                service_fn(move |request| handle(request, Arc::clone(&metrics))),
             );
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
@@ -546,7 +539,6 @@ fn listener_broken(err: &io::Error) -> bool {
 async fn handle(
     request: Request<Incoming>,
     metrics: Arc<ProxyMetrics>,
-    identities: Option<Arc<Identities>>,
 ) -> Result<Response<String>, Infallible> {
     let response = match (request.method(), request.uri().path()) {
         (&Method::GET, "/metrics") => reply(
@@ -555,13 +547,6 @@ async fn handle(
             metrics.encode(),
         ),
         (&Method::GET, "/healthz") => reply(StatusCode::OK, PLAIN_TEXT, "ok".to_owned()),
-        // The node's workload certificates (identities, serials, validity, chains; never
-        // keys), for `mesh-agent certs`. Empty without the mesh.
-        (&Method::GET, "/v1/certs") => {
-            let infos = identities.map(|i| i.infos()).unwrap_or_default();
-            let body = serde_json::to_string(&infos).expect("certificate summaries serialize");
-            reply(StatusCode::OK, "application/json", body)
-        }
         _ => reply(StatusCode::NOT_FOUND, PLAIN_TEXT, "not found\n".to_owned()),
     };
     Ok(response)

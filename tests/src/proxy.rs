@@ -34,6 +34,8 @@ pub struct Proxy {
     program: PathBuf,
     args: Vec<OsString>,
     node: String,
+    /// The node's name as the agent and proxy know it (its run directory's name).
+    node_name: String,
     netns: PathBuf,
     log: PathBuf,
     /// Logs of the processes before a restart, removed on drop.
@@ -71,6 +73,7 @@ impl Proxy {
             program: program.to_owned(),
             args: args.to_vec(),
             node: node.name().to_owned(),
+            node_name: node_name(node),
             netns: node.netns_path(),
             log: PathBuf::new(),
             old_logs: Vec::new(),
@@ -146,11 +149,11 @@ impl Proxy {
             .with_context(|| format!("scrape the metrics of the proxy on {}", self.node))
     }
 
-    /// `GET /v1/certs`: the proxy's workload certificates (JSON, no keys).
+    /// The proxy's workload certificates as it lists them for `mesh-agent certs`
+    /// (`<run-dir>/<node>/certs.json`: identities, serials, validity; no keys).
     pub fn certs(&self) -> Result<String> {
-        sys::in_netns(&self.netns, || http_get(METRICS_ADDR, "/v1/certs"))
-            .context("enter the node netns")?
-            .with_context(|| format!("certificates of the proxy on {}", self.node))
+        let path = Path::new(RUN_DIR).join(&self.node_name).join("certs.json");
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))
     }
 
     /// [`Proxy::metrics`], parsed.

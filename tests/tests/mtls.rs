@@ -116,7 +116,7 @@ fn make_cas(agent: &Agent, ca: &StateDir, nodes: &[String]) {
 struct Bed {
     // Field order is drop order: proxies and agents, processes, state, cluster.
     proxies: Vec<Proxy>,
-    _agents: Vec<Agent>,
+    agents: Vec<Agent>,
     _processes: Vec<ChildGuard>,
     state: StateDir,
     _ca: StateDir,
@@ -170,7 +170,7 @@ impl Bed {
             .collect();
         let bed = Self {
             proxies,
-            _agents: agents,
+            agents,
             _processes: processes,
             state,
             _ca: ca,

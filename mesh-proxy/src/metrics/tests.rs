@@ -330,7 +330,7 @@ async fn serve_answers_metrics_healthz_and_404_then_shuts_down() {
     let metrics = Arc::new(ProxyMetrics::new());
     metrics.record_request(&labels(200), Duration::from_millis(1), 1, 1);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, Arc::clone(&metrics), None, async {
+    let server = tokio::spawn(serve(listener, Arc::clone(&metrics), async {
         let _ = stopped.await;
     }));
 
