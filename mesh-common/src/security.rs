@@ -47,6 +47,11 @@ pub struct WorkloadSecurity {
     pub port_mtls: Vec<PortMtls>,
     /// The AuthorizationPolicies that apply to the workload, by namespace and name.
     pub policies: Vec<AuthzPolicy>,
+    /// Container ports served as HTTP (an L7 Service port, by HTTPRoute or
+    /// `appProtocol`, targets them), sorted: AuthorizationPolicy is evaluated per
+    /// request there, with its HTTP fields, as Istio does on HTTP ports.
+    #[serde(default)]
+    pub http_ports: Vec<u16>,
 }
 
 /// What a workload port accepts, as PeerAuthentication's `mtls.mode` (with `UNSET`

@@ -70,7 +70,7 @@ pub fn proxy_config(
     }
 
     let sources = BackendSources::new(state);
-    let services = targets
+    let services: Vec<ServiceTarget> = targets
         .into_iter()
         .filter_map(|target| {
             let key = object_key(&target.service);
@@ -80,15 +80,33 @@ pub fn proxy_config(
         .collect();
 
     let security = MeshSecurity::new(state, trust_domain);
+    let mut local = local_pods(&pods, node, local, &security);
+    mark_http_ports(&mut local, &services);
     ProxyConfig {
         version,
         node: node.to_owned(),
-        pods: local_pods(&pods, node, local, &security),
+        pods: local,
         frontends,
         services,
         policy_epoch: 0,
         trust_domain: security.trust_domain().to_owned(),
         mesh: security.mesh_endpoints(),
+    }
+}
+
+/// Records, in each enrolled local pod's security settings, the container ports that
+/// L7 Service ports send to: HTTP ports, where authorization is judged per request.
+fn mark_http_ports(pods: &mut [LocalPod], services: &[ServiceTarget]) {
+    let mut ports: BTreeMap<&ObjectRef, BTreeSet<u16>> = BTreeMap::new();
+    for endpoint in services.iter().flat_map(|s| &s.endpoints) {
+        if let Some(pod) = &endpoint.pod {
+            ports.entry(pod).or_default().insert(endpoint.port);
+        }
+    }
+    for pod in pods {
+        if let (Some(security), Some(ports)) = (pod.security.as_mut(), ports.get(&pod.pod)) {
+            security.http_ports = ports.iter().copied().collect();
+        }
     }
 }
 

@@ -102,10 +102,12 @@ impl<'a> MeshSecurity<'a> {
             .filter(|(pkey, policy, _)| self.applies(pkey, policy, &key.namespace, &labels))
             .map(|(_, _, compiled)| compiled.clone())
             .collect();
+        // HTTP ports come from the L7 Service ports, known to the proxy configuration.
         let security = WorkloadSecurity {
             mtls,
             port_mtls,
             policies,
+            http_ports: Vec::new(),
         };
         Some((self.identity(key, pod), security))
     }
