@@ -616,6 +616,7 @@ mod tests {
                 mode: MtlsMode::Disable,
             }],
             policies: vec![],
+            http_ports: vec![],
         };
         assert_eq!(peer_auth_mode(&s, 8080), MtlsMode::Disable);
         assert_eq!(peer_auth_mode(&s, 9090), MtlsMode::Strict);
