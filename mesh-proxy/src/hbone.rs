@@ -10,6 +10,7 @@
 //! [`outbound`] opens streams (the client side), [`inbound`] accepts and authorizes
 //! them and connects to the application (the server side).
 
+pub mod http;
 pub mod inbound;
 pub mod outbound;
 

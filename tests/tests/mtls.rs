@@ -23,8 +23,13 @@ use mesh_tests::{
 };
 
 const VIP_WEB: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+/// `web-http`: the same pod behind an `appProtocol: http` port (routed by the client's
+/// node proxy, then tunnelled; its target port is an HTTP port of the server).
+const VIP_WEB_HTTP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 31);
 const WEB_PORT: u16 = 80;
 const POD_PORT: u16 = 8080;
+/// The server's second HTTP server, behind `web-http` only: an HTTP port.
+const HTTP_POD_PORT: u16 = 8081;
 const SERVER_IP: &str = "10.244.2.30";
 /// Clients `(name, namespace, service account, ip)`, all on n1.
 const CLIENTS: [(&str, &str, &str, &str); 3] = [
@@ -64,6 +69,14 @@ spec:
   clusterIP: {VIP_WEB}
   selector: {{app: web}}
   ports: [{{name: tcp, port: {WEB_PORT}, targetPort: {POD_PORT}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web-http, namespace: mesh}}
+spec:
+  clusterIP: {VIP_WEB_HTTP}
+  selector: {{app: web}}
+  ports: [{{name: http, port: {WEB_PORT}, targetPort: {HTTP_POD_PORT}, appProtocol: http}}]
 ---
 apiVersion: v1
 kind: Pod
@@ -133,8 +146,10 @@ impl Bed {
             builder = builder.pod("n1", name, ip);
         }
         let cluster = builder.build().unwrap();
-        let mut processes =
-            vec![l7::start_http_server(cluster.pod("server"), POD_PORT, "server", &[]).unwrap()];
+        let mut processes = vec![
+            l7::start_http_server(cluster.pod("server"), POD_PORT, "server", &[]).unwrap(),
+            l7::start_http_server(cluster.pod("server"), HTTP_POD_PORT, "server", &[]).unwrap(),
+        ];
         // The agent finds a pod through its processes; curl runs are too short-lived.
         for (name, _, _, _) in CLIENTS {
             let mut cmd = Command::new("sleep");
@@ -195,6 +210,14 @@ impl Bed {
             .unwrap()
     }
 
+    /// `curl http://web-http:80<path>` from pod `from` (the L7 path).
+    fn curl_http(&self, from: &str, path: &str) -> CurlResult {
+        Curl::new(format!("http://{VIP_WEB_HTTP}:{WEB_PORT}{path}"))
+            .max_time(Duration::from_secs(8))
+            .run(self.cluster.pod(from))
+            .unwrap()
+    }
+
     /// Writes (or replaces) a state file; the agents pick it up.
     fn apply(&self, file: &str, yaml: &str) {
         self.state.write(file, yaml).unwrap();
@@ -249,10 +272,17 @@ fn mesh_traffic_crosses_nodes_encrypted_with_both_identities() {
         "opened {opened}:\n{}",
         bed.proxies[0].metrics().unwrap()
     );
-    let certs = bed.proxies[1].certs().unwrap();
+    let n2 = node_name(bed.cluster.node("n2"));
+    let out = bed.agents[1].cli(&["certs", "--node", &n2]).unwrap();
+    assert!(out.status.success(), "mesh-agent certs: {out:?}");
+    let certs = String::from_utf8_lossy(&out.stdout);
     assert!(
         certs.contains(SERVER_ID),
         "n2 holds the server's SVID: {certs}"
+    );
+    assert!(
+        certs.contains("serial") && certs.contains("not after"),
+        "{certs}"
     );
     assert!(
         !certs.contains(CLIENT_ID),
@@ -427,4 +457,53 @@ fn rotation_loses_no_request() {
     }
     let last = bed.proxies[1].certs().unwrap();
     assert_ne!(first, last, "the server's SVID was re-issued");
+}
+
+/// On an HTTP port, AuthorizationPolicy judges each request with its HTTP fields: an
+/// ALLOW for one path admits that path and answers 403 `RBAC: access denied` for the
+/// others; the requests were routed on the client's node and rode the tunnel.
+#[test]
+fn l7_rule_on_a_path_gives_403_for_other_paths_only() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::new("mtls-l7", &[], &[]);
+    assert_eq!(bed.curl_http("client", "/stats").http_code, 200);
+    bed.apply(
+        "authz.yaml",
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: who-only, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: ALLOW
+  rules:
+    - from: [{source: {principals: [cluster.local/ns/mesh/sa/client]}}]
+      to: [{operation: {methods: [GET], paths: [/who]}}]
+",
+    );
+    assert_eventually!(
+        bed.curl_http("client", "/stats").http_code == 403,
+        CONVERGE,
+        "/stats must be refused per request"
+    );
+    let denied = bed.curl_http("client", "/stats");
+    assert_eq!(denied.body.trim(), "RBAC: access denied", "{denied:?}");
+    let allowed = bed.curl_http("client", "/who");
+    assert_eq!(allowed.http_code, 200, "{allowed:?}");
+    let echo: HttpEcho = allowed.json().unwrap();
+    assert_eq!(echo.pod, "server");
+    // Another identity: the rule's principal does not match, every path is refused.
+    assert_eq!(bed.curl_http("teamer", "/who").http_code, 403);
+    let m = bed.proxies[0].metrics_parsed().unwrap();
+    let tunnelled = m.sum(
+        "istio_requests_total",
+        &[
+            ("destination_service_name", "web-http"),
+            ("connection_security_policy", "mutual_tls"),
+            ("source_principal", CLIENT_ID),
+            ("destination_principal", SERVER_ID),
+        ],
+    );
+    assert!(tunnelled >= 3.0, "requests through the tunnel: {tunnelled}");
 }

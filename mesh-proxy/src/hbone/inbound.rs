@@ -44,10 +44,28 @@ pub struct Refusal {
     pub detail: String,
 }
 
+/// How an admitted stream is served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Its bytes go to the application as they are.
+    Bytes,
+    /// It goes to an HTTP port: each request in it is judged
+    /// ([`Gate::check_request`]) before it reaches the application.
+    PerRequest,
+}
+
 /// Decides whether a stream may reach its pod (NetworkPolicy and AuthorizationPolicy).
 pub trait Gate: Send + Sync {
-    /// `Ok` lets the stream through.
-    fn check(&self, pod: &InboundPod, stream: &StreamRequest<'_>) -> Result<(), Refusal>;
+    /// `Ok` lets the stream through, served as the [`Admission`] says.
+    fn check(&self, pod: &InboundPod, stream: &StreamRequest<'_>) -> Result<Admission, Refusal>;
+
+    /// For a [`Admission::PerRequest`] stream: whether the request `parts` may pass.
+    fn check_request(
+        &self,
+        pod: &InboundPod,
+        stream: &StreamRequest<'_>,
+        parts: &http::request::Parts,
+    ) -> Result<(), Refusal>;
 }
 
 /// A pod served by an HBONE listener.
@@ -131,7 +149,7 @@ async fn tunnel(
         );
         async move {
             Ok::<_, std::convert::Infallible>(
-                stream(req, peer, &principal, &pod, gate.as_ref(), &metrics).await,
+                stream(req, peer, &principal, &pod, &gate, &metrics).await,
             )
         }
     });
@@ -152,8 +170,8 @@ async fn stream(
     req: Request<Incoming>,
     peer: SocketAddr,
     principal: &SpiffeId,
-    pod: &InboundPod,
-    gate: &dyn Gate,
+    pod: &Arc<InboundPod>,
+    gate: &Arc<dyn Gate>,
     metrics: &ProxyMetrics,
 ) -> Response<Empty<Bytes>> {
     let refuse = |status: StatusCode, refusal: Refusal| {
@@ -200,9 +218,10 @@ async fn stream(
         principal,
         target,
     };
-    if let Err(refusal) = gate.check(pod, &request) {
-        return refuse(StatusCode::FORBIDDEN, refusal);
-    }
+    let admission = match gate.check(pod, &request) {
+        Ok(a) => a,
+        Err(refusal) => return refuse(StatusCode::FORBIDDEN, refusal),
+    };
     let app = match connect_app(&pod.netns, target).await {
         Ok(app) => app,
         Err(e) => {
@@ -216,15 +235,29 @@ async fn stream(
         }
     };
     let name = pod.name.clone();
+    let per_request = (admission == Admission::PerRequest).then(|| {
+        let (gate, pod, principal) = (Arc::clone(gate), Arc::clone(pod), principal.clone());
+        move |parts: &http::request::Parts| {
+            let stream = StreamRequest {
+                peer,
+                principal: &principal,
+                target,
+            };
+            gate.check_request(&pod, &stream, parts)
+        }
+    });
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
-            Ok(upgraded) => {
-                let mut tunnel = TokioIo::new(upgraded);
-                let mut app = app;
-                if let Err(e) = tokio::io::copy_bidirectional(&mut tunnel, &mut app).await {
-                    tracing::debug!(pod = %name, %target, error = %e, "HBONE stream ended");
+            Ok(upgraded) => match per_request {
+                Some(check) => super::http::serve(upgraded, app, target, check).await,
+                None => {
+                    let mut tunnel = TokioIo::new(upgraded);
+                    let mut app = app;
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut tunnel, &mut app).await {
+                        tracing::debug!(pod = %name, %target, error = %e, "HBONE stream ended");
+                    }
                 }
-            }
+            },
             Err(e) => tracing::debug!(pod = %name, %target, error = %e, "HBONE upgrade failed"),
         }
     });
