@@ -25,6 +25,9 @@ pub const HBONE_PORT: u16 = mesh_common::l7::HBONE_PORT;
 pub const STREAM_WINDOW: u32 = 4 << 20;
 /// Connection-level window: several streams at full speed at once.
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Buffer of each direction when a stream is joined to a TCP connection: large reads
+/// make large HTTP/2 frames and TLS records (the default 8 KiB halves bulk throughput).
+pub const COPY_BUFFER: usize = 64 << 10;
 /// Most concurrent streams a destination accepts on one tunnel connection.
 pub const MAX_STREAMS: u32 = 1000;
 /// Longest a TLS handshake may take before the connection is dropped (a client that

@@ -3,8 +3,10 @@
 //! own address so the kernel's NetworkPolicy hooks judge them as the pod's.
 //!
 //! A socket keeps the namespace it was created in for life, so only its creation needs
-//! to happen inside: on a short-lived thread that enters the namespace and exits, so no
-//! tokio worker (or pooled blocking thread) is ever left in a pod's namespace.
+//! to happen inside: on one thread per namespace that entered it once and creates the
+//! sockets asked for, so no tokio worker (or pooled blocking thread) is ever left in a
+//! pod's namespace, and a new connection costs a channel round trip, not a thread
+//! start and a setns. The thread ends when the [`Netns`] is dropped.
 
 use std::{
     io,
@@ -49,9 +51,13 @@ pub struct Netns {
     pub name: String,
     /// The namespace's inode (its identity).
     pub inode: u64,
-    /// `None`: the proxy's own namespace (tests, and nothing to enter).
-    fd: Option<OwnedFd>,
+    /// The thread inside the namespace; `None`: the proxy's own namespace (tests, and
+    /// nothing to enter).
+    worker: Option<std::sync::mpsc::Sender<Job>>,
 }
+
+/// Work for a namespace's thread.
+type Job = Box<dyn FnOnce() + Send>;
 
 impl Netns {
     /// Opens the namespace of `pod`, checking it is still the pod's.
@@ -70,10 +76,15 @@ impl Netns {
                 expected: netns.inode,
             });
         }
+        let worker = spawn_worker(fd).map_err(|source| InpodError::Open {
+            pod: name.clone(),
+            pid: netns.pid,
+            source,
+        })?;
         Ok(Self {
             name,
             inode,
-            fd: Some(fd),
+            worker: Some(worker),
         })
     }
 
@@ -83,7 +94,7 @@ impl Netns {
         Self {
             name: name.to_owned(),
             inode: 0,
-            fd: None,
+            worker: None,
         }
     }
 
@@ -92,21 +103,15 @@ impl Netns {
         self: &Arc<Self>,
         make: impl FnOnce() -> io::Result<T> + Send + 'static,
     ) -> io::Result<T> {
-        if self.fd.is_none() {
+        let Some(worker) = &self.worker else {
             return make();
-        }
-        let ns = Arc::clone(self);
+        };
         let (tx, rx) = oneshot::channel();
-        // The thread only enters and then ends: nothing has to be restored.
-        std::thread::Builder::new()
-            .name("mesh-proxy-netns".into())
-            .spawn(move || {
-                let res = match &ns.fd {
-                    Some(fd) => sys::enter_netns(fd).and_then(|()| make()),
-                    None => make(),
-                };
-                let _ = tx.send(res);
-            })?;
+        worker
+            .send(Box::new(move || {
+                let _ = tx.send(make());
+            }))
+            .map_err(|_| io::Error::other("the namespace's thread has ended"))?;
         rx.await
             .map_err(|_| io::Error::other("namespace thread ended without a result"))?
     }
@@ -117,7 +122,7 @@ impl Netns {
     /// this listener's accept queue when it closes move to the successor's listener
     /// instead of being reset.
     pub async fn listen(self: &Arc<Self>, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
-        let entered = self.fd.is_some();
+        let entered = self.worker.is_some();
         let name = self.name.clone();
         let std = self
             .run(move || {
@@ -155,6 +160,30 @@ impl Netns {
             .await?;
         Ok(tokio::net::TcpSocket::from_std_stream(sock.into()))
     }
+}
+
+/// Starts the thread that enters the namespace of `fd` once and then runs the jobs sent
+/// to it, until the sender is dropped. Returns once the thread is inside.
+fn spawn_worker(fd: OwnedFd) -> io::Result<std::sync::mpsc::Sender<Job>> {
+    let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+    let (entered_tx, entered_rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("mesh-proxy-netns".into())
+        .spawn(move || {
+            let entered = sys::enter_netns(&fd);
+            let ok = entered.is_ok();
+            let _ = entered_tx.send(entered);
+            drop(fd);
+            if ok {
+                while let Ok(job) = queue.recv() {
+                    job();
+                }
+            }
+        })?;
+    entered_rx
+        .recv()
+        .map_err(|_| io::Error::other("namespace thread ended before entering"))??;
+    Ok(jobs)
 }
 
 /// The pod's listener addresses: `127.0.0.1:15001` and `[::1]:15001` (the listeners skip

@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 
 use crate::{
     forward::Source,
+    hbone::COPY_BUFFER,
     mesh::Via,
     metrics::{ProxyMetrics, TcpLabels},
 };
@@ -43,7 +44,14 @@ pub async fn forward(
     };
     metrics.record_tcp_open(&labels);
     let mut client = client;
-    let (sent_up, sent_down) = match tokio::io::copy_bidirectional(&mut client, &mut tunnel).await {
+    let copied = tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut tunnel,
+        COPY_BUFFER,
+        COPY_BUFFER,
+    )
+    .await;
+    let (sent_up, sent_down) = match copied {
         Ok(n) => n,
         Err(e) => {
             tracing::debug!(pod = %source.netns.name, %dst, error = %e, "tunnelled connection ended");

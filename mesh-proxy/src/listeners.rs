@@ -227,6 +227,7 @@ impl Listeners {
                         continue;
                     }
                 };
+                let _ = stream.set_nodelay(true);
                 let Some(protocol) = frontend_protocol(&proxy, dst) else {
                     // Not an L7 frontend: plain TCP between two pods of the mesh.
                     let via = proxy.mesh.as_ref().and_then(|m| {
@@ -255,7 +256,6 @@ impl Listeners {
                     }
                     continue;
                 };
-                let _ = stream.set_nodelay(true);
                 let conn = Arc::new(Conn {
                     proxy: Arc::clone(&proxy),
                     source: Arc::clone(&source),

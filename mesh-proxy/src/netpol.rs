@@ -10,10 +10,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
 use mesh_common::{
     Addr, EndpointValue, IpcacheValue,
-    maps::{ENDPOINTS, IPCACHE, POLICY},
+    event::config::POLICY_AUDIT,
+    maps::{CONFIG, ENDPOINTS, IPCACHE, POLICY},
     policy::{
         DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST, IDENTITY_WORLD, POLICY_FIXED_PREFIX, PolicyKeyData,
         PolicyValue, policy_allows,
@@ -35,6 +36,7 @@ pub struct NetpolError {
 
 /// The node's policy maps, read-only.
 pub struct Netpol {
+    config: Array<MapData, u32>,
     endpoints: HashMap<MapData, u64, EndpointValue>,
     ipcache: LpmTrie<MapData, Addr, IpcacheValue>,
     policy: LpmTrie<MapData, PolicyKeyData, PolicyValue>,
@@ -55,6 +57,7 @@ impl Netpol {
             source: io::Error::other(e.to_string()),
         };
         Ok(Self {
+            config: Array::try_from(Map::Array(data(CONFIG)?)).map_err(|e| invalid(CONFIG, e))?,
             endpoints: HashMap::try_from(Map::HashMap(data(ENDPOINTS)?))
                 .map_err(|e| invalid(ENDPOINTS, e))?,
             ipcache: LpmTrie::try_from(Map::LpmTrie(data(IPCACHE)?))
@@ -95,8 +98,10 @@ impl Netpol {
             })
     }
 
+    /// The kernel's decision, audit mode included: there a denial is let through.
     fn allowed(&self, subject: u32, direction: u8, peer: u32, port: u16) -> bool {
         let lookup = |data| self.policy.get(&Key::new(POLICY_FULL_PREFIX, data), 0).ok();
         policy_allows(lookup, subject, direction, peer, PROTO_TCP, port.to_be())
+            || self.config.get(&POLICY_AUDIT, 0).is_ok_and(|v| v == 1)
     }
 }

@@ -205,6 +205,21 @@ pub fn start_server_on_cpu(
     name: &str,
     cpu: Option<usize>,
 ) -> Result<ChildGuard> {
+    start_server_with(pod, port, name, cpu, Duration::ZERO)
+}
+
+/// [`start_server`] answering each read only after `delay` (a service that takes time).
+pub fn start_slow_server(pod: &Pod, port: u16, name: &str, delay: Duration) -> Result<ChildGuard> {
+    start_server_with(pod, port, name, None, delay)
+}
+
+fn start_server_with(
+    pod: &Pod,
+    port: u16,
+    name: &str,
+    cpu: Option<usize>,
+    delay: Duration,
+) -> Result<ChildGuard> {
     let mut cmd = Command::new(testpod_bin()?);
     cmd.args([
         "serve",
@@ -217,6 +232,9 @@ pub fn start_server_on_cpu(
     .stdout(Stdio::piped());
     if let Some(cpu) = cpu {
         cmd.args(["--cpu", &cpu.to_string()]);
+    }
+    if !delay.is_zero() {
+        cmd.args(["--delay-us", &delay.as_micros().to_string()]);
     }
     let mut server = pod.spawn(cmd)?;
     server

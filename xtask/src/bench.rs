@@ -17,10 +17,45 @@ use mesh_tests::{Agent, Cluster, Node, Pod, StateDir, testpod};
 
 use crate::{build, setup};
 
+/// The median of `values` (the upper one of an even count), NaN for none: per-round
+/// results are summarised by it, so one slow round (another tenant's burst) does not
+/// move them.
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// One bulk transfer of `bytes` in writes of `write` bytes from `client` to the
+/// `mesh-testpod sink` at `addr` (whose output is `sink`): bytes per second from
+/// connect to the sink's account, which must show every byte arrived.
+pub fn bulk(
+    client: &Pod,
+    addr: SocketAddr,
+    sink: &mut mesh_tests::ChildGuard,
+    bytes: u64,
+    write: usize,
+) -> Result<f64> {
+    let timeout = std::time::Duration::from_secs(20);
+    let opts = testpod::StreamOptions {
+        chunk: Some(write),
+        unchecked: true,
+        timeout,
+        ..testpod::StreamOptions::new(bytes, testpod::StreamMode::Write)
+    };
+    let s = testpod::stream(client, addr, &opts)?;
+    let conn: testpod::SinkConn = testpod::next_json_line(sink, timeout)?;
+    anyhow::ensure!(
+        s.error.is_none() && s.received_by_server == Some(bytes) && conn.bytes == bytes,
+        "bulk transfer incomplete: {s:?} / {conn:?}"
+    );
+    Ok(bytes as f64 * 1e9 / s.elapsed_ns as f64)
+}
+
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Which benchmark: `lb`, `policy`, `sockmap`, `plan` or `l7`.
+    /// Which benchmark: `lb`, `policy`, `sockmap`, `plan`, `l7` or `mtls`.
     which: String,
     /// Measured connections per round and path.
     #[arg(long, default_value_t = 600)]
@@ -76,6 +111,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "policy" => crate::bench_policy::run(args.count, args.rounds_or(15)),
         "sockmap" => crate::bench_sockmap::run(args.count * 5, args.rounds_or(15)),
         "plan" => crate::bench_plan::run(&args.services, &args.policies),
+        "mtls" => crate::bench_mtls::run(args.count, args.rounds_or(3)),
         "l7" => crate::bench_l7::run(&crate::bench_l7::Options {
             secs: args.secs,
             rounds: args.rounds_or(3),
@@ -83,7 +119,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             streams: args.streams,
             variants: args.variants.clone(),
         }),
-        other => bail!("unknown benchmark {other:?}; available: lb, policy, sockmap, plan, l7"),
+        other => {
+            bail!("unknown benchmark {other:?}; available: lb, policy, sockmap, plan, l7, mtls")
+        }
     }
 }
 

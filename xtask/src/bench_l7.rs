@@ -36,7 +36,10 @@ use self::{
     load::Load,
     procstat::{Memory, ProcTree},
 };
-use crate::{bench::PathStats, build, setup};
+use crate::{
+    bench::{PathStats, median},
+    build, setup,
+};
 
 const CLIENT: (&str, &str) = ("client", "10.244.1.10");
 const SERVER: (&str, &str) = ("web-1", "10.244.2.11");
@@ -539,12 +542,6 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Median over rounds of `f(a[i], b[i])`.

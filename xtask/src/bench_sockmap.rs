@@ -10,15 +10,18 @@
 //! waking it for every message costs more than the whole network path; on one CPU the
 //! wakee simply runs when the waker blocks, so that variant shows the path's own cost.
 
-use std::{fmt::Write as _, net::SocketAddr, time::Duration};
+use std::fmt::Write as _;
 
 use anyhow::{Context as _, Result, ensure};
 use mesh_tests::{
-    Agent, Cluster, Pod, StateDir, agent,
-    testpod::{self, SinkConn, SinkOptions, StreamMode, StreamOptions, next_json_line},
+    Agent, Cluster, StateDir, agent,
+    testpod::{self, SinkOptions},
 };
 
-use crate::{bench::PathStats, build, setup};
+use crate::{
+    bench::{PathStats, bulk, median},
+    build, setup,
+};
 
 const CLIENT: (&str, &str) = ("client", "10.244.1.10");
 const SERVER: (&str, &str) = ("server", "10.244.1.11");
@@ -133,7 +136,7 @@ pub fn run(count: u32, rounds: u32) -> Result<()> {
                 stats.add(&summary);
             }
             s.bulk.push(
-                bulk(client, &mut sink)
+                bulk(client, SINK.parse()?, &mut sink, BULK_BYTES, BULK_WRITE)
                     .with_context(|| format!("{} round {round}: bulk", mode.name()))?,
             );
             // Proof of what was measured: on redirected the bulk bytes, off none.
@@ -153,36 +156,12 @@ pub fn run(count: u32, rounds: u32) -> Result<()> {
     Ok(())
 }
 
-/// One bulk transfer to the sink: bytes per second from connect to the sink's reply.
-fn bulk(client: &Pod, sink: &mut mesh_tests::ChildGuard) -> Result<f64> {
-    let addr: SocketAddr = SINK.parse()?;
-    let opts = StreamOptions {
-        chunk: Some(BULK_WRITE),
-        unchecked: true,
-        timeout: Duration::from_secs(10),
-        ..StreamOptions::new(BULK_BYTES, StreamMode::Write)
-    };
-    let s = testpod::stream(client, addr, &opts)?;
-    let conn: SinkConn = next_json_line(sink, Duration::from_secs(10))?;
-    ensure!(
-        s.error.is_none() && s.received_by_server == Some(BULK_BYTES) && conn.bytes == BULK_BYTES,
-        "bulk transfer incomplete: {s:?} / {conn:?}"
-    );
-    Ok(BULK_BYTES as f64 * 1e9 / s.elapsed_ns as f64)
-}
-
 fn redirected(agent: &Agent) -> Result<f64> {
     let text = agent.metrics()?;
     Ok(text
         .lines()
         .find_map(|l| l.strip_prefix(REDIRECTED_BYTES)?.trim().parse().ok())
         .unwrap_or(0.0))
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Median over rounds of `a[i] / b[i]`.

@@ -10,6 +10,7 @@
 //! Everything is removed at the end; `--keep` holds it up until Ctrl-C.
 
 mod l7;
+mod mtls;
 
 use std::{
     collections::BTreeMap,
@@ -71,7 +72,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     for (node, name, ip, _) in PODS {
         builder = builder.pod(node, name, ip);
     }
-    for (node, name, ip) in l7::PODS {
+    for (node, name, ip) in l7::PODS.iter().chain(&mtls::PODS) {
         builder = builder.pod(node, name, ip);
     }
     let cluster = builder.build().context("building the demo cluster")?;
@@ -81,10 +82,11 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         .map(|(_, name, _, port)| testpod::start_server(cluster.pod(name), *port, name))
         .collect::<Result<_>>()?;
     let l7_servers = l7::start_backends(&cluster)?;
+    let mtls_server = mtls::start_backend(&cluster)?;
     // Policy applies to the pods of an agent's own node (spec.nodeName), and the agents
     // run under names unique to this run: write the state with those names.
     let state_dir = StateDir::new("demo")?;
-    for file in ["demo.yaml", "demo-l7.yaml"] {
+    for file in ["demo.yaml", "demo-l7.yaml", "demo-mtls.yaml"] {
         let template = build::workspace_root().join("deploy/local").join(file);
         let mut yaml = std::fs::read_to_string(&template)
             .with_context(|| format!("reading {}", template.display()))?;
@@ -101,7 +103,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     // The agent finds a pod's network namespace through a process in it (and the node
     // proxy listens only in pods it knows): client and batch run only short-lived
     // clients, so each keeps an idle one.
-    let _idle = ["client", "batch"]
+    let _idle = ["client", "batch", "frontend", "intruder"]
         .iter()
         .map(|pod| {
             let mut idle = std::process::Command::new("sleep");
@@ -113,11 +115,12 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         .iter()
         .map(|node| Agent::start_with(cluster.node(node), state, &["--sockmap=true"]))
         .collect::<Result<Vec<_>>>()?;
-    let proxies = l7::start_proxies(&cluster, &["n1", "n2"])?;
+    let ca_dir = StateDir::new("demo-ca")?;
+    let proxies = mtls::start_proxies(&cluster, &agents[0], &ca_dir)?;
     println!(
         "\n== cluster {}: 2 nodes, {} pods, agents attached, mesh-proxy running",
         cluster.id(),
-        PODS.len() + l7::PODS.len()
+        PODS.len() + l7::PODS.len() + mtls::PODS.len()
     );
     for agent in &agents {
         println!("\n$ mesh-agent services --node {}", agent.pin_name());
@@ -154,6 +157,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     policy_scene(&cluster, &agents)?;
     sockmap_scene(&cluster, &agents)?;
     l7::scene(&cluster, &agents, &proxies)?;
+    mtls::scene(&cluster, &agents, &proxies)?;
 
     if args.keep {
         keep_running(&cluster, &agents, state)?;
@@ -162,6 +166,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     drop(proxies);
     drop(agents);
     drop(l7_servers);
+    drop(mtls_server);
     drop(servers);
     drop(cluster);
     Ok(())

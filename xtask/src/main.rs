@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_l7;
+mod bench_mtls;
 mod bench_plan;
 mod bench_policy;
 mod bench_sockmap;

@@ -51,6 +51,8 @@ const APT_TOOLS: &[(&str, &str)] = &[
     ("h2load", "nghttp2-client"),
     ("haproxy", "haproxy"),
     ("nginx", "nginx-light"),
+    // mTLS: the TLS tunnel pair the mesh's tunnel is compared against.
+    ("stunnel", "stunnel4"),
 ];
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {

@@ -18,7 +18,7 @@ use mesh_identity::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use super::{CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_STREAMS, STREAM_WINDOW};
+use super::{CONNECTION_WINDOW, COPY_BUFFER, HANDSHAKE_TIMEOUT, MAX_STREAMS, STREAM_WINDOW};
 use crate::{inpod::Netns, metrics::ProxyMetrics};
 
 /// How long the application may take to accept a tunnelled connection.
@@ -253,7 +253,14 @@ async fn stream(
                 None => {
                     let mut tunnel = TokioIo::new(upgraded);
                     let mut app = app;
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut tunnel, &mut app).await {
+                    let copied = tokio::io::copy_bidirectional_with_sizes(
+                        &mut tunnel,
+                        &mut app,
+                        COPY_BUFFER,
+                        COPY_BUFFER,
+                    )
+                    .await;
+                    if let Err(e) = copied {
                         tracing::debug!(pod = %name, %target, error = %e, "HBONE stream ended");
                     }
                 }

@@ -227,6 +227,10 @@ struct ServeArgs {
     /// Run only on this CPU (every thread).
     #[arg(long)]
     cpu: Option<usize>,
+    /// Wait this many microseconds before echoing what each read brought (a service
+    /// that takes time to answer).
+    #[arg(long, default_value_t = 0)]
+    delay_us: u64,
 }
 
 #[derive(Args)]
@@ -383,7 +387,7 @@ fn accept_origdst(listener: &TcpListener) {
                         Ok(addr) => addr.to_string(),
                         Err(_) => "none".to_owned(),
                     };
-                    if let Err(e) = serve_tcp(&stream, &line) {
+                    if let Err(e) = serve_tcp(&stream, &line, Duration::ZERO) {
                         eprintln!("mesh-testpod origdst-echo: connection: {e}");
                     }
                 });
@@ -448,8 +452,9 @@ fn serve(args: &ServeArgs) -> Result<()> {
         match stream {
             Ok(stream) => {
                 let name = args.name.clone();
+                let delay = Duration::from_micros(args.delay_us);
                 std::thread::spawn(move || {
-                    if let Err(e) = serve_tcp(&stream, &name) {
+                    if let Err(e) = serve_tcp(&stream, &name, delay) {
                         eprintln!("mesh-testpod serve: connection: {e}");
                     }
                 });
@@ -477,13 +482,25 @@ fn bind(addr: SocketAddr, kind: Type) -> io::Result<Socket> {
     Ok(socket)
 }
 
-fn serve_tcp(stream: &TcpStream, name: &str) -> io::Result<()> {
+fn serve_tcp(stream: &TcpStream, name: &str, delay: Duration) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(SERVER_IDLE_TIMEOUT))?;
     stream.set_write_timeout(Some(SERVER_IDLE_TIMEOUT))?;
     let mut writer = stream;
     writer.write_all(format!("{name}\n").as_bytes())?;
-    io::copy(&mut &*stream, &mut writer)?;
+    if delay.is_zero() {
+        io::copy(&mut &*stream, &mut writer)?;
+    } else {
+        let mut buf = vec![0; 64 << 10];
+        loop {
+            let n = (&*stream).read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            std::thread::sleep(delay);
+            writer.write_all(&buf[..n])?;
+        }
+    }
     stream.shutdown(Shutdown::Both)
 }
 

@@ -60,17 +60,6 @@ pub fn start_backends(cluster: &Cluster) -> Result<Vec<ChildGuard>> {
         .collect()
 }
 
-/// Starts `mesh-proxy` on each node (after its agent, whose socket it follows).
-pub fn start_proxies(cluster: &Cluster, nodes: &[&str]) -> Result<Vec<Proxy>> {
-    nodes
-        .iter()
-        .map(|node| {
-            Proxy::start(cluster.node(node), &[])
-                .with_context(|| format!("starting mesh-proxy on {node}"))
-        })
-        .collect()
-}
-
 /// Runs the scene from pod `client` (n1), whose node proxy is `proxies[0]`.
 pub fn scene(cluster: &Cluster, agents: &[Agent], proxies: &[Proxy]) -> Result<()> {
     println!(

@@ -388,3 +388,22 @@ fn equal_inputs_give_equal_snapshots_whatever_the_discovery_order() {
         serde_json::to_string(&second).expect("json")
     );
 }
+
+#[test]
+fn enrolled_pods_know_the_container_ports_l7_services_send_to() {
+    let yaml = format!(
+        "{FIXTURE}---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: \
+         {{istio.io/dataplane-mode: ambient}}}}\n"
+    );
+    let state = parse_str("fixture.yaml", &yaml).expect("fixture");
+    let local = [netns(40, 9, &["10.244.1.5"]), netns(30, 8, &["10.244.1.7"])];
+    let config = proxy_config(&state, "n1", &compile(&state), &local, 1, None);
+    let http_ports = |name: &str| {
+        let pod = config.pods.iter().find(|p| p.pod.name == name).expect(name);
+        pod.security.as_ref().expect("enrolled").http_ports.clone()
+    };
+    // web's appProtocol http port targets web-1's named port (8080), api's grpc port
+    // api-1's 9090.
+    assert_eq!(http_ports("web-1"), [8080]);
+    assert_eq!(http_ports("api-1"), [9090]);
+}
