@@ -100,6 +100,15 @@ pub fn scene(cluster: &Cluster, agents: &[Agent], proxies: &[Proxy]) -> Result<(
             "\n{client} (spiffe://cluster.local/ns/shop/sa/{client}) -> payments \
              {PAYMENTS_URL}: {ok} answered, {refused} refused (connection reset)"
         );
+        // The policy admits the frontend's identity only: anything else means the
+        // traffic did not go the way this scene shows.
+        let expected = if client == "frontend" { ok } else { refused };
+        ensure!(
+            expected == REQUESTS,
+            "{client}: {ok} answered, {refused} refused; proxy logs:\n{}\n{}",
+            proxies[0].log(),
+            proxies[1].log()
+        );
     }
 
     let m = proxies[0].metrics_parsed()?;
