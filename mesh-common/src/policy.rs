@@ -64,7 +64,7 @@ const _: () = assert!(core::mem::size_of::<EndpointValue>() == 8);
 pub const ENDPOINT_NO_SOCKMAP: u32 = 1;
 
 /// [`EndpointValue::flags`]: the pod is in the mesh (Istio ambient enrollment). Its TCP
-/// connections to enrolled pods of other nodes go through the node proxy's mutual-TLS
+/// connections to enrolled pods (any node) go through the node proxy's mutual-TLS
 /// tunnel (HBONE).
 pub const ENDPOINT_MESH: u32 = 2;
 
@@ -114,13 +114,13 @@ pub const IPCACHE_MESH: u32 = 2;
 pub const IPCACHE_LOCAL: u32 = 4;
 
 /// Whether a TCP connection from an enrolled pod to `dst`:`port` is carried by the
-/// mesh's tunnel: `dst` is an enrolled pod on another node and the port is not the
-/// tunnel's own (the proxy's tunnel connections must not be captured again).
+/// mesh's tunnel: `dst` is an enrolled pod, on this node or another (same-node traffic
+/// is authorized by identity too), and the port is not the tunnel's own (the proxy's
+/// tunnel connections must not be captured again; its connections to the application
+/// go to the pod's loopback, which no pod address is).
 #[inline(always)]
 pub fn tunnelled(dst: &IpcacheValue, port_be: u16) -> bool {
-    dst.flags & IPCACHE_MESH != 0
-        && dst.flags & IPCACHE_LOCAL == 0
-        && port_be != crate::service::HBONE_PORT.to_be()
+    dst.flags & IPCACHE_MESH != 0 && port_be != crate::service::HBONE_PORT.to_be()
 }
 
 /// Whether a connection from an enrolled pod (`source_enrolled`) to `dst`:`port` is a
@@ -282,7 +282,7 @@ mod tests {
     const UDP: u8 = crate::service::PROTO_UDP;
 
     #[test]
-    fn only_enrolled_pods_elsewhere_are_tunnelled_and_never_the_tunnel_port() {
+    fn only_enrolled_pods_are_tunnelled_and_never_the_tunnel_port() {
         let dst = |flags| IpcacheValue {
             identity: PEER,
             owner: PEER,
@@ -294,10 +294,10 @@ mod tests {
             !tunnelled(&dst(IPCACHE_MESH), hbone),
             "the proxy's own tunnel"
         );
-        assert!(!tunnelled(
-            &dst(IPCACHE_MESH | IPCACHE_LOCAL),
-            80u16.to_be()
-        ));
+        assert!(
+            tunnelled(&dst(IPCACHE_MESH | IPCACHE_LOCAL), 80u16.to_be()),
+            "same node"
+        );
         assert!(!tunnelled(&dst(0), 80u16.to_be()), "not in the mesh");
         assert!(tunnel_port(true, &dst(IPCACHE_MESH), hbone));
         assert!(

@@ -3,9 +3,8 @@
 //! then apply egress policy to the final destination (`policy.rs`). A connect() to an
 //! L7 frontend goes to the node proxy on the pod's own loopback instead, without a
 //! policy check: the proxy's own connection to the backend, opened inside the pod's
-//! network namespace, is judged as the pod's. A TCP connection between enrolled pods of
-//! different nodes goes to the proxy too, after policy, for the mesh tunnel
-//! (`tunnel.rs`).
+//! network namespace, is judged as the pod's. A TCP connection between enrolled pods goes
+//! to the proxy too, after policy, for the mesh tunnel (`tunnel.rs`).
 //!
 //! Failure policy: a lookup that misses mid-translation refuses the connect. A VIP has no
 //! route, so passing it on would only turn a refusal into a timeout.

@@ -1,6 +1,6 @@
 //! Mesh capture in connect4/6: a TCP connection from an enrolled pod to an enrolled pod
-//! on another node goes to the node proxy on the pod's own loopback, which carries it
-//! through its mutual-TLS tunnel (HBONE). Decided after load balancing and egress
+//! (on any node) goes to the node proxy on the pod's own loopback, which carries it
+//! through its mutual-TLS tunnel (HBONE), where the destination authorizes it. Decided after load balancing and egress
 //! policy, so the proxy gets the pod actually chosen, and a denied connection is
 //! refused here as without the mesh.
 

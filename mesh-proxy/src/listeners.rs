@@ -4,7 +4,7 @@
 //! already accepted go on). Each accepted connection is looked up by its original
 //! destination and served as its frontend's protocol, or, between two pods of the mesh,
 //! carried through the tunnel. Enrolled pods also get the HBONE listener on port 15008
-//! of their own addresses, where other node proxies' tunnels end.
+//! of their own addresses, where the node proxies' tunnels end.
 
 use std::{
     collections::HashMap,
@@ -149,7 +149,7 @@ impl Listeners {
     }
 
     /// The pod's HBONE listeners (port 15008 on each of its addresses), where the
-    /// tunnels of other node proxies end. A pod without an SVID yet gets none (logged);
+    /// node proxies' tunnels end. A pod without an SVID yet gets none (logged);
     /// the next configuration retries.
     async fn open_hbone(
         &self,

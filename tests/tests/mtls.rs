@@ -31,11 +31,13 @@ const POD_PORT: u16 = 8080;
 /// The server's second HTTP server, behind `web-http` only: an HTTP port.
 const HTTP_POD_PORT: u16 = 8081;
 const SERVER_IP: &str = "10.244.2.30";
-/// Clients `(name, namespace, service account, ip)`, all on n1.
-const CLIENTS: [(&str, &str, &str, &str); 3] = [
-    ("client", "mesh", "client", "10.244.1.30"),
-    ("teamer", "team", "default", "10.244.1.31"),
-    ("outsider", "default", "default", "10.244.1.32"),
+/// Clients `(name, namespace, service account, ip, node)`: `neighbor` shares the
+/// server's node.
+const CLIENTS: [(&str, &str, &str, &str, &str); 4] = [
+    ("client", "mesh", "client", "10.244.1.30", "n1"),
+    ("teamer", "team", "default", "10.244.1.31", "n1"),
+    ("outsider", "default", "default", "10.244.1.32", "n1"),
+    ("neighbor", "mesh", "neighbor", "10.244.2.31", "n2"),
 ];
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/mesh/sa/client";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/mesh/sa/web";
@@ -86,16 +88,16 @@ status: {{podIP: {SERVER_IP}}}
 ",
         n2 = node_name(cluster.node("n2")),
     );
-    for (name, ns, sa, ip) in CLIENTS {
+    for (name, ns, sa, ip, node) in CLIENTS {
         yaml += &format!(
             "---
 apiVersion: v1
 kind: Pod
 metadata: {{name: {name}, namespace: {ns}, labels: {{app: {name}}}}}
-spec: {{nodeName: {n1}, serviceAccountName: {sa}, containers: [{{name: main, image: mesh-testpod}}]}}
+spec: {{nodeName: {node}, serviceAccountName: {sa}, containers: [{{name: main, image: mesh-testpod}}]}}
 status: {{podIP: {ip}}}
 ",
-            n1 = node_name(cluster.node("n1")),
+            node = node_name(cluster.node(node)),
         );
     }
     yaml
@@ -142,8 +144,8 @@ impl Bed {
             .node("n1")
             .node("n2")
             .pod("n2", "server", SERVER_IP);
-        for (name, _, _, ip) in CLIENTS {
-            builder = builder.pod("n1", name, ip);
+        for (name, _, _, ip, node) in CLIENTS {
+            builder = builder.pod(node, name, ip);
         }
         let cluster = builder.build().unwrap();
         let mut processes = vec![
@@ -151,7 +153,7 @@ impl Bed {
             l7::start_http_server(cluster.pod("server"), HTTP_POD_PORT, "server", &[]).unwrap(),
         ];
         // The agent finds a pod through its processes; curl runs are too short-lived.
-        for (name, _, _, _) in CLIENTS {
+        for (name, ..) in CLIENTS {
             let mut cmd = Command::new("sleep");
             cmd.arg("600").stdin(Stdio::null()).stdout(Stdio::null());
             processes.push(cluster.pod(name).spawn(cmd).unwrap());
@@ -291,7 +293,7 @@ fn mesh_traffic_crosses_nodes_encrypted_with_both_identities() {
 }
 
 /// AuthorizationPolicy on the server: DENY by principal resets that client only; ALLOW
-/// by namespace admits only that namespace.
+/// by namespace admits only that namespace, also to a client on the server's own node.
 #[test]
 fn authorization_policy_denies_by_principal_and_allows_by_namespace() {
     if !require_root() {
@@ -299,6 +301,11 @@ fn authorization_policy_denies_by_principal_and_allows_by_namespace() {
     }
     let bed = Bed::new("mtls-authz", &[], &[]);
     assert_eq!(bed.curl("teamer").http_code, 200);
+    assert_eq!(
+        bed.curl("neighbor").http_code,
+        200,
+        "same node, before any policy"
+    );
     bed.apply(
         "authz.yaml",
         "apiVersion: security.istio.io/v1
@@ -327,16 +334,20 @@ spec:
   rules: [{from: [{source: {namespaces: [team]}}]}]
 ",
     );
+    // The neighbor (namespace mesh, on the server's own node) tells this policy from
+    // the previous one: same-node traffic takes the tunnel too, so identity decides.
     assert_eventually!(
-        bed.curl("client").http_code == 0 && bed.curl("teamer").http_code == 200,
+        bed.curl("neighbor").http_code == 0,
         CONVERGE,
-        "ALLOW team: client must be refused, teamer admitted"
+        "ALLOW team: neighbor must be refused"
     );
+    assert_eq!(bed.curl("client").http_code, 0, "client is not in team");
+    assert_eq!(bed.curl("teamer").http_code, 200, "teamer is");
     let refused = bed.proxies[1].metrics_parsed().unwrap().sum(
         "mesh_proxy_hbone_refusals_total",
         &[("reason", "authorization")],
     );
-    assert!(refused >= 2.0, "refusals counted: {refused}");
+    assert!(refused >= 3.0, "refusals counted: {refused}");
 }
 
 /// NetworkPolicy still applies to tunnelled streams, for the stream's own port, and

@@ -1,4 +1,4 @@
-//! The source side of HBONE: streams to destinations in other nodes' pods, each a
+//! The source side of HBONE: streams to destinations in enrolled pods, each a
 //! CONNECT request on a shared mutual-TLS HTTP/2 connection to the destination pod's
 //! port 15008, opened from the client pod's own network namespace.
 
