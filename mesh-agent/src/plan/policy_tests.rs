@@ -222,6 +222,24 @@ fn local_pods_and_node_addresses_are_marked_local_for_sockmap() {
     );
 }
 
+/// The plan of node n1 for `yaml`, where A1, A2, B1 and C1 are local pods with netns
+/// cookies 1 to 4.
+fn plan_local_four(yaml: &str) -> PolicyPlan {
+    let local_netns: BTreeMap<IpAddr, u64> = [(A1, 1), (A2, 2), (B1, 3), (C1, 4)]
+        .into_iter()
+        .map(|(ip, cookie)| (ip.parse().expect("ip"), cookie))
+        .collect();
+    let ctx = PolicyContext {
+        node: "n1",
+        local_netns: &local_netns,
+        node_addrs: &[],
+        capacities: PolicyCapacities::default(),
+    };
+    plan_policy(&state(yaml), &IdentityIds::default(), &ctx)
+        .expect("plan")
+        .0
+}
+
 #[test]
 fn sockmap_opt_out_by_pod_or_namespace_annotation() {
     let annotated = |ns: &str, name: &str, ip: &str, value: &str| {
@@ -241,17 +259,7 @@ fn sockmap_opt_out_by_pod_or_namespace_annotation() {
         annotated("legacy", "c1", C1, "true"),
     ]
     .concat();
-    let local_netns: BTreeMap<IpAddr, u64> = [(A1, 1), (A2, 2), (B1, 3), (C1, 4)]
-        .into_iter()
-        .map(|(ip, cookie)| (ip.parse().expect("ip"), cookie))
-        .collect();
-    let ctx = PolicyContext {
-        node: "n1",
-        local_netns: &local_netns,
-        node_addrs: &[],
-        capacities: PolicyCapacities::default(),
-    };
-    let (plan, _) = plan_policy(&state(&yaml), &IdentityIds::default(), &ctx).expect("plan");
+    let plan = plan_local_four(&yaml);
     // (address, netns cookie, may be redirected): a pod's annotation wins over its
     // namespace's; no annotation anywhere means yes.
     for (ip, cookie, allowed) in [(A1, 1, true), (A2, 2, false), (B1, 3, false), (C1, 4, true)] {
@@ -282,17 +290,7 @@ fn ambient_enrollment_marks_endpoints_and_addresses() {
         pod("mesh", "far", "{app: web}", "10.244.9.9", "n2"),
     ]
     .concat();
-    let local_netns: BTreeMap<IpAddr, u64> = [(A1, 1), (A2, 2), (B1, 3), (C1, 4)]
-        .into_iter()
-        .map(|(ip, cookie)| (ip.parse().expect("ip"), cookie))
-        .collect();
-    let ctx = PolicyContext {
-        node: "n1",
-        local_netns: &local_netns,
-        node_addrs: &[],
-        capacities: PolicyCapacities::default(),
-    };
-    let (plan, _) = plan_policy(&state(&yaml), &IdentityIds::default(), &ctx).expect("plan");
+    let plan = plan_local_four(&yaml);
     // The namespace label enrolls, a pod's `none` opts out, a pod's `ambient` opts in.
     for (ip, cookie, mesh) in [(A1, 1, true), (A2, 2, false), (B1, 3, true), (C1, 4, false)] {
         let flags = flags_of(&plan, ip).expect(ip);
