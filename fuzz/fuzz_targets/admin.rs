@@ -88,6 +88,8 @@ fn flow(time: &str, verdict: Verdict, source: Option<&str>, destination: Option<
         source: peer(source, 256),
         destination: peer(destination, 257),
         policies: Vec::new(),
+        source_principal: None,
+        destination_principal: None,
     }
 }
 

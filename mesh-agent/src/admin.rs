@@ -21,10 +21,13 @@
 //!   line per change, until the client leaves or the agent stops ([`crate::proxyfeed`]).
 //! - `GET /v1/routes`: the HTTPRoute statuses of the applied state as a JSON list of
 //!   [`RouteStatus`](crate::plan::routes::RouteStatus).
+//! - `POST /v1/proxy/flows`: the node proxy's refusals, added to the flow log
+//!   ([`proxyflows`]).
 //!
 //! `client` is the other end, for `mesh-agent observe` and `mesh-agent policy`.
 
 pub mod client;
+mod proxyflows;
 
 use std::{
     convert::Infallible,
@@ -210,10 +213,19 @@ impl AdminServer {
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(
                     TokioIo::new(stream),
-                    service_fn(move |request| {
+                    service_fn(move |request: Request<hyper::body::Incoming>| {
                         let status = telemetry.status();
                         let (view, log, proxy) = (view.clone(), log.clone(), proxy.clone());
-                        handle(request, view, log, proxy, status, stopping.clone())
+                        let stopping = stopping.clone();
+                        async move {
+                            // The one endpoint with a body: the node proxy's refusals.
+                            if request.method() == Method::POST
+                                && request.uri().path() == mesh_common::l7::PROXY_FLOWS_PATH
+                            {
+                                return Ok(proxyflows::receive(request, &view, &log).await);
+                            }
+                            handle(request, view, log, proxy, status, stopping).await
+                        }
                     }),
                 );
             let connection = graceful.watch(connection);

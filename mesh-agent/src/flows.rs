@@ -19,7 +19,12 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use mesh_common::{FlowEvent, policy::IDENTITY_WORLD, service::Protocol};
+use mesh_common::{
+    FlowEvent,
+    l7::{ProxyDenial, ProxyFlow},
+    policy::IDENTITY_WORLD,
+    service::Protocol,
+};
 use tokio::sync::broadcast;
 use tracing::{debug, warn};
 
@@ -243,6 +248,8 @@ impl View {
                 .collect()
         });
         Flow {
+            source_principal: None,
+            destination_principal: None,
             time,
             // A verdict code of a newer datapath reads as the stricter outcome.
             verdict: Verdict::from_u8(event.verdict).unwrap_or(Verdict::Dropped),
@@ -253,6 +260,52 @@ impl View {
             source,
             destination,
             policies,
+        }
+    }
+}
+
+impl View {
+    /// Names a refusal the node proxy reported: an ingress decision at the server pod,
+    /// with both SPIFFE identities.
+    pub fn proxy_flow(&self, f: &ProxyFlow) -> Flow {
+        let identity = |ip: IpAddr| {
+            let pod = self.pods_by_ip.get(&ip);
+            self.identities
+                .iter()
+                .find(|(_, n)| n.pods.iter().any(|p| Some(&p.name) == pod))
+                .map_or(IDENTITY_WORLD, |(&id, _)| id)
+        };
+        let (src, dst) = (f.src.ip(), f.dst.ip());
+        let source = self.peer(Some(src), f.src.port(), identity(src), Some(dst));
+        let destination = self.peer(Some(dst), f.dst.port(), identity(dst), Some(src));
+        let (reason, policies) = match f.denial {
+            ProxyDenial::NetworkPolicy => {
+                let pod = destination.pod.as_deref();
+                let isolating = self
+                    .report
+                    .policies
+                    .iter()
+                    .filter(|p| p.ingress && p.selects.iter().any(|s| Some(s.as_str()) == pod))
+                    .map(|p| p.name.clone())
+                    .collect();
+                (Reason::PolicyDenied, isolating)
+            }
+            ProxyDenial::Authorization => (
+                Reason::AuthorizationDenied,
+                f.policy.iter().cloned().collect(),
+            ),
+        };
+        Flow {
+            time: rfc3339(i128::from(f.time_unix_ns)),
+            verdict: Verdict::Dropped,
+            direction: Direction::Ingress,
+            reason: Some(reason),
+            proto: "TCP".to_owned(),
+            source,
+            destination,
+            policies,
+            source_principal: f.source_principal.clone(),
+            destination_principal: f.destination_principal.clone(),
         }
     }
 }

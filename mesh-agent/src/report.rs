@@ -56,6 +56,12 @@ pub struct Flow {
     /// the flow. Empty when unknown.
     #[serde(default)]
     pub policies: Vec<String>,
+    /// The source's SPIFFE identity, when the node proxy judged the flow in the mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_principal: Option<String>,
+    /// The destination's SPIFFE identity, likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_principal: Option<String>,
 }
 
 impl Flow {
@@ -78,6 +84,9 @@ impl Flow {
         );
         if !self.policies.is_empty() {
             line.push_str(&format!(" (isolated by {})", self.policies.join(", ")));
+        }
+        if let (Some(src), Some(dst)) = (&self.source_principal, &self.destination_principal) {
+            line.push_str(&format!(" [mTLS {src} -> {dst}]"));
         }
         line
     }

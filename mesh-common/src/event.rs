@@ -31,6 +31,9 @@ wire_enum! {
     pub enum Reason {
         /// No policy rule allows the flow.
         PolicyDenied = 1 => "policy-denied",
+        /// An Istio AuthorizationPolicy refused it (the node proxy, on a tunnelled
+        /// stream or request).
+        AuthorizationDenied = 2 => "authorization-denied",
     }
 }
 

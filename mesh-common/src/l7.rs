@@ -14,6 +14,41 @@ use serde::{Deserialize, Serialize};
 use crate::security::{MeshEndpoint, WorkloadSecurity};
 pub use crate::service::{HBONE_PORT, PROXY_OUTBOUND_PORT};
 
+/// Where the node proxy reports the connections and requests it refused to the agent's
+/// admin socket (`POST`, one [`ProxyFlow`] JSON object per line), for the agent's flow
+/// log (`mesh-agent observe`).
+pub const PROXY_FLOWS_PATH: &str = "/v1/proxy/flows";
+
+/// A connection or request the node proxy refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyFlow {
+    /// When, in nanoseconds since the Unix epoch.
+    pub time_unix_ns: u64,
+    /// The client's address and port (the tunnel's source).
+    pub src: std::net::SocketAddr,
+    /// The server pod's address and the port the client asked for.
+    pub dst: std::net::SocketAddr,
+    /// The client's proven SPIFFE identity.
+    pub source_principal: Option<String>,
+    /// The server pod's SPIFFE identity.
+    pub destination_principal: Option<String>,
+    /// What refused it.
+    pub denial: ProxyDenial,
+    /// The AuthorizationPolicy that decided (`namespace/name`), when one did.
+    pub policy: Option<String>,
+}
+
+/// What refused a [`ProxyFlow`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ProxyDenial {
+    /// The server pod's ingress NetworkPolicy, for the stream's port.
+    NetworkPolicy,
+    /// An AuthorizationPolicy of the server pod.
+    Authorization,
+}
+
 /// File in the node's run directory (`<run-dir>/<node>/`) where the node proxy lists
 /// its workload certificates for `mesh-agent certs`: JSON, identities, serials,
 /// validity and chain subjects, never keys.

@@ -4,16 +4,27 @@
 //! identity. Both must allow. Settings are read from the configuration in force at
 //! each stream, so a policy change applies to the next stream of an open tunnel.
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use http::request::Parts;
-use mesh_common::security::WorkloadSecurity;
+use mesh_common::{
+    l7::{ProxyDenial, ProxyFlow},
+    security::WorkloadSecurity,
+};
 
 use crate::{
     authz::{self, HttpRequest, RequestContext},
     forward::Proxy,
     hbone::inbound::{Admission, Gate, InboundPod, Refusal, StreamRequest},
 };
+
+/// [`Refusal::reason`] of a NetworkPolicy denial.
+const NETWORK_POLICY: &str = "network_policy";
+/// [`Refusal::reason`] of an AuthorizationPolicy denial.
+const AUTHORIZATION: &str = "authorization";
 
 /// [`Gate`] of the mesh.
 pub struct MeshGate {
@@ -29,23 +40,50 @@ impl MeshGate {
 
 impl Gate for MeshGate {
     fn check(&self, pod: &InboundPod, stream: &StreamRequest<'_>) -> Result<Admission, Refusal> {
+        self.decide(pod, stream)
+            .inspect_err(|refusal| self.report(pod, stream, refusal))
+    }
+
+    fn check_request(
+        &self,
+        pod: &InboundPod,
+        stream: &StreamRequest<'_>,
+        parts: &Parts,
+    ) -> Result<(), Refusal> {
+        self.decide_request(pod, stream, parts)
+            .inspect_err(|refusal| self.report(pod, stream, refusal))
+    }
+}
+
+impl MeshGate {
+    /// Reports a policy denial to the agent's flow log.
+    fn report(&self, pod: &InboundPod, stream: &StreamRequest<'_>, refusal: &Refusal) {
+        if let (Some(mesh), Some(flow)) = (&self.proxy.mesh, flow(pod, stream, refusal)) {
+            mesh.flows.report(flow);
+        }
+    }
+
+    fn decide(&self, pod: &InboundPod, stream: &StreamRequest<'_>) -> Result<Admission, Refusal> {
         let Some(mesh) = &self.proxy.mesh else {
             return Err(Refusal {
-                reason: "network_policy",
+                reason: NETWORK_POLICY,
                 detail: "the proxy runs without the mesh".into(),
+                policy: None,
             });
         };
         let Some(netpol) = mesh.netpol() else {
             return Err(Refusal {
-                reason: "network_policy",
+                reason: NETWORK_POLICY,
                 detail: "policy maps unavailable".into(),
+                policy: None,
             });
         };
         let (src, dst) = (stream.peer.ip(), stream.target.ip());
         if !netpol.ingress_allowed(src, dst, stream.target.port()) {
             return Err(Refusal {
-                reason: "network_policy",
+                reason: NETWORK_POLICY,
                 detail: format!("ingress from {src} to port {} denied", stream.target.port()),
+                policy: None,
             });
         }
         let security = self.security(pod)?;
@@ -57,7 +95,7 @@ impl Gate for MeshGate {
         Ok(Admission::Bytes)
     }
 
-    fn check_request(
+    fn decide_request(
         &self,
         pod: &InboundPod,
         stream: &StreamRequest<'_>,
@@ -78,9 +116,7 @@ impl Gate for MeshGate {
         };
         authorize(pod, &security, stream, Some(request))
     }
-}
 
-impl MeshGate {
     /// The pod's security settings in the configuration in force.
     fn security(&self, pod: &InboundPod) -> Result<WorkloadSecurity, Refusal> {
         let snapshot = Arc::clone(&self.proxy.snapshot.borrow());
@@ -91,8 +127,9 @@ impl MeshGate {
             .find(|p| p.pod == pod.key)
             .and_then(|p| p.security.clone())
             .ok_or_else(|| Refusal {
-                reason: "authorization",
+                reason: AUTHORIZATION,
                 detail: "the pod is no longer in the mesh".into(),
+                policy: None,
             })
     }
 }
@@ -133,7 +170,31 @@ fn authorize(
         None => "no ALLOW AuthorizationPolicy matches".into(),
     };
     Err(Refusal {
-        reason: "authorization",
+        reason: AUTHORIZATION,
         detail,
+        policy: decision
+            .by
+            .map(|by| format!("{}/{}", by.policy.namespace, by.policy.name)),
+    })
+}
+
+/// The refusal as the agent's flow log takes it, for the policy denials.
+fn flow(pod: &InboundPod, stream: &StreamRequest<'_>, refusal: &Refusal) -> Option<ProxyFlow> {
+    let denial = match refusal.reason {
+        NETWORK_POLICY => ProxyDenial::NetworkPolicy,
+        AUTHORIZATION => ProxyDenial::Authorization,
+        _ => return None,
+    };
+    let time_unix_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    Some(ProxyFlow {
+        time_unix_ns,
+        src: stream.peer,
+        dst: stream.target,
+        source_principal: Some(stream.principal.to_string()),
+        destination_principal: Some(pod.identity.clone()),
+        denial,
+        policy: refusal.policy.clone(),
     })
 }

@@ -14,6 +14,7 @@ pub mod balance;
 pub mod cli;
 pub mod feed;
 pub mod filters;
+pub mod flowreport;
 pub mod forward;
 pub mod gate;
 pub mod hbone;

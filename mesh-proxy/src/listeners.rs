@@ -166,6 +166,7 @@ impl Listeners {
         let inbound = Arc::new(InboundPod {
             name: netns.name.clone(),
             key: pod.pod.clone(),
+            identity: identity.to_owned(),
             addrs: pod.addrs.clone(),
             netns: Arc::clone(netns),
             tls,

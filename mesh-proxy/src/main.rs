@@ -9,6 +9,7 @@ use mesh_common::l7::ProxyConfig;
 use mesh_proxy::{
     cli::Args,
     feed,
+    flowreport::FlowReporter,
     forward::{MAX_MIRRORS, Proxy, Snapshot},
     hbone::outbound::Tunnels,
     identities::Identities,
@@ -98,6 +99,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Some(Arc::new(Mesh::new(
                 Arc::new(identities),
                 Tunnels::new(args.connect_timeout),
+                FlowReporter::start(args.agent_socket()),
                 node_dir,
             )))
         }

@@ -13,6 +13,7 @@ use std::{
 use mesh_common::{l7::ProxyConfig, security::MeshEndpoint};
 
 use crate::{
+    flowreport::FlowReporter,
     hbone::outbound::{HboneError, Origin, TunnelStream, Tunnels},
     identities::Identities,
     inpod::Netns,
@@ -57,6 +58,8 @@ pub struct Mesh {
     pub identities: Arc<Identities>,
     /// Open tunnels.
     pub tunnels: Tunnels,
+    /// Where refusals go: the agent's flow log.
+    pub flows: FlowReporter,
     node_dir: PathBuf,
     netpol: RwLock<Option<Arc<Netpol>>>,
     peers: RwLock<Arc<HashMap<IpAddr, MeshEndpoint>>>,
@@ -64,10 +67,16 @@ pub struct Mesh {
 
 impl Mesh {
     /// A mesh whose policy maps are pinned in `node_dir` (`<bpffs>/mesh/<node>`).
-    pub fn new(identities: Arc<Identities>, tunnels: Tunnels, node_dir: PathBuf) -> Self {
+    pub fn new(
+        identities: Arc<Identities>,
+        tunnels: Tunnels,
+        flows: FlowReporter,
+        node_dir: PathBuf,
+    ) -> Self {
         Self {
             identities,
             tunnels,
+            flows,
             node_dir,
             netpol: RwLock::default(),
             peers: RwLock::default(),

@@ -323,6 +323,19 @@ spec:
         "client still admitted after DENY"
     );
     assert_eq!(bed.curl("teamer").http_code, 200, "teamer is not denied");
+    // The refusal is a flow of the server's agent, with both identities.
+    assert_eventually!(
+        bed.agents[1].flows(&[]).unwrap().iter().any(|f| {
+            f["reason"] == "authorization-denied"
+                && f["source_principal"] == CLIENT_ID
+                && f["destination_principal"] == SERVER_ID
+                && f["policies"][0] == "mesh/no-client"
+                && f["destination"]["pod"] == "mesh/server"
+        }),
+        CONVERGE,
+        "no authorization-denied flow on n2: {:?}",
+        bed.agents[1].flows(&[])
+    );
     bed.apply(
         "authz.yaml",
         "apiVersion: security.istio.io/v1

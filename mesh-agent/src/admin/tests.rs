@@ -75,6 +75,8 @@ async fn serves_flows_policy_and_follows_over_the_socket() {
         },
     ));
     let sample = |time: &str| Flow {
+        source_principal: None,
+        destination_principal: None,
         time: time.into(),
         verdict: Verdict::Dropped,
         direction: Direction::Egress,

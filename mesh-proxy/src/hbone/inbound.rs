@@ -42,6 +42,8 @@ pub struct Refusal {
     pub reason: &'static str,
     /// Human-readable detail (which policy, which rule).
     pub detail: String,
+    /// The AuthorizationPolicy that decided (`namespace/name`), when one did.
+    pub policy: Option<String>,
 }
 
 /// How an admitted stream is served.
@@ -74,6 +76,8 @@ pub struct InboundPod {
     pub name: String,
     /// The pod, to find its current security settings.
     pub key: mesh_common::l7::ObjectRef,
+    /// The pod's SPIFFE identity.
+    pub identity: String,
     /// The pod's addresses: a stream for another address is refused.
     pub addrs: Vec<IpAddr>,
     /// The pod's namespace, where connections to the application are made.
@@ -188,6 +192,7 @@ async fn stream(
             Refusal {
                 reason: "not_connect",
                 detail: format!("method {}", req.method()),
+                policy: None,
             },
         );
     }
@@ -201,6 +206,7 @@ async fn stream(
             Refusal {
                 reason: "bad_target",
                 detail: format!("authority {:?} is no address:port", req.uri()),
+                policy: None,
             },
         );
     };
@@ -210,6 +216,7 @@ async fn stream(
             Refusal {
                 reason: "not_hosted",
                 detail: format!("{target} is not an address of this pod"),
+                policy: None,
             },
         );
     }
@@ -230,6 +237,7 @@ async fn stream(
                 Refusal {
                     reason: "app_unreachable",
                     detail: e.to_string(),
+                    policy: None,
                 },
             );
         }
