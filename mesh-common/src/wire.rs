@@ -85,7 +85,7 @@ mod tests {
         assert_eq!(check!(BackendState), 3);
         assert_eq!(check!(Direction), 2);
         assert_eq!(check!(Verdict), 3);
-        assert_eq!(check!(Reason), 1);
+        assert_eq!(check!(Reason), 2);
     }
 
     #[test]

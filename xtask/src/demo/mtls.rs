@@ -1,8 +1,9 @@
 //! The mTLS scene of `cargo xtask demo` (deploy/local/demo-mtls.yaml): pods of the
 //! mesh talk across nodes through the node proxies' mutual-TLS tunnel (HBONE), each
 //! with the SPIFFE identity its node issued, and an AuthorizationPolicy admits one
-//! service account only. Shown: `mesh-agent certs`, both clients' outcomes, and the
-//! proxies' own account (Istio's TCP metrics with both principals, refusals).
+//! service account only. Shown: `mesh-agent certs`, both clients' outcomes, the
+//! refusal as a flow of `mesh-agent observe`, and the proxies' own account (Istio's TCP
+//! metrics with both principals, refusals).
 
 use std::time::Duration;
 
@@ -109,6 +110,18 @@ pub fn scene(cluster: &Cluster, agents: &[Agent], proxies: &[Proxy]) -> Result<(
             proxies[0].log(),
             proxies[1].log()
         );
+    }
+
+    // The refusals are flows of n2's agent, with both identities.
+    println!("\n$ mesh-agent observe --node {n2}   # the last refusal");
+    let out = agents[1].cli(&["observe", "--node", n2])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if let Some(line) = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("authorization-denied"))
+    {
+        println!("{line}");
     }
 
     let m = proxies[0].metrics_parsed()?;
