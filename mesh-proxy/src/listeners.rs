@@ -167,6 +167,7 @@ impl Listeners {
             name: netns.name.clone(),
             key: pod.pod.clone(),
             identity: identity.to_owned(),
+            workload: pod.workload.clone(),
             addrs: pod.addrs.clone(),
             netns: Arc::clone(netns),
             tls,

@@ -274,6 +274,21 @@ fn mesh_traffic_crosses_nodes_encrypted_with_both_identities() {
         "opened {opened}:\n{}",
         bed.proxies[0].metrics().unwrap()
     );
+    // The destination side counts the same connections, and the bytes of the requests.
+    let destination = bed.proxies[1].metrics_parsed().unwrap();
+    let labels = [
+        ("reporter", "destination"),
+        ("source_principal", CLIENT_ID),
+        ("destination_principal", SERVER_ID),
+        ("destination_workload", "web"),
+    ];
+    let opened = destination.sum("istio_tcp_connections_opened_total", &labels);
+    assert!(opened >= 5.0, "destination opened {opened}");
+    let received = destination.sum("istio_tcp_received_bytes_total", &labels);
+    assert!(
+        received >= 5.0 * MARKER.len() as f64,
+        "destination received {received} bytes"
+    );
     let n2 = node_name(bed.cluster.node("n2"));
     let out = bed.agents[1].cli(&["certs", "--node", &n2]).unwrap();
     assert!(out.status.success(), "mesh-agent certs: {out:?}");

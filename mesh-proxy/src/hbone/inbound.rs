@@ -19,7 +19,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use super::{CONNECTION_WINDOW, COPY_BUFFER, HANDSHAKE_TIMEOUT, MAX_STREAMS, STREAM_WINDOW};
-use crate::{inpod::Netns, metrics::ProxyMetrics};
+use crate::{
+    inpod::Netns,
+    metrics::{ProxyMetrics, TcpLabels},
+};
 
 /// How long the application may take to accept a tunnelled connection.
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -78,6 +81,8 @@ pub struct InboundPod {
     pub key: mesh_common::l7::ObjectRef,
     /// The pod's SPIFFE identity.
     pub identity: String,
+    /// The pod's workload name (a metric label).
+    pub workload: String,
     /// The pod's addresses: a stream for another address is refused.
     pub addrs: Vec<IpAddr>,
     /// The pod's namespace, where connections to the application are made.
@@ -176,7 +181,7 @@ async fn stream(
     principal: &SpiffeId,
     pod: &Arc<InboundPod>,
     gate: &Arc<dyn Gate>,
-    metrics: &ProxyMetrics,
+    metrics: &Arc<ProxyMetrics>,
 ) -> Response<Empty<Bytes>> {
     let refuse = |status: StatusCode, refusal: Refusal| {
         metrics.record_hbone_refusal(refusal.reason);
@@ -243,6 +248,19 @@ async fn stream(
         }
     };
     let name = pod.name.clone();
+    // Istio's destination-side view: the client is known by its identity only.
+    let labels = TcpLabels {
+        reporter: "destination",
+        source_workload: "unknown".into(),
+        source_workload_namespace: principal.namespace().to_owned(),
+        source_principal: principal.to_string(),
+        destination_workload: pod.workload.clone(),
+        destination_workload_namespace: pod.key.namespace.clone(),
+        destination_principal: pod.identity.clone(),
+        destination_service: String::new(),
+        connection_security_policy: "mutual_tls",
+    };
+    let metrics = Arc::clone(metrics);
     let per_request = (admission == Admission::PerRequest).then(|| {
         let (gate, pod, principal) = (Arc::clone(gate), Arc::clone(pod), principal.clone());
         move |parts: &http::request::Parts| {
@@ -259,6 +277,7 @@ async fn stream(
             Ok(upgraded) => match per_request {
                 Some(check) => super::http::serve(upgraded, app, target, check).await,
                 None => {
+                    metrics.record_tcp_open(&labels);
                     let mut tunnel = TokioIo::new(upgraded);
                     let mut app = app;
                     let copied = tokio::io::copy_bidirectional_with_sizes(
@@ -268,9 +287,11 @@ async fn stream(
                         COPY_BUFFER,
                     )
                     .await;
-                    if let Err(e) = copied {
+                    let (received, sent) = copied.unwrap_or_else(|e| {
                         tracing::debug!(pod = %name, %target, error = %e, "HBONE stream ended");
-                    }
+                        (0, 0)
+                    });
+                    metrics.record_tcp_close(&labels, sent, received);
                 }
             },
             Err(e) => tracing::debug!(pod = %name, %target, error = %e, "HBONE upgrade failed"),
