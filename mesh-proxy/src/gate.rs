@@ -86,13 +86,15 @@ impl MeshGate {
                 policy: None,
             });
         }
-        let security = self.security(pod)?;
-        if security.http_ports.contains(&stream.target.port()) {
-            // An HTTP port: AuthorizationPolicy judges each request, HTTP fields and all.
-            return Ok(Admission::PerRequest);
-        }
-        authorize(pod, &security, stream, None)?;
-        Ok(Admission::Bytes)
+        self.with_security(pod, |security| {
+            if security.http_ports.contains(&stream.target.port()) {
+                // An HTTP port: AuthorizationPolicy judges each request, HTTP fields
+                // and all.
+                return Ok(Admission::PerRequest);
+            }
+            authorize(pod, security, stream, None)?;
+            Ok(Admission::Bytes)
+        })
     }
 
     fn decide_request(
@@ -101,7 +103,6 @@ impl MeshGate {
         stream: &StreamRequest<'_>,
         parts: &Parts,
     ) -> Result<(), Refusal> {
-        let security = self.security(pod)?;
         let host = parts
             .headers
             .get(http::header::HOST)
@@ -114,23 +115,31 @@ impl MeshGate {
             host,
             headers: &parts.headers,
         };
-        authorize(pod, &security, stream, Some(request))
+        self.with_security(pod, |security| {
+            authorize(pod, security, stream, Some(request))
+        })
     }
 
-    /// The pod's security settings in the configuration in force.
-    fn security(&self, pod: &InboundPod) -> Result<WorkloadSecurity, Refusal> {
+    /// Runs `decide` on the pod's security settings in the configuration in force
+    /// (borrowed from it, not copied per stream).
+    fn with_security<T>(
+        &self,
+        pod: &InboundPod,
+        decide: impl FnOnce(&WorkloadSecurity) -> Result<T, Refusal>,
+    ) -> Result<T, Refusal> {
         let snapshot = Arc::clone(&self.proxy.snapshot.borrow());
-        snapshot
+        let security = snapshot
             .config
             .pods
             .iter()
             .find(|p| p.pod == pod.key)
-            .and_then(|p| p.security.clone())
+            .and_then(|p| p.security.as_ref())
             .ok_or_else(|| Refusal {
                 reason: AUTHORIZATION,
                 detail: "the pod is no longer in the mesh".into(),
                 policy: None,
-            })
+            })?;
+        decide(security)
     }
 }
 
