@@ -29,7 +29,6 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddr},
-    process::{Command, Stdio},
     sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
@@ -387,9 +386,7 @@ impl Bed {
     /// chance).
     pub fn anchor_idle_pods(&mut self) -> Result<()> {
         for p in self.pods.iter().filter(|p| p.ports.is_empty()) {
-            let mut cmd = Command::new("sleep");
-            cmd.arg("600").stdin(Stdio::null()).stdout(Stdio::null());
-            self.anchors.push(self.cluster.pod(p.name).spawn(cmd)?);
+            self.anchors.push(self.cluster.pod(p.name).spawn_anchor()?);
         }
         Ok(())
     }

@@ -41,7 +41,7 @@ use std::fmt;
 use std::fs;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Duration;
@@ -427,6 +427,17 @@ impl Pod {
     /// it on drop. Hooks are added to `cmd`; don't reuse it for another pod.
     pub fn spawn(&self, cmd: impl BorrowMut<Command>) -> Result<ChildGuard> {
         process::spawn(cmd, &self.placement(), &self.registry)
+    }
+
+    /// Starts an idle process in the pod, so that the agent finds its network
+    /// namespace (it finds pods through their processes, and short-lived clients are
+    /// found only by chance). It lives until the guard drops.
+    pub fn spawn_anchor(&self) -> Result<ChildGuard> {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("infinity")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        self.spawn(cmd)
     }
 
     /// Runs `cmd` to completion like [`Pod::spawn`] and returns its output (a non-zero

@@ -16,7 +16,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     net::Ipv4Addr,
-    process::{Command, Stdio},
+    process::Command,
     sync::{
         Mutex,
         atomic::{AtomicBool, AtomicU32, Ordering},
@@ -203,9 +203,7 @@ impl Bed {
         }
         // The agent finds a pod through its processes; curl runs are too short-lived.
         for (name, _, _) in CLIENTS {
-            let mut cmd = Command::new("sleep");
-            cmd.arg("600").stdin(Stdio::null()).stdout(Stdio::null());
-            processes.push(cluster.pod(name).spawn(cmd).unwrap());
+            processes.push(cluster.pod(name).spawn_anchor().unwrap());
         }
         let state = StateDir::new(prefix).unwrap();
         state

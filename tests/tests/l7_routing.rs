@@ -1125,9 +1125,7 @@ status: {{podIP: {ip}, podIPs: [{{ip: {ip}}}, {{ip: '{ip6}'}}]}}
     }
     let state = mesh_tests::StateDir::new("l7v6").expect("state");
     state.write("state.yaml", &yaml).expect("write");
-    let mut sleep = Command::new("sleep");
-    sleep.arg("600");
-    let _anchor = cluster.pod("client").spawn(sleep).expect("anchor");
+    let _anchor = cluster.pod("client").spawn_anchor().expect("anchor");
     let _servers: Vec<ChildGuard> = ["v1-a", "v1-b"]
         .iter()
         .map(|n| l7::start_http_server(cluster.pod(n), HTTP_PORT, n, &[]).expect("server"))

@@ -9,7 +9,6 @@
 use std::{
     io::{Read as _, Write as _},
     net::Ipv4Addr,
-    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -154,9 +153,7 @@ impl Bed {
         ];
         // The agent finds a pod through its processes; curl runs are too short-lived.
         for (name, ..) in CLIENTS {
-            let mut cmd = Command::new("sleep");
-            cmd.arg("600").stdin(Stdio::null()).stdout(Stdio::null());
-            processes.push(cluster.pod(name).spawn(cmd).unwrap());
+            processes.push(cluster.pod(name).spawn_anchor().unwrap());
         }
         let state = StateDir::new(prefix).unwrap();
         state

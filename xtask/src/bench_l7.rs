@@ -19,7 +19,6 @@ use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    process::{Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
@@ -174,14 +173,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let _server = l7::start_http_server(server, SERVER_PORT, SERVER.0, &[])?;
     // The agent finds a pod's netns through its processes, and the node proxy listens
     // only in pods the agent found: the client pod holds one for the whole run.
-    let anchor_secs = 600 + opts.rounds * 8 * (opts.secs + 30);
-    let _anchor = client.spawn({
-        let mut cmd = Command::new("sleep");
-        cmd.arg(anchor_secs.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        cmd
-    })?;
+    let _anchor = client.spawn_anchor()?;
     let state = StateDir::new("bl7")?;
     let node = |n: &str| agent::node_name(cluster.node(n));
     state.write("web.yaml", &state_yaml(&node("n1"), &node("n2")))?;

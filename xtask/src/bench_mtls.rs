@@ -124,9 +124,7 @@ pub fn run(count: u32, rounds: u32) -> Result<()> {
     }
     // The agent finds a pod through a process in it; the clients' runs are too short.
     for client in ["client", "pclient"] {
-        let mut idle = Command::new("sleep");
-        idle.arg("3600");
-        processes.push(cluster.pod(client).spawn(idle)?);
+        processes.push(cluster.pod(client).spawn_anchor()?);
     }
     let state = StateDir::new("bmtls")?;
     state.write("cluster.yaml", &cluster_yaml(&cluster))?;

@@ -6,7 +6,7 @@
 //! Two measures: connection setup (connect + echo + close: egress check at connect,
 //! ingress check on the SYN) and request/response on an established connection.
 
-use std::{fmt::Write as _, process::Command};
+use std::fmt::Write as _;
 
 use anyhow::{Context as _, Result};
 use mesh_tests::{Agent, Cluster, Pod, StateDir, testpod};
@@ -43,8 +43,8 @@ pub fn run(count: u32, rounds: u32) -> Result<()> {
     // The agent learns a pod's network namespace from a live process in it; the
     // measuring processes come and go, so each client pod keeps an idle one.
     let _idle = [
-        cluster.pod("client-a").spawn(idle())?,
-        cluster.pod("client-b").spawn(idle())?,
+        cluster.pod("client-a").spawn_anchor()?,
+        cluster.pod("client-b").spawn_anchor()?,
     ];
     for client in ["client-a", "client-b"] {
         cluster.pod(client).in_netns(|| -> Result<()> {
@@ -128,12 +128,6 @@ pub fn run(count: u32, rounds: u32) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn idle() -> Command {
-    let mut cmd = Command::new("sleep");
-    cmd.arg("3600");
-    cmd
 }
 
 /// Alternating rounds of pair A and pair B.

@@ -100,16 +100,11 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         state_dir.write(file, &yaml)?;
     }
     let state = state_dir.path();
-    // The agent finds a pod's network namespace through a process in it (and the node
-    // proxy listens only in pods it knows): client and batch run only short-lived
-    // clients, so each keeps an idle one.
+    // The node proxy listens only in pods the agent found: the pods that run only
+    // short-lived clients each keep an idle process.
     let _idle = ["client", "batch", "frontend", "intruder"]
         .iter()
-        .map(|pod| {
-            let mut idle = std::process::Command::new("sleep");
-            idle.arg("3600");
-            cluster.pod(pod).spawn(idle)
-        })
+        .map(|pod| cluster.pod(pod).spawn_anchor())
         .collect::<Result<Vec<_>>>()?;
     let agents = ["n1", "n2"]
         .iter()
