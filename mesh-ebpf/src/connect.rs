@@ -54,14 +54,18 @@ pub fn verdict<const V6: bool>(ctx: &SockAddrContext) -> i32 {
         Ok(verdict @ (Verdict::Pass | Verdict::Translated(..))) => {
             let (dst, port, proto) = (sa.addr::<V6>(), sa.port(), sa.protocol());
             if proto == PROTO_TCP {
-                if !policy::egress_allowed(&sa, &dst, port, proto) {
+                let Ok(judged) = policy::egress(&sa, &dst, port, proto) else {
                     return deny();
-                }
+                };
+                // Only a known local pod can be in the mesh.
+                let Some((caller, peer)) = judged else {
+                    return ALLOW;
+                };
                 let dialled = match verdict {
                     Verdict::Translated(key, id) => Some((key, id)),
                     _ => None,
                 };
-                return match tunnel::capture::<V6>(&sa, dialled) {
+                return match tunnel::capture::<V6>(&sa, &caller, &peer, dialled) {
                     Ok(_) => ALLOW,
                     Err(lb::Miss) => refuse(),
                 };

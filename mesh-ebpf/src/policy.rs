@@ -14,7 +14,7 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use mesh_common::{
-    Addr, FlowEvent, IpcacheValue,
+    Addr, EndpointValue, FlowEvent, IpcacheValue,
     event::{REASON_POLICY_DENIED, VERDICT_AUDIT, VERDICT_DROPPED, VerdictKey, config},
     policy::{
         DIR_EGRESS, ENDPOINT_MESH, IDENTITY_WORLD, POLICY_FIXED_PREFIX, policy_allows, tunnel_port,
@@ -116,23 +116,34 @@ fn count(direction: u8, verdict: u8) {
     }
 }
 
+/// A call egress policy denied.
+pub struct Denied;
+
 /// Egress check in the socket hooks: the calling pod (by netns cookie) sending to
 /// `dst`:`port_be`. Callers that are not known local pods (the node's own processes, a
 /// pod not discovered yet) pass, and so do loopback traffic and the node proxy's
 /// tunnels between enrolled pods (their streams are judged one by one by the proxies).
+/// An allowed call of a known pod returns what the lookups found (the caller's
+/// ENDPOINTS entry, the destination's IPCACHE entry), so the mesh capture that follows
+/// does not look them up again.
 #[inline(always)]
-pub fn egress_allowed(sa: &SockAddr, dst: &Addr, port_be: u16, proto: u8) -> bool {
+pub fn egress(
+    sa: &SockAddr,
+    dst: &Addr,
+    port_be: u16,
+    proto: u8,
+) -> Result<Option<(EndpointValue, IpcacheValue)>, Denied> {
     // Loopback never leaves the pod: NetworkPolicy does not apply to it.
     if dst.is_loopback() {
-        return true;
+        return Ok(None);
     }
     // SAFETY: plain data; a concurrent update can at worst give a stale copy.
-    let Some(endpoint) = (unsafe { ENDPOINTS.get(&sa.netns_cookie()) }) else {
-        return true;
+    let Some(endpoint) = (unsafe { ENDPOINTS.get(&sa.netns_cookie()) }).copied() else {
+        return Ok(None);
     };
     let peer = ipcache(dst);
     if tunnel_port(endpoint.flags & ENDPOINT_MESH != 0, &peer, port_be) {
-        return true;
+        return Ok(Some((endpoint, peer)));
     }
     let flow = Flow {
         src: Addr([0; 4]),
@@ -141,5 +152,15 @@ pub fn egress_allowed(sa: &SockAddr, dst: &Addr, port_be: u16, proto: u8) -> boo
         dst_port: port_be,
         proto,
     };
-    judge(endpoint.identity, peer.identity, DIR_EGRESS, &flow)
+    if judge(endpoint.identity, peer.identity, DIR_EGRESS, &flow) {
+        Ok(Some((endpoint, peer)))
+    } else {
+        Err(Denied)
+    }
+}
+
+/// [`egress`], as a yes or no.
+#[inline(always)]
+pub fn egress_allowed(sa: &SockAddr, dst: &Addr, port_be: u16, proto: u8) -> bool {
+    egress(sa, dst, port_be, proto).is_ok()
 }

@@ -33,7 +33,8 @@ pub async fn forward(
         destination_service: String::new(),
         connection_security_policy: "mutual_tls",
     };
-    let mut tunnel = match via.open(dst).await {
+    // connect4/6 judged the client's egress to `dst` before sending it here.
+    let mut tunnel = match via.open_judged(dst).await {
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(pod = %source.netns.name, %dst, error = %e, "tunnel refused; resetting the client");

@@ -62,7 +62,7 @@ pub struct Mesh {
     pub flows: FlowReporter,
     node_dir: PathBuf,
     netpol: RwLock<Option<Arc<Netpol>>>,
-    peers: RwLock<Arc<HashMap<IpAddr, MeshEndpoint>>>,
+    peers: RwLock<Arc<HashMap<IpAddr, Arc<MeshEndpoint>>>>,
 }
 
 impl Mesh {
@@ -86,8 +86,11 @@ impl Mesh {
     /// Takes a new configuration: its enrolled addresses, SVIDs for its enrolled local
     /// pods, and the policy maps opened again (a new agent may have pinned new ones).
     pub fn update(&self, config: &ProxyConfig) {
-        let peers: HashMap<IpAddr, MeshEndpoint> =
-            config.mesh.iter().map(|m| (m.addr, m.clone())).collect();
+        let peers: HashMap<IpAddr, Arc<MeshEndpoint>> = config
+            .mesh
+            .iter()
+            .map(|m| (m.addr, Arc::new(m.clone())))
+            .collect();
         *self.peers.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(peers);
         self.identities.sync(
             &config.trust_domain,
@@ -112,7 +115,7 @@ impl Mesh {
     }
 
     /// The mesh endpoint at `addr`, when that address is an enrolled pod's.
-    pub fn peer(&self, addr: IpAddr) -> Option<MeshEndpoint> {
+    pub fn peer(&self, addr: IpAddr) -> Option<Arc<MeshEndpoint>> {
         self.peers
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -148,7 +151,7 @@ pub struct Via {
     cookie: u64,
     identity: String,
     /// The destination pod.
-    pub peer: MeshEndpoint,
+    pub peer: Arc<MeshEndpoint>,
 }
 
 impl Via {
@@ -158,7 +161,8 @@ impl Via {
     }
 
     /// Opens a stream to `target` (a port of the destination pod), after the client's
-    /// egress NetworkPolicy for that port.
+    /// egress NetworkPolicy for that port (the proxy chose the destination: the kernel
+    /// never judged it).
     pub async fn open(&self, target: SocketAddr) -> Result<TunnelStream, ViaError> {
         let pod = || self.netns.name.clone();
         let Some(netpol) = self.mesh.netpol() else {
@@ -167,6 +171,13 @@ impl Via {
         if !netpol.egress_allowed(self.cookie, target.ip(), target.port()) {
             return Err(ViaError::Denied { target, pod: pod() });
         }
+        self.open_judged(target).await
+    }
+
+    /// Opens a stream to `target` whose egress the kernel already judged: the client's
+    /// own connect() to it, which connect4/6 allowed before sending it to the proxy.
+    pub async fn open_judged(&self, target: SocketAddr) -> Result<TunnelStream, ViaError> {
+        let pod = || self.netns.name.clone();
         let Some(tls) = self.mesh.identities.client(&self.identity) else {
             return Err(ViaError::NoIdentity {
                 pod: pod(),
