@@ -20,6 +20,7 @@ use crate::{
     cli::RunArgs,
     datapath::{
         DatapathError,
+        inbound::InboundLinks,
         loader::{self, Datapath, DatapathMaps},
         mounts, pins,
     },
@@ -128,6 +129,7 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
         metrics,
         policy,
         sizes,
+        inbound: InboundLinks::open(&pins::node_dir(&args.bpffs, &args.node))?,
     };
     let mut reconciler = Reconciler::new(
         &args.state,

@@ -1,8 +1,9 @@
 //! The kernel side seen from user space: mounts, loading/attaching/pinning the programs,
-//! diff-applying plans to the maps, reading the maps back for operators, and destroying
+//! attaching inbound capture to pod namespaces, diff-applying plans to the maps, reading the maps back for operators, and destroying
 //! sockets that point at removed backends.
 
 pub mod endpoints;
+pub mod inbound;
 pub mod inspect;
 pub mod loader;
 pub mod mounts;

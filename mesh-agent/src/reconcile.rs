@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use crate::{
     datapath::{
         endpoints::{self, LocalNetns},
+        inbound::InboundLinks,
         loader::{KernelPolicyMaps, KernelServiceMaps, MapSizes},
         sockdestroy,
         sync::KernelMap,
@@ -63,6 +64,8 @@ pub struct ReconcileMaps {
     pub policy: KernelPolicyMaps,
     /// The real sizes of the maps.
     pub sizes: MapSizes,
+    /// The inbound capture program's attachments to the local pods' namespaces.
+    pub inbound: InboundLinks,
 }
 
 /// Where a reconciler makes what it applied known.
@@ -176,6 +179,7 @@ impl Reconciler {
                 return None;
             }
         };
+        self.maps.inbound.sync(&found);
         let local = endpoints::by_ip(&found);
         let found_changed = found != self.found_netns;
         self.found_netns = found;

@@ -201,7 +201,7 @@ macro_rules! key_counters {
     };
 }
 const KEY_COUNTERS: [fn(MapData) -> Option<usize>; maps::REGISTRY.len()] =
-    key_counters!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17);
+    key_counters!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18);
 
 /// Locked memory of a map, from /proc/self/fdinfo (what `bpftool map show` reports).
 fn memlock(map: &MapData) -> Option<u64> {

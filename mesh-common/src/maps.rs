@@ -10,9 +10,9 @@
 use core::mem::size_of;
 
 use crate::{
-    AffinityKey, AffinityValue, Backend, BackendSlotKey, EndpointValue, IpcacheKey, IpcacheValue,
-    LbMetricsKey, OrigDstKey, OrigDstValue, PolicyKey, PolicyValue, RevNatKey, RevNatValue,
-    ServiceKey, ServiceValue, SockKey,
+    Addr, AffinityKey, AffinityValue, Backend, BackendSlotKey, EndpointValue, IpcacheKey,
+    IpcacheValue, LbMetricsKey, OrigDstKey, OrigDstValue, PolicyKey, PolicyValue, RevNatKey,
+    RevNatValue, ServiceKey, ServiceValue, SockKey,
     event::{VerdictKey, config},
     redirect::counter,
 };
@@ -61,6 +61,10 @@ pub const ORIG_DST_PENDING: &str = "ORIG_DST_PENDING_V1";
 /// Established connections redirected to the node proxy (LRU): (client netns, client
 /// loopback address, port) → the VIP and port it dialled, for `SO_ORIGINAL_DST`.
 pub const ORIG_DST: &str = "ORIG_DST_V1";
+
+/// The node proxy's plaintext inbound listeners (sockhash), by the local pod address
+/// they serve: where the sk_lookup program hands captured connections.
+pub const INBOUND_SOCKS: &str = "INBOUND_SOCKS_V1";
 
 /// `BPF_F_NO_PREALLOC` (uapi `linux/bpf.h`): the kernel allocates a hash map's entries
 /// when they are inserted instead of all of them at creation. LPM tries always carry it;
@@ -211,7 +215,7 @@ impl MapSpec {
 }
 
 /// Every map of the datapath.
-pub const REGISTRY: [MapSpec; 18] = [
+pub const REGISTRY: [MapSpec; 19] = [
     MapSpec::new::<ServiceKey, ServiceValue>(
         SERVICES,
         MapKind::Hash,
@@ -262,6 +266,14 @@ pub const REGISTRY: [MapSpec; 18] = [
     .sized(Sizing::Flag("map-size-metrics")),
     MapSpec::new::<u64, EndpointValue>(ENDPOINTS, MapKind::Hash, 4_096, "pods on this node")
         .sized(Sizing::Flag("map-size-endpoints")),
+    // One listener per local pod address: sized with ENDPOINTS (pods on this node).
+    MapSpec::new::<Addr, u32>(
+        INBOUND_SOCKS,
+        MapKind::SockHash,
+        4_096,
+        "node proxy listeners for captured inbound plaintext, by local pod address",
+    )
+    .sized(Sizing::Flag("map-size-endpoints")),
     MapSpec::new::<IpcacheKey, IpcacheValue>(
         IPCACHE,
         MapKind::LpmTrie,
@@ -400,7 +412,10 @@ const _: () = {
         }
         match spec.sizing {
             // A generous capacity costs a flag-sized map only its buckets.
-            Sizing::Flag(_) => assert!(spec.flags & NO_PREALLOC != 0),
+            // (A sockhash takes no flag for it: it allocates each entry on insert.)
+            Sizing::Flag(_) => {
+                assert!(spec.flags & NO_PREALLOC != 0 || matches!(spec.kind, MapKind::SockHash))
+            }
             Sizing::NodeMemory { min, .. } => assert!(min <= spec.capacity),
             Sizing::Fixed => {}
         }
@@ -446,6 +461,9 @@ pub mod programs {
     pub const ORIG_DST_OPS: &str = "mesh_origdst";
     /// cgroup/getsockopt: `SO_ORIGINAL_DST` for the node proxy's accepted sockets.
     pub const GETSOCKOPT: &str = "mesh_getsockopt";
+    /// sk_lookup, attached to each local pod's network namespace: captured inbound
+    /// plaintext to the node proxy's listener.
+    pub const INBOUND: &str = "mesh_inbound";
 
     /// The cgroup sock_addr programs, in attach order.
     pub const SOCK_ADDR: [&str; 8] = [

@@ -113,6 +113,30 @@ pub const IPCACHE_MESH: u32 = 2;
 /// node's own), whatever its socket redirection.
 pub const IPCACHE_LOCAL: u32 = 4;
 
+/// [`IpcacheValue::flags`]: the address is a local enrolled pod's whose plaintext
+/// inbound connections the node proxy must judge (a PeerAuthentication STRICT on some
+/// port, or an AuthorizationPolicy applies): the pod's sk_lookup program hands them to
+/// the proxy's listener in INBOUND_SOCKS, or refuses them while there is none.
+pub const IPCACHE_INBOUND: u32 = 8;
+
+/// Whether the sk_lookup program hands a TCP connection from `remote` to the local
+/// address `local` (port `port`, host byte order) to the node proxy: the address asks
+/// for it, the port is not the tunnel's own (HBONE is judged by the proxy already), and
+/// the caller is neither the pod itself nor the node (kubelet probes come from the node,
+/// and Istio exempts them from PeerAuthentication and AuthorizationPolicy alike).
+#[inline(always)]
+pub fn inbound_captured(
+    local: &IpcacheValue,
+    remote: &IpcacheValue,
+    same_addr: bool,
+    port: u16,
+) -> bool {
+    local.flags & IPCACHE_INBOUND != 0
+        && port != crate::service::HBONE_PORT
+        && !same_addr
+        && remote.owner != IDENTITY_HOST
+}
+
 /// Whether a TCP connection from an enrolled pod to `dst`:`port` is carried by the
 /// mesh's tunnel: `dst` is an enrolled pod, on this node or another (same-node traffic
 /// is authorized by identity too), and the port is not the tunnel's own (the proxy's
@@ -280,6 +304,35 @@ mod tests {
     const OTHER: u32 = 302;
     const TCP: u8 = crate::service::PROTO_TCP;
     const UDP: u8 = crate::service::PROTO_UDP;
+
+    #[test]
+    fn inbound_capture_spares_the_tunnel_the_pod_itself_and_the_node() {
+        let value = |owner, flags| IpcacheValue {
+            identity: owner,
+            owner,
+            flags,
+        };
+        let pod = value(SUBJECT, IPCACHE_MESH | IPCACHE_LOCAL | IPCACHE_INBOUND);
+        let client = value(PEER, 0);
+        assert!(inbound_captured(&pod, &client, false, 8080));
+        assert!(!inbound_captured(
+            &pod,
+            &client,
+            false,
+            crate::service::HBONE_PORT
+        ));
+        assert!(!inbound_captured(&pod, &pod, true, 8080), "the pod itself");
+        let node = value(IDENTITY_HOST, IPCACHE_LOCAL);
+        assert!(
+            !inbound_captured(&pod, &node, false, 8080),
+            "kubelet probes"
+        );
+        let plain = value(SUBJECT, IPCACHE_MESH | IPCACHE_LOCAL);
+        assert!(
+            !inbound_captured(&plain, &client, false, 8080),
+            "no policy asks"
+        );
+    }
 
     #[test]
     fn only_enrolled_pods_are_tunnelled_and_never_the_tunnel_port() {

@@ -54,6 +54,18 @@ pub struct WorkloadSecurity {
     pub http_ports: Vec<u16>,
 }
 
+impl WorkloadSecurity {
+    /// Whether the node proxy must see the workload's plaintext inbound connections:
+    /// some port refuses them (STRICT), or an AuthorizationPolicy must judge them.
+    /// Otherwise plaintext reaches the workload directly, as Istio's PERMISSIVE default
+    /// lets it.
+    pub fn judges_plaintext(&self) -> bool {
+        self.mtls == MtlsMode::Strict
+            || self.port_mtls.iter().any(|p| p.mode == MtlsMode::Strict)
+            || !self.policies.is_empty()
+    }
+}
+
 /// What a workload port accepts, as PeerAuthentication's `mtls.mode` (with `UNSET`
 /// resolved by inheritance).
 #[derive(

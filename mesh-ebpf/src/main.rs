@@ -4,12 +4,14 @@
 //! raw context access only in `ctx.rs`. Besides: ingress policy (`ingress.rs`), same-node
 //! socket redirection (`sockops.rs`, `redirect.rs`), and the original destination of
 //! connections sent to the node proxy for L7 Services (`origdst.rs`: sock_ops re-keying
-//! and the getsockopt program answering `SO_ORIGINAL_DST`).
+//! and the getsockopt program answering `SO_ORIGINAL_DST`), and the capture of plaintext
+//! inbound connections for the node proxy (`inbound.rs`, sk_lookup).
 #![no_std]
 #![no_main]
 
 mod connect;
 mod ctx;
+mod inbound;
 mod ingress;
 mod lb;
 mod maps;

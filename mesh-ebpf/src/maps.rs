@@ -117,6 +117,14 @@ pub static SOCKMAP_METRICS: PerCpuArray<u64> = PerCpuArray::pinned(
     spec(names::SOCKMAP_METRICS).flags,
 );
 
+/// The node proxy's plaintext inbound listeners, by the local pod address they serve
+/// (sk_lookup hands captured connections to them).
+#[map(name = "INBOUND_SOCKS_V1")]
+pub static INBOUND_SOCKS: SockHash<Addr> = SockHash::pinned(
+    spec(names::INBOUND_SOCKS).capacity,
+    spec(names::INBOUND_SOCKS).flags,
+);
+
 /// Connections connect4/6 sent to the node proxy, until established: socket cookie →
 /// the VIP and port dialled (`origdst.rs` moves them to ORIG_DST).
 #[map(name = "ORIG_DST_PENDING_V1")]

@@ -1,7 +1,8 @@
-//! The destination side's decision on each tunnelled stream: the destination pod's
-//! ingress NetworkPolicy for the stream's port (with the kernel's own maps and rules),
-//! then the AuthorizationPolicies that apply to the pod, on the client's proven
-//! identity. Both must allow. Settings are read from the configuration in force at
+//! The destination side's decision on each tunnelled stream and each captured plaintext
+//! connection: the destination pod's ingress NetworkPolicy for the port (with the
+//! kernel's own maps and rules), for plaintext the pod's PeerAuthentication mode
+//! (STRICT refuses it), then the AuthorizationPolicies that apply to the pod, on the
+//! client's proven identity (a plaintext client has none). All must allow. Settings are read from the configuration in force at
 //! each stream, so a policy change applies to the next stream of an open tunnel.
 
 use std::{
@@ -12,8 +13,9 @@ use std::{
 use http::request::Parts;
 use mesh_common::{
     l7::{ProxyDenial, ProxyFlow},
-    security::WorkloadSecurity,
+    security::{MtlsMode, WorkloadSecurity},
 };
+use mesh_identity::SpiffeId;
 
 use crate::{
     authz::{self, HttpRequest, RequestContext},
@@ -25,6 +27,8 @@ use crate::{
 const NETWORK_POLICY: &str = "network_policy";
 /// [`Refusal::reason`] of an AuthorizationPolicy denial.
 const AUTHORIZATION: &str = "authorization";
+/// [`Refusal::reason`] of plaintext refused by PeerAuthentication STRICT.
+const MTLS_STRICT: &str = "mtls_strict";
 
 /// [`Gate`] of the mesh.
 pub struct MeshGate {
@@ -87,7 +91,17 @@ impl MeshGate {
             });
         }
         self.with_security(pod, |security| {
-            if security.http_ports.contains(&stream.target.port()) {
+            let port = stream.target.port();
+            if stream.principal.is_none()
+                && authz::peer_auth_mode(security, port) == MtlsMode::Strict
+            {
+                return Err(Refusal {
+                    reason: MTLS_STRICT,
+                    detail: format!("plaintext to port {port}: PeerAuthentication mode STRICT"),
+                    policy: None,
+                });
+            }
+            if security.http_ports.contains(&port) {
                 // An HTTP port: AuthorizationPolicy judges each request, HTTP fields
                 // and all.
                 return Ok(Admission::PerRequest);
@@ -150,10 +164,10 @@ fn authorize(
     stream: &StreamRequest<'_>,
     http: Option<HttpRequest<'_>>,
 ) -> Result<(), Refusal> {
-    let principal = stream.principal.to_string();
+    let principal = stream.principal.map(ToString::to_string);
     let ctx = RequestContext {
-        source_principal: Some(&principal),
-        source_namespace: Some(stream.principal.namespace()),
+        source_principal: principal.as_deref(),
+        source_namespace: stream.principal.map(SpiffeId::namespace),
         source_ip: stream.peer.ip(),
         remote_ip: stream.peer.ip(),
         destination_ip: stream.target.ip(),
@@ -163,7 +177,7 @@ fn authorize(
     let decision = authz::evaluate(&security.policies, &ctx);
     if let Some(audit) = &decision.audit {
         tracing::info!(
-            pod = %pod.name, %principal,
+            pod = %pod.name, principal = principal.as_deref().unwrap_or("none (plaintext)"),
             policy = %format!("{}/{}", audit.policy.namespace, audit.policy.name),
             rule = audit.rule, allowed = decision.allowed, "AUDIT authorization"
         );
@@ -191,7 +205,8 @@ fn authorize(
 fn flow(pod: &InboundPod, stream: &StreamRequest<'_>, refusal: &Refusal) -> Option<ProxyFlow> {
     let denial = match refusal.reason {
         NETWORK_POLICY => ProxyDenial::NetworkPolicy,
-        AUTHORIZATION => ProxyDenial::Authorization,
+        // Istio counts a STRICT refusal as the connection's authorization failing.
+        AUTHORIZATION | MTLS_STRICT => ProxyDenial::Authorization,
         _ => return None,
     };
     let time_unix_ns = SystemTime::now()
@@ -201,7 +216,7 @@ fn flow(pod: &InboundPod, stream: &StreamRequest<'_>, refusal: &Refusal) -> Opti
         time_unix_ns,
         src: stream.peer,
         dst: stream.target,
-        source_principal: Some(stream.principal.to_string()),
+        source_principal: stream.principal.map(ToString::to_string),
         destination_principal: Some(pod.identity.clone()),
         denial,
         policy: refusal.policy.clone(),

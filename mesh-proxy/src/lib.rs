@@ -11,6 +11,7 @@
 
 pub mod authz;
 pub mod balance;
+pub mod capture;
 pub mod cli;
 pub mod feed;
 pub mod filters;
@@ -25,6 +26,7 @@ pub mod listeners;
 pub mod mesh;
 pub mod metrics;
 pub mod netpol;
+pub mod plaintext;
 pub mod retry;
 pub mod router;
 pub mod server;

@@ -4,7 +4,8 @@
 //! already accepted go on). Each accepted connection is looked up by its original
 //! destination and served as its frontend's protocol, or, between two pods of the mesh,
 //! carried through the tunnel. Enrolled pods also get the HBONE listener on port 15008
-//! of their own addresses, where the node proxies' tunnels end.
+//! of their own addresses, where the node proxies' tunnels end, and the listener for
+//! their captured plaintext inbound connections.
 
 use std::{
     collections::HashMap,
@@ -31,6 +32,7 @@ use crate::{
     inpod::{self, Netns},
     l4,
     mesh::Mesh,
+    plaintext,
     server::{self, Drain, Limits},
     sys,
 };
@@ -123,7 +125,7 @@ impl Listeners {
         });
         let mut accepts = Vec::new();
         if let (Some(mesh), Some(identity)) = (&self.proxy.mesh, &pod.identity) {
-            self.open_hbone(mesh, pod, identity, &netns, &mut accepts)
+            self.open_inbound(mesh, pod, identity, &netns, &mut accepts)
                 .await;
         }
         for addr in inpod::listen_addrs() {
@@ -148,10 +150,12 @@ impl Listeners {
         })
     }
 
-    /// The pod's HBONE listeners (port 15008 on each of its addresses), where the
-    /// node proxies' tunnels end. A pod without an SVID yet gets none (logged);
-    /// the next configuration retries.
-    async fn open_hbone(
+    /// The pod's inbound listeners: HBONE (port 15008 on each of its addresses), where
+    /// the node proxies' tunnels end, and plaintext ([`plaintext`], registered for the
+    /// kernel's capture of each address). A pod without an SVID yet gets none (logged);
+    /// the next configuration retries, and the kernel refuses captured plaintext
+    /// meanwhile.
+    async fn open_inbound(
         &self,
         mesh: &Arc<Mesh>,
         pod: &LocalPod,
@@ -160,7 +164,7 @@ impl Listeners {
         accepts: &mut Vec<JoinHandle<()>>,
     ) {
         let Some(tls) = mesh.identities.server(identity) else {
-            tracing::warn!(pod = %netns.name, %identity, "no certificate yet; no HBONE listener");
+            tracing::warn!(pod = %netns.name, %identity, "no certificate yet; no inbound listeners");
             return;
         };
         let inbound = Arc::new(InboundPod {
@@ -172,16 +176,16 @@ impl Listeners {
             netns: Arc::clone(netns),
             tls,
         });
+        let gate: Arc<dyn Gate> = Arc::new(MeshGate::new(Arc::clone(&self.proxy)));
         for &ip in &pod.addrs {
             let addr = SocketAddr::new(ip, HBONE_PORT);
             match netns.listen(addr).await {
                 Ok(l) => {
                     tracing::info!(pod = %netns.name, %addr, "HBONE listening");
-                    let gate: Arc<dyn Gate> = Arc::new(MeshGate::new(Arc::clone(&self.proxy)));
                     accepts.push(tokio::spawn(hbone::inbound::serve(
                         l,
                         Arc::clone(&inbound),
-                        gate,
+                        Arc::clone(&gate),
                         Arc::clone(&self.proxy.metrics),
                     )));
                 }
@@ -189,6 +193,28 @@ impl Listeners {
                     tracing::warn!(pod = %netns.name, %addr, error = %e, "cannot listen for HBONE in pod");
                 }
             }
+        }
+        for addr in plaintext::listen_addrs(&pod.addrs) {
+            let listener = match netns.listen(addr).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(pod = %netns.name, %addr, error = %e, "cannot listen for plaintext in pod");
+                    continue;
+                }
+            };
+            let family = pod.addrs.iter().filter(|ip| ip.is_ipv4() == addr.is_ipv4());
+            for &ip in family {
+                if let Err(e) = mesh.capture(ip, &listener) {
+                    tracing::warn!(pod = %netns.name, error = %e, "captured plaintext refused by the kernel meanwhile");
+                }
+            }
+            tracing::info!(pod = %netns.name, %addr, "plaintext inbound listening");
+            accepts.push(tokio::spawn(plaintext::serve(
+                listener,
+                Arc::clone(&inbound),
+                Arc::clone(&gate),
+                Arc::clone(&self.proxy.metrics),
+            )));
         }
     }
 

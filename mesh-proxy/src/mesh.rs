@@ -106,6 +106,16 @@ impl Mesh {
         *self.netpol.write().unwrap_or_else(|p| p.into_inner()) = netpol;
     }
 
+    /// Registers `listener` for the kernel's capture of plaintext to `addr`
+    /// ([`crate::capture`]).
+    pub fn capture(
+        &self,
+        addr: IpAddr,
+        listener: &impl std::os::fd::AsRawFd,
+    ) -> Result<(), crate::capture::CaptureError> {
+        crate::capture::register(&self.node_dir, addr, listener)
+    }
+
     /// The policy maps, when open.
     pub fn netpol(&self) -> Option<Arc<Netpol>> {
         self.netpol

@@ -234,6 +234,7 @@ pub struct ProxyMetrics {
     tcp_sent: Family<TcpLabels, Counter>,
     tcp_received: Family<TcpLabels, Counter>,
     hbone_refusals: Family<ReasonLabels, Counter>,
+    plaintext_refusals: Family<ReasonLabels, Counter>,
 }
 
 impl Default for ProxyMetrics {
@@ -262,6 +263,7 @@ impl ProxyMetrics {
         let tcp_sent = Family::<TcpLabels, Counter>::default();
         let tcp_received = Family::<TcpLabels, Counter>::default();
         let hbone_refusals = Family::<ReasonLabels, Counter>::default();
+        let plaintext_refusals = Family::<ReasonLabels, Counter>::default();
 
         // Counter names are registered without `_total`: the encoder appends it.
         let mut registry = Registry::default();
@@ -340,7 +342,14 @@ impl ProxyMetrics {
              authorization, app_unreachable)",
             hbone_refusals.clone(),
         );
+        registry.register(
+            "mesh_proxy_plaintext_refusals",
+            "Plaintext connections to enrolled pods (captured inbound) refused, by reason \
+             (mtls_strict, not_hosted, network_policy, authorization, app_unreachable)",
+            plaintext_refusals.clone(),
+        );
         Self {
+            plaintext_refusals,
             tcp_opened,
             tcp_closed,
             tcp_sent,
@@ -455,6 +464,13 @@ impl ProxyMetrics {
     /// Counts an HBONE tunnel or stream refused for `reason`.
     pub fn record_hbone_refusal(&self, reason: &'static str) {
         self.hbone_refusals
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts a captured plaintext connection refused, by reason.
+    pub fn record_plaintext_refusal(&self, reason: &'static str) {
+        self.plaintext_refusals
             .get_or_create(&ReasonLabels { reason })
             .inc();
     }

@@ -375,6 +375,115 @@ spec:
     assert!(refused >= 3.0, "refusals counted: {refused}");
 }
 
+/// Plaintext from outside the mesh reaches an enrolled pod directly while nothing asks
+/// to judge it; with a PeerAuthentication or AuthorizationPolicy on the pod, the pod's
+/// sk_lookup program hands it to the node proxy: STRICT resets it, PERMISSIVE admits
+/// it, and AuthorizationPolicy judges it as a client without principal or namespace.
+#[test]
+fn peer_authentication_strict_refuses_plaintext_and_permissive_admits_it() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::new("mtls-peer", &[], &[]);
+    assert_eq!(bed.curl("outsider").http_code, 200, "PERMISSIVE by default");
+    bed.apply(
+        "peer.yaml",
+        "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: mesh}
+spec: {mtls: {mode: STRICT}}
+",
+    );
+    assert_eventually!(
+        bed.curl("outsider").http_code == 0,
+        CONVERGE,
+        "STRICT must refuse plaintext; n2 proxy log:\n{}",
+        bed.proxies[1].log()
+    );
+    assert_eq!(bed.curl("client").http_code, 200, "mTLS clients go on");
+    let m = bed.proxies[1].metrics_parsed().unwrap();
+    assert!(
+        m.sum(
+            "mesh_proxy_plaintext_refusals_total",
+            &[("reason", "mtls_strict")]
+        ) >= 1.0
+    );
+    assert_eventually!(
+        bed.agents[1].flows(&[]).unwrap().iter().any(|f| {
+            f["reason"] == "authorization-denied"
+                && f["source"]["pod"] == "default/outsider"
+                && f["destination"]["pod"] == "mesh/server"
+        }),
+        CONVERGE,
+        "no flow for the STRICT refusal on n2: {:?}",
+        bed.agents[1].flows(&[])
+    );
+
+    // PERMISSIVE, and an AuthorizationPolicy: the proxy now sees the plaintext, and
+    // admits it by its address (a plaintext client has no principal to match).
+    bed.apply(
+        "peer.yaml",
+        "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: permissive, namespace: mesh}
+spec: {mtls: {mode: PERMISSIVE}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-clients, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: ALLOW
+  rules:
+    - from: [{source: {principals: [cluster.local/ns/mesh/sa/client]}}]
+    - from: [{source: {ipBlocks: [10.244.1.32/32]}}]
+",
+    );
+    assert_eventually!(
+        bed.curl("outsider").http_code == 200 && bed.curl("teamer").http_code == 0,
+        CONVERGE,
+        "PERMISSIVE with ALLOW: outsider admitted by address, teamer refused"
+    );
+    let echo: HttpEcho = bed.curl("outsider").json().unwrap();
+    assert_eq!(echo.pod, "server");
+    assert_eq!(bed.curl("client").http_code, 200);
+    let m = bed.proxies[1].metrics_parsed().unwrap();
+    let judged = m.sum(
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("connection_security_policy", "none"),
+            ("destination_principal", SERVER_ID),
+        ],
+    );
+    assert!(judged >= 1.0, "plaintext went through the proxy: {judged}");
+
+    // An ALLOW by namespace: plaintext has no namespace, so it is refused.
+    bed.apply(
+        "peer.yaml",
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-clients, namespace: mesh}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: ALLOW
+  rules: [{from: [{source: {namespaces: [mesh, default]}}]}]
+",
+    );
+    assert_eventually!(
+        bed.curl("outsider").http_code == 0,
+        CONVERGE,
+        "plaintext has no namespace to match"
+    );
+    assert_eq!(bed.curl("client").http_code, 200);
+    assert!(
+        bed.proxies[1].metrics_parsed().unwrap().sum(
+            "mesh_proxy_plaintext_refusals_total",
+            &[("reason", "authorization")]
+        ) >= 1.0
+    );
+}
+
 /// NetworkPolicy still applies to tunnelled streams, for the stream's own port, and
 /// both it and AuthorizationPolicy must allow.
 #[test]

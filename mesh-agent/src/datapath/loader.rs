@@ -20,7 +20,7 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuHashMap, RingBuf, SockHash},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, CgroupSockopt, Program,
-        SkMsg, SockOps,
+        SkLookup, SkMsg, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -32,7 +32,7 @@ use mesh_common::{
 };
 
 use super::{
-    DatapathError, mounts, pins,
+    DatapathError, inbound, mounts, pins,
     sync::{KernelMap, KernelTrie, PolicyMaps, ServiceMaps},
 };
 
@@ -132,6 +132,20 @@ impl Datapath {
         sk_msg(&mut ebpf)?
             .load()
             .map_err(|e| program_error(programs::SK_MSG, e))?;
+        let lookup: &mut SkLookup = program(&mut ebpf, programs::INBOUND)?
+            .try_into()
+            .map_err(|e| program_error(programs::INBOUND, e))?;
+        lookup
+            .load()
+            .map_err(|e| program_error(programs::INBOUND, e))?;
+        // Pinned for [`InboundLinks`], which attaches it namespace by namespace; links of
+        // an earlier agent keep its program until their namespaces go.
+        let inbound = node_dir.join(programs::INBOUND);
+        remove_if_exists(&inbound)?;
+        lookup.pin(&inbound).map_err(|e| DatapathError::Pin {
+            path: inbound,
+            source: Box::new(e),
+        })?;
         Ok(Self {
             ebpf,
             node_dir,
@@ -344,10 +358,11 @@ impl Datapath {
             .copied()
             .chain(sockops)
             .flat_map(|p| [p.to_string(), format!("{p}_link")])
+            .chain([programs::INBOUND.to_string()])
             .chain(maps::REGISTRY.iter().map(|m| m.name.to_string()))
             .collect();
         for name in pins::entries(&self.node_dir)? {
-            if !ours.contains(&name) {
+            if !ours.contains(&name) && !inbound::is_link_pin(&name) {
                 tracing::info!(pin = %name, "removing a pin of an earlier datapath version");
                 remove_if_exists(&self.node_dir.join(&name))?;
             }

@@ -51,12 +51,14 @@ use mesh_common::Addr;
 use mesh_common::maps;
 use mesh_common::policy::{
     DIR_EGRESS, DIR_INGRESS, ENDPOINT_MESH, ENDPOINT_NO_SOCKMAP, EndpointValue, IDENTITY_ANY,
-    IDENTITY_HOST, IDENTITY_WORLD, IPCACHE_LOCAL, IPCACHE_MESH, IPCACHE_REDIRECT, IpcacheKey,
-    IpcacheValue, POLICY_ALLOW, POLICY_FIXED_PREFIX, POLICY_ISOLATED, PolicyKey, PolicyValue,
+    IDENTITY_HOST, IDENTITY_WORLD, IPCACHE_INBOUND, IPCACHE_LOCAL, IPCACHE_MESH, IPCACHE_REDIRECT,
+    IpcacheKey, IpcacheValue, POLICY_ALLOW, POLICY_FIXED_PREFIX, POLICY_ISOLATED, PolicyKey,
+    PolicyValue,
 };
 
 pub use super::identity::{IdentityIds, IdentityKey};
 use super::ids::IdAllocator;
+use super::security::MeshSecurity;
 use super::selector::LabelIndex;
 use super::{PlanCost, PlanError};
 use crate::state::{Cidr, ObjectKey, State, pod_ips, protocol, selector_matches};
@@ -228,13 +230,22 @@ struct PodView<'a> {
     sockmap: bool,
     /// Whether it is in the mesh (Istio ambient enrollment).
     mesh: bool,
+    /// Whether it is local and in the mesh, and its plaintext inbound connections go to
+    /// the node proxy (PeerAuthentication STRICT, or an AuthorizationPolicy applies).
+    inbound: bool,
     /// Named container ports: (name, protocol number, port).
     named_ports: Vec<(&'a str, u8, u16)>,
 }
 
 impl<'a> PodView<'a> {
     /// `None` for pods policies do not apply to (host network, finished).
-    fn new(state: &State, key: &'a ObjectKey, pod: &'a Pod, node: &str) -> Option<Self> {
+    fn new(
+        state: &State,
+        security: &MeshSecurity<'_>,
+        key: &'a ObjectKey,
+        pod: &'a Pod,
+        node: &str,
+    ) -> Option<Self> {
         let spec = pod.spec.as_ref();
         if spec.and_then(|s| s.host_network) == Some(true) {
             return None;
@@ -253,13 +264,19 @@ impl<'a> PodView<'a> {
                 Some((name, proto_number(protocol(p.protocol.as_ref())), port))
             })
             .collect();
+        let local = !node.is_empty() && spec.and_then(|s| s.node_name.as_deref()) == Some(node);
+        let inbound = local
+            && security
+                .workload(key, pod)
+                .is_some_and(|(_, w)| w.judges_plaintext());
         Some(Self {
             key,
             labels: pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS),
             ips: pod_ips(pod),
-            local: !node.is_empty() && spec.and_then(|s| s.node_name.as_deref()) == Some(node),
+            local,
             sockmap: state.sockmap_allowed(key, pod),
             mesh: state.enrolled(key, pod),
+            inbound,
             named_ports,
         })
     }
@@ -523,9 +540,12 @@ impl<'a> Identities<'a> {
         ctx: &PolicyContext<'_>,
         alloc: &mut IdAllocator<'_, IdentityKey>,
     ) -> Self {
+        // Only the local pods' PeerAuthentication and AuthorizationPolicy matter here
+        // (whether to capture their plaintext), not the trust domain.
+        let security = MeshSecurity::new(state, None);
         let pods: Vec<PodView<'a>> = state
             .pods()
-            .filter_map(|(key, pod)| PodView::new(state, key, pod, ctx.node))
+            .filter_map(|(key, pod)| PodView::new(state, &security, key, pod, ctx.node))
             .collect();
         let blocks = Blocks::new(
             policies
@@ -629,6 +649,9 @@ impl<'a> Identities<'a> {
             }
             if view.is_some_and(|p| p.mesh) {
                 flags |= IPCACHE_MESH;
+            }
+            if view.is_some_and(|p| p.inbound) {
+                flags |= IPCACHE_INBOUND;
             }
             ipcache_insert(&mut out, address(ip), class.id, class.owner, flags);
         }

@@ -889,3 +889,51 @@ fn capacity_overflow_names_the_map() {
         );
     }
 }
+
+#[test]
+fn inbound_capture_follows_peer_authentication_and_authorization_policy() {
+    let ns = |name: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: \
+             {{istio.io/dataplane-mode: ambient}}}}\n"
+        )
+    };
+    let base = [
+        ns("strict"),
+        ns("authz"),
+        ns("open"),
+        pod("strict", "a", "{app: web}", A1, "n1"),
+        pod("authz", "b", "{app: web}", A2, "n1"),
+        pod("open", "c", "{app: web}", B1, "n1"),
+        pod("default", "plain", "{app: web}", C1, "n1"),
+        pod("strict", "far", "{app: web}", "10.244.9.9", "n2"),
+        "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: \
+         {name: p, namespace: strict}\nspec: {mtls: {mode: STRICT}}\n"
+            .to_owned(),
+        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: \
+         {name: deny, namespace: authz}\nspec: {action: DENY, rules: [{}]}\n"
+            .to_owned(),
+    ]
+    .concat();
+    let plan = plan_local_four(&base);
+    // STRICT and an AuthorizationPolicy capture; PERMISSIVE without policy, pods
+    // outside the mesh, and pods of other nodes (their node captures) do not.
+    for (ip, captured) in [
+        (A1, true),
+        (A2, true),
+        (B1, false),
+        (C1, false),
+        ("10.244.9.9", false),
+    ] {
+        let flags = flags_of(&plan, ip).expect(ip);
+        assert_eq!(flags & IPCACHE_INBOUND != 0, captured, "{ip}");
+    }
+    // A port-level STRICT is enough.
+    let port_level = base.replace(
+        "spec: {mtls: {mode: STRICT}}",
+        "spec: {selector: {matchLabels: {app: web}}, mtls: {mode: PERMISSIVE}, \
+         portLevelMtls: {8080: {mode: STRICT}}}",
+    );
+    let plan = plan_local_four(&port_level);
+    assert_ne!(flags_of(&plan, A1).unwrap() & IPCACHE_INBOUND, 0);
+}

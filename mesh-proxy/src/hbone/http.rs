@@ -1,5 +1,5 @@
-//! Tunnelled streams to HTTP ports of a pod: the destination side reads the requests in
-//! the stream so AuthorizationPolicy can judge each one with its HTTP fields (method,
+//! Tunnelled streams (and captured plaintext connections) to HTTP ports of a pod: the
+//! destination side reads the requests in the stream so AuthorizationPolicy can judge each one with its HTTP fields (method,
 //! path, host, headers), as Istio does on HTTP ports. Allowed requests go on to the
 //! application over one connection made in its pod, in the protocol the client spoke;
 //! denied ones get 403 `RBAC: access denied`, as from Envoy.
@@ -13,7 +13,6 @@ use hyper::{
     body::Incoming,
     client::conn::{http1, http2},
     service::service_fn,
-    upgrade::Upgraded,
 };
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -36,8 +35,9 @@ enum App {
 
 /// Serves the requests in `stream` until it ends: each judged by `check`, the allowed
 /// ones forwarded on `app` (connected to the application's `target` port).
-pub async fn serve<C>(stream: Upgraded, app: TcpStream, target: SocketAddr, check: C)
+pub async fn serve<S, C>(stream: S, app: TcpStream, target: SocketAddr, check: C)
 where
+    S: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     C: Fn(&Parts) -> Result<(), Refusal> + Send + Sync + 'static,
 {
     let app = std::sync::Arc::new(Mutex::new((Some(app), None::<App>)));

@@ -32,8 +32,9 @@ const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct StreamRequest<'a> {
     /// The tunnel's source address (the client pod's own address).
     pub peer: SocketAddr,
-    /// The identity the client's certificate proved.
-    pub principal: &'a SpiffeId,
+    /// The identity the client's certificate proved; `None` for a plaintext client
+    /// (captured inbound), which has neither principal nor namespace.
+    pub principal: Option<&'a SpiffeId>,
     /// The pod address and port the stream is for.
     pub target: SocketAddr,
 }
@@ -227,7 +228,7 @@ async fn stream(
     }
     let request = StreamRequest {
         peer,
-        principal,
+        principal: Some(principal),
         target,
     };
     let admission = match gate.check(pod, &request) {
@@ -266,7 +267,7 @@ async fn stream(
         move |parts: &http::request::Parts| {
             let stream = StreamRequest {
                 peer,
-                principal: &principal,
+                principal: Some(&principal),
                 target,
             };
             gate.check_request(&pod, &stream, parts)
@@ -304,7 +305,10 @@ async fn stream(
 /// stream's port: the connection never leaves the pod, so the kernel's policy hooks
 /// (which already let the tunnel in, and left this stream to [`Gate`]) do not judge it
 /// again as the pod talking to itself.
-async fn connect_app(netns: &Arc<Netns>, target: SocketAddr) -> std::io::Result<TcpStream> {
+pub(crate) async fn connect_app(
+    netns: &Arc<Netns>,
+    target: SocketAddr,
+) -> std::io::Result<TcpStream> {
     let local = match target {
         SocketAddr::V4(_) => SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), target.port()),
         SocketAddr::V6(_) => SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), target.port()),
