@@ -9,8 +9,12 @@
 use std::{
     io::{Read as _, Write as _},
     net::Ipv4Addr,
+    sync::Arc,
     time::Duration,
 };
+
+use mesh_identity::{NodeCa, RootCa, SpiffeId, Svid, tls};
+use rustls::pki_types::CertificateDer;
 
 use mesh_tests::{
     Agent, ChildGuard, Cluster, Proxy, StateDir,
@@ -19,6 +23,7 @@ use mesh_tests::{
     capture::{self, Capture},
     l7::{self, Curl, CurlResult, HttpEcho},
     require_root,
+    testpod::{self, HoldReport, HoldStarted},
 };
 
 const VIP_WEB: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
@@ -133,7 +138,7 @@ struct Bed {
     agents: Vec<Agent>,
     _processes: Vec<ChildGuard>,
     state: StateDir,
-    _ca: StateDir,
+    ca: StateDir,
     cluster: Cluster,
 }
 
@@ -187,7 +192,7 @@ impl Bed {
             agents,
             _processes: processes,
             state,
-            _ca: ca,
+            ca,
             cluster,
         };
         assert_eventually!(
@@ -584,22 +589,140 @@ fn garbage_on_the_hbone_port_is_refused() {
     assert_eq!(bed.curl("client").http_code, 200, "the mesh still works");
 }
 
-/// SVIDs re-issued every few seconds (TTL 6 s) while requests keep flowing: none fails,
-/// and the server's serial changes.
+/// What the HBONE port at the server does with a client presenting `svid` from the
+/// `client` pod (expecting the server to prove `expected`): `true` when it speaks
+/// HTTP/2 after the handshake (its SETTINGS frame arrives), `false` when the handshake
+/// or the first read fails (refused).
+fn hbone_accepts(
+    bed: &Bed,
+    svid: &Svid,
+    roots: &[CertificateDer<'static>],
+    expected: &SpiffeId,
+) -> bool {
+    let config = tls::client_config(
+        Arc::new(tls::ClientSvid::new(svid).unwrap()),
+        roots,
+        "cluster.local",
+        Some(expected.clone()),
+    )
+    .unwrap();
+    let server = tls::server_name(&server_id());
+    let target: std::net::SocketAddr = (SERVER_IP.parse::<Ipv4Addr>().unwrap(), 15008).into();
+    bed.cluster
+        .pod("client")
+        .in_netns(move || {
+            let mut tcp = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))
+                .expect("the HBONE port accepts TCP");
+            tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut conn = rustls::ClientConnection::new(config, server).unwrap();
+            let mut stream = rustls::Stream::new(&mut conn, &mut tcp);
+            // The client preface and an empty SETTINGS frame.
+            let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+            if stream.write_all(&hello).is_err() {
+                return false;
+            }
+            let mut frame = [0u8; 9];
+            stream.read_exact(&mut frame).is_ok() && frame[3] == 4
+        })
+        .unwrap()
+}
+
+fn server_id() -> SpiffeId {
+    SpiffeId::new("cluster.local", "mesh", "web").unwrap()
+}
+
+/// Certificates the destination must refuse: from a foreign CA, expired, and of another
+/// trust domain, each signed for the client's own SPIFFE ID; and a server that does not
+/// prove the expected SPIFFE ID is refused by the client. The real node CA's fresh
+/// SVID is accepted (the control).
 #[test]
-fn rotation_loses_no_request() {
+fn untrusted_expired_and_wrong_identity_certificates_are_refused() {
     if !require_root() {
         return;
     }
-    let bed = Bed::new("mtls-rot", &[], &["--svid-ttl", "6s"]);
+    let bed = Bed::new("mtls-certs", &[], &[]);
+    let node_ca = NodeCa::load(&bed.ca.path().join(node_name(bed.cluster.node("n1")))).unwrap();
+    let roots = node_ca.roots().to_vec();
+    let client = SpiffeId::new("cluster.local", "mesh", "client").unwrap();
+    let hour = Duration::from_secs(3600);
+    let good = node_ca.issue_svid(&client, hour).unwrap();
+    assert!(
+        hbone_accepts(&bed, &good, &roots, &server_id()),
+        "control: a good SVID"
+    );
+
+    let foreign = RootCa::generate("cluster.local")
+        .unwrap()
+        .issue_node("n1", hour)
+        .unwrap()
+        .issue_svid(&client, hour)
+        .unwrap();
+    let two_hours_ago = time::OffsetDateTime::now_utc() - 2 * hour;
+    let expired = node_ca.issue_svid_at(&client, two_hours_ago, hour).unwrap();
+    let evil = SpiffeId::new("evil.local", "mesh", "client").unwrap();
+    let other_domain = node_ca.issue_svid(&evil, hour).unwrap();
+    let before = bed.proxies[1].metrics_parsed().unwrap().sum(
+        "mesh_proxy_hbone_refusals_total",
+        &[("reason", "handshake")],
+    );
+    for (what, svid) in [
+        ("foreign CA", &foreign),
+        ("expired", &expired),
+        ("other trust domain", &other_domain),
+    ] {
+        assert!(
+            !hbone_accepts(&bed, svid, &roots, &server_id()),
+            "{what} accepted"
+        );
+    }
+    assert_eventually!(
+        bed.proxies[1].metrics_parsed().unwrap().sum(
+            "mesh_proxy_hbone_refusals_total",
+            &[("reason", "handshake")]
+        ) >= before + 3.0,
+        CONVERGE,
+        "three refused handshakes counted:\n{}",
+        bed.proxies[1].log()
+    );
+    // The client side: the server proves `web`, not the identity the client expects.
+    let wrong = SpiffeId::new("cluster.local", "mesh", "db").unwrap();
+    assert!(
+        !hbone_accepts(&bed, &good, &roots, &wrong),
+        "wrong server identity accepted"
+    );
+    assert_eq!(bed.curl("client").http_code, 200, "the mesh goes on");
+}
+
+/// SVIDs with a 20 s TTL (re-issued at half life) during a 60 s connection that echoes
+/// ten times a second through the tunnel, while new requests keep coming: the held
+/// connection loses no echo, no request fails, and the server's serial changes.
+#[test]
+fn rotation_loses_nothing() {
+    if !require_root() {
+        return;
+    }
+    const ECHO_PORT: u16 = 9090;
+    const HOLD: Duration = Duration::from_secs(60);
+    let bed = Bed::new("mtls-rot", &[], &["--svid-ttl", "20s"]);
+    let _echo = testpod::start_server(bed.cluster.pod("server"), ECHO_PORT, "server").unwrap();
     let first = bed.proxies[1].certs().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    let target = (SERVER_IP.parse::<Ipv4Addr>().unwrap(), ECHO_PORT).into();
+    let interval = Duration::from_millis(100);
+    let mut hold = testpod::spawn_hold(bed.cluster.pod("client"), target, HOLD, interval).unwrap();
+    let started: HoldStarted = testpod::next_json_line(&mut hold, CONVERGE).unwrap();
+    assert_eq!(started.backend, "server");
+    let deadline = std::time::Instant::now() + HOLD;
     let mut sent = 0;
-    while std::time::Instant::now() < deadline && sent < 400 {
+    while std::time::Instant::now() < deadline && sent < 3000 {
         let r = bed.curl("client");
         assert_eq!(r.http_code, 200, "request {sent} failed: {r:?}");
         sent += 1;
+        std::thread::sleep(Duration::from_millis(50));
     }
+    let report: HoldReport = testpod::next_json_line(&mut hold, CONVERGE).unwrap();
+    assert_eq!(report.errors, 0, "the held connection failed: {report:?}");
+    assert!(report.echoes_ok >= 500, "echoes: {report:?}");
     let last = bed.proxies[1].certs().unwrap();
     assert_ne!(first, last, "the server's SVID was re-issued");
 }
