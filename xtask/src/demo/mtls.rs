@@ -112,6 +112,24 @@ pub fn scene(cluster: &Cluster, agents: &[Agent], proxies: &[Proxy]) -> Result<(
         );
     }
 
+    // `client` (namespace default) is outside the mesh: its plaintext is captured at
+    // payments and refused by PeerAuthentication STRICT.
+    let mut refused = 0;
+    for _ in 0..REQUESTS {
+        if curl().run(cluster.pod("client"))?.http_code != 200 {
+            refused += 1;
+        }
+    }
+    println!(
+        "\nclient (namespace default, outside the mesh: plaintext) -> payments \
+         {PAYMENTS_URL}: {refused} of {REQUESTS} refused (PeerAuthentication shop-strict)"
+    );
+    ensure!(
+        refused == REQUESTS,
+        "plaintext admitted under STRICT; proxy log:\n{}",
+        proxies[1].log()
+    );
+
     // The refusals are flows of n2's agent, with both identities.
     println!("\n$ mesh-agent observe --node {n2}   # the last refusal");
     let out = agents[1].cli(&["observe", "--node", n2])?;
@@ -140,7 +158,11 @@ pub fn scene(cluster: &Cluster, agents: &[Agent], proxies: &[Proxy]) -> Result<(
     }
     let m = proxies[1].metrics_parsed()?;
     println!("$ curl 127.0.0.1:15020/metrics   # mesh-proxy on n2 (destination side)");
-    for s in m.find("mesh_proxy_hbone_refusals_total", &[]) {
+    let refusals = m
+        .find("mesh_proxy_hbone_refusals_total", &[])
+        .into_iter()
+        .chain(m.find("mesh_proxy_plaintext_refusals_total", &[]));
+    for s in refusals {
         let reason = s.labels.get("reason").map_or("", String::as_str);
         println!("{}{{reason=\"{reason}\"}} {}", s.name, s.value);
     }
