@@ -241,9 +241,18 @@ fn start_proxies(cluster: &Cluster, agent: &Agent, ca: &StateDir) -> Result<Vec<
             "--out",
             path_str(&dir)?,
         ])?;
+        // One worker, as stunnel has one process per side (and as `bench l7` runs the
+        // proxy): both nodes share this machine's cores.
         proxies.push(Proxy::start(
             cluster.node(n),
-            &["--ca-dir", path_str(&dir)?, "--bpffs", BPFFS],
+            &[
+                "--ca-dir",
+                path_str(&dir)?,
+                "--bpffs",
+                BPFFS,
+                "--worker-threads",
+                "1",
+            ],
         )?);
     }
     Ok(proxies)
