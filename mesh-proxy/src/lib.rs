@@ -31,6 +31,7 @@ pub mod retry;
 pub mod router;
 pub mod server;
 pub mod sys;
+pub mod throttle;
 pub mod trace;
 pub mod transport;
 pub mod upstream;

@@ -23,6 +23,7 @@ use crate::{
         inbound::{Admission, Gate, InboundPod, Refusal, StreamRequest, connect_app},
     },
     metrics::{ProxyMetrics, TcpLabels},
+    throttle,
 };
 
 /// ztunnel's inbound plaintext port.
@@ -72,10 +73,12 @@ async fn connection(
 ) {
     let refuse = |tcp: TcpStream, refusal: Refusal| {
         metrics.record_plaintext_refusal(refusal.reason);
-        tracing::warn!(
-            pod = %pod.name, %peer, reason = refusal.reason, detail = %refusal.detail,
-            "plaintext connection refused"
-        );
+        if let Some(suppressed) = throttle::refusal("plaintext", refusal.reason) {
+            tracing::warn!(
+                pod = %pod.name, %peer, reason = refusal.reason, detail = %refusal.detail,
+                suppressed, "plaintext connection refused"
+            );
+        }
         // A reset, as a refused connection gets from Istio's ztunnel (a zero linger
         // does not block the close).
         let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));

@@ -22,6 +22,7 @@ use super::{CONNECTION_WINDOW, COPY_BUFFER, HANDSHAKE_TIMEOUT, MAX_STREAMS, STRE
 use crate::{
     inpod::Netns,
     metrics::{ProxyMetrics, TcpLabels},
+    throttle,
 };
 
 /// How long the application may take to accept a tunnelled connection.
@@ -134,19 +135,25 @@ async fn tunnel(
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             metrics.record_hbone_refusal("handshake");
-            tracing::warn!(pod = %pod.name, %peer, error = %e, "HBONE handshake refused");
+            if let Some(suppressed) = throttle::refusal("hbone", "handshake") {
+                tracing::warn!(pod = %pod.name, %peer, error = %e, suppressed, "HBONE handshake refused");
+            }
             return;
         }
         Err(_) => {
             metrics.record_hbone_refusal("handshake_timeout");
-            tracing::warn!(pod = %pod.name, %peer, "HBONE handshake timed out");
+            if let Some(suppressed) = throttle::refusal("hbone", "handshake_timeout") {
+                tracing::warn!(pod = %pod.name, %peer, suppressed, "HBONE handshake timed out");
+            }
             return;
         }
     };
     // The verifier admits only certificates with one SPIFFE ID of our trust domain.
     let Some(principal) = mesh_identity::tls::peer_identity(tls.get_ref().1) else {
         metrics.record_hbone_refusal("no_identity");
-        tracing::warn!(pod = %pod.name, %peer, "HBONE client proved no identity");
+        if let Some(suppressed) = throttle::refusal("hbone", "no_identity") {
+            tracing::warn!(pod = %pod.name, %peer, suppressed, "HBONE client proved no identity");
+        }
         return;
     };
     let principal = Arc::new(principal);
@@ -186,10 +193,12 @@ async fn stream(
 ) -> Response<Empty<Bytes>> {
     let refuse = |status: StatusCode, refusal: Refusal| {
         metrics.record_hbone_refusal(refusal.reason);
-        tracing::warn!(
-            pod = %pod.name, %peer, %principal, reason = refusal.reason,
-            detail = %refusal.detail, "HBONE stream refused"
-        );
+        if let Some(suppressed) = throttle::refusal("hbone", refusal.reason) {
+            tracing::warn!(
+                pod = %pod.name, %peer, %principal, reason = refusal.reason,
+                detail = %refusal.detail, suppressed, "HBONE stream refused"
+            );
+        }
         status_only(status)
     };
     if req.method() != Method::CONNECT {
