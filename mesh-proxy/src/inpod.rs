@@ -5,14 +5,18 @@
 //! A socket keeps the namespace it was created in for life, so only its creation needs
 //! to happen inside: on one thread per namespace that entered it once and creates the
 //! sockets asked for, so no tokio worker (or pooled blocking thread) is ever left in a
-//! pod's namespace, and a new connection costs a channel round trip, not a thread
-//! start and a setns. The thread ends when the [`Netns`] is dropped.
+//! pod's namespace. The thread keeps a few unconnected sockets ready, so a new
+//! connection usually costs not even a channel round trip (let alone a thread start and
+//! a setns). The thread ends when the [`Netns`] is dropped.
 
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::OwnedFd,
-    sync::Arc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use mesh_common::l7::{LocalPod, NetnsRef, ObjectRef};
@@ -54,6 +58,8 @@ pub struct Netns {
     /// The thread inside the namespace; `None`: the proxy's own namespace (tests, and
     /// nothing to enter).
     worker: Option<std::sync::mpsc::Sender<Job>>,
+    /// Sockets made ahead by the thread, for new outbound connections.
+    spares: Arc<Spares>,
 }
 
 /// Work for a namespace's thread.
@@ -81,11 +87,14 @@ impl Netns {
             pid: netns.pid,
             source,
         })?;
-        Ok(Self {
+        let netns = Self {
             name,
             inode,
             worker: Some(worker),
-        })
+            spares: Arc::default(),
+        };
+        netns.top_up(false);
+        Ok(netns)
     }
 
     /// The proxy's own namespace: sockets are created directly (used by unit tests,
@@ -95,6 +104,7 @@ impl Netns {
             name: name.to_owned(),
             inode: 0,
             worker: None,
+            spares: Arc::default(),
         }
     }
 
@@ -145,21 +155,99 @@ impl Netns {
         tokio::net::TcpListener::from_std(std)
     }
 
-    /// An unconnected TCP socket for `dst`, inside the namespace.
+    /// An unconnected TCP socket for `dst`, inside the namespace: one of the spares
+    /// when there is one (no trip to the namespace's thread on a new connection's
+    /// path), else made now. Either way the spares are topped up behind it.
     pub async fn tcp_socket(
         self: &Arc<Self>,
         dst: SocketAddr,
     ) -> io::Result<tokio::net::TcpSocket> {
-        let sock = self
-            .run(move || {
-                let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
-                s.set_nonblocking(true)?;
-                s.set_tcp_nodelay(true)?;
-                Ok(s)
-            })
-            .await?;
+        let v6 = dst.is_ipv6();
+        let sock = match self.spares.take(v6) {
+            Some(s) => s,
+            None => self.run(move || stream_socket(v6)).await?,
+        };
+        self.top_up(v6);
         Ok(tokio::net::TcpSocket::from_std_stream(sock.into()))
     }
+
+    /// Asks the namespace's thread to fill the spares of a family up again, unless it
+    /// is already asked to.
+    fn top_up(&self, v6: bool) {
+        let Some(worker) = &self.worker else {
+            return;
+        };
+        if self.spares.refilling(v6).swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let spares = Arc::clone(&self.spares);
+        let job: Job = Box::new(move || spares.fill(v6));
+        if worker.send(job).is_err() {
+            self.spares.refilling(v6).store(false, Ordering::Release);
+        }
+    }
+}
+
+/// How many unconnected sockets of each family a namespace keeps ready.
+const SPARES: usize = 4;
+
+/// Sockets made ahead in a namespace, per family.
+#[derive(Debug, Default)]
+struct Spares {
+    v4: Mutex<Vec<Socket>>,
+    v6: Mutex<Vec<Socket>>,
+    refilling_v4: AtomicBool,
+    refilling_v6: AtomicBool,
+}
+
+impl Spares {
+    fn stock(&self, v6: bool) -> &Mutex<Vec<Socket>> {
+        if v6 { &self.v6 } else { &self.v4 }
+    }
+
+    fn refilling(&self, v6: bool) -> &AtomicBool {
+        if v6 {
+            &self.refilling_v6
+        } else {
+            &self.refilling_v4
+        }
+    }
+
+    fn take(&self, v6: bool) -> Option<Socket> {
+        self.stock(v6)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+    }
+
+    /// Run on the namespace's thread: makes sockets until the stock is full (a family
+    /// the namespace cannot make, e.g. without IPv6, stays empty).
+    fn fill(&self, v6: bool) {
+        loop {
+            let missing = SPARES.saturating_sub(self.stock(v6).lock().map_or(SPARES, |s| s.len()));
+            if missing == 0 {
+                break;
+            }
+            match stream_socket(v6) {
+                Ok(s) => self
+                    .stock(v6)
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(s),
+                Err(_) => break,
+            }
+        }
+        self.refilling(v6).store(false, Ordering::Release);
+    }
+}
+
+/// A nonblocking TCP socket with Nagle off, in the calling thread's namespace.
+fn stream_socket(v6: bool) -> io::Result<Socket> {
+    let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_nonblocking(true)?;
+    s.set_tcp_nodelay(true)?;
+    Ok(s)
 }
 
 /// Starts the thread that enters the namespace of `fd` once and then runs the jobs sent
