@@ -6,7 +6,7 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::{SkLookupContext, SockAddrContext},
 };
-use mesh_common::Addr;
+use mesh_common::{Addr, SockKey};
 
 /// The address argument of a socket call (connect, sendmsg, recvmsg, getpeername).
 pub struct SockAddr<'a> {
@@ -154,7 +154,9 @@ macro_rules! sock_key {
                 local,
                 remote,
                 local_port: word(core::ptr::addr_of!((*p).local_port)),
-                remote_port: u32::from_be(word(core::ptr::addr_of!((*p).remote_port))),
+                // bpf_sk_lookup declares it 16-bit with padding; the verifier keeps
+                // allowing the 32-bit read the other contexts take.
+                remote_port: u32::from_be(word(core::ptr::addr_of!((*p).remote_port).cast())),
             })
         }
     }};
@@ -178,35 +180,8 @@ impl<'a> Lookup<'a> {
         unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*self.ctx.lookup).protocol)) as u8 }
     }
 
-    /// Local port (the destination's), host byte order.
-    pub fn local_port(&self) -> u16 {
-        // SAFETY: as in `protocol`.
-        unsafe {
-            core::ptr::read_volatile(core::ptr::addr_of!((*self.ctx.lookup).local_port)) as u16
-        }
-    }
-
-    /// (local, remote) addresses, IPv4 mapped; None for another family. Read word by
-    /// word at fixed offsets, for the verifier (see [`sock_key`]).
-    pub fn addrs(&self) -> Option<(Addr, Addr)> {
-        const AF_INET: u32 = 2;
-        const AF_INET6: u32 = 10;
-        let p = self.ctx.lookup;
-        // SAFETY: as in `protocol`; all reads are of the context's own fields.
-        unsafe {
-            let word = |f: *const u32| core::ptr::read_volatile(f);
-            let family = word(core::ptr::addr_of!((*p).family));
-            let l4 = word(core::ptr::addr_of!((*p).local_ip4));
-            let r4 = word(core::ptr::addr_of!((*p).remote_ip4));
-            let l6 = core::ptr::addr_of!((*p).local_ip6) as *const u32;
-            let r6 = core::ptr::addr_of!((*p).remote_ip6) as *const u32;
-            let l6 = [word(l6), word(l6.add(1)), word(l6.add(2)), word(l6.add(3))];
-            let r6 = [word(r6), word(r6.add(1)), word(r6.add(2)), word(r6.add(3))];
-            match family {
-                AF_INET => Some((Addr::from_v4_be(l4), Addr::from_v4_be(r4))),
-                AF_INET6 => Some((Addr(l6), Addr(r6))),
-                _ => None,
-            }
-        }
+    /// Its addresses and ports (IPv4 mapped); None for another family.
+    pub fn key(&self) -> Option<SockKey> {
+        sock_key!(self.ctx.lookup)
     }
 }

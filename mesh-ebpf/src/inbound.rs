@@ -21,19 +21,19 @@ pub fn mesh_inbound(ctx: SkLookupContext) -> u32 {
     if lookup.protocol() != PROTO_TCP {
         return SK_PASS;
     }
-    let Some((local, remote)) = lookup.addrs() else {
+    let Some(key) = lookup.key() else {
         return SK_PASS;
     };
     let captured = inbound_captured(
-        &ipcache(&local),
-        &ipcache(&remote),
-        local == remote,
-        lookup.local_port(),
+        &ipcache(&key.local),
+        &ipcache(&key.remote),
+        key.local == key.remote,
+        key.local_port as u16,
     );
     if !captured {
         return SK_PASS;
     }
-    match INBOUND_SOCKS.redirect_sk_lookup(&ctx, local, 0) {
+    match INBOUND_SOCKS.redirect_sk_lookup(&ctx, key.local, 0) {
         Ok(()) => SK_PASS,
         Err(_) => SK_DROP,
     }
