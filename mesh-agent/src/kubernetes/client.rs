@@ -1,0 +1,145 @@
+//! Connecting to the API server: the in-cluster configuration (the pod's ServiceAccount
+//! token, `KUBERNETES_SERVICE_HOST`) or a kubeconfig file, and a client that records
+//! whether the API server answers, so the source can say it is stale.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config, client::ClientBuilder};
+use tracing::{info, warn};
+
+/// Where the API server is and how to authenticate to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Connect {
+    /// In a pod: its ServiceAccount and the `KUBERNETES_SERVICE_*` environment.
+    InCluster,
+    /// A kubeconfig file (its current context).
+    Kubeconfig(PathBuf),
+}
+
+/// Why no client could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Not in a pod, or its ServiceAccount files are unreadable.
+    #[error("in-cluster Kubernetes configuration: {0}")]
+    InCluster(#[source] kube::config::InClusterError),
+    /// The kubeconfig file is unreadable or invalid.
+    #[error("kubeconfig {}: {source}", path.display())]
+    Kubeconfig {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    /// The HTTP client could not be built (e.g. bad TLS material).
+    #[error("Kubernetes API client: {0}")]
+    Client(#[source] kube::Error),
+}
+
+/// Whether the API server answers: the outcome of the client's latest request.
+#[derive(Debug, Default)]
+pub struct Reachability {
+    failing_since: Mutex<Option<SystemTime>>,
+}
+
+impl Reachability {
+    /// Since when requests fail (connection refused, timeouts, 5xx), if the latest did.
+    pub fn failing_since(&self) -> Option<SystemTime> {
+        *self.failing_since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn answered(&self) {
+        let mut since = self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
+        if since.take().is_some() {
+            info!("Kubernetes API server answers again");
+        }
+    }
+
+    fn failed(&self) {
+        let mut since = self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
+        if since.is_none() {
+            warn!("Kubernetes API server unreachable; the last good state stays in force");
+            *since = Some(SystemTime::now());
+        }
+    }
+}
+
+/// A client for `connect` whose requests report to `reach`.
+pub async fn client(connect: &Connect, reach: Arc<Reachability>) -> Result<Client, ConnectError> {
+    let config = match connect {
+        Connect::InCluster => Config::incluster().map_err(ConnectError::InCluster)?,
+        Connect::Kubeconfig(path) => {
+            let kubeconfig = |source| ConnectError::Kubeconfig {
+                path: path.clone(),
+                source,
+            };
+            let file = Kubeconfig::read_from(path).map_err(kubeconfig)?;
+            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .map_err(kubeconfig)?
+        }
+    };
+    let builder = ClientBuilder::try_from(config).map_err(ConnectError::Client)?;
+    Ok(builder.with_layer(&ObserveLayer(reach)).build())
+}
+
+/// Records each response (or failure) of the client in a [`Reachability`]. A watch
+/// that was answered counts as reachable although its events may be rare, which the
+/// watch stream alone could not tell.
+struct ObserveLayer(Arc<Reachability>);
+
+impl<S> tower::Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe {
+            inner,
+            reach: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Observe<S> {
+    inner: S,
+    reach: Arc<Reachability>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B, RB> tower::Service<http::Request<B>> for Observe<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+    RB: 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let response = self.inner.call(request);
+        let reach = self.reach.clone();
+        Box::pin(async move {
+            let response = response.await;
+            match &response {
+                // 4xx is an answer (e.g. 410 Gone, 404 for a missing CRD); 5xx is an
+                // API server that cannot serve.
+                Ok(r) if !r.status().is_server_error() => reach.answered(),
+                _ => reach.failed(),
+            }
+            response
+        })
+    }
+}
