@@ -11,8 +11,5 @@
 pub mod client;
 pub mod kinds;
 pub mod store;
-pub mod watch;
 
 pub use client::{Connect, ConnectError};
-pub use store::SourcedObject;
-pub use watch::Watchers;

@@ -32,6 +32,7 @@ pub mod agent;
 mod binaries;
 pub mod capture;
 mod cgroup;
+pub mod kubeapi;
 pub mod l7;
 mod netns;
 mod process;
