@@ -17,7 +17,7 @@ use super::kinds::{WATCHED, WatchedKind};
 type Key = (String, String);
 
 /// One object of one watched kind.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectRef {
     /// The kind.
     pub kind: &'static WatchedKind,
