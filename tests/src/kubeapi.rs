@@ -19,7 +19,7 @@
 //!
 //! Versions are one counter for all resources, as etcd's revision is. Tests drive it
 //! with [`KubeApi::apply`], [`KubeApi::delete`], [`KubeApi::bookmark`],
-//! [`KubeApi::compact`], [`KubeApi::disconnect`] (cuts every open connection, as a
+//! [`KubeApi::compact`], [`KubeApi::end_watches`], [`KubeApi::disconnect`] (cuts every open connection, as a
 //! restarting API server or a network failure does) and [`KubeApi::set_reachable`],
 //! and check what clients asked with [`KubeApi::requests`].
 
@@ -373,6 +373,13 @@ current-context: fake
         let mut store = self.shared.store();
         store.compacted = store.version;
         store.changes.clear();
+    }
+
+    /// Ends every open watch after the events already sent, as the API server does
+    /// when a watch's timeout expires: clients resume from the newest version they
+    /// saw (a bookmark's included).
+    pub fn end_watches(&self) {
+        self.shared.store().watchers.clear();
     }
 
     /// Cuts every open connection (watches included) without finishing their

@@ -5,12 +5,13 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config, client::ClientBuilder};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 /// Where the API server is and how to authenticate to it.
@@ -42,47 +43,79 @@ pub enum ConnectError {
     Client(#[source] kube::Error),
 }
 
-/// Whether the API server answers: the outcome of the client's latest request.
-#[derive(Debug, Default)]
+/// The settings read when the source starts, so that a missing kubeconfig or a
+/// process outside a pod fails the start instead of a background task.
+#[derive(Clone, Debug)]
+pub enum Prepared {
+    /// The in-cluster configuration.
+    InCluster(Box<Config>),
+    /// A parsed kubeconfig file (turning it into a configuration may run its
+    /// credential plugins, which is done asynchronously).
+    Kubeconfig(PathBuf, Box<Kubeconfig>),
+}
+
+/// Reads the settings `connect` names.
+pub fn prepare(connect: &Connect) -> Result<Prepared, ConnectError> {
+    match connect {
+        Connect::InCluster => Ok(Prepared::InCluster(Box::new(
+            Config::incluster().map_err(ConnectError::InCluster)?,
+        ))),
+        Connect::Kubeconfig(path) => {
+            let file = Kubeconfig::read_from(path).map_err(|source| ConnectError::Kubeconfig {
+                path: path.clone(),
+                source,
+            })?;
+            Ok(Prepared::Kubeconfig(path.clone(), Box::new(file)))
+        }
+    }
+}
+
+/// Whether the API server answers: the outcome of the client's latest request,
+/// published as "failing since" (None while it answers).
+#[derive(Debug)]
 pub struct Reachability {
-    failing_since: Mutex<Option<SystemTime>>,
+    failing_since: watch::Sender<Option<SystemTime>>,
 }
 
 impl Reachability {
-    /// Since when requests fail (connection refused, timeouts, 5xx), if the latest did.
-    pub fn failing_since(&self) -> Option<SystemTime> {
-        *self.failing_since.lock().unwrap_or_else(|e| e.into_inner())
+    /// Publishes to `failing_since`.
+    pub fn new(failing_since: watch::Sender<Option<SystemTime>>) -> Self {
+        Self { failing_since }
     }
 
     fn answered(&self) {
-        let mut since = self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
-        if since.take().is_some() {
-            info!("Kubernetes API server answers again");
-        }
+        self.failing_since.send_if_modified(|since| {
+            let was_failing = since.take().is_some();
+            if was_failing {
+                info!("Kubernetes API server answers again");
+            }
+            was_failing
+        });
     }
 
     fn failed(&self) {
-        let mut since = self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
-        if since.is_none() {
+        self.failing_since.send_if_modified(|since| {
+            if since.is_some() {
+                return false;
+            }
             warn!("Kubernetes API server unreachable; the last good state stays in force");
             *since = Some(SystemTime::now());
-        }
+            true
+        });
     }
 }
 
-/// A client for `connect` whose requests report to `reach`.
-pub async fn client(connect: &Connect, reach: Arc<Reachability>) -> Result<Client, ConnectError> {
-    let config = match connect {
-        Connect::InCluster => Config::incluster().map_err(ConnectError::InCluster)?,
-        Connect::Kubeconfig(path) => {
-            let kubeconfig = |source| ConnectError::Kubeconfig {
-                path: path.clone(),
-                source,
-            };
-            let file = Kubeconfig::read_from(path).map_err(kubeconfig)?;
-            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+/// A client for `prepared` whose requests report to `reach`.
+pub async fn client(prepared: &Prepared, reach: Arc<Reachability>) -> Result<Client, ConnectError> {
+    let config = match prepared {
+        Prepared::InCluster(config) => (**config).clone(),
+        Prepared::Kubeconfig(path, file) => {
+            Config::from_custom_kubeconfig((**file).clone(), &KubeConfigOptions::default())
                 .await
-                .map_err(kubeconfig)?
+                .map_err(|source| ConnectError::Kubeconfig {
+                    path: path.clone(),
+                    source,
+                })?
         }
     };
     let builder = ClientBuilder::try_from(config).map_err(ConnectError::Client)?;
