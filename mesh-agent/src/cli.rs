@@ -20,6 +20,7 @@ use crate::{
     metrics::SnapshotSource as _,
     plan::routes::{self, RouteStatus},
     report::{FlowFilter, Verdict},
+    source::SourceConfig,
     state, status,
     telemetry::Telemetry,
 };
@@ -72,6 +73,10 @@ enum Command {
         /// bpffs mount point.
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
+        /// Directory of the agents' admin sockets: the cluster state source and the
+        /// planner's cost are shown when the node's agent answers there.
+        #[arg(long, default_value = admin::DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
     },
     /// Print the policy verdicts (drops, audits) the kernel reported, as Hubble does.
     Observe {
@@ -227,9 +232,9 @@ pub struct RunArgs {
     /// This node's name (pins live under `<bpffs>/mesh/<node>/`).
     #[arg(long, value_parser = node_name)]
     pub node: String,
-    /// State file (multi-document YAML) or directory of them; watched for changes.
-    #[arg(long)]
-    pub state: PathBuf,
+    /// Where the cluster state comes from.
+    #[command(flatten)]
+    pub source: SourceArgs,
     /// cgroup2 directory to attach to [default: the cgroup2 root from /proc/self/mounts].
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
@@ -284,6 +289,24 @@ pub struct RunArgs {
     pub trust_domain: Option<String>,
     #[command(flatten)]
     pub map_sizes: MapSizeArgs,
+}
+
+/// The cluster state source of `run`: exactly one of `--state` (files) and `--etcd`.
+#[derive(Debug, clap::Args)]
+pub struct SourceArgs {
+    /// State file (multi-document YAML) or directory of them; watched for changes.
+    #[arg(long, required = true)]
+    pub state: Option<PathBuf>,
+}
+
+impl SourceArgs {
+    /// The source to start.
+    pub fn config(&self) -> anyhow::Result<SourceConfig> {
+        match &self.state {
+            Some(path) => Ok(SourceConfig::Files(path.clone())),
+            None => anyhow::bail!("no cluster state source given (--state)"),
+        }
+    }
 }
 
 /// `--trust-domain`: as the SPIFFE ID specification allows.
@@ -519,7 +542,11 @@ impl Cli {
                 print!("{table}");
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Status { node, bpffs } => {
+            Command::Status {
+                node,
+                bpffs,
+                run_dir,
+            } => {
                 let node = match node {
                     Some(node) => node,
                     None => datapath::pins::only_node(&bpffs)?,
@@ -530,7 +557,12 @@ impl Cli {
                     "no datapath of node {node} is pinned under {}",
                     node_dir.display()
                 );
-                let snapshot = Telemetry::new(node_dir).snapshot();
+                let mut snapshot = Telemetry::new(node_dir).snapshot();
+                // The datapath is read from pins with or without an agent; the source
+                // only a running agent knows.
+                snapshot.agent = client::agent_socket(&run_dir, Some(&node))
+                    .ok()
+                    .and_then(|(_, socket)| client::agent_status(&socket).ok());
                 print!("{}", status::render(&node, &snapshot));
                 Ok(ExitCode::SUCCESS)
             }
