@@ -291,20 +291,35 @@ pub struct RunArgs {
     pub map_sizes: MapSizeArgs,
 }
 
-/// The cluster state source of `run`: exactly one of `--state` (files) and `--etcd`.
+/// The cluster state source of `run`: exactly one of `--state` (files), `--etcd` and
+/// `--kubernetes`/`--kubeconfig`.
 #[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
 pub struct SourceArgs {
     /// State file (multi-document YAML) or directory of them; watched for changes.
-    #[arg(long, required = true)]
+    #[arg(long)]
     pub state: Option<PathBuf>,
+    /// Read the state from the Kubernetes API server, with the in-cluster configuration
+    /// (the pod's ServiceAccount; see deploy/kubernetes).
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// Read the state from the Kubernetes API server named by this kubeconfig file (its
+    /// current context).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl SourceArgs {
     /// The source to start.
     pub fn config(&self) -> anyhow::Result<SourceConfig> {
-        match &self.state {
-            Some(path) => Ok(SourceConfig::Files(path.clone())),
-            None => anyhow::bail!("no cluster state source given (--state)"),
+        use crate::source::kubernetes::Connect;
+        match (&self.state, self.kubernetes, &self.kubeconfig) {
+            (Some(path), _, _) => Ok(SourceConfig::Files(path.clone())),
+            (_, _, Some(path)) => Ok(SourceConfig::Kubernetes(Connect::Kubeconfig(path.clone()))),
+            (_, true, None) => Ok(SourceConfig::Kubernetes(Connect::InCluster)),
+            _ => anyhow::bail!(
+                "no cluster state source given (--state, --kubernetes or --kubeconfig)"
+            ),
         }
     }
 }

@@ -21,7 +21,6 @@ pub mod cli;
 pub mod datapath;
 pub mod flows;
 pub mod health;
-pub mod kubernetes;
 pub mod metrics;
 pub mod plan;
 pub mod proxyfeed;

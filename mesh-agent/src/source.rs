@@ -7,6 +7,7 @@
 //! revisions the datapath applied ([`Source::applied`]).
 
 pub mod files;
+pub mod kubernetes;
 
 use std::{path::PathBuf, time::SystemTime};
 
@@ -23,6 +24,8 @@ use crate::state::{State, StateError};
 pub enum SourceConfig {
     /// A state file or a directory of them, watched for changes.
     Files(PathBuf),
+    /// The Kubernetes API server.
+    Kubernetes(kubernetes::Connect),
 }
 
 /// Which kind of source runs.
@@ -142,6 +145,7 @@ impl Source {
         let _ = node;
         let kind = match config {
             SourceConfig::Files(_) => SourceKind::Files,
+            SourceConfig::Kubernetes(_) => SourceKind::Kubernetes,
         };
         // One update in flight: a source that gets ahead folds its changes into the next.
         let (updates_tx, updates) = mpsc::channel(1);
@@ -155,6 +159,7 @@ impl Source {
         };
         let task = match config {
             SourceConfig::Files(path) => files::spawn(path.clone(), feed)?,
+            SourceConfig::Kubernetes(connect) => kubernetes::spawn(connect.clone(), feed)?,
         };
         Ok(Self {
             updates,

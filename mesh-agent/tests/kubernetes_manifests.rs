@@ -6,10 +6,11 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use clap::Parser as _;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
-use mesh_agent::kubernetes::kinds::WATCHED;
+use mesh_agent::source::kubernetes::kinds::WATCHED;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;

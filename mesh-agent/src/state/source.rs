@@ -445,9 +445,7 @@ impl Builder {
 
     /// [`Builder::finish`], with the JSON of each object kept (see
     /// [`Builder::keeping_json`]).
-    pub(super) fn finish_with_objects(
-        mut self,
-    ) -> Result<(State, Vec<StoredObject>), StateError> {
+    pub(super) fn finish_with_objects(mut self) -> Result<(State, Vec<StoredObject>), StateError> {
         let mut owners: BTreeMap<_, &ObjectKey> = BTreeMap::new();
         for (key, svc) in &self.state.services {
             for ip in cluster_ips(svc) {
