@@ -46,7 +46,7 @@ const RESTART_PAUSE: Duration = Duration::from_secs(1);
 
 /// What a kind's watcher reports.
 enum KindEvent {
-    Watch(watcher::Event<DynamicObject>),
+    Watch(Box<watcher::Event<DynamicObject>>),
     /// The kind is not served (CRD not installed).
     Absent,
 }
@@ -96,7 +96,7 @@ async fn run(prepared: Prepared, feed: Feed) {
                 }
                 for (index, event) in batch {
                     let changes = match event {
-                        KindEvent::Watch(event) => store.apply(index, event),
+                        KindEvent::Watch(event) => store.apply(index, *event),
                         KindEvent::Absent => store.absent(index),
                     };
                     for change in changes {
@@ -188,7 +188,7 @@ async fn watch_kind(client: Client, index: usize, events: mpsc::Sender<(usize, K
             let event = match event {
                 Ok(event) => {
                     absent = false;
-                    KindEvent::Watch(event)
+                    KindEvent::Watch(Box::new(event))
                 }
                 Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
                     if kind.optional && status.code == 404 =>
