@@ -6,6 +6,7 @@
 //! a [`PinnedDatapath`] of its own, which a later agent adopts or whose drop removes it.
 
 use std::{
+    ffi::OsString,
     fs::File,
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
@@ -78,6 +79,11 @@ impl Drop for StateDir {
     }
 }
 
+/// The `run` flags of the file source reading `state`.
+fn state_source(state: &Path) -> Vec<OsString> {
+    vec!["--state".into(), state.into()]
+}
+
 /// The node name an agent on `node` runs with (`--node`): unique per test run, so pins
 /// of parallel tests never meet. Pods scheduled on that node carry it as
 /// `spec.nodeName` (e.g. for `trafficDistribution: PreferClose`).
@@ -108,7 +114,7 @@ impl PinnedDatapath {
     /// Starts a new agent on `node` under the same node name, which adopts this
     /// datapath (see [`Agent::start_with`] for `args`).
     pub fn adopt(self, node: &Node, state: &Path, args: &[&str]) -> Result<Agent> {
-        Agent::spawn(node, state, self, args)
+        Agent::spawn(node, &state_source(state), self, args)
     }
 
     /// Removes the datapath with `mesh-agent uninstall --node <name>` (what an operator
@@ -159,13 +165,24 @@ impl Agent {
     /// [`Agent::start`] with extra `mesh-agent run` flags, e.g.
     /// `&["--health-checks", "--health-interval-ms", "100"]` or `&["--keep-datapath"]`.
     pub fn start_with(node: &Node, state: &Path, args: &[&str]) -> Result<Self> {
+        Self::start_from(node, &state_source(state), args)
+    }
+
+    /// [`Agent::start_with`] reading the cluster state from the source that `source`
+    /// names instead of a state directory, e.g. `["--kubeconfig", path]`.
+    pub fn start_from(node: &Node, source: &[OsString], args: &[&str]) -> Result<Self> {
         let datapath = PinnedDatapath {
             node_name: node_name(node),
         };
-        Self::spawn(node, state, datapath, args)
+        Self::spawn(node, source, datapath, args)
     }
 
-    fn spawn(node: &Node, state: &Path, datapath: PinnedDatapath, args: &[&str]) -> Result<Self> {
+    fn spawn(
+        node: &Node,
+        source: &[OsString],
+        datapath: PinnedDatapath,
+        args: &[&str],
+    ) -> Result<Self> {
         // One log per agent process: a restarted agent must not truncate (nor its drop
         // delete) the log of the one before it.
         static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -176,8 +193,8 @@ impl Agent {
         ));
         let log_file = File::create(&log).with_context(|| format!("create {}", log.display()))?;
         let mut cmd = Command::new(agent_bin()?);
-        cmd.args(["run", "--node", &node_name, "--bpffs", BPFFS, "--state"])
-            .arg(state)
+        cmd.args(["run", "--node", &node_name, "--bpffs", BPFFS])
+            .args(source)
             .arg("--cgroup")
             .arg(node.cgroup_dir())
             .args(["--metrics-addr", &METRICS_ADDR.to_string()])
