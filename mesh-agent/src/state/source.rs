@@ -396,6 +396,7 @@ impl Builder {
                 kind,
                 key: key.clone(),
                 json,
+                origin: origin.clone(),
             });
         }
         let state = &mut self.state;
@@ -445,9 +446,7 @@ impl Builder {
 
     /// [`Builder::finish`], with the JSON of each object kept (see
     /// [`Builder::keeping_json`]).
-    pub(super) fn finish_with_objects(
-        mut self,
-    ) -> Result<(State, Vec<StoredObject>), StateError> {
+    pub(super) fn finish_with_objects(mut self) -> Result<(State, Vec<StoredObject>), StateError> {
         let mut owners: BTreeMap<_, &ObjectKey> = BTreeMap::new();
         for (key, svc) in &self.state.services {
             for ip in cluster_ips(svc) {
