@@ -1,5 +1,5 @@
 //! Command line: `run`, `validate`, `services`, `observe`, `policy`, `routes`,
-//! `uninstall`, `ca`.
+//! `uninstall`, `ca`, and against etcd `apply`, `delete`, `get`, `nodes`.
 
 use std::{
     collections::BTreeMap, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration,
@@ -16,12 +16,17 @@ use crate::{
         self,
         sizes::{self, MapSizes},
     },
+    etcdctl::{self, Store},
     health::HealthConfig,
     metrics::SnapshotSource as _,
     plan::routes::{self, RouteStatus},
     report::{FlowFilter, Verdict},
-    source::SourceConfig,
-    state, status,
+    source::{
+        SourceConfig,
+        etcd::{EtcdConfig, layout::Layout},
+    },
+    state::{self, Kind},
+    status,
     telemetry::Telemetry,
 };
 
@@ -164,6 +169,52 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Validate the objects of a file or directory alone and together with those in
+    /// etcd, then write them to etcd in one transaction (all or nothing).
+    Apply {
+        /// State file (multi-document YAML) or directory of them.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Return only once every live node has applied the write.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "60s", value_parser = duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Delete one object from etcd.
+    Delete {
+        /// Its kind (`Service`, `services`, `svc`, ...).
+        #[arg(value_parser = kind)]
+        kind: Kind,
+        /// NAMESPACE/NAME (NAME for Namespaces).
+        name: String,
+        /// Return only once every live node has applied the deletion.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "60s", value_parser = duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Show the objects of a kind in etcd, or one object's JSON.
+    Get {
+        /// The kind (`Service`, `services`, `svc`, ...).
+        #[arg(value_parser = kind)]
+        kind: Kind,
+        /// NAMESPACE/NAME (NAME for Namespaces): print this object.
+        name: Option<String>,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// The live nodes registered in etcd and the revision each has applied.
+    Nodes {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
     /// Detach and unpin the datapath of a node (every node when --node is omitted),
     /// e.g. one left behind with --keep-datapath.
     Uninstall {
@@ -294,18 +345,27 @@ pub struct RunArgs {
 /// The cluster state source of `run`: exactly one of `--state` (files), `--etcd` and
 /// `--kubernetes`/`--kubeconfig`.
 #[derive(Debug, clap::Args)]
-#[group(required = true, multiple = false)]
 pub struct SourceArgs {
     /// State file (multi-document YAML) or directory of them; watched for changes.
-    #[arg(long)]
+    #[arg(
+        long,
+        required_unless_present_any = ["etcd", "kubernetes", "kubeconfig"],
+        conflicts_with_all = ["etcd", "kubernetes", "kubeconfig"]
+    )]
     pub state: Option<PathBuf>,
+    /// Read the state from etcd instead: member URLs, comma-separated
+    /// (`http://10.0.0.1:2379,http://10.0.0.2:2379`; `https://` with --etcd-ca).
+    #[arg(long, value_delimiter = ',', value_name = "URL[,URL...]")]
+    pub etcd: Vec<String>,
+    #[command(flatten)]
+    pub etcd_options: EtcdOptions,
     /// Read the state from the Kubernetes API server, with the in-cluster configuration
     /// (the pod's ServiceAccount; see deploy/kubernetes).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["etcd", "kubeconfig"])]
     pub kubernetes: bool,
     /// Read the state from the Kubernetes API server named by this kubeconfig file (its
     /// current context).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "etcd")]
     pub kubeconfig: Option<PathBuf>,
 }
 
@@ -317,11 +377,69 @@ impl SourceArgs {
             (Some(path), _, _) => Ok(SourceConfig::Files(path.clone())),
             (_, _, Some(path)) => Ok(SourceConfig::Kubernetes(Connect::Kubeconfig(path.clone()))),
             (_, true, None) => Ok(SourceConfig::Kubernetes(Connect::InCluster)),
-            _ => anyhow::bail!(
-                "no cluster state source given (--state, --kubernetes or --kubeconfig)"
-            ),
+            (None, false, None) => Ok(SourceConfig::Etcd(self.etcd_options.config(&self.etcd)?)),
         }
     }
+}
+
+/// Where the mesh's keys live in etcd, and TLS towards it (for `run --etcd` and the
+/// commands that read and write etcd).
+#[derive(Debug, clap::Args)]
+pub struct EtcdOptions {
+    /// Key prefix of the mesh's objects and nodes in etcd.
+    #[arg(long, default_value = "/mesh/")]
+    pub etcd_prefix: String,
+    /// CA certificate (PEM) of the etcd members' certificates.
+    #[arg(long)]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for etcd's TLS client authentication.
+    #[arg(long, requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl EtcdOptions {
+    /// The etcd configuration for `endpoints`.
+    pub fn config(&self, endpoints: &[String]) -> anyhow::Result<EtcdConfig> {
+        anyhow::ensure!(!endpoints.is_empty(), "no etcd endpoint given (--etcd)");
+        Ok(EtcdConfig {
+            endpoints: endpoints.to_vec(),
+            layout: Layout::new(&self.etcd_prefix)?,
+            ca: self.etcd_ca.clone(),
+            identity: self.etcd_cert.clone().zip(self.etcd_key.clone()),
+        })
+    }
+}
+
+/// The etcd cluster of `apply`, `delete`, `get` and `nodes`.
+#[derive(Debug, clap::Args)]
+pub struct EtcdArgs {
+    /// etcd member URLs, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "URL[,URL...]",
+        env = "MESH_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd: Vec<String>,
+    #[command(flatten)]
+    pub options: EtcdOptions,
+}
+
+/// A kind, as kubectl spells it (`Service`, `services`, `svc`).
+fn kind(name: &str) -> Result<Kind, String> {
+    Kind::parse(name).ok_or_else(|| {
+        let known: Vec<String> = Kind::ALL.iter().map(ToString::to_string).collect();
+        format!("{name:?}: not a kind the mesh uses ({})", known.join(", "))
+    })
+}
+
+/// A duration such as `60s`, `2m`, `500ms`.
+fn duration(value: &str) -> Result<Duration, String> {
+    state::httproute::parse_duration(value).map(Duration::from_millis)
 }
 
 /// `--trust-domain`: as the SPIFFE ID specification allows.
@@ -718,6 +836,54 @@ impl Cli {
                 print!("{text}");
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Apply {
+                file,
+                wait,
+                timeout,
+                etcd,
+            } => etcd_command(&etcd, async |store| {
+                let applied = store.apply(&file).await?;
+                for line in &applied.lines {
+                    println!("{line}");
+                }
+                println!("revision {}", applied.revision);
+                if wait {
+                    wait_for_nodes(store, applied.revision, timeout).await?;
+                }
+                Ok(())
+            }),
+            Command::Delete {
+                kind,
+                name,
+                wait,
+                timeout,
+                etcd,
+            } => {
+                let key = etcdctl::object_key(kind, &name)?;
+                etcd_command(&etcd, async |store| {
+                    let revision = store.delete(kind, &key).await?;
+                    println!("{kind} {name} deleted\nrevision {revision}");
+                    if wait {
+                        wait_for_nodes(store, revision, timeout).await?;
+                    }
+                    Ok(())
+                })
+            }
+            Command::Get { kind, name, etcd } => {
+                let key = name
+                    .as_deref()
+                    .map(|n| etcdctl::object_key(kind, n))
+                    .transpose()?;
+                etcd_command(&etcd, async |store| {
+                    print!("{}", store.get(kind, key.as_ref()).await?);
+                    Ok(())
+                })
+            }
+            Command::Nodes { etcd } => etcd_command(&etcd, async |store| {
+                let (nodes, revision) = store.nodes().await?;
+                print!("{}", etcdctl::render_nodes(&nodes, revision));
+                Ok(())
+            }),
             Command::Uninstall { node, bpffs } => {
                 let nodes = match node {
                     Some(node) => vec![node],
@@ -732,6 +898,34 @@ impl Cli {
             }
         }
     }
+}
+
+/// Runs `command` against the etcd cluster of `args`.
+fn etcd_command(
+    args: &EtcdArgs,
+    command: impl AsyncFnOnce(&mut Store) -> anyhow::Result<()>,
+) -> anyhow::Result<ExitCode> {
+    let config = args.options.config(&args.etcd)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let mut store = Store::connect(&config).await?;
+        command(&mut store).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--wait`: until every live node applied `revision`.
+async fn wait_for_nodes(store: &mut Store, revision: i64, timeout: Duration) -> anyhow::Result<()> {
+    let nodes = store.wait(revision, timeout).await?;
+    if nodes.is_empty() {
+        println!("no live nodes to wait for");
+    } else {
+        println!("applied on {} nodes: {}", nodes.len(), nodes.join(", "));
+    }
+    Ok(())
 }
 
 /// The statuses with only the parents naming Service `service` (`NAMESPACE/NAME`), and

@@ -19,6 +19,7 @@ pub mod ca;
 pub mod certs;
 pub mod cli;
 pub mod datapath;
+pub mod etcdctl;
 pub mod flows;
 pub mod health;
 pub mod metrics;

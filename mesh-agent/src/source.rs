@@ -6,6 +6,7 @@
 //! staying in force) and since when ([`SourceStatus`]), and learns which of its
 //! revisions the datapath applied ([`Source::applied`]).
 
+pub mod etcd;
 pub mod files;
 pub mod kubernetes;
 
@@ -24,6 +25,8 @@ use crate::state::{State, StateError};
 pub enum SourceConfig {
     /// A state file or a directory of them, watched for changes.
     Files(PathBuf),
+    /// An etcd cluster.
+    Etcd(etcd::EtcdConfig),
     /// The Kubernetes API server.
     Kubernetes(kubernetes::Connect),
 }
@@ -142,9 +145,9 @@ impl Source {
     /// # Errors
     /// When it cannot even start (a path that cannot be watched, bad TLS files).
     pub fn start(config: &SourceConfig, node: &str) -> anyhow::Result<Self> {
-        let _ = node;
         let kind = match config {
             SourceConfig::Files(_) => SourceKind::Files,
+            SourceConfig::Etcd(_) => SourceKind::Etcd,
             SourceConfig::Kubernetes(_) => SourceKind::Kubernetes,
         };
         // One update in flight: a source that gets ahead folds its changes into the next.
@@ -159,6 +162,7 @@ impl Source {
         };
         let task = match config {
             SourceConfig::Files(path) => files::spawn(path.clone(), feed)?,
+            SourceConfig::Etcd(config) => etcd::spawn(config.clone(), node.to_owned(), feed)?,
             SourceConfig::Kubernetes(connect) => kubernetes::spawn(connect.clone(), feed)?,
         };
         Ok(Self {

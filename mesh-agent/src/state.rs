@@ -198,6 +198,8 @@ pub struct StoredObject {
     pub key: ObjectKey,
     /// The object as written, `metadata.namespace` filled in for namespaced kinds.
     pub json: serde_json::Value,
+    /// Where it was read.
+    pub origin: Origin,
 }
 
 /// The objects of the YAML files at `path` (as [`load`] reads them), each checked alone

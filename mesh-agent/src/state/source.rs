@@ -396,6 +396,7 @@ impl Builder {
                 kind,
                 key: key.clone(),
                 json,
+                origin: origin.clone(),
             });
         }
         let state = &mut self.state;
