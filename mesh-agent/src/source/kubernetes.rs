@@ -68,6 +68,7 @@ async fn run(prepared: Prepared, feed: Feed) {
         match client::client(&prepared, reach.clone()).await {
             Ok(client) => break client,
             Err(err) => {
+                let err = format!("{:#}", anyhow::Error::new(err));
                 error!(%err, "cannot build the Kubernetes API client; retrying");
                 feed.set_stale(Some(SystemTime::now()));
                 tokio::time::sleep(RESTART_PAUSE).await;

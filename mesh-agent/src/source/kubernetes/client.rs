@@ -27,10 +27,10 @@ pub enum Connect {
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// Not in a pod, or its ServiceAccount files are unreadable.
-    #[error("in-cluster Kubernetes configuration: {0}")]
+    #[error("in-cluster Kubernetes configuration")]
     InCluster(#[source] kube::config::InClusterError),
     /// The kubeconfig file is unreadable or invalid.
-    #[error("kubeconfig {}: {source}", path.display())]
+    #[error("kubeconfig {}", path.display())]
     Kubeconfig {
         /// The file.
         path: PathBuf,
@@ -39,7 +39,7 @@ pub enum ConnectError {
         source: kube::config::KubeconfigError,
     },
     /// The HTTP client could not be built (e.g. bad TLS material).
-    #[error("Kubernetes API client: {0}")]
+    #[error("Kubernetes API client")]
     Client(#[source] kube::Error),
 }
 
