@@ -44,7 +44,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Load and attach the datapath, program it from the state, follow state changes.
-    Run(RunArgs),
+    // Boxed: the run flags outweigh every other command's.
+    Run(Box<RunArgs>),
     /// Check a state file or directory; print every problem and exit non-zero if any.
     /// Also plans the datapath (Services, and NetworkPolicy for `--node`), so a state
     /// that does not fit the default map sizes is reported too.
@@ -652,7 +653,7 @@ impl Cli {
                     .enable_all()
                     .build()
                     .context("starting the async runtime")?;
-                rt.block_on(app::run(args))?;
+                rt.block_on(app::run(*args))?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Validate {
