@@ -347,3 +347,13 @@ async fn clusters_without_gateway_api_or_istio_crds_are_served() {
     assert_eq!(pod_names(&state), ["web-1", "web-2"]);
     assert!(!bed.status.borrow().stale);
 }
+
+#[tokio::test]
+async fn an_empty_cluster_is_a_state_too() {
+    let mut bed = Bed::new(KubeApi::start().unwrap());
+    let state = bed.next().await;
+    assert_eq!(state.services().len() + state.pods().len(), 0);
+    bed.api.apply(service("web", "10.96.0.10", 80)).unwrap();
+    bed.until("web", |s| service_port(s, "web") == Some(80))
+        .await;
+}

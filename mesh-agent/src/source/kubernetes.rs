@@ -108,11 +108,14 @@ async fn run(prepared: Prepared, feed: Feed) {
                 if !store.synced() {
                     continue;
                 }
-                if !announced {
+                // The first complete list is a state even when it is empty: an empty
+                // cluster must clear what an earlier agent left in the maps.
+                let first = !announced;
+                if first {
                     info!(objects = objects.len(), rejected = rejected.len(), "Kubernetes API listed");
                     announced = true;
                 }
-                if dirty {
+                if dirty || first {
                     dirty = false;
                     revision += 1;
                     if !feed.deliver(Update { state: objects.state(), revision }).await {
