@@ -831,4 +831,48 @@ mod tests {
         );
         assert_eq!(percent_decode("a+b%2"), "a b%2");
     }
+
+    /// The wire format, as a client sees it over a socket.
+    #[test]
+    fn speaks_list_watch_and_gone() {
+        let api = KubeApi::start().unwrap();
+        let service = json!({"apiVersion": "v1", "kind": "Service",
+                             "metadata": {"name": "web"}, "spec": {}});
+        assert_eq!(api.apply(service.clone()).unwrap(), 1);
+        let get = |path: &str| crate::agent::http_get(api.addr(), path);
+
+        let list: Value = serde_json::from_str(&get("/api/v1/services").unwrap()).unwrap();
+        assert_eq!(list["kind"], "ServiceList");
+        assert_eq!(list["metadata"]["resourceVersion"], "1");
+        let item = &list["items"][0];
+        assert_eq!(item["metadata"]["namespace"], "default");
+        assert!(item.get("kind").is_none(), "typed list items carry no kind");
+
+        api.apply(service).unwrap();
+        // A watch whose stream ends (Connection: close ends it after what is queued).
+        api.compact();
+        let gone = get("/api/v1/services?watch=1&resourceVersion=1").unwrap();
+        let event: Value = serde_json::from_str(gone.lines().next().unwrap()).unwrap();
+        assert_eq!(event["type"], "ERROR");
+        assert_eq!(event["object"]["code"], 410);
+        assert_eq!(event["object"]["reason"], "Expired");
+        let exact = get("/api/v1/services?resourceVersion=1&resourceVersionMatch=Exact");
+        assert!(exact.unwrap_err().to_string().contains(" 410 "));
+        api.set_gone_style(GoneStyle::Http);
+        let refused = get("/api/v1/services?watch=1&resourceVersion=1");
+        assert!(refused.unwrap_err().to_string().contains(" 410 "));
+
+        api.remove_resource("httproutes");
+        let missing = get("/apis/gateway.networking.k8s.io/v1/httproutes");
+        assert!(missing.unwrap_err().to_string().contains(" 404 "));
+        let selected =
+            get("/api/v1/namespaces/default/services?fieldSelector=metadata.name%3Dother");
+        let selected: Value = serde_json::from_str(&selected.unwrap()).unwrap();
+        assert_eq!(selected["items"], json!([]));
+        assert_eq!(api.lists("services"), 3);
+        assert_eq!(
+            api.watches("services"),
+            [Some("1".to_owned()), Some("1".to_owned())]
+        );
+    }
 }
