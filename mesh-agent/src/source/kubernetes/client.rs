@@ -167,12 +167,59 @@ where
         Box::pin(async move {
             let response = response.await;
             match &response {
-                // 4xx is an answer (e.g. 410 Gone, 404 for a missing CRD); 5xx is an
-                // API server that cannot serve.
-                Ok(r) if !r.status().is_server_error() => reach.answered(),
+                Ok(r) if serves(r.status()) => reach.answered(),
                 _ => reach.failed(),
             }
             response
         })
+    }
+}
+
+/// Whether a reply means the API server serves this agent: most 4xx are answers (410
+/// Gone, 404 for a missing CRD), but 401 and 403 (an expired token, RBAC lacking) cut
+/// the agent off as surely as 5xx or no reply.
+fn serves(status: http::StatusCode) -> bool {
+    !status.is_server_error()
+        && status != http::StatusCode::UNAUTHORIZED
+        && status != http::StatusCode::FORBIDDEN
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{Service as _, ServiceExt as _};
+
+    #[tokio::test]
+    async fn replies_and_failures_set_reachability() {
+        let (tx, rx) = watch::channel(None);
+        let reach = Arc::new(Reachability::new(tx));
+        let inner = tower::service_fn(|request: http::Request<()>| async move {
+            let code = request.uri().path().trim_start_matches('/');
+            match code.parse::<u16>() {
+                Ok(code) => {
+                    let mut response = http::Response::new(());
+                    *response.status_mut() = http::StatusCode::from_u16(code).unwrap();
+                    Ok(response)
+                }
+                Err(_) => Err("connection refused"),
+            }
+        });
+        let mut service = tower::Layer::layer(&ObserveLayer(reach), inner);
+        let mut call = async |path: &str| {
+            let request = http::Request::get(path).body(()).unwrap();
+            let _ = service.ready().await.unwrap().call(request).await;
+            *rx.borrow()
+        };
+        assert_eq!(call("/200").await, None);
+        let since = call("/refused").await.expect("failing");
+        assert_eq!(
+            call("/503").await,
+            Some(since),
+            "still failing since the first"
+        );
+        assert_eq!(call("/410").await, None, "410 Gone is an answer");
+        assert!(call("/403").await.is_some(), "403 cuts the agent off");
+        assert_eq!(call("/404").await, None);
+        assert!(call("/401").await.is_some());
     }
 }
