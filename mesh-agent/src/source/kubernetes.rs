@@ -28,7 +28,7 @@ use kube::core::DynamicObject;
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Api, Client};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::{error, info, warn};
 
 pub use client::Connect;
@@ -76,8 +76,10 @@ async fn run(prepared: Prepared, feed: Feed) {
         }
     };
     let (events_tx, mut events) = mpsc::channel(1024);
+    // Owned here: stopping the source (aborting this task) aborts the watchers.
+    let mut watchers = JoinSet::new();
     for index in 0..WATCHED.len() {
-        tokio::spawn(watch_kind(client.clone(), index, events_tx.clone()));
+        watchers.spawn(watch_kind(client.clone(), index, events_tx.clone()));
     }
     drop(events_tx);
     let mut store = Store::default();
