@@ -16,6 +16,7 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use crate::{
     source::etcd::{
         EtcdConfig,
+        connect::NoMember,
         layout::{KeyKind, Layout, NodeRecord},
     },
     state::{self, Kind, ObjectKey, Objects, Origin},
@@ -40,11 +41,12 @@ pub struct Applied {
 }
 
 impl Store {
-    /// Connects to the cluster `config` names.
-    pub async fn connect(config: &EtcdConfig) -> anyhow::Result<Self> {
+    /// Connects to the cluster `config` names, trying its members from the
+    /// `start`th.
+    pub async fn connect(config: &EtcdConfig, start: usize) -> anyhow::Result<Self> {
         let options = config.options()?;
         Ok(Self {
-            client: config.connect(&options).await?,
+            client: config.connect(&options, start).await?,
             layout: config.layout.clone(),
         })
     }
@@ -242,6 +244,24 @@ impl Store {
             tokio::time::sleep(WAIT_POLL).await;
         }
     }
+}
+
+/// Whether `err` is etcd being briefly unavailable (a member gone, a leader election),
+/// worth trying again on another member.
+pub fn transient(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        if let Some(e) = cause.downcast_ref::<etcd_client::Error>() {
+            return match e {
+                etcd_client::Error::GRpcStatus(status) => matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                ),
+                etcd_client::Error::TransportError(_) => true,
+                _ => false,
+            };
+        }
+        cause.downcast_ref::<NoMember>().is_some()
+    })
 }
 
 /// `nodes` as a table.

@@ -60,10 +60,32 @@ impl EtcdConfig {
         Ok(options)
     }
 
-    /// Connects (lazily: the first request reaches a member).
-    pub async fn connect(&self, options: &ConnectOptions) -> anyhow::Result<Client> {
-        Client::connect(&self.endpoints, Some(options.clone()))
-            .await
-            .with_context(|| format!("connecting to etcd at {}", self.endpoints.join(",")))
+    /// Connects to one member that answers and has a leader, trying the endpoints in
+    /// order from the `start`th (callers rotate it, so a retry after a failure tries the
+    /// next member first). One member at a time, as etcd's own clients do: a balanced
+    /// channel keeps sending a share of the requests to a dead member.
+    pub async fn connect(&self, options: &ConnectOptions, start: usize) -> anyhow::Result<Client> {
+        let mut problems = Vec::new();
+        let count = self.endpoints.len();
+        for endpoint in (0..count).map(|i| &self.endpoints[(start + i) % count]) {
+            match probe(endpoint, options).await {
+                Ok(client) => return Ok(client),
+                Err(err) => problems.push(format!("{endpoint}: {err:#}")),
+            }
+        }
+        Err(NoMember(problems).into())
     }
+}
+
+/// No member answered (each endpoint's problem).
+#[derive(Debug, thiserror::Error)]
+#[error("no etcd member answers: {}", .0.join("; "))]
+pub struct NoMember(pub Vec<String>);
+
+/// A client of the member at `endpoint`, once it answered and named a leader.
+async fn probe(endpoint: &str, options: &ConnectOptions) -> anyhow::Result<Client> {
+    let mut client = Client::connect([endpoint], Some(options.clone())).await?;
+    let status = client.status().await?;
+    anyhow::ensure!(status.leader() != 0, "the member has no leader");
+    Ok(client)
 }
