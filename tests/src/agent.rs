@@ -221,6 +221,11 @@ impl Agent {
         Ok(agent)
     }
 
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(ChildGuard::pid)
+    }
+
     /// The node name the agent pins under (`<bpffs>/mesh/<name>/`).
     pub fn pin_name(&self) -> &str {
         &self.node_name
@@ -447,6 +452,12 @@ pub struct AgentStatus {
     /// The cluster state source.
     #[serde(default)]
     pub source: SourceStatus,
+    /// How long the last plan took, microseconds.
+    #[serde(default)]
+    pub last_plan_us: u64,
+    /// How long writing the last plan to the maps took, microseconds.
+    #[serde(default)]
+    pub last_apply_us: u64,
 }
 
 /// The `source` of [`AgentStatus`]: which source, stale or not, revisions.

@@ -16,9 +16,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use etcd_client::{
-    Client, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, WatchOptions,
-};
+use etcd_client::{Client, ConnectOptions, EventType, KeyValue, PutOptions, WatchOptions};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
@@ -160,12 +158,9 @@ impl Watcher {
         let seen = match self.revision {
             Some(revision) => revision,
             None => {
-                let listing = client
-                    .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-                    .await?;
-                let revision = listing.header().map_or(0, |h| h.revision());
                 let started = Instant::now();
-                let (decoded, removed) = self.relist(&layout, listing.kvs());
+                let (listing, revision) = connect::list(&mut client, &prefix).await?;
+                let (decoded, removed) = self.relist(&layout, &listing);
                 info!(
                     revision,
                     objects = self.objects.len(),
@@ -181,6 +176,8 @@ impl Watcher {
             }
         };
         let mut watch = client
+            .watch_client()
+            .max_decoding_message_size(connect::MAX_WATCH_MESSAGE)
             .watch(
                 prefix.as_str(),
                 Some(
