@@ -37,6 +37,8 @@ const KEEPALIVE: Duration = Duration::from_secs(5);
 /// that losing one member of several goes unnoticed), doubling up to the maximum.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long etcd may be out of reach before the source reports itself stale.
+const STALE_AFTER: Duration = Duration::from_secs(2);
 
 /// Starts following etcd for node `node`.
 ///
@@ -118,11 +120,14 @@ impl Watcher {
                 Err(SessionError::Etcd(err)) => {
                     let since = *lost.get_or_insert_with(SystemTime::now);
                     failures += 1;
+                    // A leader election or one member's loss passes within a second or
+                    // two; longer, and the store is gone: say so, from when it went.
+                    if since.elapsed().unwrap_or_default() >= STALE_AFTER {
+                        self.feed.set_stale(Some(since));
+                    }
                     let pause = if failures == 1 {
                         Duration::ZERO
                     } else {
-                        // Two failures in a row: the store is gone, not one member.
-                        self.feed.set_stale(Some(since));
                         BACKOFF_MIN
                             .saturating_mul(1 << (failures - 2).min(8))
                             .min(BACKOFF_MAX)
