@@ -904,7 +904,7 @@ impl Cli {
 /// Runs `command` against the etcd cluster of `args`.
 fn etcd_command(
     args: &EtcdArgs,
-    command: impl AsyncFnOnce(&mut Store) -> anyhow::Result<()>,
+    command: impl AsyncFn(&mut Store) -> anyhow::Result<()>,
 ) -> anyhow::Result<ExitCode> {
     let config = args.options.config(&args.etcd)?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -912,11 +912,33 @@ fn etcd_command(
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async {
-        let mut store = Store::connect(&config).await?;
-        command(&mut store).await
+        // A member lost or a leader changing fails a request for a moment: the whole
+        // command is tried again on another member (every command may be repeated:
+        // `apply` writes only what differs, guarded by the revisions it read).
+        let deadline = std::time::Instant::now() + ETCD_RETRY_FOR;
+        let mut attempt = 0;
+        loop {
+            let result = async {
+                let mut store = Store::connect(&config, attempt).await?;
+                command(&mut store).await
+            }
+            .await;
+            match result {
+                Err(err) if etcdctl::transient(&err) && std::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %format!("{err:#}"), "etcd unavailable; trying again");
+                    attempt += 1;
+                    tokio::time::sleep(ETCD_RETRY_PAUSE).await;
+                }
+                other => return other,
+            }
+        }
     })?;
     Ok(ExitCode::SUCCESS)
 }
+
+/// How long commands against etcd retry while members are unavailable.
+const ETCD_RETRY_FOR: Duration = Duration::from_secs(15);
+const ETCD_RETRY_PAUSE: Duration = Duration::from_millis(300);
 
 /// `--wait`: until every live node applied `revision`.
 async fn wait_for_nodes(store: &mut Store, revision: i64, timeout: Duration) -> anyhow::Result<()> {

@@ -16,6 +16,7 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use crate::{
     source::etcd::{
         EtcdConfig,
+        connect::{self, NoMember},
         layout::{KeyKind, Layout, NodeRecord},
     },
     state::{self, Kind, ObjectKey, Objects, Origin},
@@ -40,11 +41,12 @@ pub struct Applied {
 }
 
 impl Store {
-    /// Connects to the cluster `config` names.
-    pub async fn connect(config: &EtcdConfig) -> anyhow::Result<Self> {
+    /// Connects to the cluster `config` names, trying its members from the
+    /// `start`th.
+    pub async fn connect(config: &EtcdConfig, start: usize) -> anyhow::Result<Self> {
         let options = config.options()?;
         Ok(Self {
-            client: config.connect(&options).await?,
+            client: config.connect(&options, start).await?,
             layout: config.layout.clone(),
         })
     }
@@ -54,15 +56,12 @@ impl Store {
     /// transaction that fails if any of their keys changed since they were read.
     pub async fn apply(&mut self, path: &Path) -> anyhow::Result<Applied> {
         let objects = state::read_objects(path).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let listing = self
-            .client
-            .get(self.layout.prefix(), Some(GetOptions::new().with_prefix()))
+        let (listing, read_revision) = connect::list(&mut self.client, self.layout.prefix())
             .await
             .context("reading the objects in etcd")?;
-        let read_revision = listing.header().map_or(0, |h| h.revision());
         let mut held = Objects::default();
         let mut current: BTreeMap<String, (Vec<u8>, i64)> = BTreeMap::new();
-        for kv in listing.kvs() {
+        for kv in &listing {
             let Ok(key) = kv.key_str() else { continue };
             let KeyKind::Object(expected) = self.layout.parse(key) else {
                 continue;
@@ -172,7 +171,10 @@ impl Store {
         let prefix = self.layout.kind_prefix(kind);
         let response = self
             .client
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .get(
+                prefix.as_str(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
             .await
             .with_context(|| format!("reading {prefix}"))?;
         let mut out = String::new();
@@ -242,6 +244,24 @@ impl Store {
             tokio::time::sleep(WAIT_POLL).await;
         }
     }
+}
+
+/// Whether `err` is etcd being briefly unavailable (a member gone, a leader election),
+/// worth trying again on another member.
+pub fn transient(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        if let Some(e) = cause.downcast_ref::<etcd_client::Error>() {
+            return match e {
+                etcd_client::Error::GRpcStatus(status) => matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                ),
+                etcd_client::Error::TransportError(_) => true,
+                _ => false,
+            };
+        }
+        cause.downcast_ref::<NoMember>().is_some()
+    })
 }
 
 /// `nodes` as a table.

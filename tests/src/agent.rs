@@ -79,11 +79,6 @@ impl Drop for StateDir {
     }
 }
 
-/// The `run` flags of the file source reading `state`.
-fn state_source(state: &Path) -> Vec<OsString> {
-    vec!["--state".into(), state.into()]
-}
-
 /// The node name an agent on `node` runs with (`--node`): unique per test run, so pins
 /// of parallel tests never meet. Pods scheduled on that node carry it as
 /// `spec.nodeName` (e.g. for `trafficDistribution: PreferClose`).
@@ -165,12 +160,12 @@ impl Agent {
     /// [`Agent::start`] with extra `mesh-agent run` flags, e.g.
     /// `&["--health-checks", "--health-interval-ms", "100"]` or `&["--keep-datapath"]`.
     pub fn start_with(node: &Node, state: &Path, args: &[&str]) -> Result<Self> {
-        Self::start_from(node, &state_source(state), args)
+        Self::start_with_source(node, &state_source(state), args)
     }
 
-    /// [`Agent::start_with`] reading the cluster state from the source that `source`
-    /// names instead of a state directory, e.g. `["--kubeconfig", path]`.
-    pub fn start_from(node: &Node, source: &[OsString], args: &[&str]) -> Result<Self> {
+    /// Starts `mesh-agent run` for `node` with the source flags `source` (e.g.
+    /// `["--etcd", "http://192.168.250.1:2379"]`) instead of `--state`, plus `args`.
+    pub fn start_with_source(node: &Node, source: &[OsString], args: &[&str]) -> Result<Self> {
         let datapath = PinnedDatapath {
             node_name: node_name(node),
         };
@@ -224,6 +219,11 @@ impl Agent {
             );
         }
         Ok(agent)
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(ChildGuard::pid)
     }
 
     /// The node name the agent pins under (`<bpffs>/mesh/<name>/`).
@@ -381,6 +381,14 @@ impl Agent {
             .expect("an agent owns its datapath until kill/stop")
     }
 
+    /// Freezes the agent (SIGSTOP) until the returned guard is dropped (SIGCONT): its
+    /// datapath keeps serving, while it reads nothing and answers nothing.
+    pub fn pause(&self) -> Result<Paused<'_>> {
+        let child = self.child.as_ref().context("the agent is not running")?;
+        child.signal(libc::SIGSTOP)?;
+        Ok(Paused { child })
+    }
+
     fn terminate(&mut self) -> Result<Option<ExitStatus>> {
         let Some(child) = self.child.take() else {
             return Ok(None);
@@ -388,6 +396,8 @@ impl Agent {
         if let Ok(Some(status)) = child.try_wait() {
             return Ok(Some(status));
         }
+        // A paused agent must run to see its SIGTERM.
+        child.signal(libc::SIGCONT)?;
         child.signal(libc::SIGTERM)?;
         child.wait_timeout(STOP_TIMEOUT)
     }
@@ -412,8 +422,24 @@ impl Drop for Agent {
     }
 }
 
+/// A frozen agent ([`Agent::pause`]); dropping it lets the agent run on.
+pub struct Paused<'a> {
+    child: &'a ChildGuard,
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        let _ = self.child.signal(libc::SIGCONT);
+    }
+}
+
+/// `--state <path>`.
+fn state_source(state: &Path) -> Vec<OsString> {
+    vec!["--state".into(), state.into()]
+}
+
 /// What `GET /v1/status` of the admin API answers (the agent's `AgentStatus`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct AgentStatus {
     /// The datapath is attached, with the first state programmed (or rejected).
     pub ready: bool,
@@ -423,6 +449,32 @@ pub struct AgentStatus {
     pub reconcile_errors: u64,
     /// Whether the most recent reconcile applied its state.
     pub last_reconcile_ok: bool,
+    /// The cluster state source.
+    #[serde(default)]
+    pub source: SourceStatus,
+    /// How long the last plan took, microseconds.
+    #[serde(default)]
+    pub last_plan_us: u64,
+    /// How long writing the last plan to the maps took, microseconds.
+    #[serde(default)]
+    pub last_apply_us: u64,
+}
+
+/// The `source` of [`AgentStatus`]: which source, stale or not, revisions.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct SourceStatus {
+    /// `files`, `etcd` or `kubernetes`.
+    pub kind: String,
+    /// Cut off from its store.
+    pub stale: bool,
+    /// Since when (Unix seconds), while stale.
+    pub stale_since: Option<u64>,
+    /// Newest revision delivered.
+    pub revision: u64,
+    /// Newest revision applied.
+    pub applied_revision: u64,
+    /// Objects rejected and left out.
+    pub rejected_objects: u64,
 }
 
 /// A plain HTTP/1.1 GET with `Connection: close`; returns the body of a 200 response.

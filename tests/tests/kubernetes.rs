@@ -73,7 +73,7 @@ impl Bed {
         }
         let dir = StateDir::new("kube")?;
         let kubeconfig = api.write_kubeconfig(dir.path())?;
-        let agent = Agent::start_from(
+        let agent = Agent::start_with_source(
             cluster.node("n1"),
             &["--kubeconfig".into(), kubeconfig.into()],
             &[],

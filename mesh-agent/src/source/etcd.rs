@@ -1,7 +1,8 @@
 //! The etcd source: every object under the prefix, listed at one revision and then
-//! watched from the next, so no change is missed; a compacted watch starts over with a
-//! clean relist, and a lost connection is retried with backoff while the datapath keeps
-//! the last good state (the source says it is stale, and since when). Each object is
+//! watched from the next, so no change is missed. A lost connection is retried with
+//! backoff while the datapath keeps the last good state (the source says it is stale,
+//! and since when); the new connection resumes the watch after the last revision taken
+//! in, and when that revision was compacted meanwhile, starts over with a clean relist. Each object is
 //! decoded once per change ([`Objects`]); a bad one is rejected naming its key, its last
 //! good version staying. The agent registers its node under a lease
 //! (`<prefix>nodes/<node>`) with the revision its datapath applied, which
@@ -15,9 +16,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use etcd_client::{
-    Client, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, WatchOptions,
-};
+use etcd_client::{Client, ConnectOptions, EventType, KeyValue, PutOptions, WatchOptions};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
@@ -38,6 +37,8 @@ const KEEPALIVE: Duration = Duration::from_secs(5);
 /// that losing one member of several goes unnoticed), doubling up to the maximum.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long etcd may be out of reach before the source reports itself stale.
+const STALE_AFTER: Duration = Duration::from_secs(2);
 
 /// Starts following etcd for node `node`.
 ///
@@ -52,6 +53,8 @@ pub fn spawn(config: EtcdConfig, node: String, feed: Feed) -> anyhow::Result<Joi
             node,
             feed,
             objects: Objects::default(),
+            revision: None,
+            attempt: 0,
             known: BTreeMap::new(),
             rejected: BTreeMap::new(),
         };
@@ -87,6 +90,11 @@ struct Watcher {
     feed: Feed,
     /// The last good version of each object key.
     objects: Objects,
+    /// The revision up to which every change is taken in; `None` until the first list
+    /// and after a compaction, when the next session lists.
+    revision: Option<i64>,
+    /// Sessions started, to rotate the first member tried.
+    attempt: usize,
     /// Each object key's mod revision as last seen (good or rejected): a relist decodes
     /// only keys that changed.
     known: BTreeMap<String, i64>,
@@ -103,16 +111,23 @@ impl Watcher {
             match result {
                 Err(SessionError::Closed) => return,
                 Err(SessionError::Compacted(revision)) => {
-                    info!(revision, "etcd watch fell behind a compaction: relisting");
+                    info!(
+                        compacted = revision,
+                        "etcd compacted the revisions the watch needed: relisting"
+                    );
+                    self.revision = None;
                 }
                 Err(SessionError::Etcd(err)) => {
                     let since = *lost.get_or_insert_with(SystemTime::now);
                     failures += 1;
+                    // A leader election or one member's loss passes within a second or
+                    // two; longer, and the store is gone: say so, from when it went.
+                    if since.elapsed().unwrap_or_default() >= STALE_AFTER {
+                        self.feed.set_stale(Some(since));
+                    }
                     let pause = if failures == 1 {
                         Duration::ZERO
                     } else {
-                        // Two failures in a row: the store is gone, not one member.
-                        self.feed.set_stale(Some(since));
                         BACKOFF_MIN
                             .saturating_mul(1 << (failures - 2).min(8))
                             .min(BACKOFF_MAX)
@@ -137,45 +152,60 @@ impl Watcher {
     ) -> Result<(), SessionError> {
         let layout = self.config.layout.clone();
         let prefix = layout.prefix().to_owned();
-        let mut client = self.config.connect(&self.options).await?;
-        let listing = client
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        // Each new session starts with the member after the last one tried.
+        self.attempt += 1;
+        let mut client = self.config.connect(&self.options, self.attempt).await?;
+        // The watch starts AT the revision already taken in, not after it: etcd
+        // refuses a start below its compaction revision, and a start equal to it can
+        // silently miss deletions made at it (compaction drops their tombstones), so
+        // starting one early makes any compaction past what was seen a refusal, and
+        // thus a relist. Events at that revision itself were taken in and are skipped.
+        let seen = match self.revision {
+            Some(revision) => revision,
+            None => {
+                let started = Instant::now();
+                let (listing, revision) = connect::list(&mut client, &prefix).await?;
+                let (decoded, removed) = self.relist(&layout, &listing);
+                info!(
+                    revision,
+                    objects = self.objects.len(),
+                    decoded,
+                    removed,
+                    rejected = self.rejected.len(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "listed etcd"
+                );
+                self.revision = Some(revision);
+                self.deliver().await?;
+                revision
+            }
+        };
+        let mut watch = client
+            .watch_client()
+            .max_decoding_message_size(connect::MAX_WATCH_MESSAGE)
+            .watch(
+                prefix.as_str(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(seen)
+                        .with_progress_notify(),
+                ),
+            )
             .await?;
-        let revision = listing.header().map_or(0, |h| h.revision());
-        let started = Instant::now();
-        let (decoded, removed) = self.relist(&layout, listing.kvs());
-        info!(
-            revision,
-            objects = self.objects.len(),
-            decoded,
-            removed,
-            rejected = self.rejected.len(),
-            took_ms = started.elapsed().as_millis() as u64,
-            "listed etcd"
-        );
-        self.deliver(revision).await?;
-        *lost = None;
-        *failures = 0;
-        self.feed.set_stale(None);
-
         let lease = client.lease_grant(LEASE_TTL, None).await?.id();
         let (mut keeper, mut keepalives) = client.lease_keep_alive(lease).await?;
         let mut status = self.feed.status();
         let mut registered = None;
         self.register(&mut client, &layout, lease, &mut registered)
             .await?;
+        if lost.is_some() {
+            info!(after = seen, "etcd reachable again; following changes");
+        }
+        *lost = None;
+        *failures = 0;
+        self.feed.set_stale(None);
 
-        let mut watch = client
-            .watch(
-                prefix.as_str(),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(revision + 1)
-                        .with_progress_notify(),
-                ),
-            )
-            .await?;
         let mut keepalive = tokio::time::interval(KEEPALIVE);
         loop {
             tokio::select! {
@@ -195,9 +225,16 @@ impl Watcher {
                             )
                             .into());
                         }
-                        let revision = response.header().map_or(0, |h| h.revision());
+                        if response.events().is_empty() {
+                            // Progress: every change up to the header's revision is in.
+                            let progress = response.header().map_or(0, |h| h.revision());
+                            self.revision = self.revision.max(Some(progress));
+                        }
                         for event in response.events() {
-                            let Some(kv) = event.kv() else { continue };
+                            let Some(kv) = event.kv().filter(|kv| kv.mod_revision() > seen) else {
+                                continue;
+                            };
+                            self.revision = self.revision.max(Some(kv.mod_revision()));
                             changed |= match event.event_type() {
                                 EventType::Put => self.put(&layout, kv),
                                 EventType::Delete => self.delete(kv),
@@ -211,7 +248,7 @@ impl Watcher {
                             }
                             Err(_) => {
                                 if changed {
-                                    self.deliver(revision).await?;
+                                    self.deliver().await?;
                                 }
                                 break;
                             }
@@ -337,8 +374,9 @@ impl Watcher {
         self.objects.remove(key)
     }
 
-    /// Assembles and delivers the state at `revision`.
-    async fn deliver(&mut self, revision: i64) -> Result<(), SessionError> {
+    /// Assembles and delivers the state at the revision taken in.
+    async fn deliver(&mut self) -> Result<(), SessionError> {
+        let revision = self.revision.unwrap_or(0);
         let started = Instant::now();
         let state = self.objects.state();
         debug!(

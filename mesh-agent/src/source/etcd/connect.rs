@@ -3,7 +3,9 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use etcd_client::{
+    Certificate, Client, ConnectOptions, GetOptions, Identity, KeyValue, TlsOptions,
+};
 
 use super::layout::Layout;
 
@@ -15,6 +17,56 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// connections) is noticed within about interval + timeout.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Keys per page of a list: bounds each response, as the API server's lists of etcd do.
+const PAGE: i64 = 1000;
+/// Largest watch response accepted: one revision's events arrive in one message, and
+/// a transaction of 20,000 objects is about 10 MB.
+pub const MAX_WATCH_MESSAGE: usize = 256 << 20;
+
+/// Every key under `prefix` at one revision, read in pages of [`PAGE`] keys; returns
+/// them with that revision.
+pub async fn list(
+    client: &mut Client,
+    prefix: &str,
+) -> Result<(Vec<KeyValue>, i64), etcd_client::Error> {
+    let end = prefix_end(prefix.as_bytes());
+    let mut kvs = Vec::new();
+    let mut from = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if revision != 0 {
+            // Later pages read the first page's revision: one consistent snapshot.
+            options = options.with_revision(revision);
+        }
+        let mut page = client.get(from.clone(), Some(options)).await?;
+        if revision == 0 {
+            revision = page.header().map_or(0, |h| h.revision());
+        }
+        let more = page.more();
+        let page = page.take_kvs();
+        if let Some(last) = page.last() {
+            from = [last.key(), b"\0"].concat();
+        }
+        kvs.extend(page);
+        if !more {
+            return Ok((kvs, revision));
+        }
+    }
+}
+
+/// The end of the key range of `prefix`: its last byte below 0xff incremented.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
 
 /// How to reach an etcd cluster, and where the mesh's keys live in it.
 #[derive(Clone, Debug)]
@@ -60,10 +112,44 @@ impl EtcdConfig {
         Ok(options)
     }
 
-    /// Connects (lazily: the first request reaches a member).
-    pub async fn connect(&self, options: &ConnectOptions) -> anyhow::Result<Client> {
-        Client::connect(&self.endpoints, Some(options.clone()))
-            .await
-            .with_context(|| format!("connecting to etcd at {}", self.endpoints.join(",")))
+    /// Connects to one member that answers and has a leader, trying the endpoints in
+    /// order from the `start`th (callers rotate it, so a retry after a failure tries the
+    /// next member first). One member at a time, as etcd's own clients do: a balanced
+    /// channel keeps sending a share of the requests to a dead member.
+    pub async fn connect(&self, options: &ConnectOptions, start: usize) -> anyhow::Result<Client> {
+        let mut problems = Vec::new();
+        let count = self.endpoints.len();
+        for endpoint in (0..count).map(|i| &self.endpoints[(start + i) % count]) {
+            match probe(endpoint, options).await {
+                Ok(client) => return Ok(client),
+                Err(err) => problems.push(format!("{endpoint}: {err:#}")),
+            }
+        }
+        Err(NoMember(problems).into())
+    }
+}
+
+/// No member answered (each endpoint's problem).
+#[derive(Debug, thiserror::Error)]
+#[error("no etcd member answers: {}", .0.join("; "))]
+pub struct NoMember(pub Vec<String>);
+
+/// A client of the member at `endpoint`, once it answered and named a leader.
+async fn probe(endpoint: &str, options: &ConnectOptions) -> anyhow::Result<Client> {
+    let mut client = Client::connect([endpoint], Some(options.clone())).await?;
+    let status = client.status().await?;
+    anyhow::ensure!(status.leader() != 0, "the member has no leader");
+    Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_ends_are_the_next_key_range() {
+        assert_eq!(prefix_end(b"/mesh/"), b"/mesh0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff"), b"\0");
     }
 }
