@@ -189,6 +189,21 @@ mod tests {
     use super::*;
     use tower::{Service as _, ServiceExt as _};
 
+    #[test]
+    fn an_unreadable_kubeconfig_fails_the_start_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let err = prepare(&Connect::Kubeconfig(missing.clone())).unwrap_err();
+        assert!(
+            err.to_string().contains(&missing.display().to_string()),
+            "{err}"
+        );
+        let bad = dir.path().join("bad");
+        std::fs::write(&bad, "clusters: [").unwrap();
+        let err = prepare(&Connect::Kubeconfig(bad.clone())).unwrap_err();
+        assert!(err.to_string().contains("bad"), "{err}");
+    }
+
     #[tokio::test]
     async fn replies_and_failures_set_reachability() {
         let (tx, rx) = watch::channel(None);
