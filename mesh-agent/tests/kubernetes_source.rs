@@ -357,3 +357,147 @@ async fn an_empty_cluster_is_a_state_too() {
     bed.until("web", |s| service_port(s, "web") == Some(80))
         .await;
 }
+
+/// Objects as a real API server serves them (what `kubectl get -o yaml` shows: server
+/// fields, defaults, status, managed fields) are accepted as they are.
+#[tokio::test]
+async fn objects_as_an_api_server_serves_them_are_accepted() {
+    let api = KubeApi::start().unwrap();
+    api.apply_yaml(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  uid: 0b5c1c4e-1c57-4a43-9d4b-2d0f6f7f1a11
+  creationTimestamp: "2026-01-05T10:00:00Z"
+  labels: {kubernetes.io/metadata.name: shop, istio.io/dataplane-mode: ambient}
+spec: {finalizers: [kubernetes]}
+status: {phase: Active}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+  uid: 6f1f5a8e-8f0e-4a5b-9a61-0c1d2e3f4a5b
+  creationTimestamp: "2026-01-05T10:00:01Z"
+  labels: {app: web}
+  annotations:
+    kubectl.kubernetes.io/last-applied-configuration: '{"apiVersion":"v1","kind":"Service"}'
+  managedFields:
+    - manager: kubectl-client-side-apply
+      operation: Update
+      apiVersion: v1
+      time: "2026-01-05T10:00:01Z"
+      fieldsType: FieldsV1
+      fieldsV1: {"f:spec": {"f:ports": {}}}
+spec:
+  type: ClusterIP
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  ipFamilies: [IPv4]
+  ipFamilyPolicy: SingleStack
+  internalTrafficPolicy: Cluster
+  sessionAffinity: None
+  selector: {app: web}
+  ports:
+    - {name: http, port: 80, protocol: TCP, targetPort: 8080}
+status: {loadBalancer: {}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-7d4b9c-x2x9k
+  generateName: web-7d4b9c-
+  namespace: shop
+  uid: 9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d
+  creationTimestamp: "2026-01-05T10:00:02Z"
+  labels: {app: web, pod-template-hash: 7d4b9c}
+  ownerReferences:
+    - {apiVersion: apps/v1, kind: ReplicaSet, name: web-7d4b9c, uid: 1a2b3c4d-5e6f-4a1b-9c2d-3e4f5a6b7c8d, controller: true, blockOwnerDeletion: true}
+spec:
+  containers:
+    - name: web
+      image: nginx:1.27
+      imagePullPolicy: IfNotPresent
+      ports: [{containerPort: 8080, protocol: TCP}]
+      resources: {}
+      terminationMessagePath: /dev/termination-log
+      terminationMessagePolicy: File
+      volumeMounts:
+        - {name: kube-api-access-abcde, mountPath: /var/run/secrets/kubernetes.io/serviceaccount, readOnly: true}
+  dnsPolicy: ClusterFirst
+  enableServiceLinks: true
+  nodeName: node-1
+  preemptionPolicy: PreemptLowerPriority
+  priority: 0
+  restartPolicy: Always
+  schedulerName: default-scheduler
+  securityContext: {}
+  serviceAccount: default
+  serviceAccountName: default
+  terminationGracePeriodSeconds: 30
+  tolerations:
+    - {key: node.kubernetes.io/not-ready, operator: Exists, effect: NoExecute, tolerationSeconds: 300}
+  volumes:
+    - name: kube-api-access-abcde
+      projected:
+        defaultMode: 420
+        sources:
+          - serviceAccountToken: {expirationSeconds: 3607, path: token}
+          - configMap: {name: kube-root-ca.crt, items: [{key: ca.crt, path: ca.crt}]}
+          - downwardAPI: {items: [{path: namespace, fieldRef: {apiVersion: v1, fieldPath: metadata.namespace}}]}
+status:
+  phase: Running
+  qosClass: BestEffort
+  hostIP: 192.168.1.10
+  hostIPs: [{ip: 192.168.1.10}]
+  podIP: 10.244.1.11
+  podIPs: [{ip: 10.244.1.11}]
+  startTime: "2026-01-05T10:00:02Z"
+  conditions:
+    - {type: Ready, status: "True", lastProbeTime: null, lastTransitionTime: "2026-01-05T10:00:04Z"}
+  containerStatuses:
+    - name: web
+      image: docker.io/library/nginx:1.27
+      imageID: docker.io/library/nginx@sha256:0000000000000000000000000000000000000000000000000000000000000000
+      containerID: containerd://1111111111111111111111111111111111111111111111111111111111111111
+      ready: true
+      started: true
+      restartCount: 0
+      state: {running: {startedAt: "2026-01-05T10:00:03Z"}}
+      lastState: {}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abcde
+  generateName: web-
+  namespace: shop
+  labels: {kubernetes.io/service-name: web, endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io}
+  ownerReferences:
+    - {apiVersion: v1, kind: Service, name: web, uid: 6f1f5a8e-8f0e-4a5b-9a61-0c1d2e3f4a5b, controller: true, blockOwnerDeletion: true}
+addressType: IPv4
+endpoints:
+  - addresses: [10.244.1.11]
+    conditions: {ready: true, serving: true, terminating: false}
+    nodeName: node-1
+    targetRef: {kind: Pod, name: web-7d4b9c-x2x9k, namespace: shop, uid: 9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d}
+ports:
+  - {name: http, port: 8080, protocol: TCP}
+"#,
+    )
+    .unwrap();
+    let mut bed = Bed::new(api);
+    let state = bed.next().await;
+    assert_eq!(pod_names(&state), ["web-7d4b9c-x2x9k"]);
+    assert_eq!(service_port(&state, "web"), Some(80));
+    assert_eq!(state.endpoint_slices().len(), 1);
+    assert_eq!(
+        bed.status.borrow().rejected_objects,
+        0,
+        "{}",
+        bed.logs.text()
+    );
+}
