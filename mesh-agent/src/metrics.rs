@@ -518,7 +518,8 @@ fn register_agent(registry: &mut Registry, agent: &AgentStatus) {
     );
     registry.register(
         "mesh_agent_source_revision",
-        "Newest revision the source delivered (etcd revision; a count of states delivered for files and Kubernetes)",
+        "Newest revision the source delivered (etcd revision; a count of states delivered \
+         for files and Kubernetes)",
         gauge(source.revision),
     );
     registry.register(

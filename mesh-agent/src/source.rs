@@ -64,7 +64,8 @@ pub struct SourceStatus {
     pub stale: bool,
     /// When it lost its store (Unix seconds), while stale.
     pub stale_since: Option<u64>,
-    /// The newest revision delivered (etcd revision; a count of states delivered for files and Kubernetes).
+    /// The newest revision delivered (etcd revision; a count of states delivered for
+    /// files and Kubernetes).
     pub revision: u64,
     /// The newest revision the datapath applied.
     pub applied_revision: u64,

@@ -19,9 +19,10 @@
 //!
 //! Versions are one counter for all resources, as etcd's revision is. Tests drive it
 //! with [`KubeApi::apply`], [`KubeApi::delete`], [`KubeApi::bookmark`],
-//! [`KubeApi::compact`], [`KubeApi::end_watches`], [`KubeApi::disconnect`] (cuts every open connection, as a
-//! restarting API server or a network failure does) and [`KubeApi::set_reachable`],
-//! and check what clients asked with [`KubeApi::requests`].
+//! [`KubeApi::compact`], [`KubeApi::end_watches`] (a watch timeout),
+//! [`KubeApi::disconnect`] (cuts every open connection, as a restarting API server or
+//! a network failure does) and [`KubeApi::set_reachable`], and check what clients
+//! asked with [`KubeApi::requests`].
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;

@@ -114,7 +114,8 @@ async fn run(prepared: Prepared, feed: Feed) {
                 // cluster must clear what an earlier agent left in the maps.
                 let first = !announced;
                 if first {
-                    info!(objects = objects.len(), rejected = rejected.len(), "Kubernetes API listed");
+                    let (count, bad) = (objects.len(), rejected.len());
+                    info!(objects = count, rejected = bad, "Kubernetes API listed");
                     announced = true;
                 }
                 if dirty || first {
@@ -147,7 +148,10 @@ fn apply(objects: &mut state::Objects, rejected: &mut BTreeSet<String>, change: 
                 }
                 Err(problems) => {
                     for problem in problems {
-                        error!(%problem, "object rejected; its last good version, if any, stays in force");
+                        error!(
+                            %problem,
+                            "object rejected; its last good version, if any, stays in force"
+                        );
                     }
                     rejected.insert(id);
                     false
@@ -200,7 +204,11 @@ async fn watch_kind(client: Client, index: usize, events: mpsc::Sender<(usize, K
                     if kind.optional && status.code == 404 =>
                 {
                     if !absent {
-                        info!(kind = kind.kind, api_version = %kind.api_version(), "not served (CRD not installed?): no such objects");
+                        info!(
+                            kind = kind.kind,
+                            api_version = %kind.api_version(),
+                            "not served (CRD not installed?): no such objects"
+                        );
                         absent = true;
                     }
                     KindEvent::Absent
