@@ -355,10 +355,9 @@ current-context: fake
         let version = store.version.to_string();
         let resources = store.resources.clone();
         store.watchers.retain(|w| {
-            if !w.bookmarks {
+            let Some(resource) = resources.get(&w.resource).filter(|_| w.bookmarks) else {
                 return true;
-            }
-            let resource = &resources[&w.resource];
+            };
             let event = json!({"type": "BOOKMARK", "object": {
                 "apiVersion": resource.api_version,
                 "kind": resource.kind,
