@@ -25,6 +25,7 @@ use mesh_agent::plan::routes::RouteStatus;
 use mesh_agent::proxyfeed::ProxyFeed;
 use mesh_agent::report::PolicyReport;
 use mesh_agent::report::{Direction, Flow, Peer, Reason, Verdict};
+use mesh_agent::source::{SourceKind, SourceStatus};
 use mesh_agent::telemetry::AgentStatus;
 use tokio::sync::watch;
 
@@ -122,6 +123,16 @@ const STATUS: AgentStatus = AgentStatus {
     applied: 3,
     reconcile_errors: 1,
     last_reconcile_ok: true,
+    source: SourceStatus {
+        kind: SourceKind::Etcd,
+        stale: true,
+        stale_since: Some(1_700_000_000),
+        revision: 42,
+        applied_revision: 41,
+        rejected_objects: 1,
+    },
+    last_plan_us: 1_500,
+    last_apply_us: 200,
 };
 
 async fn check(request: Request<()>) {

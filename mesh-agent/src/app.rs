@@ -29,12 +29,14 @@ use crate::{
     metrics,
     proxyfeed::ProxyFeed,
     reconcile::{Outcome, Outputs, ReconcileMaps, Reconciler},
+    source::{Source, Update},
     telemetry::Telemetry,
-    watch,
 };
 
-/// How long to wait after a change notification for the burst of writes to settle.
-const SETTLE: Duration = Duration::from_millis(100);
+/// How long the first state may take before the datapath is attached without it: an
+/// unreachable store must not keep an adopted datapath's agent from serving, and the
+/// state follows when the store answers.
+const FIRST_STATE: Duration = Duration::from_secs(10);
 /// How soon a failed map update is retried (a rejected state waits for the next change).
 const RETRY: Duration = Duration::from_secs(1);
 /// How often local pods' network namespaces are looked for again: a new pod's egress
@@ -70,14 +72,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    // Watch before the first read, so a change racing startup is not missed.
-    let (changed_tx, mut changed) = mpsc::channel(1);
-    let _watcher = watch::watch(&args.state, changed_tx)?;
+    let mut source = Source::start(&args.source.config()?, &args.node)
+        .context("starting the cluster state source")?;
     let (health_tx, mut health_changed) = mpsc::channel(1);
     let health = args
         .health_checks
         .then(|| HealthChecker::spawn(args.health_config(), health_tx));
     let telemetry = Arc::new(Telemetry::new(pins::node_dir(&args.bpffs, &args.node)));
+    telemetry.follow_source(source.status());
     let metrics_server = metrics::bind(args.metrics_addr).await?;
     info!(addr = %metrics_server.local_addr(), "serving metrics");
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -132,7 +134,6 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
         inbound: InboundLinks::open(&pins::node_dir(&args.bpffs, &args.node))?,
     };
     let mut reconciler = Reconciler::new(
-        &args.state,
         &args.node,
         cgroup,
         args.trust_domain.clone(),
@@ -144,8 +145,20 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
             proxy: proxy_feed,
         },
     )?;
+    // The revision of a state whose apply failed and is being retried.
+    let mut pending = None;
     // Program the maps before attaching, so the first call already sees the table.
-    let mut outcome = reconciler.reload();
+    let mut outcome = match tokio::time::timeout(FIRST_STATE, source.next()).await {
+        Ok(Some(update)) => apply(&mut reconciler, &source, update, &mut pending),
+        Ok(None) => anyhow::bail!("the cluster state source ended"),
+        Err(_) => {
+            warn!(
+                waited = ?FIRST_STATE,
+                "no cluster state yet; attaching with the maps as they are"
+            );
+            Outcome::Rejected
+        }
+    };
     datapath.attach(cgroup, args.sockmap)?;
     telemetry.attached();
     info!(node = %args.node, cgroup = %cgroup.display(), "datapath ready");
@@ -156,12 +169,10 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
-            Some(()) = changed.recv() => {
-                tokio::time::sleep(SETTLE).await;
-                // Drain what arrived while settling: one reload covers them all.
-                while changed.try_recv().is_ok() {}
-                outcome = reconciler.reload();
-            }
+            update = source.next() => match update {
+                Some(update) => outcome = apply(&mut reconciler, &source, update, &mut pending),
+                None => anyhow::bail!("the cluster state source ended"),
+            },
             Some(()) = health_changed.recv() => outcome = reconciler.replan(),
             _ = rediscover.tick() => {
                 if let Some(o) = reconciler.rediscover() {
@@ -170,6 +181,11 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
             }
             () = tokio::time::sleep(RETRY), if outcome == Outcome::Failed => {
                 outcome = reconciler.replan();
+                if outcome == Outcome::Applied
+                    && let Some(revision) = pending.take()
+                {
+                    source.applied(revision);
+                }
             }
         }
     }
@@ -179,6 +195,24 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
     metrics_task.await.context("metrics server task")??;
     admin_task.await.context("admin server task")??;
     Ok(())
+}
+
+/// Applies a state from the source; tells the source which revision is in force, or
+/// keeps it `pending` while a failed write is retried.
+fn apply(
+    reconciler: &mut Reconciler,
+    source: &Source,
+    update: Update,
+    pending: &mut Option<u64>,
+) -> Outcome {
+    let outcome = reconciler.reload(update.state);
+    *pending = None;
+    match outcome {
+        Outcome::Applied => source.applied(update.revision),
+        Outcome::Failed => *pending = Some(update.revision),
+        Outcome::Rejected => {}
+    }
+    outcome
 }
 
 /// Switches policy audit mode (CONFIG[POLICY_AUDIT]) on or off.

@@ -1,5 +1,5 @@
 //! Command line: `run`, `validate`, `services`, `observe`, `policy`, `routes`,
-//! `uninstall`, `ca`.
+//! `uninstall`, `ca`, and against etcd `apply`, `delete`, `get`, `nodes`.
 
 use std::{
     collections::BTreeMap, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration,
@@ -16,11 +16,17 @@ use crate::{
         self,
         sizes::{self, MapSizes},
     },
+    etcdctl::{self, Store},
     health::HealthConfig,
     metrics::SnapshotSource as _,
     plan::routes::{self, RouteStatus},
     report::{FlowFilter, Verdict},
-    state, status,
+    source::{
+        SourceConfig,
+        etcd::{EtcdConfig, layout::Layout},
+    },
+    state::{self, Kind},
+    status,
     telemetry::Telemetry,
 };
 
@@ -38,7 +44,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Load and attach the datapath, program it from the state, follow state changes.
-    Run(RunArgs),
+    // Boxed: the run flags outweigh every other command's.
+    Run(Box<RunArgs>),
     /// Check a state file or directory; print every problem and exit non-zero if any.
     /// Also plans the datapath (Services, and NetworkPolicy for `--node`), so a state
     /// that does not fit the default map sizes is reported too.
@@ -72,6 +79,10 @@ enum Command {
         /// bpffs mount point.
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
+        /// Directory of the agents' admin sockets: the cluster state source and the
+        /// planner's cost are shown when the node's agent answers there.
+        #[arg(long, default_value = admin::DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
     },
     /// Print the policy verdicts (drops, audits) the kernel reported, as Hubble does.
     Observe {
@@ -159,6 +170,52 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Validate the objects of a file or directory alone and together with those in
+    /// etcd, then write them to etcd in one transaction (all or nothing).
+    Apply {
+        /// State file (multi-document YAML) or directory of them.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Return only once every live node has applied the write.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "60s", value_parser = duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Delete one object from etcd.
+    Delete {
+        /// Its kind (`Service`, `services`, `svc`, ...).
+        #[arg(value_parser = kind)]
+        kind: Kind,
+        /// NAMESPACE/NAME (NAME for Namespaces).
+        name: String,
+        /// Return only once every live node has applied the deletion.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "60s", value_parser = duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// Show the objects of a kind in etcd, or one object's JSON.
+    Get {
+        /// The kind (`Service`, `services`, `svc`, ...).
+        #[arg(value_parser = kind)]
+        kind: Kind,
+        /// NAMESPACE/NAME (NAME for Namespaces): print this object.
+        name: Option<String>,
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
+    /// The live nodes registered in etcd and the revision each has applied.
+    Nodes {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    },
     /// Detach and unpin the datapath of a node (every node when --node is omitted),
     /// e.g. one left behind with --keep-datapath.
     Uninstall {
@@ -227,9 +284,9 @@ pub struct RunArgs {
     /// This node's name (pins live under `<bpffs>/mesh/<node>/`).
     #[arg(long, value_parser = node_name)]
     pub node: String,
-    /// State file (multi-document YAML) or directory of them; watched for changes.
-    #[arg(long)]
-    pub state: PathBuf,
+    /// Where the cluster state comes from.
+    #[command(flatten)]
+    pub source: SourceArgs,
     /// cgroup2 directory to attach to [default: the cgroup2 root from /proc/self/mounts].
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
@@ -284,6 +341,106 @@ pub struct RunArgs {
     pub trust_domain: Option<String>,
     #[command(flatten)]
     pub map_sizes: MapSizeArgs,
+}
+
+/// The cluster state source of `run`: exactly one of `--state` (files), `--etcd` and
+/// `--kubernetes`/`--kubeconfig`.
+#[derive(Debug, clap::Args)]
+pub struct SourceArgs {
+    /// State file (multi-document YAML) or directory of them; watched for changes.
+    #[arg(
+        long,
+        required_unless_present_any = ["etcd", "kubernetes", "kubeconfig"],
+        conflicts_with_all = ["etcd", "kubernetes", "kubeconfig"]
+    )]
+    pub state: Option<PathBuf>,
+    /// Read the state from etcd instead: member URLs, comma-separated
+    /// (`http://10.0.0.1:2379,http://10.0.0.2:2379`; `https://` with --etcd-ca).
+    #[arg(long, value_delimiter = ',', value_name = "URL[,URL...]")]
+    pub etcd: Vec<String>,
+    #[command(flatten)]
+    pub etcd_options: EtcdOptions,
+    /// Read the state from the Kubernetes API server, with the in-cluster configuration
+    /// (the pod's ServiceAccount; see deploy/kubernetes).
+    #[arg(long, conflicts_with_all = ["etcd", "kubeconfig"])]
+    pub kubernetes: bool,
+    /// Read the state from the Kubernetes API server named by this kubeconfig file (its
+    /// current context).
+    #[arg(long, value_name = "PATH", conflicts_with = "etcd")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+impl SourceArgs {
+    /// The source to start.
+    pub fn config(&self) -> anyhow::Result<SourceConfig> {
+        use crate::source::kubernetes::Connect;
+        match (&self.state, self.kubernetes, &self.kubeconfig) {
+            (Some(path), _, _) => Ok(SourceConfig::Files(path.clone())),
+            (_, _, Some(path)) => Ok(SourceConfig::Kubernetes(Connect::Kubeconfig(path.clone()))),
+            (_, true, None) => Ok(SourceConfig::Kubernetes(Connect::InCluster)),
+            (None, false, None) => Ok(SourceConfig::Etcd(self.etcd_options.config(&self.etcd)?)),
+        }
+    }
+}
+
+/// Where the mesh's keys live in etcd, and TLS towards it (for `run --etcd` and the
+/// commands that read and write etcd).
+#[derive(Debug, clap::Args)]
+pub struct EtcdOptions {
+    /// Key prefix of the mesh's objects and nodes in etcd.
+    #[arg(long, default_value = "/mesh/")]
+    pub etcd_prefix: String,
+    /// CA certificate (PEM) of the etcd members' certificates.
+    #[arg(long)]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for etcd's TLS client authentication.
+    #[arg(long, requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl EtcdOptions {
+    /// The etcd configuration for `endpoints`.
+    pub fn config(&self, endpoints: &[String]) -> anyhow::Result<EtcdConfig> {
+        anyhow::ensure!(!endpoints.is_empty(), "no etcd endpoint given (--etcd)");
+        Ok(EtcdConfig {
+            endpoints: endpoints.to_vec(),
+            layout: Layout::new(&self.etcd_prefix)?,
+            ca: self.etcd_ca.clone(),
+            identity: self.etcd_cert.clone().zip(self.etcd_key.clone()),
+        })
+    }
+}
+
+/// The etcd cluster of `apply`, `delete`, `get` and `nodes`.
+#[derive(Debug, clap::Args)]
+pub struct EtcdArgs {
+    /// etcd member URLs, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "URL[,URL...]",
+        env = "MESH_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd: Vec<String>,
+    #[command(flatten)]
+    pub options: EtcdOptions,
+}
+
+/// A kind, as kubectl spells it (`Service`, `services`, `svc`).
+fn kind(name: &str) -> Result<Kind, String> {
+    Kind::parse(name).ok_or_else(|| {
+        let known: Vec<String> = Kind::ALL.iter().map(ToString::to_string).collect();
+        format!("{name:?}: not a kind the mesh uses ({})", known.join(", "))
+    })
+}
+
+/// A duration such as `60s`, `2m`, `500ms`.
+fn duration(value: &str) -> Result<Duration, String> {
+    state::httproute::parse_duration(value).map(Duration::from_millis)
 }
 
 /// `--trust-domain`: as the SPIFFE ID specification allows.
@@ -496,7 +653,7 @@ impl Cli {
                     .enable_all()
                     .build()
                     .context("starting the async runtime")?;
-                rt.block_on(app::run(args))?;
+                rt.block_on(app::run(*args))?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Validate {
@@ -519,7 +676,11 @@ impl Cli {
                 print!("{table}");
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Status { node, bpffs } => {
+            Command::Status {
+                node,
+                bpffs,
+                run_dir,
+            } => {
                 let node = match node {
                     Some(node) => node,
                     None => datapath::pins::only_node(&bpffs)?,
@@ -530,7 +691,12 @@ impl Cli {
                     "no datapath of node {node} is pinned under {}",
                     node_dir.display()
                 );
-                let snapshot = Telemetry::new(node_dir).snapshot();
+                let mut snapshot = Telemetry::new(node_dir).snapshot();
+                // The datapath is read from pins with or without an agent; the source
+                // only a running agent knows.
+                snapshot.agent = client::agent_socket(&run_dir, Some(&node))
+                    .ok()
+                    .and_then(|(_, socket)| client::agent_status(&socket).ok());
                 print!("{}", status::render(&node, &snapshot));
                 Ok(ExitCode::SUCCESS)
             }
@@ -671,6 +837,54 @@ impl Cli {
                 print!("{text}");
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Apply {
+                file,
+                wait,
+                timeout,
+                etcd,
+            } => etcd_command(&etcd, async |store| {
+                let applied = store.apply(&file).await?;
+                for line in &applied.lines {
+                    println!("{line}");
+                }
+                println!("revision {}", applied.revision);
+                if wait {
+                    wait_for_nodes(store, applied.revision, timeout).await?;
+                }
+                Ok(())
+            }),
+            Command::Delete {
+                kind,
+                name,
+                wait,
+                timeout,
+                etcd,
+            } => {
+                let key = etcdctl::object_key(kind, &name)?;
+                etcd_command(&etcd, async |store| {
+                    let revision = store.delete(kind, &key).await?;
+                    println!("{kind} {name} deleted\nrevision {revision}");
+                    if wait {
+                        wait_for_nodes(store, revision, timeout).await?;
+                    }
+                    Ok(())
+                })
+            }
+            Command::Get { kind, name, etcd } => {
+                let key = name
+                    .as_deref()
+                    .map(|n| etcdctl::object_key(kind, n))
+                    .transpose()?;
+                etcd_command(&etcd, async |store| {
+                    print!("{}", store.get(kind, key.as_ref()).await?);
+                    Ok(())
+                })
+            }
+            Command::Nodes { etcd } => etcd_command(&etcd, async |store| {
+                let (nodes, revision) = store.nodes().await?;
+                print!("{}", etcdctl::render_nodes(&nodes, revision));
+                Ok(())
+            }),
             Command::Uninstall { node, bpffs } => {
                 let nodes = match node {
                     Some(node) => vec![node],
@@ -685,6 +899,56 @@ impl Cli {
             }
         }
     }
+}
+
+/// Runs `command` against the etcd cluster of `args`.
+fn etcd_command(
+    args: &EtcdArgs,
+    command: impl AsyncFn(&mut Store) -> anyhow::Result<()>,
+) -> anyhow::Result<ExitCode> {
+    let config = args.options.config(&args.etcd)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        // A member lost or a leader changing fails a request for a moment: the whole
+        // command is tried again on another member (every command may be repeated:
+        // `apply` writes only what differs, guarded by the revisions it read).
+        let deadline = std::time::Instant::now() + ETCD_RETRY_FOR;
+        let mut attempt = 0;
+        loop {
+            let result = async {
+                let mut store = Store::connect(&config, attempt).await?;
+                command(&mut store).await
+            }
+            .await;
+            match result {
+                Err(err) if etcdctl::transient(&err) && std::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %format!("{err:#}"), "etcd unavailable; trying again");
+                    attempt += 1;
+                    tokio::time::sleep(ETCD_RETRY_PAUSE).await;
+                }
+                other => return other,
+            }
+        }
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How long commands against etcd retry while members are unavailable.
+const ETCD_RETRY_FOR: Duration = Duration::from_secs(15);
+const ETCD_RETRY_PAUSE: Duration = Duration::from_millis(300);
+
+/// `--wait`: until every live node applied `revision`.
+async fn wait_for_nodes(store: &mut Store, revision: i64, timeout: Duration) -> anyhow::Result<()> {
+    let nodes = store.wait(revision, timeout).await?;
+    if nodes.is_empty() {
+        println!("no live nodes to wait for");
+    } else {
+        println!("applied on {} nodes: {}", nodes.len(), nodes.join(", "));
+    }
+    Ok(())
 }
 
 /// The statuses with only the parents naming Service `service` (`NAMESPACE/NAME`), and

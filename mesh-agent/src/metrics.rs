@@ -29,6 +29,8 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::{debug, error, info, warn};
 
+use crate::telemetry::AgentStatus;
+
 /// Everything a scrape reports, read from the kernel maps when scraped.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -46,6 +48,9 @@ pub struct Snapshot {
     pub policy_verdicts: Vec<VerdictCount>,
     /// Same-node socket redirection.
     pub sockmap: SockmapCounters,
+    /// The running agent's status (its state source, the planner's cost); `None` when
+    /// the snapshot is read from pins alone.
+    pub agent: Option<AgentStatus>,
 }
 
 /// Same-node socket redirection (sockmap), as the kernel counted it.
@@ -359,6 +364,9 @@ pub fn render(snapshot: &Snapshot) -> String {
     register_reconcile(&mut registry, snapshot);
     register_policy(&mut registry, &snapshot.policy_verdicts);
     register_sockmap(&mut registry, &snapshot.sockmap);
+    if let Some(agent) = &snapshot.agent {
+        register_agent(&mut registry, agent);
+    }
     let mut text = String::new();
     prometheus_text::encode(&mut text, &registry).expect("writing to a String cannot fail");
     text
@@ -478,6 +486,73 @@ fn register_reconcile(registry: &mut Registry, snapshot: &Snapshot) {
          datapath) succeeded (1) or not (0)",
         last_ok,
     );
+}
+
+fn register_agent(registry: &mut Registry, agent: &AgentStatus) {
+    let source = &agent.source;
+    let gauge = |value: u64| {
+        let g = U64Gauge::default();
+        g.set(value);
+        g
+    };
+    let info = Family::<SourceLabels, U64Gauge>::default();
+    info.get_or_create(&SourceLabels {
+        source: source.kind.as_str(),
+    })
+    .set(1);
+    registry.register(
+        "mesh_agent_source_info",
+        "The cluster state source the agent reads (files, etcd, kubernetes)",
+        info,
+    );
+    registry.register(
+        "mesh_agent_source_stale",
+        "Whether the cluster state source is unreachable (1): the last good state stays \
+         in force",
+        gauge(u64::from(source.stale)),
+    );
+    registry.register(
+        "mesh_agent_source_stale_since_seconds",
+        "Since when the source is stale (Unix time), 0 while it is not",
+        gauge(source.stale_since.unwrap_or(0)),
+    );
+    registry.register(
+        "mesh_agent_source_revision",
+        "Newest revision the source delivered (etcd revision; a count of states delivered \
+         for files and Kubernetes)",
+        gauge(source.revision),
+    );
+    registry.register(
+        "mesh_agent_source_applied_revision",
+        "Newest source revision the datapath applied",
+        gauge(source.applied_revision),
+    );
+    registry.register(
+        "mesh_agent_source_rejected_objects",
+        "Objects of the source rejected by validation and left out (their last good \
+         version stays)",
+        gauge(source.rejected_objects),
+    );
+    let seconds = |micros: u64| {
+        let g = Gauge::<f64, AtomicU64>::default();
+        g.set(micros as f64 / 1e6);
+        g
+    };
+    registry.register(
+        "mesh_agent_plan_seconds",
+        "How long the last plan took: the whole state to the desired map contents, per change",
+        seconds(agent.last_plan_us),
+    );
+    registry.register(
+        "mesh_agent_apply_seconds",
+        "How long writing the last plan's changes to the maps took",
+        seconds(agent.last_apply_us),
+    );
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: &'static str,
 }
 
 fn register_policy(registry: &mut Registry, counts: &[VerdictCount]) {
@@ -630,6 +705,7 @@ mod tests {
                 redirected_bytes: 65_536,
                 stack_messages: 1,
             },
+            agent: None,
         }
     }
 
@@ -720,6 +796,41 @@ mod tests {
         .into();
         assert_eq!(help, want);
         assert_eq!(kind, want);
+    }
+
+    #[test]
+    fn a_running_agent_reports_its_source_and_planner_cost() {
+        use crate::source::{SourceKind, SourceStatus};
+        let snapshot = Snapshot {
+            agent: Some(AgentStatus {
+                source: SourceStatus {
+                    kind: SourceKind::Etcd,
+                    stale: true,
+                    stale_since: Some(1_700_000_000),
+                    revision: 42,
+                    applied_revision: 41,
+                    rejected_objects: 2,
+                },
+                last_plan_us: 1_500,
+                ..AgentStatus::default()
+            }),
+            ..Snapshot::default()
+        };
+        let text = render(&snapshot);
+        let got = lines(&text);
+        for want in [
+            r#"mesh_agent_source_info{source="etcd"} 1"#,
+            "mesh_agent_source_stale 1",
+            "mesh_agent_source_stale_since_seconds 1700000000",
+            "mesh_agent_source_revision 42",
+            "mesh_agent_source_applied_revision 41",
+            "mesh_agent_source_rejected_objects 2",
+            "mesh_agent_plan_seconds 0.0015",
+            "mesh_agent_apply_seconds 0.0",
+        ] {
+            assert!(got.contains(want), "missing line {want:?} in:\n{text}");
+        }
+        assert!(!render(&sample()).contains("mesh_agent_source"));
     }
 
     #[test]

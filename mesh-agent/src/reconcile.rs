@@ -1,4 +1,4 @@
-//! One reconcile: state files → State → plans (load balancing, policy) → maps, then the
+//! One reconcile: a state from the source → plans (load balancing, policy) → maps, then the
 //! follow-ups of a change (stale affinity and counters purged, UDP sockets to removed
 //! backends destroyed, health-check targets updated). Both plans are made before either
 //! is applied, so a state that fails either is rejected whole; the last good state stays
@@ -12,6 +12,7 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Instant,
 };
 
 use aya::maps::{MapData, PerCpuHashMap};
@@ -36,7 +37,7 @@ use crate::{
         routes::CompiledRoutes,
     },
     proxyfeed::ProxyFeed,
-    state::{self, State},
+    state::{State, StateError},
     telemetry::Telemetry,
 };
 
@@ -45,7 +46,7 @@ use crate::{
 pub enum Outcome {
     /// The maps hold the state.
     Applied,
-    /// The state was invalid; the last good one stays until the files change again.
+    /// The state was invalid; the last good one stays until the source changes again.
     Rejected,
     /// Writing the maps failed; worth retrying.
     Failed,
@@ -80,7 +81,6 @@ pub struct Outputs {
 
 /// Owns the maps and the memory of what was applied.
 pub struct Reconciler {
-    state_path: PathBuf,
     node: String,
     cgroup: PathBuf,
     /// `--trust-domain`: overrides MeshConfig's for identities.
@@ -116,7 +116,6 @@ impl Reconciler {
     /// A reconciler for the maps of one node. Ids already in the maps (a datapath an
     /// earlier agent left pinned) are kept, so adopting it renumbers nothing.
     pub fn new(
-        state_path: &Path,
         node: &str,
         cgroup: &Path,
         trust_domain: Option<String>,
@@ -133,7 +132,6 @@ impl Reconciler {
         let capacities = maps.sizes.capacities();
         let policy_capacities = maps.sizes.policy_capacities();
         Ok(Self {
-            state_path: state_path.into(),
             node: node.into(),
             cgroup: cgroup.into(),
             trust_domain,
@@ -195,10 +193,11 @@ impl Reconciler {
         Some(self.replan())
     }
 
-    /// Re-reads the state files and applies them.
-    pub fn reload(&mut self) -> Outcome {
+    /// Applies a new state from the source; a rejected one (its problems name their
+    /// origins) leaves the last good state in force.
+    pub fn reload(&mut self, state: Result<State, StateError>) -> Outcome {
         let _ = self.rediscover();
-        match state::load(&self.state_path) {
+        match state {
             Ok(state) => {
                 self.state = Some(state);
                 self.state_applied = false;
@@ -206,7 +205,10 @@ impl Reconciler {
             }
             Err(err) => {
                 for line in err.to_string().lines() {
-                    error!(state = %self.state_path.display(), problem = line, "state rejected; keeping the last good state");
+                    error!(
+                        problem = line,
+                        "state rejected; keeping the last good state"
+                    );
                 }
                 self.telemetry.failed();
                 Outcome::Rejected
@@ -229,6 +231,8 @@ impl Reconciler {
                     .collect()
             })
             .unwrap_or_default();
+        // The planner's cost per change, reported: it plans the whole state each time.
+        let planning = Instant::now();
         let routes = plan::routes::compile(state);
         let ctx = PlanContext {
             node: &self.node,
@@ -247,12 +251,14 @@ impl Reconciler {
         let ((plan, next_ids), (policy, next_identity_ids)) = match planned {
             Ok(planned) => planned,
             Err(err) => {
-                error!(state = %self.state_path.display(), %err, "state rejected; keeping the last good state");
+                error!(%err, "state rejected; keeping the last good state");
                 self.telemetry.failed();
                 self.state_applied = false;
                 return Outcome::Rejected;
             }
         };
+        let plan_time = planning.elapsed();
+        let applying = Instant::now();
         let applied = self.maps.services.apply(&plan).and_then(|lb| {
             let p = self
                 .maps
@@ -268,6 +274,8 @@ impl Reconciler {
                 return Outcome::Failed;
             }
         };
+        let apply_time = applying.elapsed();
+        self.telemetry.planned(plan_time, apply_time);
         self.ids = next_ids;
         self.identity_ids = next_identity_ids;
         if policy_stats.written > 0 || policy_stats.removed > 0 {
@@ -290,6 +298,8 @@ impl Reconciler {
             policy_entries = policy.policy.len(),
             policy_written = policy_stats.written,
             policy_removed = policy_stats.removed,
+            plan_ms = plan_time.as_secs_f64() * 1e3,
+            apply_ms = apply_time.as_secs_f64() * 1e3,
             "state applied"
         );
         self.telemetry.applied(&plan.frontends);

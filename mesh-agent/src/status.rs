@@ -29,6 +29,30 @@ fn write_report(out: &mut String, node: &str, s: &Snapshot) -> std::fmt::Result 
         let state = if *is_attached { "attached" } else { "-" };
         writeln!(out, "  {program:<20} {state}")?;
     }
+    match &s.agent {
+        Some(agent) => {
+            let src = &agent.source;
+            let freshness = match (src.stale, src.stale_since) {
+                (true, Some(since)) => format!("STALE since {} (Unix time {since})", ago(since)),
+                (true, None) => "STALE".to_owned(),
+                (false, _) => "up to date".to_owned(),
+            };
+            writeln!(out, "source: {}, {freshness}", src.kind.as_str())?;
+            writeln!(
+                out,
+                "  revision           {} delivered, {} applied",
+                src.revision, src.applied_revision
+            )?;
+            writeln!(out, "  rejected objects   {}", src.rejected_objects)?;
+            writeln!(
+                out,
+                "  last plan          {:.1} ms, map writes {:.1} ms",
+                agent.last_plan_us as f64 / 1e3,
+                agent.last_apply_us as f64 / 1e3
+            )?;
+        }
+        None => writeln!(out, "source: unknown (no agent answers for this node)")?,
+    }
     let r = &s.sockmap;
     writeln!(out, "sockmap: {}", if r.enabled { "on" } else { "off" })?;
     writeln!(out, "  sockets            {}", r.sockets)?;
@@ -74,6 +98,14 @@ fn write_report(out: &mut String, node: &str, s: &Snapshot) -> std::fmt::Result 
         )?;
     }
     Ok(())
+}
+
+/// `N s ago` for a Unix time.
+fn ago(unix_secs: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{}s ago", now.saturating_sub(unix_secs))
 }
 
 #[cfg(test)]
@@ -131,5 +163,46 @@ mod tests {
                 "missing {want:?} in:\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn shows_the_source_and_when_it_went_stale() {
+        use crate::source::{SourceKind, SourceStatus};
+        use crate::telemetry::AgentStatus;
+        let snapshot = Snapshot {
+            agent: Some(AgentStatus {
+                source: SourceStatus {
+                    kind: SourceKind::Etcd,
+                    stale: true,
+                    stale_since: Some(1_000),
+                    revision: 42,
+                    applied_revision: 41,
+                    rejected_objects: 1,
+                },
+                last_plan_us: 2_500,
+                last_apply_us: 100,
+                ..AgentStatus::default()
+            }),
+            ..Snapshot::default()
+        };
+        let text = render("n1", &snapshot);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("source: etcd, STALE since ")
+                    && l.ends_with("(Unix time 1000)")),
+            "{text}"
+        );
+        for want in [
+            "  revision           42 delivered, 41 applied",
+            "  rejected objects   1",
+            "  last plan          2.5 ms, map writes 0.1 ms",
+        ] {
+            assert!(
+                text.lines().any(|l| l == want),
+                "missing {want:?} in:\n{text}"
+            );
+        }
+        let text = render("n1", &Snapshot::default());
+        assert!(text.contains("source: unknown"), "{text}");
     }
 }

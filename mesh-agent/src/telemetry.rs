@@ -7,9 +7,10 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _},
     path::PathBuf,
     sync::{
-        Mutex,
+        Mutex, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
@@ -23,6 +24,8 @@ use mesh_common::{
 };
 use serde::{Deserialize, Serialize};
 
+use tokio::sync::watch;
+
 use crate::{
     datapath::pins,
     metrics::{
@@ -30,6 +33,7 @@ use crate::{
         VerdictCount,
     },
     plan::FrontendInfo,
+    source::SourceStatus,
 };
 
 /// What the reconcile loop shares with scrapes.
@@ -40,6 +44,11 @@ pub struct Telemetry {
     last_ok: AtomicBool,
     applied: AtomicU64,
     ready: AtomicBool,
+    /// The cluster state source's status, once the agent follows one.
+    source: OnceLock<watch::Receiver<SourceStatus>>,
+    /// Duration of the last plan and of its map writes, in microseconds.
+    last_plan_us: AtomicU64,
+    last_apply_us: AtomicU64,
 }
 
 /// `GET /v1/status` of the admin API: whether the agent is serving and what its
@@ -56,6 +65,15 @@ pub struct AgentStatus {
     pub reconcile_errors: u64,
     /// Whether the most recent reconcile applied its state.
     pub last_reconcile_ok: bool,
+    /// The cluster state source: which, stale or not, revisions.
+    #[serde(default)]
+    pub source: SourceStatus,
+    /// How long the last plan took (the whole state → map contents), in microseconds.
+    #[serde(default)]
+    pub last_plan_us: u64,
+    /// How long writing the last plan's changes to the maps took, in microseconds.
+    #[serde(default)]
+    pub last_apply_us: u64,
 }
 
 impl Telemetry {
@@ -68,7 +86,26 @@ impl Telemetry {
             last_ok: AtomicBool::new(false),
             applied: AtomicU64::new(0),
             ready: AtomicBool::new(false),
+            source: OnceLock::new(),
+            last_plan_us: AtomicU64::new(0),
+            last_apply_us: AtomicU64::new(0),
         }
+    }
+
+    /// Reports the status of the cluster state source from now on.
+    pub fn follow_source(&self, status: watch::Receiver<SourceStatus>) {
+        let _ = self.source.set(status);
+    }
+
+    /// Records what one plan and its map writes cost.
+    pub fn planned(&self, plan: Duration, apply: Duration) {
+        let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.last_plan_us.store(micros(plan), Ordering::Relaxed);
+        self.last_apply_us.store(micros(apply), Ordering::Relaxed);
+    }
+
+    fn source_status(&self) -> SourceStatus {
+        self.source.get().map(|s| *s.borrow()).unwrap_or_default()
     }
 
     /// Records a successful apply of `frontends`.
@@ -90,6 +127,9 @@ impl Telemetry {
             applied: self.applied.load(Ordering::Relaxed),
             reconcile_errors: self.reconcile_errors.load(Ordering::Relaxed),
             last_reconcile_ok: self.last_ok.load(Ordering::Relaxed),
+            source: self.source_status(),
+            last_plan_us: self.last_plan_us.load(Ordering::Relaxed),
+            last_apply_us: self.last_apply_us.load(Ordering::Relaxed),
         }
     }
 
@@ -269,6 +309,7 @@ impl SnapshotSource for Telemetry {
             reconcile_errors: self.reconcile_errors.load(Ordering::Relaxed),
             last_reconcile_ok: self.last_ok.load(Ordering::Relaxed),
             policy_verdicts: self.verdicts(),
+            agent: self.source.get().is_some().then(|| self.status()),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! a [`PinnedDatapath`] of its own, which a later agent adopts or whose drop removes it.
 
 use std::{
+    ffi::OsString,
     fs::File,
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
@@ -108,7 +109,7 @@ impl PinnedDatapath {
     /// Starts a new agent on `node` under the same node name, which adopts this
     /// datapath (see [`Agent::start_with`] for `args`).
     pub fn adopt(self, node: &Node, state: &Path, args: &[&str]) -> Result<Agent> {
-        Agent::spawn(node, state, self, args)
+        Agent::spawn(node, &state_source(state), self, args)
     }
 
     /// Removes the datapath with `mesh-agent uninstall --node <name>` (what an operator
@@ -159,13 +160,24 @@ impl Agent {
     /// [`Agent::start`] with extra `mesh-agent run` flags, e.g.
     /// `&["--health-checks", "--health-interval-ms", "100"]` or `&["--keep-datapath"]`.
     pub fn start_with(node: &Node, state: &Path, args: &[&str]) -> Result<Self> {
+        Self::start_with_source(node, &state_source(state), args)
+    }
+
+    /// Starts `mesh-agent run` for `node` with the source flags `source` (e.g.
+    /// `["--etcd", "http://192.168.250.1:2379"]`) instead of `--state`, plus `args`.
+    pub fn start_with_source(node: &Node, source: &[OsString], args: &[&str]) -> Result<Self> {
         let datapath = PinnedDatapath {
             node_name: node_name(node),
         };
-        Self::spawn(node, state, datapath, args)
+        Self::spawn(node, source, datapath, args)
     }
 
-    fn spawn(node: &Node, state: &Path, datapath: PinnedDatapath, args: &[&str]) -> Result<Self> {
+    fn spawn(
+        node: &Node,
+        source: &[OsString],
+        datapath: PinnedDatapath,
+        args: &[&str],
+    ) -> Result<Self> {
         // One log per agent process: a restarted agent must not truncate (nor its drop
         // delete) the log of the one before it.
         static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -176,8 +188,8 @@ impl Agent {
         ));
         let log_file = File::create(&log).with_context(|| format!("create {}", log.display()))?;
         let mut cmd = Command::new(agent_bin()?);
-        cmd.args(["run", "--node", &node_name, "--bpffs", BPFFS, "--state"])
-            .arg(state)
+        cmd.args(["run", "--node", &node_name, "--bpffs", BPFFS])
+            .args(source)
             .arg("--cgroup")
             .arg(node.cgroup_dir())
             .args(["--metrics-addr", &METRICS_ADDR.to_string()])
@@ -207,6 +219,11 @@ impl Agent {
             );
         }
         Ok(agent)
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(ChildGuard::pid)
     }
 
     /// The node name the agent pins under (`<bpffs>/mesh/<name>/`).
@@ -364,6 +381,14 @@ impl Agent {
             .expect("an agent owns its datapath until kill/stop")
     }
 
+    /// Freezes the agent (SIGSTOP) until the returned guard is dropped (SIGCONT): its
+    /// datapath keeps serving, while it reads nothing and answers nothing.
+    pub fn pause(&self) -> Result<Paused<'_>> {
+        let child = self.child.as_ref().context("the agent is not running")?;
+        child.signal(libc::SIGSTOP)?;
+        Ok(Paused { child })
+    }
+
     fn terminate(&mut self) -> Result<Option<ExitStatus>> {
         let Some(child) = self.child.take() else {
             return Ok(None);
@@ -371,6 +396,8 @@ impl Agent {
         if let Ok(Some(status)) = child.try_wait() {
             return Ok(Some(status));
         }
+        // A paused agent must run to see its SIGTERM.
+        child.signal(libc::SIGCONT)?;
         child.signal(libc::SIGTERM)?;
         child.wait_timeout(STOP_TIMEOUT)
     }
@@ -395,8 +422,24 @@ impl Drop for Agent {
     }
 }
 
+/// A frozen agent ([`Agent::pause`]); dropping it lets the agent run on.
+pub struct Paused<'a> {
+    child: &'a ChildGuard,
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        let _ = self.child.signal(libc::SIGCONT);
+    }
+}
+
+/// `--state <path>`.
+fn state_source(state: &Path) -> Vec<OsString> {
+    vec!["--state".into(), state.into()]
+}
+
 /// What `GET /v1/status` of the admin API answers (the agent's `AgentStatus`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct AgentStatus {
     /// The datapath is attached, with the first state programmed (or rejected).
     pub ready: bool,
@@ -406,6 +449,32 @@ pub struct AgentStatus {
     pub reconcile_errors: u64,
     /// Whether the most recent reconcile applied its state.
     pub last_reconcile_ok: bool,
+    /// The cluster state source.
+    #[serde(default)]
+    pub source: SourceStatus,
+    /// How long the last plan took, microseconds.
+    #[serde(default)]
+    pub last_plan_us: u64,
+    /// How long writing the last plan to the maps took, microseconds.
+    #[serde(default)]
+    pub last_apply_us: u64,
+}
+
+/// The `source` of [`AgentStatus`]: which source, stale or not, revisions.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct SourceStatus {
+    /// `files`, `etcd` or `kubernetes`.
+    pub kind: String,
+    /// Cut off from its store.
+    pub stale: bool,
+    /// Since when (Unix seconds), while stale.
+    pub stale_since: Option<u64>,
+    /// Newest revision delivered.
+    pub revision: u64,
+    /// Newest revision applied.
+    pub applied_revision: u64,
+    /// Objects rejected and left out.
+    pub rejected_objects: u64,
 }
 
 /// A plain HTTP/1.1 GET with `Connection: close`; returns the body of a 200 response.

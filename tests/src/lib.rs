@@ -32,6 +32,8 @@ pub mod agent;
 mod binaries;
 pub mod capture;
 mod cgroup;
+pub mod etcd;
+pub mod kubeapi;
 pub mod l7;
 mod netns;
 mod process;

@@ -55,7 +55,7 @@ pub fn bulk(
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Which benchmark: `lb`, `policy`, `sockmap`, `plan`, `l7` or `mtls`.
+    /// Which benchmark: `lb`, `policy`, `sockmap`, `plan`, `l7`, `mtls` or `sources`.
     which: String,
     /// Measured connections per round and path.
     #[arg(long, default_value_t = 600)]
@@ -70,6 +70,10 @@ pub struct BenchArgs {
     /// Numbers of Services to plan (plan), comma separated.
     #[arg(long, default_value = "1000,10000,50000", value_delimiter = ',')]
     services: Vec<u32>,
+    /// Numbers of Services written through each state source (sources), comma
+    /// separated.
+    #[arg(long, default_value = "1000,10000", value_delimiter = ',')]
+    sources: Vec<u32>,
     /// Numbers of NetworkPolicies to plan (plan), comma separated.
     #[arg(long, default_value = "1000,10000", value_delimiter = ',')]
     policies: Vec<u32>,
@@ -112,6 +116,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "sockmap" => crate::bench_sockmap::run(args.count * 5, args.rounds_or(15)),
         "plan" => crate::bench_plan::run(&args.services, &args.policies),
         "mtls" => crate::bench_mtls::run(args.count, args.rounds_or(3)),
+        "sources" => crate::bench_sources::run(&args.sources, args.rounds_or(5)),
         "l7" => crate::bench_l7::run(&crate::bench_l7::Options {
             secs: args.secs,
             rounds: args.rounds_or(3),
@@ -120,7 +125,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             variants: args.variants.clone(),
         }),
         other => {
-            bail!("unknown benchmark {other:?}; available: lb, policy, sockmap, plan, l7, mtls")
+            bail!(
+                "unknown benchmark {other:?}; available: lb, policy, sockmap, plan, l7, mtls, sources"
+            )
         }
     }
 }

@@ -7,6 +7,7 @@ mod bench_mtls;
 mod bench_plan;
 mod bench_policy;
 mod bench_sockmap;
+mod bench_sources;
 mod build;
 mod demo;
 mod fuzz;

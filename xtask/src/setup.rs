@@ -1,7 +1,7 @@
 //! Idempotent installation of what building and testing need (../shared/TOOLCHAIN.md):
 //! rust-src for nightly, bpf-linker linked against nightly's own libLLVM, and from apt
-//! bpftool, iproute2 and the L7 test and benchmark clients and reference proxies (curl,
-//! wrk, h2load, haproxy, nginx). Each step checks first and does nothing when already
+//! bpftool, iproute2, the L7 test and benchmark clients and reference proxies (curl,
+//! wrk, h2load, haproxy, nginx), protoc (the etcd client's build) and etcd. Each step checks first and does nothing when already
 //! satisfied.
 
 use std::{
@@ -53,6 +53,12 @@ const APT_TOOLS: &[(&str, &str)] = &[
     ("nginx", "nginx-light"),
     // mTLS: the TLS tunnel pair the mesh's tunnel is compared against.
     ("stunnel", "stunnel4"),
+    // The etcd client's build script generates its gRPC code with protoc.
+    ("protoc", "protobuf-compiler"),
+    // The etcd state source: members for the tests and benchmarks, and etcdctl, the
+    // "other client" that writes keys behind the agents' back.
+    ("etcd", "etcd-server"),
+    ("etcdctl", "etcd-client"),
 ];
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {

@@ -265,6 +265,11 @@ pub fn policy_report(socket: &Path) -> Result<PolicyReport, ClientError> {
     get_json(socket, "/v1/policy", "policy report")
 }
 
+/// `GET /v1/status`.
+pub fn agent_status(socket: &Path) -> Result<crate::telemetry::AgentStatus, ClientError> {
+    get_json(socket, "/v1/status", "agent status")
+}
+
 /// `GET /v1/routes`.
 pub fn route_statuses(socket: &Path) -> Result<Vec<RouteStatus>, ClientError> {
     get_json(socket, "/v1/routes", "route statuses")

@@ -127,6 +127,7 @@ async fn serves_flows_policy_and_follows_over_the_socket() {
         applied: 2,
         reconcile_errors: 1,
         last_reconcile_ok: true,
+        ..AgentStatus::default()
     };
     assert_eq!(status(path.clone()).await, want);
 

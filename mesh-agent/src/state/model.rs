@@ -204,16 +204,79 @@ impl State {
 
 /// The kinds the state understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(super) enum Kind {
+pub enum Kind {
+    /// `v1 Service`.
     Service,
+    /// `v1 Pod`.
     Pod,
+    /// `discovery.k8s.io/v1 EndpointSlice`.
     EndpointSlice,
+    /// `v1 Namespace` (cluster-scoped).
     Namespace,
+    /// `networking.k8s.io/v1 NetworkPolicy`.
     NetworkPolicy,
+    /// `gateway.networking.k8s.io/v1 HTTPRoute`.
     HttpRoute,
+    /// `security.istio.io/v1 PeerAuthentication`.
     PeerAuthentication,
+    /// `security.istio.io/v1 AuthorizationPolicy`.
     AuthorizationPolicy,
+    /// `v1 ConfigMap` (only `istio-system/istio` is read).
     ConfigMap,
+}
+
+impl Kind {
+    /// Every kind, in the order `mesh-agent get` lists them.
+    pub const ALL: [Kind; 9] = [
+        Kind::Namespace,
+        Kind::ConfigMap,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Pod,
+        Kind::NetworkPolicy,
+        Kind::HttpRoute,
+        Kind::PeerAuthentication,
+        Kind::AuthorizationPolicy,
+    ];
+
+    /// The API group, "" for the core group.
+    pub fn group(self) -> &'static str {
+        match self {
+            Kind::Service | Kind::Pod | Kind::Namespace | Kind::ConfigMap => "",
+            Kind::EndpointSlice => "discovery.k8s.io",
+            Kind::NetworkPolicy => "networking.k8s.io",
+            Kind::HttpRoute => "gateway.networking.k8s.io",
+            Kind::PeerAuthentication | Kind::AuthorizationPolicy => "security.istio.io",
+        }
+    }
+
+    /// Whether objects of this kind live outside namespaces.
+    pub fn cluster_scoped(self) -> bool {
+        self == Kind::Namespace
+    }
+
+    /// The kind named `name` as kubectl accepts it: the kind (`Service`, any case), its
+    /// plural (`services`) or its short name (`svc`).
+    pub fn parse(name: &str) -> Option<Kind> {
+        let lower = name.to_ascii_lowercase();
+        Kind::ALL.into_iter().find(|kind| {
+            let singular = kind.to_string().to_ascii_lowercase();
+            let short = match kind {
+                Kind::Service => "svc",
+                Kind::Pod => "po",
+                Kind::Namespace => "ns",
+                Kind::NetworkPolicy => "netpol",
+                Kind::ConfigMap => "cm",
+                Kind::PeerAuthentication => "pa",
+                Kind::AuthorizationPolicy | Kind::EndpointSlice | Kind::HttpRoute => "",
+            };
+            let plural = match singular.strip_suffix('y') {
+                Some(stem) => format!("{stem}ies"),
+                None => format!("{singular}s"),
+            };
+            lower == singular || lower == plural || (!short.is_empty() && lower == short)
+        })
+    }
 }
 
 impl fmt::Display for Kind {

@@ -1,10 +1,10 @@
-//! Reading state from YAML: files of a directory, documents of a file, objects of a
-//! document, strictly typed.
+//! Reading state: files of a directory, documents of a file, objects of a document
+//! (or of a source's value), strictly typed and validated, then assembled into a
+//! [`State`] with the checks that span objects.
 
 use std::any::TypeId;
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -13,12 +13,18 @@ use serde::Serialize;
 use serde::de::{Deserialize, DeserializeOwned};
 use serde_json::Value;
 
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+use super::httproute::HttpRoute;
 use super::istio::{
-    AuthorizationPolicy, MESH_CONFIG_NAME, MESH_CONFIG_NAMESPACE, parse_mesh_config,
+    AuthorizationPolicy, MESH_CONFIG_NAME, MESH_CONFIG_NAMESPACE, MeshConfig, PeerAuthentication,
+    parse_mesh_config,
 };
 use super::model::{DEFAULT_NAMESPACE, Kind, NAMESPACE_NAME_LABEL, ObjectKey, State, cluster_ips};
 use super::validate::{self, Problem};
-use super::{DocError, StateError};
+use super::{DocError, Origin, StateError, StoredObject};
 
 /// The state files of `path`: the file itself, or the `*.yaml`/`*.yml` files directly
 /// in the directory, sorted by name so that error order and "first definition" are
@@ -46,192 +52,196 @@ pub(super) fn files(path: &Path) -> Result<Vec<PathBuf>, StateError> {
     Ok(files)
 }
 
-/// Where a document is: file and 1-based document index.
+/// One typed, validated object.
 #[derive(Clone, Debug)]
-struct Location {
-    file: String,
-    document: usize,
+pub(super) enum Object {
+    Service(Box<Service>),
+    Pod(Box<Pod>),
+    EndpointSlice(Box<EndpointSlice>),
+    Namespace(Box<Namespace>),
+    NetworkPolicy(Box<NetworkPolicy>),
+    HttpRoute(Box<HttpRoute>),
+    PeerAuthentication(Box<PeerAuthentication>),
+    AuthorizationPolicy(Box<AuthorizationPolicy>),
+    /// A ConfigMap: only `istio-system/istio` is read, for its MeshConfig (None when it
+    /// has none, or for any other ConfigMap).
+    ConfigMap(Option<Box<MeshConfig>>),
 }
 
-impl fmt::Display for Location {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} document {}", self.file, self.document)
-    }
+/// An object decoded from one value, with its identity.
+#[derive(Clone, Debug)]
+pub(super) struct Decoded {
+    pub(super) kind: Kind,
+    /// Namespace defaulted; "" for cluster-scoped kinds.
+    pub(super) key: ObjectKey,
+    pub(super) object: Object,
+    /// The value as written, namespace filled in (only when asked for: `apply`).
+    pub(super) json: Option<Value>,
 }
 
-/// Accumulates the objects of all files of one update, and every problem found.
-#[derive(Default)]
-pub(super) struct Builder {
-    state: State,
-    places: BTreeMap<(Kind, ObjectKey), Location>,
-    errors: Vec<DocError>,
-}
-
-impl Builder {
-    /// Adds the documents of one file. `file` is the name used in messages.
-    pub(super) fn add_file(&mut self, file: &str, text: &str) {
-        for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let loc = Location {
-                file: file.to_owned(),
-                document: index + 1,
-            };
-            let mut yaml = match serde_yaml::Value::deserialize(document) {
-                Ok(yaml) => yaml,
-                Err(e) => {
-                    // The parser cannot resynchronise after a syntax error: the rest of
-                    // the file is unread, and this one error says where it stopped.
-                    self.errors.push(yaml_error(&loc, &e));
-                    return;
-                }
-            };
-            if let Err(e) = yaml.apply_merge() {
-                self.errors.push(yaml_error(&loc, &e));
-                continue;
-            }
-            if yaml.is_null() {
-                continue; // an empty document, e.g. a trailing `---`
-            }
-            match serde_json::to_value(&yaml) {
-                Ok(json) => self.add_object(&loc, "", &json),
-                Err(e) => self.errors.push(doc_error(
-                    &loc,
-                    None,
-                    "",
-                    format!("not a JSON-compatible object: {e}"),
-                )),
-            }
+/// Decodes, strictly checks and validates the objects of one value (several for a
+/// `v1 List`); `prefix` is the value's field path inside its document (`items[2].` in a
+/// List). Usable objects go to `out` (also those with problems: duplicates are still
+/// detected), every problem to `errors`.
+pub(super) fn decode(
+    origin: &Origin,
+    prefix: &str,
+    json: &Value,
+    keep_json: bool,
+    out: &mut Vec<Decoded>,
+    errors: &mut Vec<DocError>,
+) {
+    let mut cx = Decoder {
+        origin,
+        prefix,
+        json,
+        errors,
+    };
+    let (api_version, kind) = match (json.get("apiVersion"), json.get("kind")) {
+        (Some(Value::String(a)), Some(Value::String(k))) => (a.as_str(), k.as_str()),
+        _ => {
+            let msg = "apiVersion and kind are required (strings)";
+            cx.errors.push(doc_error(
+                origin,
+                None,
+                prefix.trim_end_matches('.'),
+                msg.to_owned(),
+            ));
+            return;
         }
-    }
-
-    /// Adds one object; `prefix` is its field path inside the document (`items[2].` in a List).
-    fn add_object(&mut self, loc: &Location, prefix: &str, json: &Value) {
-        let (api_version, kind) = match (json.get("apiVersion"), json.get("kind")) {
-            (Some(Value::String(a)), Some(Value::String(k))) => (a.as_str(), k.as_str()),
-            _ => {
-                let msg = "apiVersion and kind are required (strings)";
-                self.errors.push(doc_error(
-                    loc,
-                    None,
-                    prefix.trim_end_matches('.'),
-                    msg.to_owned(),
-                ));
-                return;
-            }
-        };
-        match (api_version, kind) {
-            ("v1", "Service") => {
-                if let Some((key, svc)) = self.decode(loc, prefix, json, validate::service) {
-                    self.insert(Kind::Service, key, svc, loc, |s| &mut s.services);
-                }
-            }
-            ("v1", "Pod") => {
-                if let Some((key, pod)) = self.decode(loc, prefix, json, validate::pod) {
-                    self.insert(Kind::Pod, key, pod, loc, |s| &mut s.pods);
-                }
-            }
-            ("discovery.k8s.io/v1", "EndpointSlice") => {
-                if let Some((key, slice)) = self.decode(loc, prefix, json, validate::endpoint_slice)
-                {
-                    self.insert(Kind::EndpointSlice, key, slice, loc, |s| {
-                        &mut s.endpoint_slices
-                    });
-                }
-            }
-            ("v1", "Namespace") => {
-                if let Some((key, mut ns)) = self.decode(loc, prefix, json, validate::namespace) {
-                    // The API server sets this label on every Namespace (overwriting
-                    // any other value), and selectors rely on it.
-                    ns.metadata
-                        .labels
-                        .get_or_insert_default()
-                        .insert(NAMESPACE_NAME_LABEL.to_owned(), key.name.clone());
-                    self.insert(Kind::Namespace, key, ns, loc, |s| &mut s.namespaces);
-                }
-            }
-            ("networking.k8s.io/v1", "NetworkPolicy") => {
-                if let Some((key, policy)) =
-                    self.decode(loc, prefix, json, validate::network_policy)
-                {
-                    self.insert(Kind::NetworkPolicy, key, policy, loc, |s| {
-                        &mut s.network_policies
-                    });
-                }
-            }
-            ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
-                if let Some((key, route)) = self.decode(loc, prefix, json, validate::http_route) {
-                    self.insert(Kind::HttpRoute, key, route, loc, |s| &mut s.http_routes);
-                }
-            }
-            ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
-                if let Some((key, pa)) =
-                    self.decode(loc, prefix, json, validate::peer_authentication)
-                {
-                    self.insert(Kind::PeerAuthentication, key, pa, loc, |s| {
-                        &mut s.peer_authentications
-                    });
-                }
-            }
-            ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
-                if let Some((key, policy)) =
-                    self.decode(loc, prefix, json, validate::authorization_policy)
-                {
-                    warn_ignored_target_refs(loc, &key, &policy);
-                    self.insert(Kind::AuthorizationPolicy, key, policy, loc, |s| {
-                        &mut s.authorization_policies
-                    });
-                }
-            }
-            ("v1", "ConfigMap") => {
-                if let Some((key, cm)) = self.decode(loc, prefix, json, validate::config_map)
-                    && self.claim(Kind::ConfigMap, &key, loc)
-                    && key.namespace == MESH_CONFIG_NAMESPACE
-                    && key.name == MESH_CONFIG_NAME
-                {
-                    // Validation has reported a bad `mesh`; the update is rejected then.
-                    let mesh = cm.data.as_ref().and_then(|d| d.get("mesh"));
-                    self.state.mesh_config = mesh.and_then(|m| parse_mesh_config(m).ok());
-                }
-            }
-            ("v1", "List") => match json.get("items") {
+    };
+    let decoded = match (api_version, kind) {
+        ("v1", "Service") => cx
+            .typed(validate::service)
+            .map(|(key, svc)| (Kind::Service, key, Object::Service(Box::new(svc)))),
+        ("v1", "Pod") => cx
+            .typed(validate::pod)
+            .map(|(key, pod)| (Kind::Pod, key, Object::Pod(Box::new(pod)))),
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            cx.typed(validate::endpoint_slice).map(|(key, slice)| {
+                (
+                    Kind::EndpointSlice,
+                    key,
+                    Object::EndpointSlice(Box::new(slice)),
+                )
+            })
+        }
+        ("v1", "Namespace") => cx.typed(validate::namespace).map(|(key, mut ns)| {
+            // The API server sets this label on every Namespace (overwriting any other
+            // value), and selectors rely on it.
+            ns.metadata
+                .labels
+                .get_or_insert_default()
+                .insert(NAMESPACE_NAME_LABEL.to_owned(), key.name.clone());
+            (Kind::Namespace, key, Object::Namespace(Box::new(ns)))
+        }),
+        ("networking.k8s.io/v1", "NetworkPolicy") => {
+            cx.typed(validate::network_policy).map(|(key, policy)| {
+                (
+                    Kind::NetworkPolicy,
+                    key,
+                    Object::NetworkPolicy(Box::new(policy)),
+                )
+            })
+        }
+        ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => cx
+            .typed(validate::http_route)
+            .map(|(key, route)| (Kind::HttpRoute, key, Object::HttpRoute(Box::new(route)))),
+        ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
+            cx.typed(validate::peer_authentication).map(|(key, pa)| {
+                (
+                    Kind::PeerAuthentication,
+                    key,
+                    Object::PeerAuthentication(Box::new(pa)),
+                )
+            })
+        }
+        ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => cx
+            .typed(validate::authorization_policy)
+            .map(|(key, policy)| {
+                warn_ignored_target_refs(origin, &key, &policy);
+                (
+                    Kind::AuthorizationPolicy,
+                    key,
+                    Object::AuthorizationPolicy(Box::new(policy)),
+                )
+            }),
+        ("v1", "ConfigMap") => cx.typed(validate::config_map).map(|(key, cm)| {
+            let mesh = (key.namespace == MESH_CONFIG_NAMESPACE && key.name == MESH_CONFIG_NAME)
+                .then(|| cm.data.as_ref().and_then(|d| d.get("mesh")))
+                .flatten()
+                // Validation has reported a bad `mesh`; the update is rejected then.
+                .and_then(|m| parse_mesh_config(m).ok())
+                .map(Box::new);
+            (Kind::ConfigMap, key, Object::ConfigMap(mesh))
+        }),
+        ("v1", "List") => {
+            match json.get("items") {
                 Some(Value::Array(items)) => {
                     for (i, item) in items.iter().enumerate() {
-                        self.add_object(loc, &format!("{prefix}items[{i}]."), item);
+                        let prefix = format!("{prefix}items[{i}].");
+                        decode(origin, &prefix, item, keep_json, out, cx.errors);
                     }
                 }
                 None | Some(Value::Null) => {}
-                Some(_) => self.errors.push(doc_error(
-                    loc,
+                Some(_) => cx.errors.push(doc_error(
+                    origin,
                     None,
                     &format!("{prefix}items"),
                     "must be a list".into(),
                 )),
-            },
-            _ => tracing::warn!(
-                file = %loc.file,
-                document = loc.document,
+            }
+            None
+        }
+        _ => {
+            tracing::warn!(
+                origin = %origin,
                 path = prefix.trim_end_matches('.'),
                 api_version,
                 kind,
                 "skipping object of a kind this agent does not use"
-            ),
+            );
+            None
         }
+    };
+    if let Some((kind, key, object)) = decoded {
+        let json = keep_json.then(|| {
+            let mut json = json.clone();
+            if !kind.cluster_scoped()
+                && let Some(meta) = json.get_mut("metadata").and_then(Value::as_object_mut)
+            {
+                meta.insert("namespace".into(), Value::String(key.namespace.clone()));
+            }
+            json
+        });
+        out.push(Decoded {
+            kind,
+            key,
+            object,
+            json,
+        });
     }
+}
 
-    /// Types, strictly checks and validates one object. Returns it with its namespace
-    /// defaulted, or `None` after recording why it is unusable. Cluster-scoped objects
-    /// get namespace "" (key and metadata alike), whatever the document says, as the
-    /// API server ignores it.
-    fn decode<T>(
-        &mut self,
-        loc: &Location,
-        prefix: &str,
-        json: &Value,
-        validate: fn(&T) -> Vec<Problem>,
-    ) -> Option<(ObjectKey, T)>
+/// The value being decoded, and where its problems go.
+struct Decoder<'a> {
+    origin: &'a Origin,
+    prefix: &'a str,
+    json: &'a Value,
+    errors: &'a mut Vec<DocError>,
+}
+
+impl Decoder<'_> {
+    /// Types, strictly checks and validates the value as a `T`. Returns it with its
+    /// namespace defaulted, or `None` after recording why it is unusable. Cluster-scoped
+    /// objects get namespace "" (key and metadata alike), whatever the document says, as
+    /// the API server ignores it.
+    fn typed<T>(&mut self, validate: fn(&T) -> Vec<Problem>) -> Option<(ObjectKey, T)>
     where
         T: Resource + Metadata<Ty = ObjectMeta> + DeserializeOwned + Serialize,
         T::Scope: 'static,
     {
+        let json = self.json;
         let str_at = |pointer| json.pointer(pointer).and_then(Value::as_str);
         let name = str_at("/metadata/name").unwrap_or_default();
         let cluster_scoped = TypeId::of::<T::Scope>() == TypeId::of::<ClusterResourceScope>();
@@ -247,9 +257,10 @@ impl Builder {
         } else {
             format!("{} {namespace}/{name}", T::KIND)
         };
+        let (origin, prefix) = (self.origin, self.prefix);
         let error = |field: &str, message: String| {
             doc_error(
-                loc,
+                origin,
                 Some(&object),
                 format!("{prefix}{field}").trim_end_matches('.'),
                 message,
@@ -296,23 +307,119 @@ impl Builder {
             typed,
         ))
     }
+}
 
-    fn insert<T>(
-        &mut self,
-        kind: Kind,
-        key: ObjectKey,
-        object: T,
-        loc: &Location,
-        map: fn(&mut State) -> &mut BTreeMap<ObjectKey, T>,
-    ) {
-        if self.claim(kind, &key, loc) {
-            map(&mut self.state).insert(key, object);
+/// Accumulates the objects of one update, and every problem found.
+#[derive(Default)]
+pub(super) struct Builder {
+    state: State,
+    places: BTreeMap<(Kind, ObjectKey), Origin>,
+    errors: Vec<DocError>,
+    /// Whether to keep each object's JSON (for `apply`), in insertion order.
+    keep_json: bool,
+    objects: Vec<StoredObject>,
+}
+
+impl Builder {
+    /// A builder that also keeps each object's JSON, for [`Builder::finish_with_objects`].
+    pub(super) fn keeping_json() -> Self {
+        Self {
+            keep_json: true,
+            ..Self::default()
+        }
+    }
+
+    /// Adds the documents of one file. `file` is the name used in messages.
+    pub(super) fn add_file(&mut self, file: &str, text: &str) {
+        for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let origin = Origin::File {
+                file: file.to_owned(),
+                document: index + 1,
+            };
+            let mut yaml = match serde_yaml::Value::deserialize(document) {
+                Ok(yaml) => yaml,
+                Err(e) => {
+                    // The parser cannot resynchronise after a syntax error: the rest of
+                    // the file is unread, and this one error says where it stopped.
+                    self.errors.push(yaml_error(&origin, &e));
+                    return;
+                }
+            };
+            if let Err(e) = yaml.apply_merge() {
+                self.errors.push(yaml_error(&origin, &e));
+                continue;
+            }
+            if yaml.is_null() {
+                continue; // an empty document, e.g. a trailing `---`
+            }
+            match serde_json::to_value(&yaml) {
+                Ok(json) => self.add_value(&origin, &json),
+                Err(e) => self.errors.push(doc_error(
+                    &origin,
+                    None,
+                    "",
+                    format!("not a JSON-compatible object: {e}"),
+                )),
+            }
+        }
+    }
+
+    /// Adds the objects of one value (an object, or a `v1 List`).
+    pub(super) fn add_value(&mut self, origin: &Origin, json: &Value) {
+        let mut decoded = Vec::new();
+        decode(
+            origin,
+            "",
+            json,
+            self.keep_json,
+            &mut decoded,
+            &mut self.errors,
+        );
+        for object in decoded {
+            self.insert(origin, object);
+        }
+    }
+
+    /// Adds one decoded object, unless its kind, namespace and name are taken.
+    pub(super) fn insert(&mut self, origin: &Origin, decoded: Decoded) {
+        let Decoded {
+            kind,
+            key,
+            object,
+            json,
+        } = decoded;
+        if !self.claim(kind, &key, origin) {
+            return;
+        }
+        if let Some(json) = json {
+            self.objects.push(StoredObject {
+                kind,
+                key: key.clone(),
+                json,
+                origin: origin.clone(),
+            });
+        }
+        let state = &mut self.state;
+        match object {
+            Object::Service(o) => _ = state.services.insert(key, *o),
+            Object::Pod(o) => _ = state.pods.insert(key, *o),
+            Object::EndpointSlice(o) => _ = state.endpoint_slices.insert(key, *o),
+            Object::Namespace(o) => _ = state.namespaces.insert(key, *o),
+            Object::NetworkPolicy(o) => _ = state.network_policies.insert(key, *o),
+            Object::HttpRoute(o) => _ = state.http_routes.insert(key, *o),
+            Object::PeerAuthentication(o) => _ = state.peer_authentications.insert(key, *o),
+            Object::AuthorizationPolicy(o) => _ = state.authorization_policies.insert(key, *o),
+            Object::ConfigMap(mesh) => {
+                if key.namespace == MESH_CONFIG_NAMESPACE && key.name == MESH_CONFIG_NAME {
+                    state.mesh_config = mesh.map(|m| *m);
+                }
+            }
         }
     }
 
     /// Records where the object `key` of `kind` is defined; false (and an error) when
     /// it already was.
-    fn claim(&mut self, kind: Kind, key: &ObjectKey, loc: &Location) -> bool {
+    fn claim(&mut self, kind: Kind, key: &ObjectKey, origin: &Origin) -> bool {
         match self.places.entry((kind, key.clone())) {
             Entry::Occupied(first) => {
                 let object = if key.namespace.is_empty() {
@@ -320,20 +427,26 @@ impl Builder {
                 } else {
                     format!("{kind} {key}")
                 };
-                let message = format!("duplicate object, first defined in {}", first.get());
+                let message = format!("duplicate object, first defined in {}", first.get().place());
                 self.errors
-                    .push(doc_error(loc, Some(&object), "metadata.name", message));
+                    .push(doc_error(origin, Some(&object), "metadata.name", message));
                 false
             }
             Entry::Vacant(place) => {
-                place.insert(loc.clone());
+                place.insert(origin.clone());
                 true
             }
         }
     }
 
     /// Runs the checks that span objects, and returns the state or every problem found.
-    pub(super) fn finish(mut self) -> Result<State, StateError> {
+    pub(super) fn finish(self) -> Result<State, StateError> {
+        self.finish_with_objects().map(|(state, _)| state)
+    }
+
+    /// [`Builder::finish`], with the JSON of each object kept (see
+    /// [`Builder::keeping_json`]).
+    pub(super) fn finish_with_objects(mut self) -> Result<(State, Vec<StoredObject>), StateError> {
         let mut owners: BTreeMap<_, &ObjectKey> = BTreeMap::new();
         for (key, svc) in &self.state.services {
             for ip in cluster_ips(svc) {
@@ -343,13 +456,14 @@ impl Builder {
                     }
                     Entry::Occupied(first) => {
                         let first = *first.get();
-                        let loc = &self.places[&(Kind::Service, key.clone())];
-                        let first_loc = &self.places[&(Kind::Service, first.clone())];
+                        let origin = &self.places[&(Kind::Service, key.clone())];
+                        let first_origin = &self.places[&(Kind::Service, first.clone())];
                         let message = format!(
-                            "cluster IP {ip} is already used by Service {first} ({first_loc})"
+                            "cluster IP {ip} is already used by Service {first} ({})",
+                            first_origin.place()
                         );
                         self.errors.push(doc_error(
-                            loc,
+                            origin,
                             Some(&format!("Service {key}")),
                             "spec.clusterIP",
                             message,
@@ -359,7 +473,7 @@ impl Builder {
             }
         }
         if self.errors.is_empty() {
-            Ok(self.state)
+            Ok((self.state, self.objects))
         } else {
             Err(StateError::Invalid(self.errors))
         }
@@ -368,7 +482,7 @@ impl Builder {
 
 /// Gateway targets are enforced by the Gateway's own controller, not by this mesh: a
 /// warning says so, the way unknown kinds are reported.
-fn warn_ignored_target_refs(loc: &Location, key: &ObjectKey, policy: &AuthorizationPolicy) {
+fn warn_ignored_target_refs(origin: &Origin, key: &ObjectKey, policy: &AuthorizationPolicy) {
     let refs = policy
         .spec
         .target_ref
@@ -376,8 +490,7 @@ fn warn_ignored_target_refs(loc: &Location, key: &ObjectKey, policy: &Authorizat
         .chain(&policy.spec.target_refs);
     for r in refs.filter(|r| r.kind == "Gateway") {
         tracing::warn!(
-            file = %loc.file,
-            document = loc.document,
+            origin = %origin,
             policy = %key,
             gateway = %r.name,
             "AuthorizationPolicy targetRef to a Gateway is left to the Gateway's controller"
@@ -385,10 +498,14 @@ fn warn_ignored_target_refs(loc: &Location, key: &ObjectKey, policy: &Authorizat
     }
 }
 
-fn doc_error(loc: &Location, object: Option<&str>, field: &str, message: String) -> DocError {
+pub(super) fn doc_error(
+    origin: &Origin,
+    object: Option<&str>,
+    field: &str,
+    message: String,
+) -> DocError {
     DocError {
-        file: loc.file.clone(),
-        document: loc.document,
+        origin: origin.clone(),
         line: None,
         object: object.map(str::to_owned),
         field: (!field.is_empty()).then(|| field.to_owned()),
@@ -396,7 +513,7 @@ fn doc_error(loc: &Location, object: Option<&str>, field: &str, message: String)
     }
 }
 
-fn yaml_error(loc: &Location, e: &serde_yaml::Error) -> DocError {
+fn yaml_error(origin: &Origin, e: &serde_yaml::Error) -> DocError {
     let mut message = e.to_string();
     let line = e.location().map(|l| {
         // The line goes in its own field; drop serde_yaml's copy of it from the text.
@@ -408,7 +525,7 @@ fn yaml_error(loc: &Location, e: &serde_yaml::Error) -> DocError {
     });
     DocError {
         line,
-        ..doc_error(loc, None, "", message)
+        ..doc_error(origin, None, "", message)
     }
 }
 

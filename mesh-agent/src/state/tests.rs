@@ -387,8 +387,14 @@ fn malformed_yaml_names_the_line() {
     };
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(
-        (errors[0].document, errors[0].line),
-        (2, Some(9)),
+        (&errors[0].origin, errors[0].line),
+        (
+            &crate::state::Origin::File {
+                file: "bad.yaml".into(),
+                document: 2
+            },
+            Some(9)
+        ),
         "{}",
         errors[0]
     );

@@ -160,7 +160,6 @@ pub fn scene(cluster: &Cluster, agents: &[Agent], proxies: &[Proxy]) -> Result<(
     println!("$ curl 127.0.0.1:15020/metrics   # mesh-proxy on n2 (destination side)");
     let refusals = m
         .find("mesh_proxy_hbone_refusals_total", &[])
-        .into_iter()
         .chain(m.find("mesh_proxy_plaintext_refusals_total", &[]));
     for s in refusals {
         let reason = s.labels.get("reason").map_or("", String::as_str);
