@@ -280,11 +280,24 @@ impl Decoder<'_> {
             Ok(typed_json) => {
                 let mut unknown = Vec::new();
                 unknown_fields(json, &typed_json, &mut String::new(), &mut unknown);
-                self.errors.extend(
-                    unknown
-                        .iter()
-                        .map(|field| error(field, "unknown field".into())),
-                );
+                if matches!(origin, Origin::Api { .. }) {
+                    // The API server validated it against its own schema: a field these
+                    // types lack comes from a newer API version, and rejecting the object
+                    // for it would drop a real Pod or Service from the mesh. Said, not
+                    // refused (objects are decoded once per change, so once per change).
+                    for field in &unknown {
+                        tracing::warn!(
+                            %origin, field = %format!("{prefix}{field}"),
+                            "field unknown to this agent ignored (newer API version?)"
+                        );
+                    }
+                } else {
+                    self.errors.extend(
+                        unknown
+                            .iter()
+                            .map(|field| error(field, "unknown field".into())),
+                    );
+                }
             }
             Err(e) => self.errors.push(error(
                 "",

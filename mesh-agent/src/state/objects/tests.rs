@@ -134,3 +134,29 @@ fn api_origins_name_kind_namespace_and_name() {
         "API Namespace shop (Namespace shop): bogus: unknown field"
     );
 }
+
+#[test]
+fn fields_unknown_to_the_agent_reject_stored_objects_but_not_api_served_ones() {
+    let mut newer = service("web", "10.96.0.10");
+    newer["spec"]["futureField"] = json!(true);
+    let key = "/mesh/core/Service/shop/web";
+    let mut objects = Objects::default();
+    let errors = objects
+        .upsert(key, etcd(key), &newer, None)
+        .expect_err("strict for what the mesh stores");
+    assert!(
+        errors[0]
+            .to_string()
+            .contains("spec.futureField: unknown field")
+    );
+    // The API server validated it against its own (newer) schema.
+    let api = Origin::Api {
+        kind: "Service".into(),
+        namespace: "shop".into(),
+        name: "web".into(),
+    };
+    objects
+        .upsert("Service/shop/web", api, &newer, None)
+        .expect("lenient for the API server's objects");
+    assert_eq!(objects.state().expect("state").services().count(), 1);
+}
