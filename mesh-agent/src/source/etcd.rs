@@ -212,7 +212,7 @@ impl Watcher {
                 message = watch.message() => {
                     let mut response = message?
                         .ok_or_else(|| anyhow::anyhow!("the etcd watch stream ended"))?;
-                    let mut changed = false;
+                    let mut changed = 0usize;
                     // Fold what is already waiting into one state.
                     loop {
                         if response.compact_revision() > 0 {
@@ -235,10 +235,10 @@ impl Watcher {
                                 continue;
                             };
                             self.revision = self.revision.max(Some(kv.mod_revision()));
-                            changed |= match event.event_type() {
+                            changed += usize::from(match event.event_type() {
                                 EventType::Put => self.put(&layout, kv),
                                 EventType::Delete => self.delete(kv),
-                            };
+                            });
                         }
                         match tokio::time::timeout(Duration::ZERO, watch.message()).await {
                             Ok(next) => {
@@ -247,7 +247,8 @@ impl Watcher {
                                 })?;
                             }
                             Err(_) => {
-                                if changed {
+                                if changed > 0 {
+                                    debug!(changed, "etcd objects changed");
                                     self.deliver().await?;
                                 }
                                 break;
@@ -378,12 +379,13 @@ impl Watcher {
     async fn deliver(&mut self) -> Result<(), SessionError> {
         let revision = self.revision.unwrap_or(0);
         let started = Instant::now();
-        let state = self.objects.state();
-        debug!(
+        // Assembling clones every object (about 10 ms per 1,000): off the async workers.
+        let state = tokio::task::block_in_place(|| self.objects.state());
+        info!(
             revision,
             objects = self.objects.len(),
-            took_ms = started.elapsed().as_millis() as u64,
-            "assembled the state"
+            assemble_ms = started.elapsed().as_secs_f64() * 1e3,
+            "etcd state assembled"
         );
         let update = Update {
             state,
