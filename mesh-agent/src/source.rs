@@ -84,6 +84,7 @@ pub struct Update {
 pub struct Source {
     updates: mpsc::Receiver<Update>,
     status: watch::Sender<SourceStatus>,
+    stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
@@ -92,6 +93,7 @@ pub struct Source {
 pub struct Feed {
     updates: mpsc::Sender<Update>,
     status: watch::Sender<SourceStatus>,
+    stop: watch::Receiver<bool>,
 }
 
 impl Feed {
@@ -129,6 +131,13 @@ impl Feed {
     pub fn status(&self) -> watch::Receiver<SourceStatus> {
         self.status.subscribe()
     }
+
+    /// Resolves once the agent stops ([`Source::stop`]): time to leave cleanly (an
+    /// etcd source gives up its node's registration).
+    pub async fn stopping(&self) {
+        let mut stop = self.stop.clone();
+        let _ = stop.wait_for(|stop| *stop).await;
+    }
 }
 
 fn unix_secs(at: SystemTime) -> u64 {
@@ -152,9 +161,11 @@ impl Source {
             kind,
             ..SourceStatus::default()
         });
+        let (stop, stop_rx) = watch::channel(false);
         let feed = Feed {
             updates: updates_tx,
             status: status.clone(),
+            stop: stop_rx,
         };
         let task = match config {
             SourceConfig::Files(path) => files::spawn(path.clone(), feed)?,
@@ -163,6 +174,7 @@ impl Source {
         Ok(Self {
             updates,
             status,
+            stop,
             task,
         })
     }
@@ -183,6 +195,17 @@ impl Source {
         self.status.subscribe()
     }
 }
+
+impl Source {
+    /// Stops the source, giving it [`STOP_GRACE`] to leave cleanly.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(STOP_GRACE, &mut self.task).await;
+    }
+}
+
+/// How long a stopping source may take to leave cleanly.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Drop for Source {
     fn drop(&mut self) {

@@ -34,6 +34,8 @@ const KEEPALIVE: Duration = Duration::from_secs(5);
 /// that losing one member of several goes unnoticed), doubling up to the maximum.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long revoking the node's lease may take when the agent stops.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long etcd may be out of reach before the source reports itself stale.
 const STALE_AFTER: Duration = Duration::from_secs(2);
 
@@ -127,7 +129,10 @@ impl Watcher {
                         retry_in = ?pause,
                         "etcd unreachable; the datapath keeps the last good state"
                     );
-                    tokio::time::sleep(pause).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = self.feed.stopping() => return,
+                    }
                 }
                 Ok(()) => return,
             }
@@ -253,6 +258,13 @@ impl Watcher {
                     self.register(&mut client, &layout, lease, &mut registered).await?;
                 }
                 _ = keepalive.tick() => keeper.keep_alive().await?,
+                () = self.feed.stopping() => {
+                    // Leave: the registration goes with the lease, so `nodes` and
+                    // `apply --wait` stop counting this node at once.
+                    let _ = tokio::time::timeout(LEAVE_TIMEOUT, client.lease_revoke(lease)).await;
+                    info!(node = %self.node, "left etcd: registration removed");
+                    return Err(SessionError::Closed);
+                }
                 answer = keepalives.message() => {
                     let answer = answer?
                         .ok_or_else(|| anyhow::anyhow!("the etcd lease keepalive stream ended"))?;
