@@ -100,10 +100,10 @@ impl Feed {
     /// Delivers a state; false once the agent has stopped listening.
     pub async fn deliver(&self, update: Update) -> bool {
         let revision = update.revision;
-        let sent = self.updates.send(update).await.is_ok();
+        // Known as delivered before it can be acknowledged as applied.
         self.status
             .send_modify(|s| s.revision = s.revision.max(revision));
-        sent
+        self.updates.send(update).await.is_ok()
     }
 
     /// Marks the source stale from `since` (kept if it already was), or fresh.
