@@ -189,6 +189,7 @@ async fn serve(args: &RunArgs, cgroup: &Path, datapath: &mut Datapath) -> anyhow
             }
         }
     }
+    source.stop().await;
     let _ = stop_metrics.send(());
     let _ = stop_admin.send(());
     flow_reader.abort();

@@ -4,7 +4,7 @@
 //! then writes them in one transaction: all or nothing.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     path::Path,
     time::{Duration, Instant},
@@ -19,7 +19,7 @@ use crate::{
         connect::{self, NoMember},
         layout::{KeyKind, Layout, NodeRecord},
     },
-    state::{self, Kind, ObjectKey, Objects, Origin},
+    state::{self, Kind, ObjectKey},
 };
 
 /// How often `--wait` looks at the nodes again.
@@ -52,38 +52,36 @@ impl Store {
     }
 
     /// `apply -f PATH`: validates the objects of the files at `path` alone and together
-    /// with the objects etcd holds, then writes the new and changed ones in one
-    /// transaction that fails if any of their keys changed since they were read.
+    /// (as `--state` would), checks that their cluster IPs are not taken by Services
+    /// already in etcd, then writes the new and changed ones in one transaction that
+    /// fails if any of their keys changed since they were read. Reads only the kinds
+    /// being written, and decodes none of what etcd holds but those Services' cluster
+    /// IPs: the cost follows what is applied more than what is stored.
     pub async fn apply(&mut self, path: &Path) -> anyhow::Result<Applied> {
         let objects = state::read_objects(path).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let (listing, read_revision) = connect::list(&mut self.client, self.layout.prefix())
-            .await
-            .context("reading the objects in etcd")?;
-        let mut held = Objects::default();
+        let kinds: BTreeSet<Kind> = objects.iter().map(|o| o.kind).collect();
         let mut current: BTreeMap<String, (Vec<u8>, i64)> = BTreeMap::new();
-        for kv in &listing {
-            let Ok(key) = kv.key_str() else { continue };
-            let KeyKind::Object(expected) = self.layout.parse(key) else {
-                continue;
-            };
-            current.insert(key.to_owned(), (kv.value().to_vec(), kv.mod_revision()));
-            let origin = Origin::Etcd {
-                key: key.to_owned(),
-            };
-            // What agents reject already need not block this write: they keep rejecting it.
-            if let Ok(json) = serde_json::from_slice(kv.value()) {
-                let _ = held.upsert(key, origin, &json, Some(&expected));
+        for kind in kinds {
+            let prefix = self.layout.kind_prefix(kind);
+            let (listing, _) = connect::list(&mut self.client, &prefix)
+                .await
+                .with_context(|| format!("reading {prefix}"))?;
+            for kv in listing {
+                if let Ok(key) = kv.key_str() {
+                    current.insert(key.to_owned(), (kv.value().to_vec(), kv.mod_revision()));
+                }
             }
         }
         let mut writes = Vec::new();
         let mut lines = Vec::new();
         let mut newest_unchanged = 0;
+        let mut taken = BTreeMap::new();
         for object in &objects {
             let key = self.layout.object_key(object.kind, &object.key);
-            let value = serde_json::to_vec(&object.json).context("encoding an object")?;
             let name = describe(object.kind, &object.key);
-            let verb = match current.get(&key) {
-                Some((stored, revision)) if same_json(stored, &object.json) => {
+            let stored = current.get(&key);
+            let verb = match stored {
+                Some((value, revision)) if same_json(value, &object.json) => {
                     newest_unchanged = newest_unchanged.max(*revision);
                     "unchanged"
                 }
@@ -91,30 +89,80 @@ impl Store {
                 None => "created",
             };
             lines.push(format!("{name} {verb}"));
+            if object.kind == Kind::Service {
+                for ip in json_cluster_ips(&object.json) {
+                    taken.insert(ip, object);
+                }
+            }
             if verb != "unchanged" {
-                // Already validated alone; this only places it among the others.
-                let _ = held.upsert(&key, object.origin.clone(), &object.json, None);
-                writes.push((key, value));
+                let value = serde_json::to_vec(&object.json).context("encoding an object")?;
+                writes.push((key, value, stored.map(|(_, revision)| *revision)));
             }
         }
-        held.state().map_err(|e| {
-            anyhow::anyhow!("{e}\nnothing was written: the objects conflict with each other or with those in etcd")
-        })?;
+        let applied: BTreeSet<String> = objects
+            .iter()
+            .map(|o| self.layout.object_key(o.kind, &o.key))
+            .collect();
+        let mut conflicts = Vec::new();
+        let service_prefix = self.layout.kind_prefix(Kind::Service);
+        for (key, (value, _)) in current.range(service_prefix.clone()..) {
+            if !key.starts_with(&service_prefix) {
+                break;
+            }
+            let Ok(json) = serde_json::from_slice::<serde_json::Value>(value) else {
+                continue;
+            };
+            for ip in json_cluster_ips(&json) {
+                // A Service this apply rewrites gives up its old cluster IPs.
+                if let Some(object) = taken.get(&ip)
+                    && !applied.contains(key)
+                {
+                    let field = |pointer| {
+                        json.pointer(pointer)
+                            .and_then(serde_json::Value::as_str)
+                            .unwrap_or_default()
+                    };
+                    let owner = format!(
+                        "{}/{}",
+                        field("/metadata/namespace"),
+                        field("/metadata/name")
+                    );
+                    conflicts.push(state::DocError {
+                        origin: object.origin.clone(),
+                        line: None,
+                        object: Some(describe(object.kind, &object.key)),
+                        field: Some("spec.clusterIP".into()),
+                        message: format!(
+                            "cluster IP {ip} is already used by Service {owner} (etcd key {key})"
+                        ),
+                    });
+                }
+            }
+        }
+        if !conflicts.is_empty() {
+            let lines: Vec<String> = conflicts.iter().map(ToString::to_string).collect();
+            bail!(
+                "{}\nnothing was written: the objects conflict with those in etcd",
+                lines.join("\n")
+            );
+        }
         if writes.is_empty() {
             return Ok(Applied {
                 lines,
                 revision: newest_unchanged,
             });
         }
-        // Unchanged since read: a key's mod revision is at most the read revision (0
-        // for a key that does not exist).
+        // Each key as it was read: the same revision, or still absent.
         let compares: Vec<Compare> = writes
             .iter()
-            .map(|(key, _)| Compare::mod_revision(key.as_str(), CompareOp::Less, read_revision + 1))
+            .map(|(key, _, read)| match read {
+                Some(revision) => Compare::mod_revision(key.as_str(), CompareOp::Equal, *revision),
+                None => Compare::version(key.as_str(), CompareOp::Equal, 0),
+            })
             .collect();
         let puts: Vec<TxnOp> = writes
             .into_iter()
-            .map(|(key, value)| TxnOp::put(key, value, None))
+            .map(|(key, value, _)| TxnOp::put(key, value, None))
             .collect();
         let count = puts.len();
         let response = self
@@ -262,6 +310,14 @@ pub fn transient(err: &anyhow::Error) -> bool {
         }
         cause.downcast_ref::<NoMember>().is_some()
     })
+}
+
+/// The cluster IPs of a Service's JSON, as the state reads them
+/// ([`state::cluster_ips`]); none when it does not parse.
+fn json_cluster_ips(json: &serde_json::Value) -> Vec<std::net::IpAddr> {
+    serde_json::from_value::<k8s_openapi::api::core::v1::Service>(json.clone())
+        .map(|svc| state::cluster_ips(&svc))
+        .unwrap_or_default()
 }
 
 /// `nodes` as a table.

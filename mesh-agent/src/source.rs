@@ -88,6 +88,7 @@ pub struct Update {
 pub struct Source {
     updates: mpsc::Receiver<Update>,
     status: watch::Sender<SourceStatus>,
+    stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
@@ -96,16 +97,17 @@ pub struct Source {
 pub struct Feed {
     updates: mpsc::Sender<Update>,
     status: watch::Sender<SourceStatus>,
+    stop: watch::Receiver<bool>,
 }
 
 impl Feed {
     /// Delivers a state; false once the agent has stopped listening.
     pub async fn deliver(&self, update: Update) -> bool {
         let revision = update.revision;
-        let sent = self.updates.send(update).await.is_ok();
+        // Known as delivered before it can be acknowledged as applied.
         self.status
             .send_modify(|s| s.revision = s.revision.max(revision));
-        sent
+        self.updates.send(update).await.is_ok()
     }
 
     /// Marks the source stale from `since` (kept if it already was), or fresh.
@@ -133,6 +135,13 @@ impl Feed {
     pub fn status(&self) -> watch::Receiver<SourceStatus> {
         self.status.subscribe()
     }
+
+    /// Resolves once the agent stops ([`Source::stop`]): time to leave cleanly (an
+    /// etcd source gives up its node's registration).
+    pub async fn stopping(&self) {
+        let mut stop = self.stop.clone();
+        let _ = stop.wait_for(|stop| *stop).await;
+    }
 }
 
 fn unix_secs(at: SystemTime) -> u64 {
@@ -157,9 +166,11 @@ impl Source {
             kind,
             ..SourceStatus::default()
         });
+        let (stop, stop_rx) = watch::channel(false);
         let feed = Feed {
             updates: updates_tx,
             status: status.clone(),
+            stop: stop_rx,
         };
         let task = match config {
             SourceConfig::Files(path) => files::spawn(path.clone(), feed)?,
@@ -169,6 +180,7 @@ impl Source {
         Ok(Self {
             updates,
             status,
+            stop,
             task,
         })
     }
@@ -189,6 +201,17 @@ impl Source {
         self.status.subscribe()
     }
 }
+
+impl Source {
+    /// Stops the source, giving it [`STOP_GRACE`] to leave cleanly.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(STOP_GRACE, &mut self.task).await;
+    }
+}
+
+/// How long a stopping source may take to leave cleanly.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Drop for Source {
     fn drop(&mut self) {

@@ -269,6 +269,16 @@ fn three_agents_follow_etcd_through_bad_writes_member_loss_outage_and_compaction
     let out = bed.apply_web(&["web-a", "web-b"])?;
     assert!(out.contains("applied on 3 nodes"), "{out}");
     assert_served_by(&bed.cluster, &["web-a", "web-b"])?;
+
+    // An agent that stops leaves at once: `--wait` no longer waits for its node.
+    let stopped = bed.agents.pop().context("three agents")?;
+    let name = stopped.pin_name().to_owned();
+    stopped.stop()?;
+    let nodes = bed.etcd.mesh_agent(&bed.cluster, "n1", &["nodes"])?;
+    assert!(
+        nodes.contains("2 live nodes") && !nodes.contains(&name),
+        "{nodes}"
+    );
     Ok(())
 }
 

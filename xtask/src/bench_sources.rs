@@ -37,6 +37,8 @@ struct SourceResult {
     rss_bytes: u64,
     /// One Service changed: write → every node applied, seconds, per update.
     update_s: Vec<f64>,
+    /// Of which the writer's own part, per update.
+    update_write_s: Vec<f64>,
     /// The planner's time for that change (median over agents), seconds, per update.
     plan_s: Vec<f64>,
     /// The map writes' time for that change, seconds, per update.
@@ -76,7 +78,7 @@ pub fn run(sizes: &[u32], updates: u32) -> Result<()> {
             report,
             "  {n:>6} Services: converge files {:.2} s, etcd {:.2} s (x{:.2}; etcd apply itself {:.2} s)\n\
              \x20                 agent RSS files {:.1} MiB, etcd {:.1} MiB (x{:.2}); etcd db {:.1} MiB\n\
-             \x20                 1 Service changed: files p50 {:.0} ms p99 {:.0} ms, etcd p50 {:.0} ms p99 {:.0} ms (x{:.2})\n\
+             \x20                 1 Service changed: files p50 {:.0} ms p99 {:.0} ms, etcd p50 {:.0} ms p99 {:.0} ms (x{:.2}; etcd apply itself {:.0} ms)\n\
              \x20                 planner per change p50 files {:.1} ms, etcd {:.1} ms; map writes {:.2} / {:.2} ms",
             files.converge_s,
             etcd.converge_s,
@@ -91,6 +93,7 @@ pub fn run(sizes: &[u32], updates: u32) -> Result<()> {
             median(&etcd.update_s) * 1e3,
             p99(&etcd.update_s) * 1e3,
             ratio(median(&etcd.update_s), median(&files.update_s)),
+            median(&etcd.update_write_s) * 1e3,
             median(&files.plan_s) * 1e3,
             median(&etcd.plan_s) * 1e3,
             median(&files.maps_s) * 1e3,
@@ -287,6 +290,7 @@ fn measure_files(cluster: &Cluster, n: u32, updates: u32) -> Result<SourceResult
         let before = applied_counts(&agents)?;
         let start = Instant::now();
         dir.write("state.yaml", &text)?;
+        r.update_write_s.push(start.elapsed().as_secs_f64());
         wait_applied(&agents, &before, None)?;
         r.update_s.push(start.elapsed().as_secs_f64());
         let (plan, maps) = plan_cost(&agents)?;
@@ -321,6 +325,7 @@ fn measure_etcd(cluster: &Cluster, n: u32, updates: u32) -> Result<SourceResult>
         one.write("s0.yaml", &service(0, 81 + u))?;
         let start = Instant::now();
         let revision = apply(&etcd, cluster, &one_path)?;
+        r.update_write_s.push(start.elapsed().as_secs_f64());
         wait_applied(&agents, &[0; 3], Some(revision))?;
         r.update_s.push(start.elapsed().as_secs_f64());
         let (plan, maps) = plan_cost(&agents)?;
@@ -365,6 +370,7 @@ fn write_report(rows: &[(u32, SourceResult, SourceResult)]) -> Result<()> {
             "agent_rss_bytes": r.rss_bytes,
             "update_p50_seconds": median(&r.update_s),
             "update_p99_seconds": p99(&r.update_s),
+            "update_write_p50_seconds": median(&r.update_write_s),
             "plan_per_change_p50_seconds": median(&r.plan_s),
             "map_writes_per_change_p50_seconds": median(&r.maps_s),
             "etcd_db_bytes": r.db_bytes,

@@ -89,11 +89,6 @@ impl Objects {
         self.entries.remove(id).is_some()
     }
 
-    /// Forgets every object (before a relist).
-    pub fn clear(&mut self) {
-        self.entries.clear();
-    }
-
     /// How many objects are held.
     pub fn len(&self) -> usize {
         self.entries.len()
