@@ -117,21 +117,21 @@ fn cross_object_conflicts_name_both_keys_and_removal_resolves_them() {
 fn api_origins_name_kind_namespace_and_name() {
     let mut objects = Objects::default();
     let origin = Origin::Api {
-        kind: "Namespace".into(),
-        namespace: String::new(),
-        name: "shop".into(),
+        kind: "Service".into(),
+        namespace: "shop".into(),
+        name: "web".into(),
     };
+    let mut bad = service("web", "10.96.0.10");
+    bad["spec"]["ports"][0]["port"] = json!(70000);
     let errors = objects
-        .upsert(
-            "Namespace/shop",
-            origin,
-            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}, "bogus": 1}),
-            None,
-        )
-        .expect_err("unknown field");
-    assert_eq!(
-        errors[0].to_string(),
-        "API Namespace shop (Namespace shop): bogus: unknown field"
+        .upsert("Service/shop/web", origin, &bad, None)
+        .expect_err("invalid port");
+    assert!(
+        errors[0]
+            .to_string()
+            .starts_with("API Service shop/web (Service shop/web): spec.ports[0].port: "),
+        "{}",
+        errors[0]
     );
 }
 
