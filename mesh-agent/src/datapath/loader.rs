@@ -33,7 +33,7 @@ use mesh_common::{
 
 use super::{
     DatapathError, inbound, mounts, pins,
-    sync::{KernelMap, KernelTrie, PolicyMaps, ServiceMaps},
+    sync::{KernelMap, KernelTrie, Mirrored, PolicyMaps, ServiceMaps},
 };
 
 /// `BPF_CGROUP_GETSOCKOPT` of `enum bpf_attach_type`.
@@ -42,18 +42,18 @@ const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 /// The eBPF object built from `mesh-ebpf` by build.rs; the agent is one binary.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
 
-/// The kernel maps of service load balancing.
+/// The kernel maps of service load balancing, remembered between applies.
 pub type KernelServiceMaps = ServiceMaps<
-    KernelMap<ServiceKey, ServiceValue>,
-    KernelMap<BackendSlotKey, u32>,
-    KernelMap<u32, Backend>,
+    Mirrored<KernelMap<ServiceKey, ServiceValue>, ServiceKey, ServiceValue>,
+    Mirrored<KernelMap<BackendSlotKey, u32>, BackendSlotKey, u32>,
+    Mirrored<KernelMap<u32, Backend>, u32, Backend>,
 >;
 
-/// The kernel maps of network policy.
+/// The kernel maps of network policy, remembered between applies.
 pub type KernelPolicyMaps = PolicyMaps<
-    KernelMap<u64, EndpointValue>,
-    KernelTrie<IpcacheKey, IpcacheValue>,
-    KernelTrie<PolicyKey, PolicyValue>,
+    Mirrored<KernelMap<u64, EndpointValue>, u64, EndpointValue>,
+    Mirrored<KernelTrie<IpcacheKey, IpcacheValue>, IpcacheKey, IpcacheValue>,
+    Mirrored<KernelTrie<PolicyKey, PolicyValue>, PolicyKey, PolicyValue>,
 >;
 
 pub use super::sizes::MapSizes;
@@ -179,16 +179,16 @@ impl Datapath {
         let sizes = pinned_sizes(&self.node_dir)?;
         Ok(DatapathMaps {
             services: ServiceMaps {
-                services: KernelMap::new(maps::SERVICES, services),
-                slots: KernelMap::new(maps::SERVICE_BACKENDS, slots),
-                backends: KernelMap::new(maps::BACKENDS, backends),
+                services: Mirrored::new(KernelMap::new(maps::SERVICES, services)),
+                slots: Mirrored::new(KernelMap::new(maps::SERVICE_BACKENDS, slots)),
+                backends: Mirrored::new(KernelMap::new(maps::BACKENDS, backends)),
             },
             affinity: KernelMap::new(maps::AFFINITY, affinity),
             metrics,
             policy: PolicyMaps {
-                endpoints: KernelMap::new(maps::ENDPOINTS, endpoints),
-                ipcache: KernelTrie::new(maps::IPCACHE, ipcache),
-                policy: KernelTrie::new(maps::POLICY, policy),
+                endpoints: Mirrored::new(KernelMap::new(maps::ENDPOINTS, endpoints)),
+                ipcache: Mirrored::new(KernelTrie::new(maps::IPCACHE, ipcache)),
+                policy: Mirrored::new(KernelTrie::new(maps::POLICY, policy)),
             },
             events,
             config,
