@@ -35,6 +35,7 @@ mod cgroup;
 pub mod etcd;
 pub mod kubeapi;
 pub mod l7;
+pub mod manifests;
 mod netns;
 mod process;
 pub mod proxy;

@@ -18,29 +18,7 @@ const CONVERGE: Duration = Duration::from_secs(10);
 
 /// The `web` Service (10.96.0.10:80 → 8080, selector app=web) and one Pod per backend.
 fn web_state(backends: &[(&str, Ipv4Addr)]) -> String {
-    let mut yaml = format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: default}}
-spec:
-  clusterIP: {VIP}
-  selector: {{app: web}}
-  ports:
-    - {{name: http, port: {SERVICE_PORT}, targetPort: {POD_PORT}, protocol: TCP}}
-"
-    );
-    for (name, ip) in backends {
-        yaml.push_str(&format!(
-            "---
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: default, labels: {{app: web}}}}
-spec: {{containers: [{{name: web, image: web}}]}}
-status: {{podIP: {ip}}}
-"
-        ));
-    }
-    yaml
+    mesh_tests::manifests::web_state(VIP, SERVICE_PORT, POD_PORT, backends)
 }
 
 /// Client on n1 with one backend beside it and two on n2; the agent runs on n1.

@@ -28,30 +28,11 @@ const CLIENTS: [&str; 3] = ["c1", "c2", "c3"];
 
 /// The `web` Service (10.96.0.10:80 → 8080, selector app=web) and one Pod per backend.
 fn web_state(cluster: &Cluster, backends: &[&str]) -> String {
-    let mut yaml = format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: default}}
-spec:
-  clusterIP: {VIP}
-  selector: {{app: web}}
-  ports:
-    - {{name: http, port: {SERVICE_PORT}, targetPort: {POD_PORT}, protocol: TCP}}
-"
-    );
-    for name in backends {
-        let ip = cluster.pod(name).ip();
-        yaml.push_str(&format!(
-            "---
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: default, labels: {{app: web}}}}
-spec: {{containers: [{{name: web, image: web}}]}}
-status: {{podIP: {ip}}}
-"
-        ));
-    }
-    yaml
+    let backends: Vec<(&str, Ipv4Addr)> = backends
+        .iter()
+        .map(|&name| (name, cluster.pod(name).ip()))
+        .collect();
+    mesh_tests::manifests::web_state(VIP, SERVICE_PORT, POD_PORT, &backends)
 }
 
 /// Which backends answer `count` connections to the VIP from pod `client`.
