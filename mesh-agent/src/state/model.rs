@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -59,19 +60,20 @@ impl fmt::Display for ObjectKey {
 /// Services share a cluster IP, every address and port parses.
 ///
 /// Each object's `metadata.namespace` is filled in (defaulted) so that consumers need
-/// not repeat the defaulting rule.
+/// not repeat the defaulting rule. Objects are shared (`Arc`) with the source that
+/// decoded them, so a keyed source assembles a state without copying every object.
 #[derive(Clone, Debug, Default)]
 pub struct State {
-    pub(super) services: BTreeMap<ObjectKey, Service>,
-    pub(super) pods: BTreeMap<ObjectKey, Pod>,
-    pub(super) endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    pub(super) services: BTreeMap<ObjectKey, Arc<Service>>,
+    pub(super) pods: BTreeMap<ObjectKey, Arc<Pod>>,
+    pub(super) endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
     /// Keyed by namespace "" and name = the namespace's name; labels include
     /// [`NAMESPACE_NAME_LABEL`].
-    pub(super) namespaces: BTreeMap<ObjectKey, Namespace>,
-    pub(super) network_policies: BTreeMap<ObjectKey, NetworkPolicy>,
-    pub(super) http_routes: BTreeMap<ObjectKey, HttpRoute>,
-    pub(super) peer_authentications: BTreeMap<ObjectKey, PeerAuthentication>,
-    pub(super) authorization_policies: BTreeMap<ObjectKey, AuthorizationPolicy>,
+    pub(super) namespaces: BTreeMap<ObjectKey, Arc<Namespace>>,
+    pub(super) network_policies: BTreeMap<ObjectKey, Arc<NetworkPolicy>>,
+    pub(super) http_routes: BTreeMap<ObjectKey, Arc<HttpRoute>>,
+    pub(super) peer_authentications: BTreeMap<ObjectKey, Arc<PeerAuthentication>>,
+    pub(super) authorization_policies: BTreeMap<ObjectKey, Arc<AuthorizationPolicy>>,
     /// From the `istio-system/istio` ConfigMap, when the state has it.
     pub(super) mesh_config: Option<MeshConfig>,
 }
@@ -79,17 +81,17 @@ pub struct State {
 impl State {
     /// All Services, ordered by namespace and name.
     pub fn services(&self) -> impl ExactSizeIterator<Item = (&ObjectKey, &Service)> {
-        self.services.iter()
+        self.services.iter().map(|(k, o)| (k, &**o))
     }
 
     /// All Pods, ordered by namespace and name.
     pub fn pods(&self) -> impl ExactSizeIterator<Item = (&ObjectKey, &Pod)> {
-        self.pods.iter()
+        self.pods.iter().map(|(k, o)| (k, &**o))
     }
 
     /// All EndpointSlices, ordered by namespace and name.
     pub fn endpoint_slices(&self) -> impl ExactSizeIterator<Item = (&ObjectKey, &EndpointSlice)> {
-        self.endpoint_slices.iter()
+        self.endpoint_slices.iter().map(|(k, o)| (k, &**o))
     }
 
     /// The Namespaces defined in the state, ordered by name. Keys are cluster-scoped:
@@ -98,7 +100,7 @@ impl State {
     /// see [`State::namespace_labels`].
     #[cfg(test)]
     pub fn namespaces(&self) -> impl ExactSizeIterator<Item = (&ObjectKey, &Namespace)> {
-        self.namespaces.iter()
+        self.namespaces.iter().map(|(k, o)| (k, &**o))
     }
 
     /// The labels of namespace `name`, as `namespaceSelector`s see them: those of its
@@ -167,19 +169,19 @@ impl State {
 
     /// All NetworkPolicies, ordered by namespace and name.
     pub fn network_policies(&self) -> impl ExactSizeIterator<Item = (&ObjectKey, &NetworkPolicy)> {
-        self.network_policies.iter()
+        self.network_policies.iter().map(|(k, o)| (k, &**o))
     }
 
     /// All HTTPRoutes (`v1` and `v1beta1` alike), ordered by namespace and name.
     pub fn http_routes(&self) -> impl ExactSizeIterator<Item = (&ObjectKey, &HttpRoute)> {
-        self.http_routes.iter()
+        self.http_routes.iter().map(|(k, o)| (k, &**o))
     }
 
     /// All PeerAuthentications (`v1` and `v1beta1` alike), ordered by namespace and name.
     pub fn peer_authentications(
         &self,
     ) -> impl ExactSizeIterator<Item = (&ObjectKey, &PeerAuthentication)> {
-        self.peer_authentications.iter()
+        self.peer_authentications.iter().map(|(k, o)| (k, &**o))
     }
 
     /// All AuthorizationPolicies (`v1` and `v1beta1` alike), ordered by namespace and
@@ -187,7 +189,7 @@ impl State {
     pub fn authorization_policies(
         &self,
     ) -> impl ExactSizeIterator<Item = (&ObjectKey, &AuthorizationPolicy)> {
-        self.authorization_policies.iter()
+        self.authorization_policies.iter().map(|(k, o)| (k, &**o))
     }
 
     /// Istio's MeshConfig settings (`istio-system/istio` ConfigMap, key `mesh`); all
@@ -198,7 +200,7 @@ impl State {
 
     /// The Service at `key`, if the state has it.
     pub fn service(&self, key: &ObjectKey) -> Option<&Service> {
-        self.services.get(key)
+        self.services.get(key).map(|o| &**o)
     }
 }
 

@@ -6,6 +6,7 @@ use std::any::TypeId;
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::{ClusterResourceScope, Metadata, Resource};
@@ -55,14 +56,14 @@ pub(super) fn files(path: &Path) -> Result<Vec<PathBuf>, StateError> {
 /// One typed, validated object.
 #[derive(Clone, Debug)]
 pub(super) enum Object {
-    Service(Box<Service>),
-    Pod(Box<Pod>),
-    EndpointSlice(Box<EndpointSlice>),
-    Namespace(Box<Namespace>),
-    NetworkPolicy(Box<NetworkPolicy>),
-    HttpRoute(Box<HttpRoute>),
-    PeerAuthentication(Box<PeerAuthentication>),
-    AuthorizationPolicy(Box<AuthorizationPolicy>),
+    Service(Arc<Service>),
+    Pod(Arc<Pod>),
+    EndpointSlice(Arc<EndpointSlice>),
+    Namespace(Arc<Namespace>),
+    NetworkPolicy(Arc<NetworkPolicy>),
+    HttpRoute(Arc<HttpRoute>),
+    PeerAuthentication(Arc<PeerAuthentication>),
+    AuthorizationPolicy(Arc<AuthorizationPolicy>),
     /// A ConfigMap: only `istio-system/istio` is read, for its MeshConfig (None when it
     /// has none, or for any other ConfigMap).
     ConfigMap(Option<Box<MeshConfig>>),
@@ -113,16 +114,16 @@ pub(super) fn decode(
     let decoded = match (api_version, kind) {
         ("v1", "Service") => cx
             .typed(validate::service)
-            .map(|(key, svc)| (Kind::Service, key, Object::Service(Box::new(svc)))),
+            .map(|(key, svc)| (Kind::Service, key, Object::Service(Arc::new(svc)))),
         ("v1", "Pod") => cx
             .typed(validate::pod)
-            .map(|(key, pod)| (Kind::Pod, key, Object::Pod(Box::new(pod)))),
+            .map(|(key, pod)| (Kind::Pod, key, Object::Pod(Arc::new(pod)))),
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             cx.typed(validate::endpoint_slice).map(|(key, slice)| {
                 (
                     Kind::EndpointSlice,
                     key,
-                    Object::EndpointSlice(Box::new(slice)),
+                    Object::EndpointSlice(Arc::new(slice)),
                 )
             })
         }
@@ -133,26 +134,26 @@ pub(super) fn decode(
                 .labels
                 .get_or_insert_default()
                 .insert(NAMESPACE_NAME_LABEL.to_owned(), key.name.clone());
-            (Kind::Namespace, key, Object::Namespace(Box::new(ns)))
+            (Kind::Namespace, key, Object::Namespace(Arc::new(ns)))
         }),
         ("networking.k8s.io/v1", "NetworkPolicy") => {
             cx.typed(validate::network_policy).map(|(key, policy)| {
                 (
                     Kind::NetworkPolicy,
                     key,
-                    Object::NetworkPolicy(Box::new(policy)),
+                    Object::NetworkPolicy(Arc::new(policy)),
                 )
             })
         }
         ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => cx
             .typed(validate::http_route)
-            .map(|(key, route)| (Kind::HttpRoute, key, Object::HttpRoute(Box::new(route)))),
+            .map(|(key, route)| (Kind::HttpRoute, key, Object::HttpRoute(Arc::new(route)))),
         ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
             cx.typed(validate::peer_authentication).map(|(key, pa)| {
                 (
                     Kind::PeerAuthentication,
                     key,
-                    Object::PeerAuthentication(Box::new(pa)),
+                    Object::PeerAuthentication(Arc::new(pa)),
                 )
             })
         }
@@ -163,7 +164,7 @@ pub(super) fn decode(
                 (
                     Kind::AuthorizationPolicy,
                     key,
-                    Object::AuthorizationPolicy(Box::new(policy)),
+                    Object::AuthorizationPolicy(Arc::new(policy)),
                 )
             }),
         ("v1", "ConfigMap") => cx.typed(validate::config_map).map(|(key, cm)| {
@@ -414,14 +415,14 @@ impl Builder {
         }
         let state = &mut self.state;
         match object {
-            Object::Service(o) => _ = state.services.insert(key, *o),
-            Object::Pod(o) => _ = state.pods.insert(key, *o),
-            Object::EndpointSlice(o) => _ = state.endpoint_slices.insert(key, *o),
-            Object::Namespace(o) => _ = state.namespaces.insert(key, *o),
-            Object::NetworkPolicy(o) => _ = state.network_policies.insert(key, *o),
-            Object::HttpRoute(o) => _ = state.http_routes.insert(key, *o),
-            Object::PeerAuthentication(o) => _ = state.peer_authentications.insert(key, *o),
-            Object::AuthorizationPolicy(o) => _ = state.authorization_policies.insert(key, *o),
+            Object::Service(o) => _ = state.services.insert(key, o),
+            Object::Pod(o) => _ = state.pods.insert(key, o),
+            Object::EndpointSlice(o) => _ = state.endpoint_slices.insert(key, o),
+            Object::Namespace(o) => _ = state.namespaces.insert(key, o),
+            Object::NetworkPolicy(o) => _ = state.network_policies.insert(key, o),
+            Object::HttpRoute(o) => _ = state.http_routes.insert(key, o),
+            Object::PeerAuthentication(o) => _ = state.peer_authentications.insert(key, o),
+            Object::AuthorizationPolicy(o) => _ = state.authorization_policies.insert(key, o),
             Object::ConfigMap(mesh) => {
                 if key.namespace == MESH_CONFIG_NAMESPACE && key.name == MESH_CONFIG_NAME {
                     state.mesh_config = mesh.map(|m| *m);
