@@ -176,12 +176,8 @@ enum Command {
         /// State file (multi-document YAML) or directory of them.
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
-        /// Return only once every live node has applied the write.
-        #[arg(long)]
-        wait: bool,
-        /// How long --wait waits.
-        #[arg(long, default_value = "60s", value_parser = duration)]
-        timeout: Duration,
+        #[command(flatten)]
+        wait: WaitArgs,
         #[command(flatten)]
         etcd: EtcdArgs,
     },
@@ -192,12 +188,8 @@ enum Command {
         kind: Kind,
         /// NAMESPACE/NAME (NAME for Namespaces).
         name: String,
-        /// Return only once every live node has applied the deletion.
-        #[arg(long)]
-        wait: bool,
-        /// How long --wait waits.
-        #[arg(long, default_value = "60s", value_parser = duration)]
-        timeout: Duration,
+        #[command(flatten)]
+        wait: WaitArgs,
         #[command(flatten)]
         etcd: EtcdArgs,
     },
@@ -412,6 +404,17 @@ impl EtcdOptions {
             identity: self.etcd_cert.clone().zip(self.etcd_key.clone()),
         })
     }
+}
+
+/// `--wait` of `apply` and `delete`.
+#[derive(Debug, clap::Args)]
+pub struct WaitArgs {
+    /// Return only once every live node has applied the change.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    timeout: Duration,
 }
 
 /// The etcd cluster of `apply`, `delete`, `get` and `nodes`.
@@ -837,37 +840,25 @@ impl Cli {
                 print!("{text}");
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Apply {
-                file,
-                wait,
-                timeout,
-                etcd,
-            } => etcd_command(&etcd, async |store| {
+            Command::Apply { file, wait, etcd } => etcd_command(&etcd, async |store| {
                 let applied = store.apply(&file).await?;
                 for line in &applied.lines {
                     println!("{line}");
                 }
                 println!("revision {}", applied.revision);
-                if wait {
-                    wait_for_nodes(store, applied.revision, timeout).await?;
-                }
-                Ok(())
+                wait_for_nodes(store, applied.revision, &wait).await
             }),
             Command::Delete {
                 kind,
                 name,
                 wait,
-                timeout,
                 etcd,
             } => {
                 let key = etcdctl::object_key(kind, &name)?;
                 etcd_command(&etcd, async |store| {
                     let revision = store.delete(kind, &key).await?;
                     println!("{kind} {name} deleted\nrevision {revision}");
-                    if wait {
-                        wait_for_nodes(store, revision, timeout).await?;
-                    }
-                    Ok(())
+                    wait_for_nodes(store, revision, &wait).await
                 })
             }
             Command::Get { kind, name, etcd } => {
@@ -940,9 +931,12 @@ fn etcd_command(
 const ETCD_RETRY_FOR: Duration = Duration::from_secs(15);
 const ETCD_RETRY_PAUSE: Duration = Duration::from_millis(300);
 
-/// `--wait`: until every live node applied `revision`.
-async fn wait_for_nodes(store: &mut Store, revision: i64, timeout: Duration) -> anyhow::Result<()> {
-    let nodes = store.wait(revision, timeout).await?;
+/// With `--wait`: returns once every live node has applied `revision`, and says which.
+async fn wait_for_nodes(store: &mut Store, revision: i64, wait: &WaitArgs) -> anyhow::Result<()> {
+    if !wait.wait {
+        return Ok(());
+    }
+    let nodes = store.wait(revision, wait.timeout).await?;
     if nodes.is_empty() {
         println!("no live nodes to wait for");
     } else {

@@ -19,7 +19,10 @@ use std::{
 };
 
 use mesh_common::l7::{LocalPod, ProxyConfig};
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
 use tracing::Instrument as _;
 
 use crate::{
@@ -239,15 +242,7 @@ impl Listeners {
         let active = Arc::clone(&self.active);
         async move {
             loop {
-                let (stream, peer) = match listener.accept().await {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of descriptors and the like: pause instead of spinning.
-                        tracing::warn!(pod = %source.netns.name, error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
+                let (stream, peer) = accept(&listener, &source.netns.name, "outbound").await;
                 let dst = match sys::original_dst(&stream, peer.is_ipv6()) {
                     Ok(d) => d,
                     Err(e) => {
@@ -255,7 +250,6 @@ impl Listeners {
                         continue;
                     }
                 };
-                let _ = stream.set_nodelay(true);
                 let Some(protocol) = frontend_protocol(&proxy, dst) else {
                     // Not an L7 frontend: plain TCP between two pods of the mesh.
                     let via = proxy.mesh.as_ref().and_then(|m| {
@@ -304,6 +298,23 @@ impl Listeners {
                     }
                     .instrument(span),
                 );
+            }
+        }
+    }
+}
+
+/// The next connection on one of a pod's listeners (`what` names it in logs), Nagle
+/// off. An accept error (out of descriptors and the like) pauses instead of spinning.
+pub async fn accept(listener: &TcpListener, pod: &str, what: &str) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                let _ = tcp.set_nodelay(true);
+                return (tcp, peer);
+            }
+            Err(e) => {
+                tracing::warn!(pod, listener = what, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }

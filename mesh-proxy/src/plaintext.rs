@@ -22,6 +22,7 @@ use crate::{
         COPY_BUFFER,
         inbound::{Admission, Gate, InboundPod, Refusal, StreamRequest, connect_app},
     },
+    listeners,
     metrics::{ProxyMetrics, TcpLabels},
     throttle,
 };
@@ -49,15 +50,7 @@ pub async fn serve(
     metrics: Arc<ProxyMetrics>,
 ) {
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(pod = %pod.name, error = %e, "plaintext accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+        let (tcp, peer) = listeners::accept(&listener, &pod.name, "plaintext").await;
         let (pod, gate, metrics) = (Arc::clone(&pod), Arc::clone(&gate), Arc::clone(&metrics));
         tokio::spawn(async move { connection(tcp, peer, pod, gate, metrics).await });
     }

@@ -21,6 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use super::{CONNECTION_WINDOW, COPY_BUFFER, HANDSHAKE_TIMEOUT, MAX_STREAMS, STREAM_WINDOW};
 use crate::{
     inpod::Netns,
+    listeners,
     metrics::{ProxyMetrics, TcpLabels},
     throttle,
 };
@@ -103,15 +104,7 @@ pub async fn serve(
 ) {
     let acceptor = TlsAcceptor::from(Arc::clone(&pod.tls));
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(pod = %pod.name, error = %e, "HBONE accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+        let (tcp, peer) = listeners::accept(&listener, &pod.name, "HBONE").await;
         let (pod, gate, metrics, acceptor) = (
             Arc::clone(&pod),
             Arc::clone(&gate),
