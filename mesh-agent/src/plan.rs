@@ -12,6 +12,7 @@
 
 mod identity;
 mod ids;
+mod planner;
 pub mod policy;
 pub mod proxy;
 pub mod routes;
@@ -22,17 +23,18 @@ mod services;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use mesh_common::Addr;
 use mesh_common::l7::{AppProtocol, ServicePortRef};
 use mesh_common::maps;
 use mesh_common::service::{
     BACKEND_ACTIVE, BACKEND_TERMINATING, BACKEND_UNHEALTHY, Backend, BackendSlotKey, PROTO_TCP,
-    Protocol, SVC_FLAG_AFFINITY, SVC_FLAG_L7, ServiceKey, ServiceValue,
+    Protocol, ServiceKey, ServiceValue,
 };
 
 use crate::state::{ObjectKey, State};
-use ids::IdAllocator;
+pub use planner::{Delta, Pending, Planner};
 
 /// What a plan depends on besides the cluster state.
 #[derive(Clone, Copy, Debug)]
@@ -144,6 +146,8 @@ pub struct Plan {
 pub struct PlanCost {
     /// Objects (Pods, or groups of Pods sharing labels) checked against a selector.
     pub selector_candidates: u64,
+    /// Services planned: all of them the first time, then those a change touched.
+    pub services: u64,
 }
 
 impl Plan {
@@ -332,174 +336,17 @@ pub enum PlanError {
 
 /// Computes the desired service maps for `state`, reusing the ids of `prev` where the
 /// frontend or backend still exists. Returns the plan and the ids to pass next time.
+/// This is [`Planner`]'s first plan; the agent keeps a planner, which re-plans only what
+/// a change touches.
 ///
 /// Backends of a frontend are sorted by address and port before slots are numbered,
 /// so the same state and context always give the same plan.
 pub fn plan(state: &State, prev: &Ids, ctx: &PlanContext<'_>) -> Result<(Plan, Ids), PlanError> {
-    let (frontends, examined) = services::frontends(state);
-    let frontends: Vec<(services::Frontend, services::Selection)> = frontends
-        .into_iter()
-        .map(|f| {
-            let selection = services::select(&f, ctx.node, ctx.unhealthy);
-            (f, selection)
-        })
-        .collect();
-    check_capacity(&frontends, ctx.capacities)?;
-
-    let key = |f: &services::Frontend| ServiceKey::new(Addr::from(f.vip), f.port, f.proto);
-    // New keys are numbered in key order, so equal states give equal plans.
-    let mut service_ids = IdAllocator::new(&prev.services, 1);
-    let mut backend_ids = IdAllocator::new(&prev.backends, 1);
-    let service_keys: BTreeSet<ServiceKey> = frontends.iter().map(|(f, _)| key(f)).collect();
-    for k in &service_keys {
-        service_ids.id(k);
-    }
-    let states = backend_states(&frontends);
-    for k in states.keys() {
-        backend_ids.id(k);
-    }
-
-    let mut plan = Plan {
-        cost: PlanCost {
-            selector_candidates: examined,
-        },
-        backends: states
-            .iter()
-            .map(|(addr, &state)| (backend_ids.id(addr), addr.to_backend(state)))
-            .collect(),
-        ..Plan::default()
-    };
-    for (f, selection) in frontends {
-        let key = key(&f);
-        let id = service_ids.id(&key);
-        // Backends with slots first, in slot order, then the others.
-        let mut infos: Vec<BackendInfo> = f
-            .backends
-            .iter()
-            .zip(selection.states.iter().zip(&selection.in_slot))
-            .map(|(b, (&state, &in_slot))| BackendInfo {
-                addr: b.addr,
-                pod: b.pod.clone(),
-                id: backend_ids.id(&BackendAddr::new(b.addr, f.proto)),
-                state,
-                node: b.node.clone(),
-                in_slot,
-            })
-            .collect();
-        infos.sort_by_key(|b| !b.in_slot);
-        let in_slots = infos.iter().take_while(|b| b.in_slot);
-        for (slot, b) in (1..).zip(in_slots) {
-            plan.slots.insert(
-                BackendSlotKey {
-                    service_id: id,
-                    slot,
-                },
-                b.id,
-            );
-        }
-        let count = u32::try_from(selection.slot_count()).map_err(|_| PlanError::Capacity {
-            service: f.service.clone(),
-            map: maps::SERVICE_BACKENDS,
-            capacity: ctx.capacities.slots,
-        })?;
-        plan.services.insert(
-            ServiceKey::vip_marker(Addr::from(f.vip)),
-            ServiceValue::MARKER,
-        );
-        let l7 = f.proto == PROTO_TCP
-            && ctx.l7_ports.contains_key(&ServicePortRef {
-                service: routes::object_ref(&f.service),
-                port: f.port,
-            });
-        let mut flags = 0;
-        if f.affinity_timeout_s.is_some() {
-            flags |= SVC_FLAG_AFFINITY;
-        }
-        if l7 {
-            flags |= SVC_FLAG_L7;
-        }
-        plan.services.insert(
-            key,
-            ServiceValue {
-                id,
-                count,
-                flags,
-                affinity_timeout_s: f.affinity_timeout_s.unwrap_or(0),
-            },
-        );
-        plan.frontends.push(FrontendInfo {
-            service: f.service,
-            port_name: f.port_name,
-            addr: SocketAddr::new(f.vip, f.port),
-            proto: f.proto,
-            id,
-            affinity_timeout_s: f.affinity_timeout_s,
-            prefer_close: f.prefer_close,
-            health_panic: selection.health_panic,
-            l7,
-            backends: infos,
-        });
-    }
-    let ids = Ids {
-        services: service_ids.into_ids(),
-        backends: backend_ids.into_ids(),
-    };
-    Ok((plan, ids))
-}
-
-/// Every backend with the best state any frontend gives it: active, else terminating,
-/// else unhealthy.
-fn backend_states(
-    frontends: &[(services::Frontend, services::Selection)],
-) -> BTreeMap<BackendAddr, u8> {
-    let rank = |state| match state {
-        BACKEND_ACTIVE => 0,
-        BACKEND_TERMINATING => 1,
-        _ => 2,
-    };
-    let mut states: BTreeMap<BackendAddr, u8> = BTreeMap::new();
-    for (f, selection) in frontends {
-        for (b, &state) in f.backends.iter().zip(&selection.states) {
-            let known = states
-                .entry(BackendAddr::new(b.addr, f.proto))
-                .or_insert(state);
-            if rank(state) < rank(*known) {
-                *known = state;
-            }
-        }
-    }
-    states
-}
-
-/// Fails on the first Service whose entries would overflow a map: SERVICES holds a
-/// frontend plus one marker per cluster IP, SERVICE_BACKENDS the slots, BACKENDS every
-/// distinct backend (terminating and unhealthy ones too).
-fn check_capacity(
-    frontends: &[(services::Frontend, services::Selection)],
-    capacities: Capacities,
-) -> Result<(), PlanError> {
-    let (mut vips, mut backends) = (BTreeSet::new(), BTreeSet::new());
-    let (mut entries, mut slots) = (0usize, 0usize);
-    for (f, selection) in frontends {
-        entries += 1 + usize::from(vips.insert(f.vip));
-        slots += selection.slot_count();
-        backends.extend(f.backends.iter().map(|b| BackendAddr::new(b.addr, f.proto)));
-        let full = [
-            (entries, maps::SERVICES, capacities.services),
-            (slots, maps::SERVICE_BACKENDS, capacities.slots),
-            (backends.len(), maps::BACKENDS, capacities.backends),
-        ]
-        .into_iter()
-        .find(|&(used, _, capacity)| used > capacity as usize);
-        if let Some((_, map, capacity)) = full {
-            return Err(PlanError::Capacity {
-                service: f.service.clone(),
-                map,
-                capacity,
-            });
-        }
-    }
-    Ok(())
+    let mut planner = Planner::new(prev.clone());
+    let pending = planner.prepare(&Arc::new(state.clone()), ctx)?;
+    planner.commit(pending);
+    let ids = planner.ids();
+    Ok((planner.into_plan(), ids))
 }
 
 /// The writes that turn a map's `current` contents into `desired`.
@@ -509,6 +356,15 @@ pub struct MapDiff<K, V> {
     pub upserts: Vec<(K, V)>,
     /// Keys to delete (absent from `desired`), in key order.
     pub removals: Vec<K>,
+}
+
+impl<K, V> Default for MapDiff<K, V> {
+    fn default() -> Self {
+        Self {
+            upserts: Vec::new(),
+            removals: Vec::new(),
+        }
+    }
 }
 
 /// Compares a map's current and desired contents; unchanged keys are left out.

@@ -25,6 +25,7 @@
 //! changes, with the same rules; a bad one is rejected with its [`Origin`] while its last
 //! good version stays, and the cross-object checks run on every assembled [`State`].
 
+mod changes;
 pub mod httproute;
 pub mod istio;
 mod model;
@@ -36,6 +37,7 @@ mod validate;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use changes::Changes;
 pub use model::{
     Cidr, Kind, ObjectKey, SERVICE_NAME_LABEL, State, affinity_timeout, cluster_ips, pod_ips,
     prefers_close, protocol, selector_matches, target_port,

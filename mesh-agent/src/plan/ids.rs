@@ -56,6 +56,76 @@ impl<'p, K: Ord + Clone> IdAllocator<'p, K> {
     }
 }
 
+/// The ids of a plan kept from one change to the next ([`super::planner::Planner`]):
+/// hands out ids exactly as [`IdAllocator`] would for the same previous ids, without
+/// looking at every id in use. A key keeps its id until released; a new key gets the
+/// lowest id from `first` on that no key holds. Released ids are held back until the
+/// caller is done allocating for the change that released them (see [`IdPool::release`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct IdPool<K> {
+    ids: BTreeMap<K, u32>,
+    /// Ids below `next` that no key holds.
+    free: BTreeSet<u32>,
+    /// One past the highest id ever held.
+    next: u32,
+}
+
+impl<K> Default for IdPool<K> {
+    fn default() -> Self {
+        Self {
+            ids: BTreeMap::new(),
+            free: BTreeSet::new(),
+            next: 1,
+        }
+    }
+}
+
+impl<K: Ord + Clone> IdPool<K> {
+    /// A pool continuing `ids`, handing out new ids from `first` on.
+    pub(super) fn new(ids: BTreeMap<K, u32>, first: u32) -> Self {
+        let used: BTreeSet<u32> = ids.values().copied().collect();
+        let next = used.last().map_or(first, |&last| (last + 1).max(first));
+        let free = (first..next).filter(|id| !used.contains(id)).collect();
+        Self { ids, free, next }
+    }
+
+    /// The id of `key`, if it holds one.
+    pub(super) fn get(&self, key: &K) -> Option<u32> {
+        self.ids.get(key).copied()
+    }
+
+    /// The id of `key`, allocated if it holds none.
+    pub(super) fn id(&mut self, key: &K) -> u32 {
+        if let Some(id) = self.get(key) {
+            return id;
+        }
+        let id = self.free.pop_first().unwrap_or_else(|| {
+            self.next += 1;
+            self.next - 1
+        });
+        self.ids.insert(key.clone(), id);
+        id
+    }
+
+    /// Frees the ids of `keys`. Call it once the change's allocations are done: an id
+    /// freed by a plan is only handed out by a later one.
+    pub(super) fn release<'k>(&mut self, keys: impl IntoIterator<Item = &'k K>)
+    where
+        K: 'k,
+    {
+        for key in keys {
+            if let Some(id) = self.ids.remove(key) {
+                self.free.insert(id);
+            }
+        }
+    }
+
+    /// Every key with its id.
+    pub(super) fn ids(&self) -> &BTreeMap<K, u32> {
+        &self.ids
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +160,24 @@ mod tests {
         let second = second.into_ids();
         let mut third = IdAllocator::new(&second, 256);
         assert_eq!(third.id(&"c"), 256);
+    }
+
+    #[test]
+    fn a_pool_hands_out_what_the_allocator_would() {
+        let prev = BTreeMap::from([("a", 1), ("c", 4)]);
+        let mut pool = IdPool::new(prev.clone(), 1);
+        let mut alloc = IdAllocator::new(&prev, 1);
+        for key in ["b", "c", "d", "e"] {
+            assert_eq!(pool.id(&key), alloc.id(&key), "{key}");
+        }
+        assert_eq!(pool.get(&"e"), Some(5));
+        pool.release([&"b", &"a"]);
+        assert_eq!(
+            pool.id(&"f"),
+            1,
+            "ids released by the last change are free now"
+        );
+        assert_eq!(pool.id(&"g"), 2);
+        assert_eq!(pool.id(&"h"), 6);
     }
 }

@@ -443,6 +443,7 @@ pub fn plan_policy(
     plan.split = identities.split_stats(&plan.policy);
     plan.cost = PlanCost {
         selector_candidates: identities.index.examined(),
+        ..PlanCost::default()
     };
     check_capacity(&plan, ctx.capacities)?;
     Ok((plan, next))

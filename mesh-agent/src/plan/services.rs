@@ -17,28 +17,18 @@ use crate::state::{
     protocol, target_port,
 };
 
-/// IP EndpointSlices by (namespace, `kubernetes.io/service-name`): one pass over the
-/// slices instead of one per Service, which at 10,000 Services is the difference between
-/// milliseconds and minutes.
-fn slices_by_service(state: &State) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
-    let mut index: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
-    for (key, slice) in state.endpoint_slices() {
-        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
-            continue;
-        }
-        let service = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL));
-        if let Some(service) = service {
-            index
-                .entry((key.namespace.as_str(), service.as_str()))
-                .or_default()
-                .push(slice);
-        }
+/// The Service an IP EndpointSlice belongs to: (its namespace, its
+/// `kubernetes.io/service-name`); `None` for other address types or without the label.
+pub(super) fn slice_service<'a>(
+    key: &'a ObjectKey,
+    slice: &'a EndpointSlice,
+) -> Option<(&'a str, &'a str)> {
+    if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+        return None;
     }
-    index
+    let labels = slice.metadata.labels.as_ref()?;
+    let service = labels.get(SERVICE_NAME_LABEL)?;
+    Some((key.namespace.as_str(), service.as_str()))
 }
 
 /// One frontend `vip:port/proto` of a Service and the backends that may serve it.
@@ -89,66 +79,64 @@ impl Endpoint {
     }
 }
 
-/// All frontends of all programmable Services, ordered by Service, cluster IP (in
-/// `spec.clusterIPs` order: the primary family first) and port.
+/// The frontends of Service `key`, ordered by cluster IP (in `spec.clusterIPs` order:
+/// the primary family first) and port, with the backends `sources` know for it.
 ///
 /// Every cluster IP of both families is programmed; its backends are the addresses of
 /// its family. SCTP ports are skipped with a warning. Headless Services and those
 /// without a cluster IP have no frontend.
-///
-/// Also returns how many Pods were checked against Service selectors (the selection
-/// cost, linear in the number of Services and matches through the label index).
-pub(super) fn frontends(state: &State) -> (Vec<Frontend>, u64) {
-    let sources = BackendSources::new(state);
+pub(super) fn frontends_of(
+    sources: &BackendSources<'_>,
+    key: &ObjectKey,
+    svc: &Service,
+) -> Vec<Frontend> {
     let mut out = Vec::new();
-    for (key, svc) in state.services() {
-        let vips = cluster_ips(svc);
-        if vips.is_empty() {
-            continue;
-        }
-        let mut ports = Vec::new();
-        for port in svc.spec.iter().flat_map(|spec| spec.ports.iter().flatten()) {
-            let proto_name = protocol(port.protocol.as_ref());
-            let proto = match Protocol::from_name(proto_name) {
-                Some(p @ (Protocol::Tcp | Protocol::Udp)) => p as u8,
-                _ => {
-                    tracing::warn!(service = %key, port = port.port, protocol = proto_name, "skipping port: protocol not supported");
-                    continue;
-                }
-            };
-            // Validation has kept ports in 1..=65535.
-            if let Ok(number) = u16::try_from(port.port) {
-                ports.push((port, proto, number));
+    let vips = cluster_ips(svc);
+    if vips.is_empty() {
+        return out;
+    }
+    let mut ports = Vec::new();
+    for port in svc.spec.iter().flat_map(|spec| spec.ports.iter().flatten()) {
+        let proto_name = protocol(port.protocol.as_ref());
+        let proto = match Protocol::from_name(proto_name) {
+            Some(p @ (Protocol::Tcp | Protocol::Udp)) => p as u8,
+            _ => {
+                tracing::warn!(service = %key, port = port.port, protocol = proto_name, "skipping port: protocol not supported");
+                continue;
             }
-        }
-        if ports.is_empty() {
-            continue;
-        }
-
-        let port_refs: Vec<&ServicePort> = ports.iter().map(|&(port, _, _)| port).collect();
-        let backends = sources.backends(key, svc, &port_refs);
-        let affinity_timeout_s = affinity_timeout(svc);
-        let prefer_close = prefers_close(svc);
-        for &vip in &vips {
-            for (&(port, proto, number), backends) in ports.iter().zip(&backends) {
-                out.push(Frontend {
-                    service: key.clone(),
-                    port_name: port.name.clone().unwrap_or_default(),
-                    vip,
-                    port: number,
-                    proto,
-                    affinity_timeout_s,
-                    prefer_close,
-                    backends: backends
-                        .iter()
-                        .filter(|b| b.addr.is_ipv4() == vip.is_ipv4())
-                        .cloned()
-                        .collect(),
-                });
-            }
+        };
+        // Validation has kept ports in 1..=65535.
+        if let Ok(number) = u16::try_from(port.port) {
+            ports.push((port, proto, number));
         }
     }
-    (out, sources.examined())
+    if ports.is_empty() {
+        return out;
+    }
+
+    let port_refs: Vec<&ServicePort> = ports.iter().map(|&(port, _, _)| port).collect();
+    let backends = sources.backends(key, svc, &port_refs);
+    let affinity_timeout_s = affinity_timeout(svc);
+    let prefer_close = prefers_close(svc);
+    for &vip in &vips {
+        for (&(port, proto, number), backends) in ports.iter().zip(&backends) {
+            out.push(Frontend {
+                service: key.clone(),
+                port_name: port.name.clone().unwrap_or_default(),
+                vip,
+                port: number,
+                proto,
+                affinity_timeout_s,
+                prefer_close,
+                backends: backends
+                    .iter()
+                    .filter(|b| b.addr.is_ipv4() == vip.is_ipv4())
+                    .cloned()
+                    .collect(),
+            });
+        }
+    }
+    out
 }
 
 /// Where Services' backends come from: the Pods their selectors pick and their
@@ -162,13 +150,29 @@ pub(super) struct BackendSources<'a> {
 impl<'a> BackendSources<'a> {
     /// Indexes the Pods and EndpointSlices of `state`.
     pub(super) fn new(state: &'a State) -> Self {
-        let pods: Vec<(&ObjectKey, &Pod)> = state.pods().collect();
+        Self::of(state.endpoint_slices(), state.pods())
+    }
+
+    /// Indexes `slices` and `pods`: enough for the Services whose slices and namespaces'
+    /// Pods they include. One pass over the slices instead of one per Service, which at
+    /// 10,000 Services is the difference between milliseconds and minutes.
+    pub(super) fn of(
+        slices: impl Iterator<Item = (&'a ObjectKey, &'a EndpointSlice)>,
+        pods: impl Iterator<Item = (&'a ObjectKey, &'a Pod)>,
+    ) -> Self {
+        let mut slices_by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+        for (key, slice) in slices {
+            if let Some(service) = slice_service(key, slice) {
+                slices_by_service.entry(service).or_default().push(slice);
+            }
+        }
+        let pods: Vec<(&ObjectKey, &Pod)> = pods.collect();
         let index = LabelIndex::new(pods.iter().map(|(key, pod)| {
             let labels = pod.metadata.labels.as_ref().unwrap_or(&NO_LABELS);
             (key.namespace.as_str(), labels)
         }));
         Self {
-            slices_by_service: slices_by_service(state),
+            slices_by_service,
             pods,
             index,
         }

@@ -2,6 +2,7 @@ use std::net::IpAddr;
 
 use super::*;
 use crate::state::parse_str;
+use mesh_common::service::{SVC_FLAG_AFFINITY, SVC_FLAG_L7};
 
 fn state(yaml: &str) -> State {
     parse_str("test.yaml", yaml).unwrap_or_else(|e| panic!("fixture rejected:\n{e}"))

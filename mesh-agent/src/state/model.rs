@@ -202,6 +202,49 @@ impl State {
     pub fn service(&self, key: &ObjectKey) -> Option<&Service> {
         self.services.get(key).map(|o| &**o)
     }
+
+    /// The Pod at `key`, if the state has it.
+    pub fn pod(&self, key: &ObjectKey) -> Option<&Pod> {
+        self.pods.get(key).map(|o| &**o)
+    }
+
+    /// The EndpointSlice at `key`, if the state has it.
+    pub fn endpoint_slice(&self, key: &ObjectKey) -> Option<&EndpointSlice> {
+        self.endpoint_slices.get(key).map(|o| &**o)
+    }
+
+    /// The EndpointSlice at `key` with the state's own copy of the key.
+    pub fn endpoint_slice_entry(&self, key: &ObjectKey) -> Option<(&ObjectKey, &EndpointSlice)> {
+        self.endpoint_slices
+            .get_key_value(key)
+            .map(|(k, o)| (k, &**o))
+    }
+
+    /// The Services of `namespace`, ordered by name.
+    pub fn services_in(&self, namespace: &str) -> impl Iterator<Item = (&ObjectKey, &Service)> {
+        in_namespace(&self.services, namespace)
+    }
+
+    /// The Pods of `namespace`, ordered by name.
+    pub fn pods_in(&self, namespace: &str) -> impl Iterator<Item = (&ObjectKey, &Pod)> {
+        in_namespace(&self.pods, namespace)
+    }
+}
+
+/// The objects of one namespace: a contiguous range, as keys order by namespace first.
+fn in_namespace<'a, T>(
+    objects: &'a BTreeMap<ObjectKey, Arc<T>>,
+    namespace: &str,
+) -> impl Iterator<Item = (&'a ObjectKey, &'a T)> + use<'a, T> {
+    let start = ObjectKey {
+        namespace: namespace.to_owned(),
+        name: String::new(),
+    };
+    let namespace = namespace.to_owned();
+    objects
+        .range(start..)
+        .take_while(move |(k, _)| k.namespace == namespace)
+        .map(|(k, o)| (k, &**o))
 }
 
 /// The kinds the state understands.
