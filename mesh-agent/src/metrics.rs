@@ -548,6 +548,16 @@ fn register_agent(registry: &mut Registry, agent: &AgentStatus) {
         "How long writing the last plan's changes to the maps took",
         seconds(agent.last_apply_us),
     );
+    registry.register(
+        "mesh_agent_plan_services",
+        "Services the last plan re-planned: all for the first state, then those the change touched",
+        gauge(agent.last_plan_services),
+    );
+    registry.register(
+        "mesh_agent_map_writes",
+        "Map entries the last plan wrote or removed",
+        gauge(agent.last_map_writes),
+    );
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -812,6 +822,8 @@ mod tests {
                     rejected_objects: 2,
                 },
                 last_plan_us: 1_500,
+                last_plan_services: 1,
+                last_map_writes: 4,
                 ..AgentStatus::default()
             }),
             ..Snapshot::default()
@@ -827,6 +839,8 @@ mod tests {
             "mesh_agent_source_rejected_objects 2",
             "mesh_agent_plan_seconds 0.0015",
             "mesh_agent_apply_seconds 0.0",
+            "mesh_agent_plan_services 1",
+            "mesh_agent_map_writes 4",
         ] {
             assert!(got.contains(want), "missing line {want:?} in:\n{text}");
         }

@@ -133,8 +133,9 @@ pub struct Plan {
     /// `BACKEND_TERMINATING` if it is terminating, otherwise `BACKEND_UNHEALTHY`.
     pub backends: BTreeMap<u32, Backend>,
     /// The same frontends in readable form, for logs and status; ordered by Service
-    /// (namespace/name), cluster IP (primary family first) and port.
-    pub frontends: Vec<FrontendInfo>,
+    /// (namespace/name), cluster IP (primary family first) and port. Shared, so a
+    /// snapshot of them costs no copy of each.
+    pub frontends: Vec<Arc<FrontendInfo>>,
     /// What computing the plan cost.
     pub cost: PlanCost,
 }
@@ -162,17 +163,23 @@ impl Plan {
     }
 
     /// Every backend of the plan, whatever its state.
+    #[cfg(test)]
     pub fn backend_addrs(&self) -> BTreeSet<BackendAddr> {
         self.backends.values().map(BackendAddr::from).collect()
     }
 
-    /// (service id, backend id) of every slot: the pairs a session affinity entry may
-    /// still name; affinity entries for any other pair are stale.
-    pub fn active_pairs(&self) -> BTreeSet<(u32, u32)> {
+    /// Whether backend `backend_id` has a slot of service `service_id`: the pairs a
+    /// session affinity entry may still name; affinity entries for any other pair are
+    /// stale.
+    pub fn slotted(&self, service_id: u32, backend_id: u32) -> bool {
+        let first = BackendSlotKey {
+            service_id,
+            slot: 0,
+        };
         self.slots
-            .iter()
-            .map(|(k, &backend)| (k.service_id, backend))
-            .collect()
+            .range(first..)
+            .take_while(|(k, _)| k.service_id == service_id)
+            .any(|(_, &b)| b == backend_id)
     }
 }
 

@@ -25,20 +25,19 @@ use crate::{
         inbound::InboundLinks,
         loader::{KernelPolicyMaps, KernelServiceMaps, MapSizes},
         sockdestroy,
-        sync::KernelMap,
-        sync::{MapStore as _, stale_affinity, stale_metrics},
+        sync::{ApplyStats, KernelMap, MapStore as _, stale_affinity, stale_metrics},
     },
     flows::{SharedView, View},
     health::HealthChecker,
     plan::{
-        self, BackendAddr, Capacities, Ids, Plan, PlanContext,
-        policy::{IdentityIds, PolicyCapacities, PolicyContext, plan_policy},
-        proxy::proxy_config,
+        self, BackendAddr, Capacities, Delta, PlanContext, PlanError, Planner,
+        policy::{IdentityIds, PolicyCapacities, PolicyContext, PolicyPlan, plan_policy},
+        proxy::{proxy_config, served_services},
         routes::CompiledRoutes,
     },
     proxyfeed::ProxyFeed,
-    state::{State, StateError},
-    telemetry::Telemetry,
+    state::{Changes, ObjectKey, State, StateError},
+    telemetry::{PlanReport, Telemetry},
 };
 
 /// Result of one reconcile.
@@ -87,25 +86,35 @@ pub struct Reconciler {
     trust_domain: Option<String>,
     maps: ReconcileMaps,
     capacities: Capacities,
-    ids: Ids,
+    /// The load-balancing plan, kept between states so a change re-plans only what it
+    /// touches.
+    planner: Planner,
+    /// Whether the maps hold the planner's plan and `policy`: false until the first
+    /// apply and after a failed one, when the next apply diffs every map instead of
+    /// writing only the changed keys.
+    in_sync: bool,
+    /// The policy plan in force, with the local pods and node addresses it was made
+    /// for; re-planned only when its inputs change.
+    policy: Option<(PolicyPlan, BTreeMap<IpAddr, u64>, Vec<IpAddr>)>,
     policy_capacities: PolicyCapacities,
     identity_ids: IdentityIds,
     /// Local pod IP → its network namespace cookie, from the last discovery.
     local_netns: BTreeMap<IpAddr, u64>,
     /// The namespaces of the last discovery, for the node proxy.
     found_netns: Vec<LocalNetns>,
+    /// The last discovery changed what the node proxy's configuration was built from.
+    proxy_stale: bool,
     /// Counts the applies that changed the policy maps, for the node proxy.
     policy_epoch: u64,
     /// The node's own addresses, given the host identity in IPCACHE.
     node_addrs: Vec<IpAddr>,
-    state: Option<State>,
+    state: Option<Arc<State>>,
     /// Whether `state` is the one in force (its plan applied): a rejected state must not
     /// reach the node proxy either.
     state_applied: bool,
     /// The routes of the state in force, compiled once per plan for the planner, the
     /// admin view and the node proxy.
     routes: Option<CompiledRoutes>,
-    applied: Option<Plan>,
     health: Option<HealthChecker>,
     telemetry: Arc<Telemetry>,
     view: SharedView,
@@ -137,17 +146,19 @@ impl Reconciler {
             trust_domain,
             maps,
             capacities,
-            ids,
+            planner: Planner::new(ids),
+            in_sync: false,
+            policy: None,
             policy_capacities,
             identity_ids: IdentityIds::default(),
             local_netns: BTreeMap::new(),
             found_netns: Vec::new(),
+            proxy_stale: false,
             policy_epoch: 0,
             node_addrs: Vec::new(),
             state: None,
             state_applied: false,
             routes: None,
-            applied: None,
             health,
             telemetry,
             view,
@@ -181,6 +192,7 @@ impl Reconciler {
         let local = endpoints::by_ip(&found);
         let found_changed = found != self.found_netns;
         self.found_netns = found;
+        self.proxy_stale |= found_changed;
         if local == self.local_netns && !node_changed {
             // The datapath is unchanged, but the proxy may reach a namespace through
             // another process now.
@@ -199,7 +211,7 @@ impl Reconciler {
         let _ = self.rediscover();
         match state {
             Ok(state) => {
-                self.state = Some(state);
+                self.state = Some(Arc::new(state));
                 self.state_applied = false;
                 self.replan()
             }
@@ -217,8 +229,10 @@ impl Reconciler {
     }
 
     /// Plans the last good state again (health changed, or a retry) and applies it.
+    /// Only what changed since the last plan is re-planned and written: the Services a
+    /// change touches, the policy when its inputs changed.
     pub fn replan(&mut self) -> Outcome {
-        let Some(state) = &self.state else {
+        let Some(state) = self.state.clone() else {
             return Outcome::Rejected;
         };
         let unhealthy: BTreeSet<BackendAddr> = self
@@ -231,24 +245,19 @@ impl Reconciler {
                     .collect()
             })
             .unwrap_or_default();
-        // The planner's cost per change, reported: it plans the whole state each time.
         let planning = Instant::now();
-        let routes = plan::routes::compile(state);
+        let routes = plan::routes::compile(&state);
         let ctx = PlanContext {
             node: &self.node,
             unhealthy: &unhealthy,
             capacities: self.capacities,
             l7_ports: &routes.l7_ports,
         };
-        let pctx = PolicyContext {
-            node: &self.node,
-            local_netns: &self.local_netns,
-            node_addrs: &self.node_addrs,
-            capacities: self.policy_capacities,
-        };
-        let planned = plan::plan(state, &self.ids, &ctx)
-            .and_then(|lb| Ok((lb, plan_policy(state, &self.identity_ids, &pctx)?)));
-        let ((plan, next_ids), (policy, next_identity_ids)) = match planned {
+        let planned = self.planner.prepare(&state, &ctx).and_then(|lb| {
+            let policy = self.plan_policy(&state, lb.changes.as_ref())?;
+            Ok((lb, policy))
+        });
+        let (pending, policy) = match planned {
             Ok(planned) => planned,
             Err(err) => {
                 error!(%err, "state rejected; keeping the last good state");
@@ -257,13 +266,26 @@ impl Reconciler {
                 return Outcome::Rejected;
             }
         };
+        let cost = pending.cost;
+        let proxy_changed =
+            self.proxy_inputs_changed(&routes, pending.changes.as_ref(), pending.services());
+        let delta = self.planner.commit(pending);
         let plan_time = planning.elapsed();
         let applying = Instant::now();
-        let applied = self.maps.services.apply(&plan).and_then(|lb| {
-            let p = self
-                .maps
-                .policy
-                .apply(&policy.endpoints, &policy.ipcache, &policy.policy)?;
+        let in_sync = std::mem::replace(&mut self.in_sync, false);
+        let lb = if in_sync {
+            self.maps.services.write(&delta)
+        } else {
+            self.maps.services.apply(self.planner.plan())
+        };
+        let applied = lb.and_then(|lb| {
+            let p = match &policy {
+                Some((p, _)) => self
+                    .maps
+                    .policy
+                    .apply(&p.endpoints, &p.ipcache, &p.policy)?,
+                None => ApplyStats::default(),
+            };
             Ok((lb, p))
         });
         let (stats, policy_stats) = match applied {
@@ -274,28 +296,46 @@ impl Reconciler {
                 return Outcome::Failed;
             }
         };
+        self.in_sync = true;
         let apply_time = applying.elapsed();
-        self.telemetry.planned(plan_time, apply_time);
-        self.ids = next_ids;
-        self.identity_ids = next_identity_ids;
-        if policy_stats.written > 0 || policy_stats.removed > 0 {
+        self.telemetry.planned(PlanReport {
+            plan: plan_time,
+            apply: apply_time,
+            services: cost.services,
+            writes: (stats.written + stats.removed + policy_stats.written + policy_stats.removed)
+                as u64,
+        });
+        if policy_stats != ApplyStats::default() {
             self.policy_epoch += 1;
         }
-        if let Some(state) = &self.state {
-            let view = View::new(state, &policy, &self.node, &self.local_netns)
+        let routes_changed = self
+            .routes
+            .as_ref()
+            .is_none_or(|r| r.statuses != routes.statuses);
+        let policy_replanned = policy.is_some();
+        if let Some((policy, next_ids)) = policy {
+            self.identity_ids = next_ids;
+            self.policy = Some((policy, self.local_netns.clone(), self.node_addrs.clone()));
+        }
+        if let Some((policy, _, _)) = &self.policy
+            && (policy_replanned || routes_changed)
+        {
+            let view = View::new(&state, policy, &self.node, &self.local_netns)
                 .with_routes(routes.statuses.clone());
             self.view.publish(view);
         }
         self.routes = Some(routes);
-        self.after_apply(&plan);
+        self.after_apply(&delta, !in_sync);
+        let plan = self.planner.plan();
         info!(
             frontends = plan.frontends.len(),
             backends = plan.backends.len(),
             unhealthy = unhealthy.len(),
+            replanned = cost.services,
             written = stats.written,
             removed = stats.removed,
-            local_pods = policy.endpoints.len(),
-            policy_entries = policy.policy.len(),
+            local_pods = self.policy.as_ref().map_or(0, |p| p.0.endpoints.len()),
+            policy_replanned,
             policy_written = policy_stats.written,
             policy_removed = policy_stats.removed,
             plan_ms = plan_time.as_secs_f64() * 1e3,
@@ -303,15 +343,41 @@ impl Reconciler {
             "state applied"
         );
         self.telemetry.applied(&plan.frontends);
-        self.applied = Some(plan);
         self.state_applied = true;
-        self.publish_proxy_config();
+        let policy_changed = policy_stats != ApplyStats::default();
+        if proxy_changed || policy_changed || self.proxy_stale || !in_sync {
+            self.publish_proxy_config();
+        }
         Outcome::Applied
+    }
+
+    /// The policy plan for `state`, or `None` when the one in force still holds: the
+    /// maps are in sync, and neither the state (`changes` since the last plan) nor the
+    /// local pods' namespaces nor the node's addresses changed what it depends on.
+    fn plan_policy(
+        &self,
+        state: &State,
+        changes: Option<&Changes>,
+    ) -> Result<Option<(PolicyPlan, IdentityIds)>, PlanError> {
+        let current = self.policy.as_ref().filter(|(_, netns, addrs)| {
+            self.in_sync && *netns == self.local_netns && *addrs == self.node_addrs
+        });
+        let unchanged = changes.is_some_and(|c| !c.touch_policy(state));
+        if current.is_some() && unchanged {
+            return Ok(None);
+        }
+        let pctx = PolicyContext {
+            node: &self.node,
+            local_netns: &self.local_netns,
+            node_addrs: &self.node_addrs,
+            capacities: self.policy_capacities,
+        };
+        plan_policy(state, &self.identity_ids, &pctx).map(Some)
     }
 
     /// Rebuilds the node proxy's configuration from the state in force and the last
     /// discovery; the feed publishes it only if it changed.
-    fn publish_proxy_config(&self) {
+    fn publish_proxy_config(&mut self) {
         let (Some(state), Some(routes)) = (
             self.state.as_ref().filter(|_| self.state_applied),
             &self.routes,
@@ -328,52 +394,88 @@ impl Reconciler {
         );
         config.policy_epoch = self.policy_epoch;
         self.proxy.publish(config);
+        self.proxy_stale = false;
+    }
+
+    /// Whether the node proxy's configuration may change with this plan: it reads the
+    /// Pods, Namespaces, Istio's security kinds and MeshConfig, the compiled routes, and
+    /// the Services (and their EndpointSlices) the routes serve; `replanned` are the
+    /// Services whose load balancing this plan re-planned (their slices included).
+    fn proxy_inputs_changed<'k>(
+        &self,
+        routes: &CompiledRoutes,
+        changes: Option<&Changes>,
+        mut replanned: impl Iterator<Item = &'k ObjectKey>,
+    ) -> bool {
+        let Some(c) = changes else {
+            return true;
+        };
+        if self.routes.as_ref() != Some(routes)
+            || !c.pods.is_empty()
+            || !c.namespaces.is_empty()
+            || !c.peer_authentications.is_empty()
+            || !c.authorization_policies.is_empty()
+            || c.mesh_config
+        {
+            return true;
+        }
+        let served = served_services(routes);
+        replanned.any(|key| served.contains(key))
     }
 
     /// Follow-ups whose failure does not undo the apply: each is logged and retried by
-    /// the next reconcile.
-    fn after_apply(&mut self, plan: &Plan) {
-        match self.maps.affinity.entries() {
-            Ok(entries) => {
-                for key in stale_affinity(&entries, &plan.active_pairs()) {
-                    if let Err(err) = self.maps.affinity.remove(&key) {
-                        warn!(%err, "dropping a stale affinity entry failed");
-                    }
-                }
-            }
-            Err(err) => warn!(%err, "reading affinity entries failed"),
-        }
-        let keys: Vec<_> = self.maps.metrics.keys().filter_map(Result::ok).collect();
-        for key in stale_metrics(&keys, plan) {
-            // A counter that vanished meanwhile is fine.
-            let _ = self.maps.metrics.remove(&key);
-        }
-        if let Some(previous) = &self.applied {
-            let gone: Vec<_> = previous
-                .backend_addrs()
-                .difference(&plan.backend_addrs())
-                .filter(|b| b.proto == PROTO_UDP)
-                .map(|b| b.addr)
-                .collect();
-            if !gone.is_empty() {
-                let cgroup = self.cgroup.clone();
-                // Entering pod namespaces blocks: keep it off the async workers.
-                tokio::task::spawn_blocking(move || {
-                    match sockdestroy::destroy_udp_sockets_to(&cgroup, &gone) {
-                        Ok(report) => info!(
-                            backends = ?gone,
-                            namespaces = report.namespaces,
-                            destroyed = report.destroyed,
-                            "destroyed UDP sockets connected to removed backends"
-                        ),
-                        Err(err) => {
-                            warn!(%err, "destroying UDP sockets of removed backends failed")
+    /// the next reconcile. `full`: the maps were diffed whole, so the follow-ups look at
+    /// the whole plan instead of the keys `delta` changed.
+    fn after_apply(&mut self, delta: &Delta, full: bool) {
+        let plan = self.planner.plan();
+        let slots_changed = !delta.slots.upserts.is_empty() || !delta.slots.removals.is_empty();
+        if full || slots_changed || !delta.services.removals.is_empty() {
+            match self.maps.affinity.entries() {
+                Ok(entries) => {
+                    for key in stale_affinity(&entries, |s, b| plan.slotted(s, b)) {
+                        if let Err(err) = self.maps.affinity.remove(&key) {
+                            warn!(%err, "dropping a stale affinity entry failed");
                         }
                     }
-                });
+                }
+                Err(err) => warn!(%err, "reading affinity entries failed"),
             }
         }
-        if let Some(health) = &self.health {
+        if full || !delta.services.removals.is_empty() || !delta.backends.removals.is_empty() {
+            let keys: Vec<_> = self.maps.metrics.keys().filter_map(Result::ok).collect();
+            let live_service = |id| self.planner.holds_service_id(id);
+            let live_backend = |id| plan.backends.contains_key(&id);
+            for key in stale_metrics(&keys, live_service, live_backend) {
+                // A counter that vanished meanwhile is fine.
+                let _ = self.maps.metrics.remove(&key);
+            }
+        }
+        let gone: Vec<_> = (delta.gone.iter())
+            .filter(|b| b.proto == PROTO_UDP)
+            .map(|b| b.addr)
+            .collect();
+        if !gone.is_empty() {
+            let cgroup = self.cgroup.clone();
+            // Entering pod namespaces blocks: keep it off the async workers.
+            tokio::task::spawn_blocking(move || {
+                match sockdestroy::destroy_udp_sockets_to(&cgroup, &gone) {
+                    Ok(report) => info!(
+                        backends = ?gone,
+                        namespaces = report.namespaces,
+                        destroyed = report.destroyed,
+                        "destroyed UDP sockets connected to removed backends"
+                    ),
+                    Err(err) => {
+                        warn!(%err, "destroying UDP sockets of removed backends failed")
+                    }
+                }
+            });
+        }
+        let backends_changed =
+            !delta.backends.upserts.is_empty() || !delta.backends.removals.is_empty();
+        if let Some(health) = &self.health
+            && (full || backends_changed)
+        {
             health.set_targets(
                 plan.probe_targets()
                     .into_iter()

@@ -46,9 +46,11 @@ fn write_report(out: &mut String, node: &str, s: &Snapshot) -> std::fmt::Result 
             writeln!(out, "  rejected objects   {}", src.rejected_objects)?;
             writeln!(
                 out,
-                "  last plan          {:.1} ms, map writes {:.1} ms",
+                "  last plan          {:.1} ms (Services planned: {}), map writes {:.1} ms (entries: {})",
                 agent.last_plan_us as f64 / 1e3,
-                agent.last_apply_us as f64 / 1e3
+                agent.last_plan_services,
+                agent.last_apply_us as f64 / 1e3,
+                agent.last_map_writes
             )?;
         }
         None => writeln!(out, "source: unknown (no agent answers for this node)")?,
@@ -181,6 +183,8 @@ mod tests {
                 },
                 last_plan_us: 2_500,
                 last_apply_us: 100,
+                last_plan_services: 1,
+                last_map_writes: 3,
                 ..AgentStatus::default()
             }),
             ..Snapshot::default()
@@ -195,7 +199,7 @@ mod tests {
         for want in [
             "  revision           42 delivered, 41 applied",
             "  rejected objects   1",
-            "  last plan          2.5 ms, map writes 0.1 ms",
+            "  last plan          2.5 ms (Services planned: 1), map writes 0.1 ms (entries: 3)",
         ] {
             assert!(
                 text.lines().any(|l| l == want),

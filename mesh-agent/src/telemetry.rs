@@ -7,7 +7,7 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _},
     path::PathBuf,
     sync::{
-        Mutex, OnceLock,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
@@ -39,7 +39,7 @@ use crate::{
 /// What the reconcile loop shares with scrapes.
 pub struct Telemetry {
     node_dir: PathBuf,
-    frontends: Mutex<Vec<FrontendInfo>>,
+    frontends: Mutex<Vec<Arc<FrontendInfo>>>,
     reconcile_errors: AtomicU64,
     last_ok: AtomicBool,
     applied: AtomicU64,
@@ -49,6 +49,22 @@ pub struct Telemetry {
     /// Duration of the last plan and of its map writes, in microseconds.
     last_plan_us: AtomicU64,
     last_apply_us: AtomicU64,
+    /// Services the last plan re-planned, and map entries it wrote or removed.
+    last_plan_services: AtomicU64,
+    last_map_writes: AtomicU64,
+}
+
+/// What one plan and its map writes cost.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PlanReport {
+    /// Planning, the whole state to the desired map contents.
+    pub plan: Duration,
+    /// Writing the changed entries.
+    pub apply: Duration,
+    /// Services planned.
+    pub services: u64,
+    /// Map entries written or removed (service and policy maps).
+    pub writes: u64,
 }
 
 /// `GET /v1/status` of the admin API: whether the agent is serving and what its
@@ -74,6 +90,13 @@ pub struct AgentStatus {
     /// How long writing the last plan's changes to the maps took, in microseconds.
     #[serde(default)]
     pub last_apply_us: u64,
+    /// Services the last plan re-planned: all of them for the first state, then those
+    /// the change touched.
+    #[serde(default)]
+    pub last_plan_services: u64,
+    /// Map entries the last plan wrote or removed.
+    #[serde(default)]
+    pub last_map_writes: u64,
 }
 
 impl Telemetry {
@@ -89,6 +112,8 @@ impl Telemetry {
             source: OnceLock::new(),
             last_plan_us: AtomicU64::new(0),
             last_apply_us: AtomicU64::new(0),
+            last_plan_services: AtomicU64::new(0),
+            last_map_writes: AtomicU64::new(0),
         }
     }
 
@@ -98,10 +123,15 @@ impl Telemetry {
     }
 
     /// Records what one plan and its map writes cost.
-    pub fn planned(&self, plan: Duration, apply: Duration) {
+    pub fn planned(&self, report: PlanReport) {
         let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        self.last_plan_us.store(micros(plan), Ordering::Relaxed);
-        self.last_apply_us.store(micros(apply), Ordering::Relaxed);
+        self.last_plan_us
+            .store(micros(report.plan), Ordering::Relaxed);
+        self.last_apply_us
+            .store(micros(report.apply), Ordering::Relaxed);
+        self.last_plan_services
+            .store(report.services, Ordering::Relaxed);
+        self.last_map_writes.store(report.writes, Ordering::Relaxed);
     }
 
     fn source_status(&self) -> SourceStatus {
@@ -109,7 +139,7 @@ impl Telemetry {
     }
 
     /// Records a successful apply of `frontends`.
-    pub fn applied(&self, frontends: &[FrontendInfo]) {
+    pub fn applied(&self, frontends: &[Arc<FrontendInfo>]) {
         *self.frontends.lock().unwrap_or_else(|e| e.into_inner()) = frontends.to_vec();
         self.last_ok.store(true, Ordering::Relaxed);
         self.applied.fetch_add(1, Ordering::Relaxed);
@@ -130,6 +160,8 @@ impl Telemetry {
             source: self.source_status(),
             last_plan_us: self.last_plan_us.load(Ordering::Relaxed),
             last_apply_us: self.last_apply_us.load(Ordering::Relaxed),
+            last_plan_services: self.last_plan_services.load(Ordering::Relaxed),
+            last_map_writes: self.last_map_writes.load(Ordering::Relaxed),
         }
     }
 

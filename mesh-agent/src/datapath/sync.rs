@@ -9,11 +9,7 @@
 //! Map access goes through [`MapStore`], so the order and the diffing are unit-tested
 //! against an in-memory map without root.
 
-use std::{
-    cell::RefCell,
-    collections::{BTreeMap, BTreeSet},
-    fmt::Debug,
-};
+use std::{cell::RefCell, collections::BTreeMap, fmt::Debug};
 
 use aya::{
     Pod,
@@ -25,7 +21,7 @@ use mesh_common::{
     policy::POLICY_ISOLATED,
 };
 
-use crate::plan::{Ids, Plan, diff};
+use crate::plan::{Delta, Ids, Plan, diff};
 
 /// A failed map operation, naming the map and the key.
 #[derive(Debug, thiserror::Error)]
@@ -331,10 +327,24 @@ where
     /// Brings the maps to the plan's contents, reading what they hold now first (so a
     /// datapath left by an earlier agent is reconciled, not trusted).
     pub fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, SyncError> {
-        let backends = diff(&self.backends.entries()?, &plan.backends);
-        let slots = diff(&self.slots.entries()?, &plan.slots);
-        let services = diff(&self.services.entries()?, &plan.services);
-        let mut stats = ApplyStats::default();
+        let delta = Delta {
+            backends: diff(&self.backends.entries()?, &plan.backends),
+            slots: diff(&self.slots.entries()?, &plan.slots),
+            services: diff(&self.services.entries()?, &plan.services),
+            gone: Vec::new(),
+        };
+        self.write(&delta)
+    }
+
+    /// Writes the keys a [`crate::plan::Planner`] commit changed, when the maps hold
+    /// the plan it changed: nothing else is read or written.
+    pub fn write(&mut self, delta: &Delta) -> Result<ApplyStats, SyncError> {
+        let Delta {
+            services,
+            slots,
+            backends,
+            ..
+        } = delta;
         for (k, v) in &backends.upserts {
             self.backends.upsert(k, v)?;
         }
@@ -344,7 +354,6 @@ where
         for (k, v) in &services.upserts {
             self.services.upsert(k, v)?;
         }
-        stats.written = backends.upserts.len() + slots.upserts.len() + services.upserts.len();
         for k in &services.removals {
             self.services.remove(k)?;
         }
@@ -354,8 +363,10 @@ where
         for k in &backends.removals {
             self.backends.remove(k)?;
         }
-        stats.removed = backends.removals.len() + slots.removals.len() + services.removals.len();
-        Ok(stats)
+        Ok(ApplyStats {
+            written: backends.upserts.len() + slots.upserts.len() + services.upserts.len(),
+            removed: backends.removals.len() + slots.removals.len() + services.removals.len(),
+        })
     }
 }
 
@@ -364,29 +375,25 @@ where
 /// is re-balanced at once instead of when its entry would time out.
 pub fn stale_affinity(
     entries: &BTreeMap<AffinityKey, AffinityValue>,
-    active: &BTreeSet<(u32, u32)>,
+    active: impl Fn(u32, u32) -> bool,
 ) -> Vec<AffinityKey> {
     entries
         .iter()
-        .filter(|(k, v)| !active.contains(&(k.service_id, v.backend_id)))
+        .filter(|(k, v)| !active(k.service_id, v.backend_id))
         .map(|(k, _)| *k)
         .collect()
 }
 
 /// Counter keys to drop after an apply: those of services or backends that no longer
-/// exist. Ids are reused later, and a new service must not inherit an old count.
-pub fn stale_metrics(keys: &[LbMetricsKey], plan: &Plan) -> Vec<LbMetricsKey> {
-    let services: BTreeSet<u32> = plan
-        .services
-        .values()
-        .map(|v| v.id)
-        .filter(|id| *id != 0)
-        .collect();
+/// exist (by id: `service` and `backend` tell which still do). Ids are reused later,
+/// and a new service must not inherit an old count.
+pub fn stale_metrics(
+    keys: &[LbMetricsKey],
+    service: impl Fn(u32) -> bool,
+    backend: impl Fn(u32) -> bool,
+) -> Vec<LbMetricsKey> {
     keys.iter()
-        .filter(|k| {
-            !services.contains(&k.service_id)
-                || (k.backend_id != 0 && !plan.backends.contains_key(&k.backend_id))
-        })
+        .filter(|k| !service(k.service_id) || (k.backend_id != 0 && !backend(k.backend_id)))
         .copied()
         .collect()
 }
@@ -396,6 +403,8 @@ mod tests {
     use std::{cell::RefCell, rc::Rc};
 
     use mesh_common::Addr;
+
+    use std::collections::BTreeSet;
 
     use super::*;
 
@@ -645,7 +654,7 @@ mod tests {
         ]);
         let active = BTreeSet::from([(1, 1), (1, 2)]);
         assert_eq!(
-            stale_affinity(&entries, &active),
+            stale_affinity(&entries, |s, b| active.contains(&(s, b))),
             vec![key(2, 1), key(3, 2)]
         );
     }
@@ -665,8 +674,13 @@ mod tests {
             key(7, 1),
             key(7, 0),
         ];
+        let services: BTreeSet<u32> = plan.services.values().map(|v| v.id).collect();
         assert_eq!(
-            stale_metrics(&keys, &plan),
+            stale_metrics(
+                &keys,
+                |id| services.contains(&id),
+                |id| plan.backends.contains_key(&id)
+            ),
             vec![key(1, 3), key(7, 1), key(7, 0)]
         );
     }

@@ -64,8 +64,10 @@ impl<'p, K: Ord + Clone> IdAllocator<'p, K> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct IdPool<K> {
     ids: BTreeMap<K, u32>,
-    /// Ids below `next` that no key holds.
+    /// Ids from `first` to below `next` that no key holds.
     free: BTreeSet<u32>,
+    /// The lowest id handed out.
+    first: u32,
     /// One past the highest id ever held.
     next: u32,
 }
@@ -75,6 +77,7 @@ impl<K> Default for IdPool<K> {
         Self {
             ids: BTreeMap::new(),
             free: BTreeSet::new(),
+            first: 1,
             next: 1,
         }
     }
@@ -86,7 +89,12 @@ impl<K: Ord + Clone> IdPool<K> {
         let used: BTreeSet<u32> = ids.values().copied().collect();
         let next = used.last().map_or(first, |&last| (last + 1).max(first));
         let free = (first..next).filter(|id| !used.contains(id)).collect();
-        Self { ids, free, next }
+        Self {
+            ids,
+            free,
+            first,
+            next,
+        }
     }
 
     /// The id of `key`, if it holds one.
@@ -118,6 +126,11 @@ impl<K: Ord + Clone> IdPool<K> {
                 self.free.insert(id);
             }
         }
+    }
+
+    /// Whether some key holds `id`.
+    pub(super) fn holds(&self, id: u32) -> bool {
+        (self.first..self.next).contains(&id) && !self.free.contains(&id)
     }
 
     /// Every key with its id.
@@ -171,6 +184,7 @@ mod tests {
             assert_eq!(pool.id(&key), alloc.id(&key), "{key}");
         }
         assert_eq!(pool.get(&"e"), Some(5));
+        assert!(pool.holds(5) && !pool.holds(6) && !pool.holds(0));
         pool.release([&"b", &"a"]);
         assert_eq!(
             pool.id(&"f"),

@@ -91,6 +91,13 @@ pub struct Pending {
     pub cost: PlanCost,
 }
 
+impl Pending {
+    /// The Services planned.
+    pub fn services(&self) -> impl Iterator<Item = &ObjectKey> {
+        self.parts.keys()
+    }
+}
+
 /// The map keys a commit changed, with their new values, in the order
 /// [`crate::datapath::sync`] writes them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -137,6 +144,11 @@ impl Planner {
     /// The committed plan: what the maps hold once its deltas are applied.
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// Whether a frontend of the committed plan has service id `id`.
+    pub fn holds_service_id(&self, id: u32) -> bool {
+        self.service_ids.holds(id)
     }
 
     /// The committed plan, taken.
@@ -492,7 +504,7 @@ impl Planner {
                     affinity_timeout_s: f.affinity_timeout_s.unwrap_or(0),
                 },
             );
-            rows.push(FrontendInfo {
+            rows.push(Arc::new(FrontendInfo {
                 service: f.service.clone(),
                 port_name: f.port_name.clone(),
                 addr: SocketAddr::new(f.vip, f.port),
@@ -503,7 +515,7 @@ impl Planner {
                 health_panic: selection.health_panic,
                 l7,
                 backends: infos,
-            });
+            }));
         }
         let at = self.frontend_rows(key).start;
         self.plan.frontends.splice(at..at, rows);

@@ -18,7 +18,7 @@ use mesh_common::l7::{
 
 use super::routes::{CompiledRoutes, app_protocol, object_ref};
 use super::security::MeshSecurity;
-use super::services::BackendSources;
+use super::services::{BackendSources, slice_service};
 use crate::datapath::endpoints::LocalNetns;
 use crate::state::{ObjectKey, State, cluster_ips, pod_ips, protocol, resilience::resilience};
 
@@ -37,13 +37,12 @@ pub fn proxy_config(
     version: u64,
     trust_domain: Option<&str>,
 ) -> ProxyConfig {
-    let services: BTreeMap<&ObjectKey, &Service> = state.services().collect();
     let pods: BTreeMap<&ObjectKey, &Pod> = state.pods().collect();
 
     let mut frontends = Vec::new();
     let mut targets = BTreeSet::new();
     for (port_ref, &protocol) in &routes.l7_ports {
-        let Some(svc) = services.get(&object_key(&port_ref.service)) else {
+        let Some(svc) = state.service(&object_key(&port_ref.service)) else {
             continue;
         };
         // Headless: nothing to redirect, so nothing to serve.
@@ -69,13 +68,24 @@ pub fn proxy_config(
         }
     }
 
-    let sources = BackendSources::new(state);
+    // Only the served Services' slices: the proxy's configuration costs what the routes
+    // serve, not what the cluster holds.
+    let served = served_services(routes);
+    let slices = state.endpoint_slices().filter(|(key, slice)| {
+        slice_service(key, slice).is_some_and(|(namespace, name)| {
+            served.contains(&ObjectKey {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            })
+        })
+    });
+    let sources = BackendSources::of(slices, state.pods());
     let services: Vec<ServiceTarget> = targets
         .into_iter()
         .filter_map(|target| {
             let key = object_key(&target.service);
-            let (key, svc) = services.get_key_value(&key)?;
-            service_target(&sources, &pods, key, svc, target)
+            let svc = state.service(&key)?;
+            service_target(&sources, &pods, &key, svc, target)
         })
         .collect();
 
@@ -108,6 +118,16 @@ fn mark_http_ports(pods: &mut [LocalPod], services: &[ServiceTarget]) {
             security.http_ports = ports.iter().copied().collect();
         }
     }
+}
+
+/// Every Service the node proxy serves, or sends requests (or copies of them) to,
+/// under `routes`: the configuration depends on these and no other Service.
+pub fn served_services(routes: &CompiledRoutes) -> BTreeSet<ObjectKey> {
+    let tables = routes.tables.values().flat_map(table_targets);
+    (routes.l7_ports.keys().cloned())
+        .chain(tables)
+        .map(|port| object_key(&port.service))
+        .collect()
 }
 
 /// Every Service port a table sends requests (or copies of them) to.

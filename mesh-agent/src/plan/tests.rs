@@ -935,7 +935,7 @@ fn a_shared_backend_stores_the_best_state_any_frontend_gives_it() {
 }
 
 #[test]
-fn probe_targets_skip_udp_and_active_pairs_list_every_slot() {
+fn probe_targets_skip_udp_and_every_slot_is_an_active_pair() {
     let yaml = service(
         "web",
         "10.96.0.10",
@@ -960,14 +960,22 @@ fn probe_targets_skip_udp_and_active_pairs_list_every_slot() {
     let udp = |a: &str| BackendAddr::new(a.parse().expect("addr"), Protocol::Udp as u8);
     let http = plan.frontends[0].id;
     let dns = plan.frontends[1].id;
-    assert_eq!(
-        plan.active_pairs(),
-        BTreeSet::from([
-            (http, id(tcp("10.244.0.1:8080"))),
-            (http, id(tcp("10.244.0.2:8080"))),
-            (dns, id(udp("10.244.0.1:5353"))),
-            (dns, id(udp("10.244.0.2:5353"))),
-        ])
+    let pairs = [
+        (http, tcp("10.244.0.1:8080")),
+        (http, tcp("10.244.0.2:8080")),
+        (dns, udp("10.244.0.1:5353")),
+        (dns, udp("10.244.0.2:5353")),
+    ];
+    for (service, backend) in pairs {
+        assert!(plan.slotted(service, id(backend)), "{backend} in {service}");
+    }
+    assert!(
+        !plan.slotted(http, id(tcp("10.244.0.3:8080"))),
+        "terminating"
+    );
+    assert!(
+        !plan.slotted(http, id(udp("10.244.0.1:5353"))),
+        "another port's"
     );
 }
 

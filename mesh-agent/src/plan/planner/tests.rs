@@ -4,6 +4,9 @@ use super::*;
 use crate::plan::{Ids, plan};
 use crate::state::parse_str;
 
+/// A slice endpoint: (address number, node, ready).
+type SliceEndpoint = (u32, u32, bool);
+
 /// A small cluster that random edits change: Services selecting Pods by label or fed by
 /// EndpointSlices, Pods that come, go, relabel, stop being ready or terminate.
 #[derive(Clone, Debug, Default)]
@@ -13,8 +16,8 @@ struct Model {
     /// Pod number → (the Service number its `app` label names, node, ready,
     /// terminating).
     pods: BTreeMap<u32, (u32, u32, bool, bool)>,
-    /// Slice number → (Service number, endpoints: (address suffix, node, ready)).
-    slices: BTreeMap<u32, (u32, Vec<(u32, u32, bool)>)>,
+    /// Slice number → (Service number, endpoints).
+    slices: BTreeMap<u32, (u32, Vec<SliceEndpoint>)>,
 }
 
 /// Address `n` of the block `prefix` (`10.96`, `10.244`).
