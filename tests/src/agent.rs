@@ -458,6 +458,12 @@ pub struct AgentStatus {
     /// How long writing the last plan to the maps took, microseconds.
     #[serde(default)]
     pub last_apply_us: u64,
+    /// Services the last plan planned.
+    #[serde(default)]
+    pub last_plan_services: u64,
+    /// Map entries the last plan wrote or removed.
+    #[serde(default)]
+    pub last_map_writes: u64,
 }
 
 /// The `source` of [`AgentStatus`]: which source, stale or not, revisions.

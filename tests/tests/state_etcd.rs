@@ -65,6 +65,24 @@ fn assert_served_by(cluster: &Cluster, backends: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Services next to web, in namespace `other`.
+const OTHERS: u32 = 50;
+
+/// `n` Services (10.96.1.x:80) with an EndpointSlice each, that no test dials.
+fn other_services(n: u32) -> String {
+    (1..=n)
+        .map(|i| {
+            format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: other}}\n\
+                 spec: {{clusterIP: 10.96.1.{i}, ports: [{{port: 80, targetPort: 8080}}]}}\n\
+                 ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {{name: s{i}-1, namespace: other, labels: {{kubernetes.io/service-name: s{i}}}}}\n\
+                 addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: ['10.244.9.{i}']}}]\n"
+            )
+        })
+        .collect()
+}
+
 /// `mesh-agent apply -f <dir> --wait` from node n1.
 fn apply_wait(etcd: &EtcdCluster, cluster: &Cluster, dir: &Path) -> Result<String> {
     let dir = dir.to_str().context("state dir path")?;
@@ -155,7 +173,12 @@ fn three_agents_follow_etcd_through_bad_writes_member_loss_outage_and_compaction
     let listed = bed.etcd.mesh_agent(&bed.cluster, "n3", &["get", "pods"])?;
     assert!(listed.contains("web-a"), "{listed}");
 
-    // Changed: every node follows by the time `--wait` returns.
+    // Other Services, written alongside: a change to web must not re-plan them.
+    bed.state.write("others.yaml", &other_services(OTHERS))?;
+    apply_wait(&bed.etcd, &bed.cluster, bed.state.path())?;
+
+    // Changed: every node follows by the time `--wait` returns, having planned only
+    // what the change touched.
     let out = bed.apply_web(&["web-b"])?;
     assert!(out.contains("Service default/web unchanged"), "{out}");
     assert!(out.contains("Pod default/web-b created"), "{out}");
@@ -166,6 +189,23 @@ fn three_agents_follow_etcd_through_bad_writes_member_loss_outage_and_compaction
     )?;
     assert!(out.contains("applied on 3 nodes"), "{out}");
     assert_served_by(&bed.cluster, &["web-b"])?;
+    for agent in &bed.agents {
+        let status = agent.admin_status()?;
+        assert_eq!(
+            status.last_plan_services,
+            1,
+            "agent {}: a Pod of web deleted re-planned more than web: {status:?}",
+            agent.pin_name()
+        );
+        // web's frontend, slots and backend, and web-a's identity entries (IPCACHE, and
+        // ENDPOINTS on its node): a handful, not the others' hundreds.
+        assert!(
+            (1..=10).contains(&status.last_map_writes),
+            "agent {}: {} map entries written for one Pod: {status:?}",
+            agent.pin_name(),
+            status.last_map_writes
+        );
+    }
 
     // Another client writes an invalid Service straight into etcd: every agent rejects
     // it naming the key, and keeps the last good version.

@@ -43,6 +43,10 @@ struct SourceResult {
     plan_s: Vec<f64>,
     /// The map writes' time for that change, seconds, per update.
     maps_s: Vec<f64>,
+    /// Services the planner planned for that change (largest over agents), per update.
+    planned: Vec<f64>,
+    /// Map entries written or removed for that change (largest over agents), per update.
+    writes: Vec<f64>,
     /// etcd's database size (largest member), bytes.
     db_bytes: u64,
 }
@@ -79,7 +83,8 @@ pub fn run(sizes: &[u32], updates: u32) -> Result<()> {
             "  {n:>6} Services: converge files {:.2} s, etcd {:.2} s (x{:.2}; etcd apply itself {:.2} s)\n\
              \x20                 agent RSS files {:.1} MiB, etcd {:.1} MiB (x{:.2}); etcd db {:.1} MiB\n\
              \x20                 1 Service changed: files p50 {:.0} ms p99 {:.0} ms, etcd p50 {:.0} ms p99 {:.0} ms (x{:.2}; etcd apply itself {:.0} ms)\n\
-             \x20                 planner per change p50 files {:.1} ms, etcd {:.1} ms; map writes {:.2} / {:.2} ms",
+             \x20                 planner per change p50 files {:.1} ms, etcd {:.1} ms; map writes {:.2} / {:.2} ms\n\
+             \x20                 per change: Services planned {:.0} / {:.0}, map entries written {:.0} / {:.0}",
             files.converge_s,
             etcd.converge_s,
             ratio(etcd.converge_s, files.converge_s),
@@ -98,6 +103,10 @@ pub fn run(sizes: &[u32], updates: u32) -> Result<()> {
             median(&etcd.plan_s) * 1e3,
             median(&files.maps_s) * 1e3,
             median(&etcd.maps_s) * 1e3,
+            median(&files.planned),
+            median(&etcd.planned),
+            median(&files.writes),
+            median(&etcd.writes),
         );
     }
     println!("{report}");
@@ -238,16 +247,24 @@ fn max_rss(agents: &[Agent]) -> Result<u64> {
     Ok(max)
 }
 
-/// The planner's and the map writes' time of the last apply, median over agents.
-fn plan_cost(agents: &[Agent]) -> Result<(f64, f64)> {
+/// Records the cost of the last apply: the planner's and the map writes' time (median
+/// over agents), the Services planned and the map entries written (largest over agents).
+fn record_plan_cost(agents: &[Agent], r: &mut SourceResult) -> Result<()> {
     let mut plan = Vec::new();
     let mut maps = Vec::new();
+    let (mut planned, mut writes) = (0u64, 0u64);
     for agent in agents {
         let s = agent.admin_status()?;
         plan.push(s.last_plan_us as f64 / 1e6);
         maps.push(s.last_apply_us as f64 / 1e6);
+        planned = planned.max(s.last_plan_services);
+        writes = writes.max(s.last_map_writes);
     }
-    Ok((median(&plan), median(&maps)))
+    r.plan_s.push(median(&plan));
+    r.maps_s.push(median(&maps));
+    r.planned.push(planned as f64);
+    r.writes.push(writes as f64);
+    Ok(())
 }
 
 /// Checks that every agent programmed `n` frontends (its last "state applied" line).
@@ -293,9 +310,7 @@ fn measure_files(cluster: &Cluster, n: u32, updates: u32) -> Result<SourceResult
         r.update_write_s.push(start.elapsed().as_secs_f64());
         wait_applied(&agents, &before, None)?;
         r.update_s.push(start.elapsed().as_secs_f64());
-        let (plan, maps) = plan_cost(&agents)?;
-        r.plan_s.push(plan);
-        r.maps_s.push(maps);
+        record_plan_cost(&agents, &mut r)?;
     }
     Ok(r)
 }
@@ -328,9 +343,7 @@ fn measure_etcd(cluster: &Cluster, n: u32, updates: u32) -> Result<SourceResult>
         r.update_write_s.push(start.elapsed().as_secs_f64());
         wait_applied(&agents, &[0; 3], Some(revision))?;
         r.update_s.push(start.elapsed().as_secs_f64());
-        let (plan, maps) = plan_cost(&agents)?;
-        r.plan_s.push(plan);
-        r.maps_s.push(maps);
+        record_plan_cost(&agents, &mut r)?;
     }
     Ok(r)
 }
@@ -373,6 +386,8 @@ fn write_report(rows: &[(u32, SourceResult, SourceResult)]) -> Result<()> {
             "update_write_p50_seconds": median(&r.update_write_s),
             "plan_per_change_p50_seconds": median(&r.plan_s),
             "map_writes_per_change_p50_seconds": median(&r.maps_s),
+            "services_planned_per_change_p50": median(&r.planned),
+            "map_entries_written_per_change_p50": median(&r.writes),
             "etcd_db_bytes": r.db_bytes,
         })
     };

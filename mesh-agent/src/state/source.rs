@@ -413,22 +413,7 @@ impl Builder {
                 origin: origin.clone(),
             });
         }
-        let state = &mut self.state;
-        match object {
-            Object::Service(o) => _ = state.services.insert(key, o),
-            Object::Pod(o) => _ = state.pods.insert(key, o),
-            Object::EndpointSlice(o) => _ = state.endpoint_slices.insert(key, o),
-            Object::Namespace(o) => _ = state.namespaces.insert(key, o),
-            Object::NetworkPolicy(o) => _ = state.network_policies.insert(key, o),
-            Object::HttpRoute(o) => _ = state.http_routes.insert(key, o),
-            Object::PeerAuthentication(o) => _ = state.peer_authentications.insert(key, o),
-            Object::AuthorizationPolicy(o) => _ = state.authorization_policies.insert(key, o),
-            Object::ConfigMap(mesh) => {
-                if key.namespace == MESH_CONFIG_NAMESPACE && key.name == MESH_CONFIG_NAME {
-                    state.mesh_config = mesh.map(|m| *m);
-                }
-            }
-        }
+        self.state.put(key, object);
     }
 
     /// Records where the object `key` of `kind` is defined; false (and an error) when
@@ -492,6 +477,51 @@ impl Builder {
             Err(StateError::Invalid(self.errors))
         }
     }
+}
+
+impl State {
+    /// Puts `object` in the state as `key`, replacing what was there.
+    pub(super) fn put(&mut self, key: ObjectKey, object: Object) {
+        match object {
+            Object::Service(o) => _ = self.services.insert(key, o),
+            Object::Pod(o) => _ = self.pods.insert(key, o),
+            Object::EndpointSlice(o) => _ = self.endpoint_slices.insert(key, o),
+            Object::Namespace(o) => _ = self.namespaces.insert(key, o),
+            Object::NetworkPolicy(o) => _ = self.network_policies.insert(key, o),
+            Object::HttpRoute(o) => _ = self.http_routes.insert(key, o),
+            Object::PeerAuthentication(o) => _ = self.peer_authentications.insert(key, o),
+            Object::AuthorizationPolicy(o) => _ = self.authorization_policies.insert(key, o),
+            Object::ConfigMap(mesh) => {
+                if is_mesh_config(&key) {
+                    self.mesh_config = mesh.map(|m| *m);
+                }
+            }
+        }
+    }
+
+    /// Takes the object `key` of `kind` out of the state.
+    pub(super) fn take(&mut self, kind: Kind, key: &ObjectKey) {
+        match kind {
+            Kind::Service => _ = self.services.remove(key),
+            Kind::Pod => _ = self.pods.remove(key),
+            Kind::EndpointSlice => _ = self.endpoint_slices.remove(key),
+            Kind::Namespace => _ = self.namespaces.remove(key),
+            Kind::NetworkPolicy => _ = self.network_policies.remove(key),
+            Kind::HttpRoute => _ = self.http_routes.remove(key),
+            Kind::PeerAuthentication => _ = self.peer_authentications.remove(key),
+            Kind::AuthorizationPolicy => _ = self.authorization_policies.remove(key),
+            Kind::ConfigMap => {
+                if is_mesh_config(key) {
+                    self.mesh_config = None;
+                }
+            }
+        }
+    }
+}
+
+/// Whether `key` names the ConfigMap holding Istio's MeshConfig.
+fn is_mesh_config(key: &ObjectKey) -> bool {
+    key.namespace == MESH_CONFIG_NAMESPACE && key.name == MESH_CONFIG_NAME
 }
 
 /// Gateway targets are enforced by the Gateway's own controller, not by this mesh: a

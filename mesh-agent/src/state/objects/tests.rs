@@ -160,3 +160,70 @@ fn fields_unknown_to_the_agent_reject_stored_objects_but_not_api_served_ones() {
         .expect("lenient for the API server's objects");
     assert_eq!(objects.state().expect("state").services().count(), 1);
 }
+
+/// The state, or the problems, as text: comparable whatever the order of changes.
+fn outcome(objects: &Objects) -> Result<Vec<(String, Option<String>)>, Vec<String>> {
+    match objects.state() {
+        Ok(state) => Ok(state
+            .services()
+            .map(|(k, s)| {
+                (
+                    k.to_string(),
+                    s.spec.as_ref().and_then(|s| s.cluster_ip.clone()),
+                )
+            })
+            .collect()),
+        Err(StateError::Invalid(errors)) => Err(errors.iter().map(ToString::to_string).collect()),
+        Err(other) => panic!("{other}"),
+    }
+}
+
+#[test]
+fn a_patched_state_equals_one_assembled_from_scratch() {
+    // Ids hold Services by name, some two ids one name (a duplicate), on three cluster
+    // IPs (conflicts come and go).
+    let mut objects = Objects::default();
+    let mut held: std::collections::BTreeMap<String, serde_json::Value> = Default::default();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for step in 0..300 {
+        let id = format!("id{}", next(6));
+        if next(4) == 0 {
+            objects.remove(&id);
+            held.remove(&id);
+        } else {
+            let value = service(
+                &format!("s{}", next(4)),
+                &format!("10.96.0.{}", next(3) + 1),
+            );
+            objects
+                .upsert(
+                    &id,
+                    Origin::Api {
+                        kind: "Service".into(),
+                        namespace: "shop".into(),
+                        name: id.clone(),
+                    },
+                    &value,
+                    None,
+                )
+                .expect("valid alone");
+            held.insert(id.clone(), value);
+        }
+        let mut fresh = Objects::default();
+        for (id, value) in &held {
+            let origin = Origin::Api {
+                kind: "Service".into(),
+                namespace: "shop".into(),
+                name: id.clone(),
+            };
+            fresh.upsert(id, origin, value, None).expect("valid alone");
+        }
+        assert_eq!(outcome(&objects), outcome(&fresh), "step {step}");
+    }
+}
