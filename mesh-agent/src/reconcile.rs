@@ -272,7 +272,7 @@ impl Reconciler {
         let delta = self.planner.commit(pending);
         let plan_time = planning.elapsed();
         let applying = Instant::now();
-        let in_sync = std::mem::replace(&mut self.in_sync, false);
+        let in_sync = std::mem::replace(&mut self.in_sync, false) && !delta.whole;
         let lb = if in_sync {
             self.maps.services.write(&delta)
         } else {

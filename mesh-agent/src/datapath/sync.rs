@@ -331,7 +331,7 @@ where
             backends: diff(&self.backends.entries()?, &plan.backends),
             slots: diff(&self.slots.entries()?, &plan.slots),
             services: diff(&self.services.entries()?, &plan.services),
-            gone: Vec::new(),
+            ..Delta::default()
         };
         self.write(&delta)
     }

@@ -110,25 +110,45 @@ pub struct Delta {
     pub backends: MapDiff<u32, mesh_common::Backend>,
     /// Backends the plan no longer has.
     pub gone: Vec<BackendAddr>,
+    /// The plan was made anew (the first one, or for another node or other map
+    /// sizes): the diffs are empty, and the maps must be diffed whole against it.
+    pub whole: bool,
 }
 
 impl Delta {
     /// No key changed.
     pub fn is_empty(&self) -> bool {
-        [
-            self.services.upserts.len() + self.services.removals.len(),
-            self.slots.upserts.len() + self.slots.removals.len(),
-            self.backends.upserts.len() + self.backends.removals.len(),
-        ] == [0; 3]
+        !self.whole
+            && [
+                self.services.upserts.len() + self.services.removals.len(),
+                self.slots.upserts.len() + self.slots.removals.len(),
+                self.backends.upserts.len() + self.backends.removals.len(),
+            ] == [0; 3]
     }
 }
 
-/// Old values of the keys a commit touches, recorded before the first change to each.
+/// Old values of the keys a commit touches, recorded before the first change to each
+/// (unless the whole plan is made anew), and the backends it touches.
 #[derive(Default)]
 struct Touched {
+    whole: bool,
     services: BTreeMap<ServiceKey, Option<ServiceValue>>,
     slots: BTreeMap<BackendSlotKey, Option<u32>>,
     backends: BTreeSet<BackendAddr>,
+}
+
+impl Touched {
+    fn service(&mut self, map: &BTreeMap<ServiceKey, ServiceValue>, key: ServiceKey) {
+        if !self.whole {
+            record(&mut self.services, map, key);
+        }
+    }
+
+    fn slot(&mut self, map: &BTreeMap<BackendSlotKey, u32>, key: BackendSlotKey) {
+        if !self.whole {
+            record(&mut self.slots, map, key);
+        }
+    }
 }
 
 impl Planner {
@@ -240,8 +260,12 @@ impl Planner {
             );
         } else {
             self.slices.clear();
-            let all: Vec<ObjectKey> = state.endpoint_slices().map(|(k, _)| k.clone()).collect();
-            index_slices(&mut self.slices, &State::default(), &state, &all);
+            for (key, slice) in state.endpoint_slices() {
+                if let Some((namespace, name)) = services::slice_service(key, slice) {
+                    let service = (namespace.to_owned(), name.to_owned());
+                    self.slices.entry(service).or_default().insert(key.clone());
+                }
+            }
         }
         self.base = Some(Base {
             state,
@@ -252,7 +276,11 @@ impl Planner {
         self.unhealthy = unhealthy;
         self.plan.cost = cost;
 
-        let mut touched = Touched::default();
+        // Made anew, the plan is diffed whole against the maps: no key needs recording.
+        let mut touched = Touched {
+            whole: full,
+            ..Touched::default()
+        };
         for key in parts.keys() {
             if let Some(old) = self.parts.remove(key) {
                 self.unlink(key, &old, &mut touched);
@@ -416,14 +444,14 @@ impl Planner {
         self.plan.frontends.drain(rows);
         for (f, _) in part {
             let skey = frontend_key(f);
-            touch(&mut touched.services, &self.plan.services, skey);
+            touched.service(&self.plan.services, skey);
             if let Some(value) = self.plan.services.remove(&skey) {
                 for slot in 1..=value.count {
                     let slot = BackendSlotKey {
                         service_id: value.id,
                         slot,
                     };
-                    touch(&mut touched.slots, &self.plan.slots, slot);
+                    touched.slot(&self.plan.slots, slot);
                     self.plan.slots.remove(&slot);
                 }
             }
@@ -432,7 +460,7 @@ impl Planner {
                 *count -= 1;
                 if *count == 0 {
                     self.vips.remove(&f.vip);
-                    touch(&mut touched.services, &self.plan.services, marker);
+                    touched.service(&self.plan.services, marker);
                     self.plan.services.remove(&marker);
                 }
             }
@@ -474,13 +502,13 @@ impl Planner {
                     service_id: id,
                     slot,
                 };
-                touch(&mut touched.slots, &self.plan.slots, slot);
+                touched.slot(&self.plan.slots, slot);
                 self.plan.slots.insert(slot, b.id);
                 count += 1;
             }
             let marker = ServiceKey::vip_marker(Addr::from(f.vip));
             *self.vips.entry(f.vip).or_default() += 1;
-            touch(&mut touched.services, &self.plan.services, marker);
+            touched.service(&self.plan.services, marker);
             self.plan.services.insert(marker, ServiceValue::MARKER);
             let l7 = f.proto == PROTO_TCP
                 && self.l7_ports.contains_key(&ServicePortRef {
@@ -494,7 +522,7 @@ impl Planner {
             if l7 {
                 flags |= SVC_FLAG_L7;
             }
-            touch(&mut touched.services, &self.plan.services, skey);
+            touched.service(&self.plan.services, skey);
             self.plan.services.insert(
                 skey,
                 ServiceValue {
@@ -534,13 +562,18 @@ impl Planner {
     /// Gives the touched backends their state (or takes them out), frees the ids no key
     /// holds any more, and returns what changed.
     fn settle(&mut self, touched: Touched) -> Delta {
-        let mut delta = Delta::default();
+        let mut delta = Delta {
+            whole: touched.whole,
+            ..Delta::default()
+        };
         let mut backends: BTreeMap<u32, Option<mesh_common::Backend>> = BTreeMap::new();
         for addr in &touched.backends {
             let Some(id) = self.backend_ids.get(addr) else {
                 continue;
             };
-            backends.insert(id, self.plan.backends.get(&id).copied());
+            if !touched.whole {
+                backends.insert(id, self.plan.backends.get(&id).copied());
+            }
             let best = self
                 .users
                 .get(addr)
@@ -695,7 +728,7 @@ fn contributions(part: &[(Frontend, Selection)]) -> BTreeMap<BackendAddr, u8> {
 }
 
 /// Records `key`'s value in `map` as its old one, unless already recorded.
-fn touch<K: Ord + Copy, V: Copy>(log: &mut BTreeMap<K, Option<V>>, map: &BTreeMap<K, V>, key: K) {
+fn record<K: Ord + Copy, V: Copy>(log: &mut BTreeMap<K, Option<V>>, map: &BTreeMap<K, V>, key: K) {
     log.entry(key).or_insert_with(|| map.get(&key).copied());
 }
 
