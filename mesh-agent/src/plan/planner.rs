@@ -1,11 +1,12 @@
-//! The load-balancing planner kept from one state to the next. It remembers each
-//! Service's part of the plan and re-plans only the Services a change touches: those
+//! The load-balancing planner kept from one state to the next. It keeps the plan (each
+//! Service's frontend rows tell what it takes in the maps) and re-plans only the
+//! Services a change touches: those
 //! that changed, those whose EndpointSlices changed, those whose selector picks (or
 //! picked) a changed Pod, those with a backend whose health changed, and those with a
 //! port that moved in or out of the node proxy. The rest of the plan stays as it is,
 //! and the keys the change touched come back as a [`Delta`]: only they reach the maps.
 //!
-//! Planning and committing are separate steps ([`Planner::plan`], [`Planner::commit`]),
+//! Planning and committing are separate steps ([`Planner::prepare`], [`Planner::commit`]),
 //! so a change rejected later (by the policy planner) leaves the planner where it was.
 //! From the same previous ids, the plan it keeps is the one [`super::plan`] makes from
 //! scratch, id for id.
@@ -52,8 +53,6 @@ pub struct Planner {
     /// The node proxy's ports and the unhealthy backends the plan was made with.
     l7_ports: BTreeMap<ServicePortRef, AppProtocol>,
     unhealthy: BTreeSet<BackendAddr>,
-    /// Each Service with frontends: its part of the plan.
-    parts: BTreeMap<ObjectKey, Part>,
     /// EndpointSlices by the Service they belong to (namespace, name).
     slices: BTreeMap<(String, String), BTreeSet<ObjectKey>>,
     service_ids: IdPool<ServiceKey>,
@@ -194,9 +193,7 @@ impl Planner {
         let changes = base.map(|b| Changes::between(&b.state, state));
         let dirty = match (&changes, base) {
             (Some(changes), Some(base)) => self.touched(&base.state, state, changes, ctx),
-            _ => self
-                .parts
-                .keys()
+            _ => (self.plan.frontends.iter().map(|f| &f.service))
                 .chain(state.services().map(|(k, _)| k))
                 .cloned()
                 .collect(),
@@ -282,9 +279,7 @@ impl Planner {
             ..Touched::default()
         };
         for key in parts.keys() {
-            if let Some(old) = self.parts.remove(key) {
-                self.unlink(key, &old, &mut touched);
-            }
+            self.unlink(key, &mut touched);
         }
         // New keys are numbered in key order, so equal states give equal plans.
         let new_keys: BTreeSet<ServiceKey> = parts
@@ -297,7 +292,7 @@ impl Planner {
         }
         let new_backends: BTreeSet<BackendAddr> = parts
             .values()
-            .flat_map(|part| contributions(part).into_keys())
+            .flat_map(|part| Usage::of_part(part).backends.into_keys())
             .collect();
         for addr in &new_backends {
             self.backend_ids.id(addr);
@@ -305,7 +300,6 @@ impl Planner {
         for (key, part) in parts {
             if !part.is_empty() {
                 self.link(&key, &part, &mut touched);
-                self.parts.insert(key, part);
             }
         }
         if full {
@@ -380,14 +374,10 @@ impl Planner {
         let health: BTreeSet<&BackendAddr> =
             self.unhealthy.symmetric_difference(ctx.unhealthy).collect();
         if !health.is_empty() {
-            for (key, part) in &self.parts {
-                let uses = |(f, _): &(Frontend, Selection)| {
-                    f.backends
-                        .iter()
-                        .any(|b| health.contains(&BackendAddr::new(b.addr, f.proto)))
-                };
-                if part.iter().any(uses) {
-                    dirty.insert(key.clone());
+            for f in &self.plan.frontends {
+                let uses = |b: &BackendInfo| health.contains(&BackendAddr::new(b.addr, f.proto));
+                if f.backends.iter().any(uses) {
+                    dirty.insert(f.service.clone());
                 }
             }
         }
@@ -439,11 +429,12 @@ impl Planner {
     }
 
     /// Takes the part of Service `key` out of the plan.
-    fn unlink(&mut self, key: &ObjectKey, part: &Part, touched: &mut Touched) {
+    fn unlink(&mut self, key: &ObjectKey, touched: &mut Touched) {
         let rows = self.frontend_rows(key);
-        self.plan.frontends.drain(rows);
-        for (f, _) in part {
-            let skey = frontend_key(f);
+        let rows: Vec<Arc<FrontendInfo>> = self.plan.frontends.drain(rows).collect();
+        for f in &rows {
+            let vip = f.addr.ip();
+            let skey = ServiceKey::new(Addr::from(vip), f.addr.port(), f.proto);
             touched.service(&self.plan.services, skey);
             if let Some(value) = self.plan.services.remove(&skey) {
                 for slot in 1..=value.count {
@@ -455,17 +446,17 @@ impl Planner {
                     self.plan.slots.remove(&slot);
                 }
             }
-            let marker = ServiceKey::vip_marker(Addr::from(f.vip));
-            if let Some(count) = self.vips.get_mut(&f.vip) {
+            let marker = ServiceKey::vip_marker(Addr::from(vip));
+            if let Some(count) = self.vips.get_mut(&vip) {
                 *count -= 1;
                 if *count == 0 {
-                    self.vips.remove(&f.vip);
+                    self.vips.remove(&vip);
                     touched.service(&self.plan.services, marker);
                     self.plan.services.remove(&marker);
                 }
             }
         }
-        for (addr, state) in contributions(part) {
+        for (addr, state) in Usage::of_rows(&rows).backends {
             if let Some(counts) = self.users.get_mut(&addr) {
                 counts[rank(state)] -= 1;
             }
@@ -547,7 +538,7 @@ impl Planner {
         }
         let at = self.frontend_rows(key).start;
         self.plan.frontends.splice(at..at, rows);
-        for (addr, state) in contributions(part) {
+        for (addr, state) in Usage::of_part(part).backends {
             self.users.entry(addr).or_default()[rank(state)] += 1;
             touched.backends.insert(addr);
         }
@@ -613,26 +604,22 @@ impl Planner {
         let mut vips: BTreeMap<IpAddr, i64> = BTreeMap::new();
         let mut users: BTreeMap<BackendAddr, i64> = BTreeMap::new();
         for (key, new) in &pending.parts {
-            let old = self.parts.get(key).map_or(&[][..], Vec::as_slice);
-            for ((f, selection), sign) in old
-                .iter()
-                .map(|x| (x, -1))
-                .chain(new.iter().map(|x| (x, 1)))
-            {
-                if sign < 0 {
-                    frontends -= 1;
-                    slots -= selection.slot_count();
-                } else {
-                    frontends += 1;
-                    slots += selection.slot_count();
+            let old = Usage::of_rows(&self.plan.frontends[self.frontend_rows(key)]);
+            let new = Usage::of_part(new);
+            for (usage, sign) in [(&old, -1), (&new, 1)] {
+                for &(vip, used) in &usage.frontends {
+                    if sign < 0 {
+                        frontends -= 1;
+                        slots -= used;
+                    } else {
+                        frontends += 1;
+                        slots += used;
+                    }
+                    *vips.entry(vip).or_default() += sign;
                 }
-                *vips.entry(f.vip).or_default() += sign;
-            }
-            for addr in contributions(old).into_keys() {
-                *users.entry(addr).or_default() -= 1;
-            }
-            for addr in contributions(new).into_keys() {
-                *users.entry(addr).or_default() += 1;
+                for addr in usage.backends.keys() {
+                    *users.entry(*addr).or_default() += sign;
+                }
             }
         }
         let distinct = |before: usize, changes: &mut dyn Iterator<Item = (i64, i64)>| {
@@ -669,11 +656,14 @@ impl Planner {
             return Ok(());
         }
         // Rare: find the Service that overflows, in order, over the whole plan.
-        let mut all: BTreeMap<&ObjectKey, &Part> = self.parts.iter().collect();
+        let mut all: BTreeMap<&ObjectKey, Usage> = (self.plan.frontends)
+            .chunk_by(|a, b| a.service == b.service)
+            .map(|rows| (&rows[0].service, Usage::of_rows(rows)))
+            .collect();
         for (key, part) in &pending.parts {
-            all.insert(key, part);
+            all.insert(key, Usage::of_part(part));
         }
-        overflow(all.into_iter(), c)
+        overflow(all, c)
     }
 }
 
@@ -710,21 +700,54 @@ fn frontend_key(f: &Frontend) -> ServiceKey {
     ServiceKey::new(Addr::from(f.vip), f.port, f.proto)
 }
 
-/// The backends of a Service's part with the best state any of its frontends gives
-/// each.
-fn contributions(part: &[(Frontend, Selection)]) -> BTreeMap<BackendAddr, u8> {
-    let mut out: BTreeMap<BackendAddr, u8> = BTreeMap::new();
-    for (f, selection) in part {
-        for (b, &state) in f.backends.iter().zip(&selection.states) {
-            let known = out
-                .entry(BackendAddr::new(b.addr, f.proto))
-                .or_insert(state);
+/// What a Service takes in the maps: each frontend's cluster IP and slots, and its
+/// backends with the best state any of its frontends gives each.
+#[derive(Debug, Default)]
+struct Usage {
+    frontends: Vec<(IpAddr, usize)>,
+    backends: BTreeMap<BackendAddr, u8>,
+}
+
+impl Usage {
+    /// The usage of a part about to be planned.
+    fn of_part(part: &[(Frontend, Selection)]) -> Self {
+        let frontends = part
+            .iter()
+            .map(|(f, selection)| (f.vip, selection.slot_count()));
+        let backends = part.iter().flat_map(|(f, selection)| {
+            (f.backends.iter().zip(&selection.states))
+                .map(|(b, &state)| (BackendAddr::new(b.addr, f.proto), state))
+        });
+        Self::of(frontends, backends)
+    }
+
+    /// The usage of a Service's rows in the plan.
+    fn of_rows(rows: &[Arc<FrontendInfo>]) -> Self {
+        let frontends = rows
+            .iter()
+            .map(|f| (f.addr.ip(), f.backends.iter().filter(|b| b.in_slot).count()));
+        let backends = rows.iter().flat_map(|f| {
+            (f.backends.iter()).map(|b| (BackendAddr::new(b.addr, f.proto), b.state))
+        });
+        Self::of(frontends, backends)
+    }
+
+    fn of(
+        frontends: impl Iterator<Item = (IpAddr, usize)>,
+        backends: impl Iterator<Item = (BackendAddr, u8)>,
+    ) -> Self {
+        let mut usage = Self {
+            frontends: frontends.collect(),
+            backends: BTreeMap::new(),
+        };
+        for (addr, state) in backends {
+            let known = usage.backends.entry(addr).or_insert(state);
             if rank(state) < rank(*known) {
                 *known = state;
             }
         }
+        usage
     }
-    out
 }
 
 /// Records `key`'s value in `map` as its old one, unless already recorded.
@@ -748,21 +771,21 @@ fn changes<K: Ord + Copy, V: PartialEq + Copy>(
     diff
 }
 
-/// The first Service of `parts` (in order) whose entries overflow a map: SERVICES holds
-/// a frontend plus one marker per cluster IP, SERVICE_BACKENDS the slots, BACKENDS every
+/// The first Service (in order) whose entries overflow a map: SERVICES holds a
+/// frontend plus one marker per cluster IP, SERVICE_BACKENDS the slots, BACKENDS every
 /// distinct backend (terminating and unhealthy ones too).
-fn overflow<'a>(
-    parts: impl Iterator<Item = (&'a ObjectKey, &'a Part)>,
+fn overflow(
+    services: BTreeMap<&ObjectKey, Usage>,
     capacities: Capacities,
 ) -> Result<(), PlanError> {
     let (mut vips, mut backends) = (BTreeSet::new(), BTreeSet::new());
     let (mut entries, mut slots) = (0usize, 0usize);
-    for (key, part) in parts {
-        for (f, selection) in part {
-            entries += 1 + usize::from(vips.insert(f.vip));
-            slots += selection.slot_count();
-            backends.extend(f.backends.iter().map(|b| BackendAddr::new(b.addr, f.proto)));
+    for (key, usage) in services {
+        for (vip, used) in usage.frontends {
+            entries += 1 + usize::from(vips.insert(vip));
+            slots += used;
         }
+        backends.extend(usage.backends.into_keys());
         let full = [
             (entries, maps::SERVICES, capacities.services),
             (slots, maps::SERVICE_BACKENDS, capacities.slots),
