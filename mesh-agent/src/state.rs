@@ -40,7 +40,7 @@ use std::path::{Path, PathBuf};
 pub use changes::Changes;
 pub use model::{
     Cidr, Kind, ObjectKey, SERVICE_NAME_LABEL, State, affinity_timeout, cluster_ips, pod_ips,
-    prefers_close, protocol, selector_matches, target_port,
+    prefers_close, protocol, selector_matches, service_selector, target_port,
 };
 pub use objects::{Expected, Objects};
 

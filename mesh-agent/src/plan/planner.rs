@@ -29,7 +29,7 @@ use super::{
     BackendAddr, BackendInfo, Capacities, FrontendInfo, Ids, MapDiff, Plan, PlanContext, PlanCost,
     PlanError, routes,
 };
-use crate::state::{Changes, ObjectKey, State};
+use crate::state::{Changes, ObjectKey, State, service_selector};
 
 /// A Service's frontends, each with the backends it may use and which get slots.
 type Part = Vec<(Frontend, Selection)>;
@@ -355,12 +355,7 @@ impl Planner {
                 .filter_map(|pod| pod.metadata.labels.as_ref())
                 .collect();
             for (key, svc) in new.services_in(namespace) {
-                let Some(selector) = svc
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.selector.as_ref())
-                    .filter(|s| !s.is_empty())
-                else {
+                let Some(selector) = service_selector(svc) else {
                     continue;
                 };
                 let picks = |l: &&BTreeMap<String, String>| {
@@ -411,11 +406,7 @@ impl Planner {
             // (a changed one may be new to it).
             let known = self.slices.get(&(key.namespace.clone(), key.name.clone()));
             slices.extend(known.into_iter().flatten().cloned());
-            let selects = state
-                .service(key)
-                .and_then(|svc| svc.spec.as_ref()?.selector.as_ref())
-                .is_some_and(|s| !s.is_empty());
-            if selects {
+            if state.service(key).and_then(service_selector).is_some() {
                 namespaces.insert(key.namespace.as_str());
             }
         }

@@ -33,7 +33,7 @@ use crate::state::istio::{
     DEFAULT_TRUST_DOMAIN, PeerAuthentication, PeerMtls, WorkloadSelector, header_name,
     parse_ip_block, parse_port,
 };
-use crate::state::{ObjectKey, State, pod_ips};
+use crate::state::{ObjectKey, State, pod_ips, service_selector};
 
 /// The mesh's security settings for one state, ready to be asked per pod.
 pub struct MeshSecurity<'a> {
@@ -220,11 +220,7 @@ impl<'a> MeshSecurity<'a> {
 
 /// A Service's `spec.selector` matches the labels; a Service without one selects no pod.
 fn service_selects(svc: &Service, labels: &BTreeMap<String, String>) -> bool {
-    svc.spec
-        .as_ref()
-        .and_then(|s| s.selector.as_ref())
-        .filter(|sel| !sel.is_empty())
-        .is_some_and(|sel| selector_matches(sel, labels))
+    service_selector(svc).is_some_and(|sel| selector_matches(sel, labels))
 }
 
 /// A selector's labels; `None` when it has none (Istio treats an empty selector as no

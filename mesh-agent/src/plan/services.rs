@@ -14,7 +14,7 @@ use super::BackendAddr;
 use super::selector::LabelIndex;
 use crate::state::{
     ObjectKey, SERVICE_NAME_LABEL, State, affinity_timeout, cluster_ips, pod_ips, prefers_close,
-    protocol, target_port,
+    protocol, service_selector, target_port,
 };
 
 /// The Service an IP EndpointSlice belongs to: (its namespace, its
@@ -247,12 +247,7 @@ fn selected_pods<'a>(
     key: &ObjectKey,
     svc: &Service,
 ) -> Vec<(&'a ObjectKey, &'a Pod, bool)> {
-    let Some(selector) = svc
-        .spec
-        .as_ref()
-        .and_then(|s| s.selector.as_ref())
-        .filter(|s| !s.is_empty())
-    else {
+    let Some(selector) = service_selector(svc) else {
         return Vec::new();
     };
     index

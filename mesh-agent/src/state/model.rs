@@ -426,6 +426,12 @@ pub fn target_port(port: &ServicePort) -> Option<&IntOrString> {
     })
 }
 
+/// A Service's `spec.selector`, when it has a non-empty one: as in Kubernetes, a
+/// Service without one selects no Pod (its endpoints come from EndpointSlices only).
+pub fn service_selector(svc: &Service) -> Option<&BTreeMap<String, String>> {
+    (svc.spec.as_ref()?.selector.as_ref()).filter(|s| !s.is_empty())
+}
+
 /// Whether `labels` satisfy a label selector: every `matchLabels` pair and every
 /// `matchExpressions` requirement holds (an empty selector matches everything).
 /// Validation has kept operators to In, NotIn, Exists and DoesNotExist; an unknown one
