@@ -2,10 +2,15 @@
 //! follow-ups of a change (stale affinity and counters purged, UDP sockets to removed
 //! backends destroyed, health-check targets updated). Both plans are made before either
 //! is applied, so a state that fails either is rejected whole; the last good state stays
-//! in force and the problem is logged with the file, document and field involved. After
-//! each apply, the names flows and the admin API show are swapped in ([`SharedView`]),
-//! and the node proxy's configuration is rebuilt and published when it changed
-//! ([`ProxyFeed`]); so it is when only the local pods' namespaces changed.
+//! in force and the problem is logged with the file, document and field involved.
+//!
+//! A change costs what it touches: the load-balancing planner ([`Planner`]) re-plans
+//! only the Services it touches and returns the changed keys, which are all that is
+//! written; the policy is re-planned only when its inputs changed. After an apply, the
+//! names flows and the admin API show are swapped in ([`SharedView`]) when the policy
+//! or the routes changed, and the node proxy's configuration is rebuilt and published
+//! ([`ProxyFeed`]) when what it is built from changed, the local pods' namespaces
+//! included.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -78,6 +83,14 @@ pub struct Outputs {
     pub proxy: ProxyFeed,
 }
 
+/// A policy plan applied, with the local pods' namespaces and the node's addresses it
+/// was made for.
+struct PolicyInForce {
+    plan: PolicyPlan,
+    local_netns: BTreeMap<IpAddr, u64>,
+    node_addrs: Vec<IpAddr>,
+}
+
 /// Owns the maps and the memory of what was applied.
 pub struct Reconciler {
     node: String,
@@ -93,9 +106,8 @@ pub struct Reconciler {
     /// apply and after a failed one, when the next apply diffs every map instead of
     /// writing only the changed keys.
     in_sync: bool,
-    /// The policy plan in force, with the local pods and node addresses it was made
-    /// for; re-planned only when its inputs change.
-    policy: Option<(PolicyPlan, BTreeMap<IpAddr, u64>, Vec<IpAddr>)>,
+    /// The policy plan in force; re-planned only when its inputs change.
+    policy: Option<PolicyInForce>,
     policy_capacities: PolicyCapacities,
     identity_ids: IdentityIds,
     /// Local pod IP → its network namespace cookie, from the last discovery.
@@ -315,9 +327,13 @@ impl Reconciler {
         let policy_replanned = policy.is_some();
         if let Some((policy, next_ids)) = policy {
             self.identity_ids = next_ids;
-            self.policy = Some((policy, self.local_netns.clone(), self.node_addrs.clone()));
+            self.policy = Some(PolicyInForce {
+                plan: policy,
+                local_netns: self.local_netns.clone(),
+                node_addrs: self.node_addrs.clone(),
+            });
         }
-        if let Some((policy, _, _)) = &self.policy
+        if let Some(PolicyInForce { plan: policy, .. }) = &self.policy
             && (policy_replanned || routes_changed)
         {
             let view = View::new(&state, policy, &self.node, &self.local_netns)
@@ -334,7 +350,7 @@ impl Reconciler {
             replanned = cost.services,
             written = stats.written,
             removed = stats.removed,
-            local_pods = self.policy.as_ref().map_or(0, |p| p.0.endpoints.len()),
+            local_pods = self.policy.as_ref().map_or(0, |p| p.plan.endpoints.len()),
             policy_replanned,
             policy_written = policy_stats.written,
             policy_removed = policy_stats.removed,
@@ -359,8 +375,8 @@ impl Reconciler {
         state: &State,
         changes: Option<&Changes>,
     ) -> Result<Option<(PolicyPlan, IdentityIds)>, PlanError> {
-        let current = self.policy.as_ref().filter(|(_, netns, addrs)| {
-            self.in_sync && *netns == self.local_netns && *addrs == self.node_addrs
+        let current = self.policy.as_ref().filter(|p| {
+            self.in_sync && p.local_netns == self.local_netns && p.node_addrs == self.node_addrs
         });
         let unchanged = changes.is_some_and(|c| !c.touch_policy(state));
         if current.is_some() && unchanged {
