@@ -5,8 +5,9 @@
 //! default map sizes (what `validate` uses) it fails only with a capacity error that is
 //! true (the full plan does need more entries in that map than it holds). Planning is
 //! also checked to be deterministic and id-stable (replanning with the ids it returned
-//! gives the same plan, and so does an agent adopting the maps it wrote), and every
-//! frontend to have a map entry of its own. Policy is planned as the agent of each node
+//! gives the same plan, and so does an agent adopting the maps it wrote, and so does the
+//! agent's planner kept from an empty state), and every frontend to have a map entry of
+//! its own. Policy is planned as the agent of each node
 //! the state names would plan it, and the flow names and policy report the agent then
 //! publishes are built from it.
 
@@ -14,6 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use mesh_agent::flows::View;
@@ -21,7 +23,9 @@ use mesh_agent::plan::policy::{
     IdentityIds, PolicyCapacities, PolicyContext, PolicyPlan, plan_policy,
 };
 use mesh_agent::plan::proxy::proxy_config;
-use mesh_agent::plan::{BackendAddr, Capacities, Ids, Plan, PlanContext, PlanError, plan};
+use mesh_agent::plan::{
+    BackendAddr, Capacities, Ids, Plan, PlanContext, PlanError, Planner, plan,
+};
 use mesh_agent::state::{State, parse_str, pod_ips};
 use mesh_common::maps;
 
@@ -123,6 +127,19 @@ fn check_services(state: &State, node: &str, unhealthy: &BTreeSet<BackendAddr>) 
         }
         Err(e) => panic!("unexpected error with default map sizes: {e}"),
     }
+    // The agent's planner, kept from an empty state, plans this one as from scratch.
+    let mut kept = Planner::new(Ids::default());
+    for step in [State::default(), state.clone()] {
+        let pending = kept.prepare(&Arc::new(step), &ctx(unbounded)).expect("plan");
+        kept.commit(pending);
+    }
+    let p = kept.plan();
+    assert_eq!(
+        (&p.services, &p.slots, &p.backends, &p.frontends),
+        (&full.services, &full.slots, &full.backends, &full.frontends),
+        "planning piecewise gave another plan"
+    );
+    assert_eq!(kept.ids(), ids, "planning piecewise gave other ids");
     let (again, next) = plan(state, &ids, &ctx(unbounded)).expect("replan");
     assert_eq!(again, full, "replanning with its own ids changed the plan");
     assert_eq!(next, ids, "replanning changed the ids");

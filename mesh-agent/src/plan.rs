@@ -163,7 +163,6 @@ impl Plan {
     }
 
     /// Every backend of the plan, whatever its state.
-    #[cfg(test)]
     pub fn backend_addrs(&self) -> BTreeSet<BackendAddr> {
         self.backends.values().map(BackendAddr::from).collect()
     }
