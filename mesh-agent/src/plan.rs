@@ -364,6 +364,13 @@ pub struct MapDiff<K, V> {
     pub removals: Vec<K>,
 }
 
+impl<K, V> MapDiff<K, V> {
+    /// Nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.removals.is_empty()
+    }
+}
+
 impl<K, V> Default for MapDiff<K, V> {
     fn default() -> Self {
         Self {

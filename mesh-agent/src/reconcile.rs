@@ -426,13 +426,7 @@ impl Reconciler {
         let Some(c) = changes else {
             return true;
         };
-        if self.routes.as_ref() != Some(routes)
-            || !c.pods.is_empty()
-            || !c.namespaces.is_empty()
-            || !c.peer_authentications.is_empty()
-            || !c.authorization_policies.is_empty()
-            || c.mesh_config
-        {
+        if self.routes.as_ref() != Some(routes) || c.touch_workloads() {
             return true;
         }
         let served = served_services(routes);
@@ -444,8 +438,7 @@ impl Reconciler {
     /// the whole plan instead of the keys `delta` changed.
     fn after_apply(&mut self, delta: &Delta, full: bool) {
         let plan = self.planner.plan();
-        let slots_changed = !delta.slots.upserts.is_empty() || !delta.slots.removals.is_empty();
-        if full || slots_changed || !delta.services.removals.is_empty() {
+        if full || !delta.slots.is_empty() || !delta.services.removals.is_empty() {
             match self.maps.affinity.entries() {
                 Ok(entries) => {
                     for key in stale_affinity(&entries, |s, b| plan.slotted(s, b)) {
@@ -487,10 +480,8 @@ impl Reconciler {
                 }
             });
         }
-        let backends_changed =
-            !delta.backends.upserts.is_empty() || !delta.backends.removals.is_empty();
         if let Some(health) = &self.health
-            && (full || backends_changed)
+            && (full || !delta.backends.is_empty())
         {
             health.set_targets(
                 plan.probe_targets()

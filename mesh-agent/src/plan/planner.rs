@@ -54,7 +54,7 @@ pub struct Planner {
     l7_ports: BTreeMap<ServicePortRef, AppProtocol>,
     unhealthy: BTreeSet<BackendAddr>,
     /// EndpointSlices by the Service they belong to (namespace, name).
-    slices: BTreeMap<(String, String), BTreeSet<ObjectKey>>,
+    slices: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
     service_ids: IdPool<ServiceKey>,
     backend_ids: IdPool<BackendAddr>,
     /// Every backend of the plan: how many Services give it each state, by rank.
@@ -116,13 +116,9 @@ pub struct Delta {
 
 impl Delta {
     /// No key changed.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
-        !self.whole
-            && [
-                self.services.upserts.len() + self.services.removals.len(),
-                self.slots.upserts.len() + self.slots.removals.len(),
-                self.backends.upserts.len() + self.backends.removals.len(),
-            ] == [0; 3]
+        !self.whole && self.services.is_empty() && self.slots.is_empty() && self.backends.is_empty()
     }
 }
 
@@ -258,8 +254,7 @@ impl Planner {
         } else {
             self.slices.clear();
             for (key, slice) in state.endpoint_slices() {
-                if let Some((namespace, name)) = services::slice_service(key, slice) {
-                    let service = (namespace.to_owned(), name.to_owned());
+                if let Some(service) = services::slice_owner(key, slice) {
                     self.slices.entry(service).or_default().insert(key.clone());
                 }
             }
@@ -328,17 +323,9 @@ impl Planner {
         ctx: &PlanContext<'_>,
     ) -> BTreeSet<ObjectKey> {
         let mut dirty: BTreeSet<ObjectKey> = changes.services.iter().cloned().collect();
-        let owner = |state: &State, key: &ObjectKey| {
-            let slice = state.endpoint_slice(key)?;
-            let (namespace, name) = services::slice_service(key, slice)?;
-            Some(ObjectKey {
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
-            })
-        };
         for key in &changes.endpoint_slices {
-            dirty.extend(owner(old, key));
-            dirty.extend(owner(new, key));
+            dirty.extend(owner_in(old, key));
+            dirty.extend(owner_in(new, key));
         }
         let mut pods_by_namespace: BTreeMap<&str, Vec<&ObjectKey>> = BTreeMap::new();
         for key in &changes.pods {
@@ -404,7 +391,7 @@ impl Planner {
         for key in dirty {
             // Slices known before this change, and any slice now naming the Service
             // (a changed one may be new to it).
-            let known = self.slices.get(&(key.namespace.clone(), key.name.clone()));
+            let known = self.slices.get(key);
             slices.extend(known.into_iter().flatten().cloned());
             if state.service(key).and_then(service_selector).is_some() {
                 namespaces.insert(key.namespace.as_str());
@@ -661,18 +648,13 @@ impl Planner {
 /// Updates the index of slices by Service for the slices `keys`, changed from `old` to
 /// `new`.
 fn index_slices(
-    index: &mut BTreeMap<(String, String), BTreeSet<ObjectKey>>,
+    index: &mut BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
     old: &State,
     new: &State,
     keys: &[ObjectKey],
 ) {
-    let owner = |state: &State, key: &ObjectKey| {
-        let slice = state.endpoint_slice(key)?;
-        let (namespace, name) = services::slice_service(key, slice)?;
-        Some((namespace.to_owned(), name.to_owned()))
-    };
     for key in keys {
-        if let Some(service) = owner(old, key)
+        if let Some(service) = owner_in(old, key)
             && let Some(set) = index.get_mut(&service)
         {
             set.remove(key);
@@ -680,10 +662,15 @@ fn index_slices(
                 index.remove(&service);
             }
         }
-        if let Some(service) = owner(new, key) {
+        if let Some(service) = owner_in(new, key) {
             index.entry(service).or_default().insert(key.clone());
         }
     }
+}
+
+/// The Service the EndpointSlice `key` of `state` belongs to.
+fn owner_in(state: &State, key: &ObjectKey) -> Option<ObjectKey> {
+    services::slice_owner(key, state.endpoint_slice(key)?)
 }
 
 /// The map key of a frontend.

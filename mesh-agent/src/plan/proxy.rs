@@ -18,7 +18,7 @@ use mesh_common::l7::{
 
 use super::routes::{CompiledRoutes, app_protocol, object_ref};
 use super::security::MeshSecurity;
-use super::services::{BackendSources, slice_service};
+use super::services::{BackendSources, slice_owner};
 use crate::datapath::endpoints::LocalNetns;
 use crate::state::{ObjectKey, State, cluster_ips, pod_ips, protocol, resilience::resilience};
 
@@ -71,14 +71,9 @@ pub fn proxy_config(
     // Only the served Services' slices: the proxy's configuration costs what the routes
     // serve, not what the cluster holds.
     let served = served_services(routes);
-    let slices = state.endpoint_slices().filter(|(key, slice)| {
-        slice_service(key, slice).is_some_and(|(namespace, name)| {
-            served.contains(&ObjectKey {
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
-            })
-        })
-    });
+    let slices = state
+        .endpoint_slices()
+        .filter(|(key, slice)| slice_owner(key, slice).is_some_and(|svc| served.contains(&svc)));
     let sources = BackendSources::of(slices, state.pods());
     let services: Vec<ServiceTarget> = targets
         .into_iter()

@@ -31,6 +31,15 @@ pub(super) fn slice_service<'a>(
     Some((key.namespace.as_str(), service.as_str()))
 }
 
+/// The Service an IP EndpointSlice belongs to, as its key.
+pub(super) fn slice_owner(key: &ObjectKey, slice: &EndpointSlice) -> Option<ObjectKey> {
+    let (namespace, name) = slice_service(key, slice)?;
+    Some(ObjectKey {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    })
+}
+
 /// One frontend `vip:port/proto` of a Service and the backends that may serve it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Frontend {

@@ -63,13 +63,20 @@ impl Changes {
             new.authorization_policies()
                 .any(|(_, ap)| ap.spec.target_ref.is_some() || !ap.spec.target_refs.is_empty())
         };
+        self.touch_workloads()
+            || !self.network_policies.is_empty()
+            || (!self.services.is_empty() && targets_services())
+    }
+
+    /// Whether what the mesh knows of its workloads may differ: the Pods, their
+    /// Namespaces (enrollment), Istio's security kinds and MeshConfig (identities, mTLS
+    /// modes, authorization).
+    pub fn touch_workloads(&self) -> bool {
         !self.pods.is_empty()
             || !self.namespaces.is_empty()
-            || !self.network_policies.is_empty()
             || !self.peer_authentications.is_empty()
             || !self.authorization_policies.is_empty()
             || self.mesh_config
-            || (!self.services.is_empty() && targets_services())
     }
 }
 
